@@ -1,0 +1,1 @@
+//! capsule-evals: benchmark harness and graded agent-task scenarios.

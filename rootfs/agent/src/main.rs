@@ -1,0 +1,3 @@
+//! The capsule guest agent binary.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! capsule: an MCP server that gives LLM agents disposable Linux microVMs.
+//!
+//! The binary (`main.rs`) is a thin CLI over the modules here.

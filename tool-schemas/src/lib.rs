@@ -1,0 +1,1 @@
+//! The MCP tool contract: one params/result struct per tool.

@@ -1,0 +1,1 @@
+//! capsule-vmm: a microVM monitor over KVM. It knows nothing of sandboxes or MCP.
