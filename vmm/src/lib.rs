@@ -1,1 +1,21 @@
 //! capsule-vmm: a microVM monitor over KVM. It knows nothing of sandboxes or MCP.
+//!
+//! [`builder::build_microvm`] turns a [`config::VmConfig`] into a [`microvm::MicroVm`];
+//! [`worker`] runs one VM per OS process and gives the controller a handle to it; [`doctor`]
+//! tells what the host can run.
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod doctor;
+pub mod microvm;
+mod virtio_wiring;
+pub mod vstate;
+pub mod worker;
+
+pub use builder::{build_microvm, build_microvm_with, BootOptions, BuildError};
+pub use config::{ConfigError, DiskConfig, VmConfig, VsockConfig};
+pub use microvm::{MicroVm, MicroVmError};
+pub use vstate::vcpu::{RunState, VmEvent};

@@ -1,0 +1,262 @@
+//! The 8250/16550 serial console on COM1 (vm-superio's model), its interrupt as an irqfd
+//! [`EventFd`], and [`SerialLog`]: a bounded sink for what the guest prints. The log keeps a
+//! file capped at [`MAX_SERIAL_LOG_BYTES`] (then one truncation marker) and an in-memory tail,
+//! and notices kernel panics. It never blocks the guest on the reader.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+
+/// Most bytes written to the serial log file; later output is dropped after one marker line.
+pub const MAX_SERIAL_LOG_BYTES: u64 = 8 << 20;
+/// Bytes of recent output kept in memory.
+pub const SERIAL_TAIL_BYTES: usize = 64 << 10;
+/// What Linux prints when it panics.
+const PANIC_MARKER: &[u8] = b"Kernel panic";
+/// Ports covered by one 8250.
+pub const SERIAL_PORT_COUNT: u16 = 8;
+
+/// Errors from creating the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("creating the serial log file {path}")]
+    CreateLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    file: Option<File>,
+    file_bytes: u64,
+    truncated: bool,
+    tail: Vec<u8>,
+    total_bytes: u64,
+    panic_seen: bool,
+    first_output: Option<Instant>,
+}
+
+/// Bounded record of the guest's serial output.
+#[derive(Debug, Default)]
+pub struct SerialLog {
+    state: Mutex<LogState>,
+    grew: Condvar,
+}
+
+impl SerialLog {
+    /// A log kept only in memory.
+    pub fn in_memory() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A log that also writes (bounded) to `path`, created or truncated.
+    pub fn to_file(path: &Path) -> Result<Arc<Self>, SerialError> {
+        let file = File::create(path).map_err(|source| SerialError::CreateLog {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let log = Self::default();
+        log.lock().file = Some(file);
+        Ok(Arc::new(log))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends guest output.
+    pub fn append(&self, bytes: &[u8]) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.first_output.get_or_insert_with(Instant::now);
+        s.total_bytes += bytes.len() as u64;
+        if let Some(file) = s.file.as_mut() {
+            let room = MAX_SERIAL_LOG_BYTES.saturating_sub(s.file_bytes);
+            let take = (bytes.len() as u64).min(room) as usize;
+            // Write failures (disk full) must not stop the guest; the tail still has it.
+            let _ = file.write_all(&bytes[..take]);
+            let mut written = take as u64;
+            if take < bytes.len() && !s.truncated {
+                let marker =
+                    format!("\n[capsule: serial log truncated at {MAX_SERIAL_LOG_BYTES} bytes]\n");
+                if let Some(file) = s.file.as_mut() {
+                    let _ = file.write_all(marker.as_bytes());
+                }
+                written += marker.len() as u64;
+                s.truncated = true;
+            }
+            s.file_bytes += written;
+        }
+        s.tail.extend_from_slice(bytes);
+        let window_start = s
+            .tail
+            .len()
+            .saturating_sub(bytes.len() + PANIC_MARKER.len());
+        if !s.panic_seen && contains(&s.tail[window_start..], PANIC_MARKER) {
+            s.panic_seen = true;
+        }
+        if s.tail.len() > SERIAL_TAIL_BYTES {
+            let excess = s.tail.len() - SERIAL_TAIL_BYTES;
+            s.tail.drain(..excess);
+        }
+        drop(guard);
+        self.grew.notify_all();
+    }
+
+    /// The most recent output (at most [`SERIAL_TAIL_BYTES`]).
+    pub fn tail(&self) -> Vec<u8> {
+        self.lock().tail.clone()
+    }
+
+    /// Whether the guest printed "Kernel panic".
+    pub fn panic_seen(&self) -> bool {
+        self.lock().panic_seen
+    }
+
+    /// Bytes the guest has printed so far, dropped ones included.
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().total_bytes
+    }
+
+    /// When the first byte arrived.
+    pub fn first_output(&self) -> Option<Instant> {
+        self.lock().first_output
+    }
+
+    /// Waits until the tail contains `needle`; returns false on timeout.
+    pub fn wait_for(&self, needle: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if contains(&s.tail, needle) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .grew
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `std::io::Write` into a [`SerialLog`], for vm-superio.
+#[derive(Debug, Clone)]
+pub struct SerialLogWriter(pub Arc<SerialLog>);
+
+impl Write for SerialLogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Raises the serial IRQ by signalling an eventfd registered as a KVM irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// COM1 as a bus device.
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, SerialLogWriter>,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice").finish_non_exhaustive()
+    }
+}
+
+impl SerialDevice {
+    /// A UART writing into `log`; returns it with a clone of the interrupt eventfd to register
+    /// as an irqfd.
+    pub fn new(log: Arc<SerialLog>) -> Result<(Self, EventFd), SerialError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        let irq = evt.try_clone().map_err(SerialError::EventFd)?;
+        let serial = Serial::new(IrqTrigger(evt), SerialLogWriter(log));
+        Ok((Self { serial }, irq))
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            // An interrupt that cannot be raised is not the guest's fault; output is kept.
+            let _ = self.serial.write(off, b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_is_capped_with_one_marker_and_tail_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let log = SerialLog::to_file(&path).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..10 {
+            log.append(&chunk);
+        }
+        let written = std::fs::read(&path).unwrap();
+        let marker = format!("\n[capsule: serial log truncated at {MAX_SERIAL_LOG_BYTES} bytes]\n");
+        assert_eq!(
+            written.len() as u64,
+            MAX_SERIAL_LOG_BYTES + marker.len() as u64
+        );
+        assert!(written.ends_with(marker.as_bytes()));
+        assert_eq!(log.tail().len(), SERIAL_TAIL_BYTES);
+        assert_eq!(log.total_bytes(), 10 << 20);
+    }
+
+    #[test]
+    fn panic_is_noticed_across_writes() {
+        let log = SerialLog::in_memory();
+        for b in b"[ 1.0] Kernel pa".iter() {
+            log.append(&[*b]);
+        }
+        assert!(!log.panic_seen());
+        log.append(b"nic - not syncing");
+        assert!(log.panic_seen());
+        assert!(log.wait_for(b"not syncing", Duration::from_millis(1)));
+        assert!(!log.wait_for(b"absent", Duration::from_millis(1)));
+    }
+}

@@ -1,0 +1,5 @@
+//! Device models and the bus that routes guest accesses to them.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;

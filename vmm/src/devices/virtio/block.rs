@@ -1,0 +1,497 @@
+//! virtio-blk (device ID 2) over a host file: IN, OUT, FLUSH and GET_ID
+//! requests on one queue, read-only or read-write, sparse files welcome.
+//!
+//! Owns request parsing ([`parse_request`], also the fuzz entry point) and
+//! execution against the backing file. It never trusts the guest: every
+//! descriptor is checked, every sector range is bounds-checked against the
+//! capacity, and a malformed chain is completed with length 0, never a panic.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestMemory};
+
+use super::chain::{total_len, Chain, ChainError, Segment};
+use super::device::{
+    read_config_bytes, ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot,
+    VirtioDevice, VIRTIO_F_VERSION_1_BIT,
+};
+
+/// Device ID (include/uapi/linux/virtio_ids.h).
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Size of the request queue.
+pub const BLOCK_QUEUE_SIZE: u16 = 256;
+/// Bytes per sector, fixed by the virtio spec.
+pub const SECTOR_BYTES: u64 = 512;
+/// Size of the request header (type, reserved, sector).
+pub const REQUEST_HEADER_BYTES: u32 = 16;
+/// Most data descriptors per request (advertised as seg_max).
+pub const MAX_DATA_SEGMENTS: u32 = BLOCK_QUEUE_SIZE as u32 - 2;
+/// Length of the GET_ID answer.
+pub const DISK_ID_BYTES: usize = 20;
+/// Bounce-buffer size for copying between the file and guest memory.
+const COPY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Why a block device could not be opened.
+#[derive(Debug, Error)]
+pub enum BlockError {
+    /// Opening the backing file failed.
+    #[error("opening block backing file {path} failed")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The open error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the backing file's size failed.
+    #[error("reading size of block backing file {path} failed")]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// The stat error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is wrong with a request's descriptor chain (the request is then
+/// completed with used length 0 and no status).
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// The chain itself is bad (outside memory, too long).
+    #[error("bad descriptor chain")]
+    Chain(#[source] ChainError),
+    /// Fewer than two descriptors: no room for header and status.
+    #[error("request chain has {0} descriptors; header and status need at least 2")]
+    TooFewDescriptors(usize),
+    /// The header descriptor is device-writable.
+    #[error("request header descriptor is writable, must be readable")]
+    HeaderNotReadable,
+    /// The header descriptor is shorter than 16 bytes.
+    #[error("request header descriptor has {0} bytes, needs {REQUEST_HEADER_BYTES}")]
+    HeaderTooShort(u32),
+    /// The status descriptor is read-only.
+    #[error("request status descriptor is read-only, must be writable")]
+    StatusNotWritable,
+    /// The status descriptor has length 0.
+    #[error("request status descriptor has length 0, needs 1")]
+    StatusEmpty,
+    /// A data descriptor points the wrong way for the request type.
+    #[error("data descriptor {index} has the wrong direction for request type {request_type}")]
+    DataDirection {
+        /// Position among the data descriptors.
+        index: usize,
+        /// The request type.
+        request_type: u32,
+    },
+    /// More data descriptors than seg_max.
+    #[error("request has {0} data descriptors, seg_max is {MAX_DATA_SEGMENTS}")]
+    TooManySegments(usize),
+    /// Reading the header from guest memory failed.
+    #[error("reading the request header failed")]
+    HeaderRead,
+}
+
+/// The operation a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    /// VIRTIO_BLK_T_IN: read sectors into guest buffers.
+    In,
+    /// VIRTIO_BLK_T_OUT: write guest buffers to sectors.
+    Out,
+    /// VIRTIO_BLK_T_FLUSH.
+    Flush,
+    /// VIRTIO_BLK_T_GET_ID: the 20-byte disk ID.
+    GetId,
+    /// Anything else: answered with VIRTIO_BLK_S_UNSUPP.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(value: u32) -> Self {
+        match value {
+            VIRTIO_BLK_T_IN => Self::In,
+            VIRTIO_BLK_T_OUT => Self::Out,
+            VIRTIO_BLK_T_FLUSH => Self::Flush,
+            VIRTIO_BLK_T_GET_ID => Self::GetId,
+            other => Self::Unsupported(other),
+        }
+    }
+}
+
+/// A parsed, structurally valid request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The operation.
+    pub request_type: RequestType,
+    /// First sector.
+    pub sector: u64,
+    /// Data descriptors (direction already checked for IN/OUT/GET_ID).
+    pub data: Vec<Segment>,
+    /// The 1-byte (at least) writable status descriptor.
+    pub status: Segment,
+}
+
+/// Parses one request chain: header readable ≥16 bytes, data descriptors in
+/// the direction the type needs, final status descriptor writable ≥1 byte.
+pub fn parse_request<M: GuestMemory>(mem: &M, chain: &Chain) -> Result<Request, RequestError> {
+    let segs = &chain.segments;
+    if segs.len() < 2 {
+        return Err(RequestError::TooFewDescriptors(segs.len()));
+    }
+    let header = segs[0];
+    let status = segs[segs.len() - 1];
+    let data = &segs[1..segs.len() - 1];
+    if header.writable {
+        return Err(RequestError::HeaderNotReadable);
+    }
+    if header.len < REQUEST_HEADER_BYTES {
+        return Err(RequestError::HeaderTooShort(header.len));
+    }
+    if !status.writable {
+        return Err(RequestError::StatusNotWritable);
+    }
+    if status.len == 0 {
+        return Err(RequestError::StatusEmpty);
+    }
+    if data.len() > MAX_DATA_SEGMENTS as usize {
+        return Err(RequestError::TooManySegments(data.len()));
+    }
+    let mut raw = [0u8; REQUEST_HEADER_BYTES as usize];
+    mem.read_slice(&mut raw, header.addr)
+        .map_err(|_| RequestError::HeaderRead)?;
+    let type_raw = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    let sector = u64::from_le_bytes([
+        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+    ]);
+    let request_type = RequestType::from(type_raw);
+    let needs_writable = match request_type {
+        RequestType::In | RequestType::GetId => Some(true),
+        RequestType::Out => Some(false),
+        RequestType::Flush | RequestType::Unsupported(_) => None,
+    };
+    if let Some(writable) = needs_writable {
+        if let Some(index) = data.iter().position(|s| s.writable != writable) {
+            return Err(RequestError::DataDirection {
+                index,
+                request_type: type_raw,
+            });
+        }
+    }
+    Ok(Request {
+        request_type,
+        sector,
+        data: data.to_vec(),
+        status,
+    })
+}
+
+/// Serde description of a block device, for configuration and snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Disk ID returned by GET_ID (truncated to 20 bytes).
+    pub disk_id: String,
+}
+
+/// A virtio block device over a host file.
+pub struct Block<M> {
+    config: BlockConfig,
+    file: File,
+    capacity_sectors: u64,
+    config_space: Vec<u8>,
+    active: Option<ActiveState<M>>,
+    queue_sizes: [u16; 1],
+}
+
+impl<M> Block<M> {
+    /// Opens the backing file; capacity is its size in whole sectors.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| BlockError::Open {
+                path: config.path.clone(),
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| BlockError::Metadata {
+                path: config.path.clone(),
+                source,
+            })?
+            .len();
+        let capacity_sectors = size / SECTOR_BYTES;
+        // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
+        let mut config_space = Vec::with_capacity(16);
+        config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
+        config_space.extend_from_slice(&0u32.to_le_bytes());
+        config_space.extend_from_slice(&MAX_DATA_SEGMENTS.to_le_bytes());
+        Ok(Self {
+            config,
+            file,
+            capacity_sectors,
+            config_space,
+            active: None,
+            queue_sizes: [BLOCK_QUEUE_SIZE],
+        })
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// The backing file's path.
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+}
+
+impl<M: DeviceMemory> Block<M> {
+    /// Serves every pending request; returns how many were completed.
+    pub fn process_queue(&mut self) -> usize {
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let mut completed = 0;
+        loop {
+            let queue = &mut active.queues[0];
+            let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = desc_chain.head_index();
+            let request = Chain::collect(desc_chain)
+                .map_err(RequestError::Chain)
+                .and_then(|chain| parse_request(&mem, &chain));
+            let used_len = match request {
+                Ok(req) => {
+                    let (status, data_len) =
+                        execute(&self.file, &self.config, self.capacity_sectors, &mem, &req);
+                    match mem.write_obj(status, req.status.addr) {
+                        Ok(()) => data_len.saturating_add(1),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "virtio-blk: writing status failed");
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-blk: malformed request rejected");
+                    0
+                }
+            };
+            if let Err(e) = active.queues[0].add_used(&mem, head, used_len) {
+                tracing::error!(error = %e, "virtio-blk: add_used failed");
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            active.interrupt.signal_used_queue();
+        }
+        completed
+    }
+}
+
+/// Runs `req`; returns the status byte and the bytes written to guest data buffers.
+fn execute<M: GuestMemory>(
+    file: &File,
+    config: &BlockConfig,
+    capacity_sectors: u64,
+    mem: &M,
+    req: &Request,
+) -> (u8, u32) {
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    match req.request_type {
+        RequestType::In | RequestType::Out => {
+            let len = total_len(&req.data);
+            let in_range = len % SECTOR_BYTES == 0
+                && req
+                    .sector
+                    .checked_add(len / SECTOR_BYTES)
+                    .is_some_and(|end| end <= capacity_sectors);
+            if !in_range {
+                tracing::warn!(
+                    sector = req.sector,
+                    len,
+                    capacity_sectors,
+                    "virtio-blk: request beyond capacity or not whole sectors"
+                );
+                return (IOERR, 0);
+            }
+            if req.request_type == RequestType::Out && config.read_only {
+                tracing::warn!(
+                    sector = req.sector,
+                    "virtio-blk: write to read-only disk refused"
+                );
+                return (IOERR, 0);
+            }
+            let write = req.request_type == RequestType::Out;
+            match copy_data(file, mem, &req.data, req.sector * SECTOR_BYTES, write) {
+                Ok(()) if write => (OK, 0),
+                Ok(()) => (OK, len as u32),
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-blk: I/O failed");
+                    (IOERR, 0)
+                }
+            }
+        }
+        RequestType::Flush => match file.sync_data() {
+            Ok(()) => (OK, 0),
+            Err(e) => {
+                tracing::warn!(error = %e, "virtio-blk: flush failed");
+                (IOERR, 0)
+            }
+        },
+        RequestType::GetId => {
+            let mut id = [0u8; DISK_ID_BYTES];
+            let src = config.disk_id.as_bytes();
+            let n = src.len().min(DISK_ID_BYTES);
+            id[..n].copy_from_slice(&src[..n]);
+            match super::chain::write_segments(mem, &req.data, &id) {
+                Ok(n) => (OK, n as u32),
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-blk: writing disk id failed");
+                    (IOERR, 0)
+                }
+            }
+        }
+        RequestType::Unsupported(t) => {
+            tracing::warn!(request_type = t, "virtio-blk: unsupported request type");
+            (VIRTIO_BLK_S_UNSUPP as u8, 0)
+        }
+    }
+}
+
+/// Errors of one data copy.
+#[derive(Debug, Error)]
+enum CopyError {
+    #[error("file I/O at offset {offset} failed")]
+    File {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest memory access failed")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// Copies between the file (from `offset`) and the data segments.
+fn copy_data<M: GuestMemory>(
+    file: &File,
+    mem: &M,
+    segments: &[Segment],
+    mut offset: u64,
+    to_file: bool,
+) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    for seg in segments {
+        let mut done = 0u64;
+        while done < u64::from(seg.len) {
+            let n = (u64::from(seg.len) - done).min(COPY_CHUNK_BYTES as u64) as usize;
+            let addr = seg.addr.checked_add(done).ok_or(CopyError::Memory(
+                vm_memory::GuestMemoryError::InvalidGuestAddress(seg.addr),
+            ))?;
+            let chunk = &mut buf[..n];
+            if to_file {
+                mem.read_slice(chunk, addr).map_err(CopyError::Memory)?;
+                file.write_all_at(chunk, offset)
+                    .map_err(|source| CopyError::File { offset, source })?;
+            } else {
+                read_at_zero_fill(file, chunk, offset)
+                    .map_err(|source| CopyError::File { offset, source })?;
+                mem.write_slice(chunk, addr).map_err(CopyError::Memory)?;
+            }
+            done += n as u64;
+            offset += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past end of file read as zero
+/// (the file may have been truncated under us).
+fn read_at_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut features =
+            VIRTIO_F_VERSION_1_BIT | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if self.config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
+        self.active = Some(ActiveState::from_context(ctx, 1)?);
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(ActiveState::queue_snapshots)
+            .unwrap_or_default()
+    }
+
+    fn queue_notify(&mut self, _queue_index: u32) {
+        self.process_queue();
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}

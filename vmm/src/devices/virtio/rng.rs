@@ -1,0 +1,162 @@
+//! virtio-rng (device ID 4): fills the guest's writable buffers with bytes
+//! from the host kernel's `getrandom(2)`.
+//!
+//! Owns the single request queue. It never blocks (getrandom on the urandom
+//! pool) and gives at most [`MAX_RNG_BYTES_PER_REQUEST`] per request.
+
+use thiserror::Error;
+use virtio_queue::QueueT;
+
+use super::chain::{write_segments, Chain, Segment};
+use super::device::{
+    ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot, VirtioDevice,
+};
+
+/// Device ID (include/uapi/linux/virtio_ids.h).
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// Size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// Most entropy bytes handed out per request.
+pub const MAX_RNG_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// Why the host could not produce random bytes.
+#[derive(Debug, Error)]
+pub enum RngError {
+    /// getrandom(2) failed.
+    #[error("getrandom failed")]
+    GetRandom(#[source] std::io::Error),
+}
+
+/// Fills `buf` from getrandom(2).
+pub fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // byte slice; getrandom writes at most `rest.len()` bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(RngError::GetRandom(err));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The entropy device.
+pub struct Rng<M> {
+    active: Option<ActiveState<M>>,
+    queue_sizes: [u16; 1],
+}
+
+impl<M> Default for Rng<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M> Rng<M> {
+    /// A new, not yet activated entropy device.
+    pub fn new() -> Self {
+        Self {
+            active: None,
+            queue_sizes: [RNG_QUEUE_SIZE],
+        }
+    }
+}
+
+impl<M: DeviceMemory> Rng<M> {
+    /// Serves every pending request; returns how many were completed.
+    pub fn process_queue(&mut self) -> usize {
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[0];
+        let mut completed = 0;
+        while let Some(desc_chain) = queue.pop_descriptor_chain(&mem) {
+            let head = desc_chain.head_index();
+            let written = match Chain::collect(desc_chain) {
+                Ok(chain) => fill_request(&mem, &chain.segments),
+                Err(e) => {
+                    tracing::warn!(error = %e, "virtio-rng: malformed request rejected");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(&mem, head, written) {
+                tracing::error!(error = %e, "virtio-rng: add_used failed");
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            active.interrupt.signal_used_queue();
+        }
+        completed
+    }
+}
+
+/// Writes random bytes into the writable segments; returns the byte count.
+fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment]) -> u32 {
+    let writable: Vec<Segment> = segments.iter().copied().filter(|s| s.writable).collect();
+    let want = super::chain::total_len(&writable).min(MAX_RNG_BYTES_PER_REQUEST as u64) as usize;
+    let mut bytes = vec![0u8; want];
+    if let Err(e) = fill_random(&mut bytes) {
+        tracing::error!(error = %e, "virtio-rng: no entropy, request gets 0 bytes");
+        return 0;
+    }
+    match write_segments(mem, &writable, &bytes) {
+        Ok(n) => n as u32,
+        Err(e) => {
+            tracing::warn!(error = %e, "virtio-rng: writing entropy failed");
+            0
+        }
+    }
+}
+
+impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        super::device::VIRTIO_F_VERSION_1_BIT
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
+        self.active = Some(ActiveState::from_context(ctx, 1)?);
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(ActiveState::queue_snapshots)
+            .unwrap_or_default()
+    }
+
+    fn queue_notify(&mut self, _queue_index: u32) {
+        self.process_queue();
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}

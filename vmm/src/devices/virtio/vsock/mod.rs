@@ -1,0 +1,282 @@
+//! virtio-vsock (device ID 19), hybrid: guest vsock streams are carried to
+//! host Unix sockets by the [`muxer`], as in Firecracker.
+//!
+//! Owns the three queues (RX 0, TX 1, event 2), moving validated packets
+//! between them and the muxer, and the transport-reset event sent after a
+//! snapshot restore. It never interprets connection state itself.
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::Bytes;
+
+use super::chain::Chain;
+use super::device::{
+    read_config_bytes, ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot,
+    VirtioDevice, VIRTIO_F_VERSION_1_BIT,
+};
+use muxer::{Muxer, MuxerError};
+use packet::{read_tx_chain, rx_payload_capacity, write_rx_packet, EVENT_TRANSPORT_RESET};
+
+/// Device ID (include/uapi/linux/virtio_ids.h).
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Default guest CID.
+pub const DEFAULT_GUEST_CID: u64 = 3;
+/// Size of each of the three queues.
+pub const VSOCK_QUEUE_SIZE: u16 = 256;
+/// Queue indices.
+pub const RX_QUEUE: usize = 0;
+/// TX queue index.
+pub const TX_QUEUE: usize = 1;
+/// Event queue index.
+pub const EVENT_QUEUE: usize = 2;
+
+/// Why a vsock device could not be created.
+#[derive(Debug, Error)]
+pub enum VsockError {
+    /// The guest CID is reserved (0, 1, 2 and u32::MAX are not guest CIDs).
+    #[error("guest CID {0} is reserved; use 3 or above")]
+    ReservedCid(u64),
+    /// The host listener could not be set up.
+    #[error("vsock muxer failed to start")]
+    Muxer(#[source] MuxerError),
+}
+
+/// Serde description of a vsock device, for configuration and snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Host Unix socket: host processes connect here; guest connects to port P
+    /// reach `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+/// The vsock device.
+pub struct Vsock<M> {
+    config: VsockConfig,
+    muxer: Muxer,
+    active: Option<ActiveState<M>>,
+    queue_sizes: [u16; 3],
+}
+
+impl<M> Vsock<M> {
+    /// Binds the host listener at `config.uds_path`.
+    pub fn new(config: VsockConfig) -> Result<Self, VsockError> {
+        if config.guest_cid <= packet::HOST_CID || config.guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::ReservedCid(config.guest_cid));
+        }
+        let muxer = Muxer::new(config.guest_cid, &config.uds_path).map_err(VsockError::Muxer)?;
+        Ok(Self {
+            config,
+            muxer,
+            active: None,
+            queue_sizes: [VSOCK_QUEUE_SIZE; 3],
+        })
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &VsockConfig {
+        &self.config
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+}
+
+impl<M: DeviceMemory> Vsock<M> {
+    /// Processes the guest's TX queue; returns how many packets were consumed.
+    pub fn process_tx(&mut self) -> usize {
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let guest_cid = self.config.guest_cid;
+        let mut completed = 0;
+        while let Some(desc_chain) = active.queues[TX_QUEUE].pop_descriptor_chain(&mem) {
+            let head = desc_chain.head_index();
+            let packet = Chain::collect(desc_chain)
+                .map_err(packet::PacketError::Chain)
+                .and_then(|chain| read_tx_chain(&mem, &chain, guest_cid));
+            match packet {
+                Ok(pkt) => self.muxer.handle_guest_packet(pkt),
+                Err(e) => tracing::warn!(error = %e, "vsock: malformed TX packet dropped"),
+            }
+            if let Err(e) = active.queues[TX_QUEUE].add_used(&mem, head, 0) {
+                tracing::error!(error = %e, "vsock: add_used on TX failed");
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            active.interrupt.signal_used_queue();
+        }
+        completed
+    }
+
+    /// Moves pending packets from the muxer into the guest's RX buffers;
+    /// returns how many were delivered.
+    pub fn process_rx(&mut self) -> usize {
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[RX_QUEUE];
+        let mut used = 0;
+        while self.muxer.has_rx() {
+            let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = desc_chain.head_index();
+            let buffer = Chain::collect(desc_chain)
+                .map_err(packet::PacketError::Chain)
+                .and_then(|chain| rx_payload_capacity(&chain).map(|cap| (chain, cap)));
+            let len = match buffer {
+                Ok((chain, cap)) => match self.muxer.next_rx(cap) {
+                    Some((header, payload)) => {
+                        match write_rx_packet(&mem, &chain, &header, &payload) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "vsock: writing RX packet failed, packet lost");
+                                0
+                            }
+                        }
+                    }
+                    None => {
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: malformed RX buffer rejected");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(&mem, head, len) {
+                tracing::error!(error = %e, "vsock: add_used on RX failed");
+                break;
+            }
+            used += 1;
+        }
+        if used > 0 {
+            active.interrupt.signal_used_queue();
+        }
+        used
+    }
+
+    /// Tells the guest driver that all connections are gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), e.g. after a snapshot restore,
+    /// and drops every connection on the host side.
+    pub fn send_transport_reset(&mut self) {
+        self.muxer.reset();
+        let Some(active) = self.active.as_mut() else {
+            tracing::warn!("vsock: transport reset before activation, nothing to tell the guest");
+            return;
+        };
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
+            tracing::warn!("vsock: no event buffer for transport reset");
+            return;
+        };
+        let head = desc_chain.head_index();
+        // struct virtio_vsock_event { __le32 id; }
+        let len = match Chain::collect(desc_chain) {
+            Ok(chain) => match chain.segments.first() {
+                Some(seg) if seg.writable && seg.len >= 4 => {
+                    match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), seg.addr) {
+                        Ok(()) => 4,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "vsock: writing reset event failed");
+                            0
+                        }
+                    }
+                }
+                _ => {
+                    tracing::warn!("vsock: event buffer not writable or shorter than 4 bytes");
+                    0
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "vsock: malformed event buffer");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(&mem, head, len) {
+            tracing::error!(error = %e, "vsock: add_used on event queue failed");
+            return;
+        }
+        active.interrupt.signal_used_queue();
+    }
+}
+
+impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1_BIT
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { __le64 guest_cid; }
+        read_config_bytes(&self.config.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
+        self.active = Some(ActiveState::from_context(ctx, 3)?);
+        // Host connections may have arrived before the driver was ready.
+        self.process_rx();
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(ActiveState::queue_snapshots)
+            .unwrap_or_default()
+    }
+
+    fn queue_notify(&mut self, queue_index: u32) {
+        match queue_index as usize {
+            RX_QUEUE => {}
+            TX_QUEUE => {
+                self.process_tx();
+            }
+            EVENT_QUEUE => return,
+            _ => return,
+        }
+        self.process_rx();
+    }
+
+    fn reset(&mut self) {
+        self.muxer.reset();
+        self.active = None;
+    }
+
+    fn event_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.epoll_fd())
+    }
+
+    fn process_events(&mut self) {
+        self.muxer.process_events();
+        self.process_rx();
+    }
+}

@@ -1,0 +1,120 @@
+//! Boots the prebuilt PVM Linux kernel with the reference busybox initramfs in-process and
+//! checks that userspace prints and the guest's reboot comes back as an event.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use capsule_vmm::{build_microvm, DiskConfig, VmConfig, VmEvent, VsockConfig};
+use common::{kvm_usable, reference_initramfs, reference_kernel};
+
+/// Kernel command line of the reference boot.
+pub const REFERENCE_CMDLINE: &str =
+    "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn reference_kernel_reaches_userspace_and_reboots() {
+    if !kvm_usable() {
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
+        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
+    };
+    let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
+    config.mem_mib = 512;
+    config.initrd = Some(initrd);
+    let started = Instant::now();
+    let mut vm = build_microvm(&config).unwrap();
+    vm.start().unwrap();
+    let reached = vm.serial().wait_for(b"PVM-GUEST-USERSPACE", BOOT_TIMEOUT);
+    let to_userspace = started.elapsed();
+    let event = vm.wait_event(BOOT_TIMEOUT);
+    vm.stop();
+    let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
+    assert!(
+        reached,
+        "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}"
+    );
+    assert!(
+        matches!(event, Some(VmEvent::Reset { .. })),
+        "event {event:?}; console tail:\n{tail}"
+    );
+    eprintln!(
+        "boot to PVM-GUEST-USERSPACE: {} ms",
+        to_userspace.as_millis()
+    );
+}
+
+#[test]
+fn reference_kernel_finds_both_disks_vsock_and_rng() {
+    if !kvm_usable() {
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
+        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.img");
+    let scratch = dir.path().join("scratch.img");
+    std::fs::write(&root, vec![0u8; 4 << 20]).unwrap();
+    std::fs::write(&scratch, vec![0u8; 8 << 20]).unwrap();
+    let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
+    config.mem_mib = 256;
+    config.initrd = Some(initrd);
+    config.disks = vec![
+        DiskConfig {
+            path: root,
+            read_only: true,
+        },
+        DiskConfig {
+            path: scratch,
+            read_only: false,
+        },
+    ];
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("vsock.sock"),
+    });
+    config.rng = true;
+    let mut vm = build_microvm(&config).unwrap();
+    vm.start().unwrap();
+    let reached = vm.serial().wait_for(b"PVM-GUEST-USERSPACE", BOOT_TIMEOUT);
+    vm.stop();
+    let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
+    assert!(reached, "console tail:\n{tail}");
+    // 4 MiB = 8192 sectors, read-only; 8 MiB = 16384 sectors.
+    assert!(
+        tail.contains("[vda] 8192 512-byte logical blocks"),
+        "console tail:\n{tail}"
+    );
+    assert!(
+        tail.contains("[vdb] 16384 512-byte logical blocks"),
+        "console tail:\n{tail}"
+    );
+    assert!(
+        dir.path().join("vsock.sock").exists(),
+        "vsock host socket not bound"
+    );
+}
+
+#[test]
+fn a_kernel_panic_is_reported_as_panic_not_reset() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(kernel) = reference_kernel() else {
+        panic!("the reference kernel under /work/shared/guest is missing");
+    };
+    // No initrd and no root device: the kernel panics ("VFS: Unable to mount root fs"), and
+    // panic=-1 reboot=k turns that into an immediate i8042 reset.
+    let mut config = VmConfig::new(kernel, "console=ttyS0 panic=-1 reboot=k");
+    config.mem_mib = 128;
+    let mut vm = build_microvm(&config).unwrap();
+    vm.start().unwrap();
+    let event = vm.wait_event(BOOT_TIMEOUT);
+    vm.stop();
+    let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
+    assert_eq!(event, Some(VmEvent::Panic), "console tail:\n{tail}");
+    assert!(tail.contains("Kernel panic"), "console tail:\n{tail}");
+}

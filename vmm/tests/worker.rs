@@ -1,0 +1,184 @@
+//! The worker process: one VM per process, driven over the control socket.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use capsule_vmm::devices::legacy::i8042::ResetSource;
+use capsule_vmm::worker::{WorkerError, WorkerEvent, WorkerHandle};
+use capsule_vmm::{RunState, VmConfig, VmEvent};
+use common::{elf_payload, kvm_usable, reference_initramfs, reference_kernel};
+
+const WORKER_EXE: &str = env!("CARGO_BIN_EXE_capsule-vmm-worker");
+const REFERENCE_CMDLINE: &str =
+    "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `loop: inc qword [0x5000]; jmp loop`
+const COUNTER_LOOP: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
+
+fn counter_config(kernel: &Path) -> VmConfig {
+    let mut config = VmConfig::new(kernel, "");
+    config.mem_mib = 64;
+    config
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn worker_boots_the_reference_kernel_and_reports_the_reboot() {
+    if !kvm_usable() {
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
+        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
+    config.mem_mib = 512;
+    config.initrd = Some(initrd);
+    config.serial_log = Some(log.clone());
+    let started = Instant::now();
+    let worker = WorkerHandle::spawn(Path::new(WORKER_EXE), config).unwrap();
+    assert_eq!(worker.start().unwrap(), RunState::Running);
+    let event = worker.wait_event(BOOT_TIMEOUT);
+    let elapsed = started.elapsed();
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert_eq!(
+        event,
+        Some(WorkerEvent::Vm(VmEvent::Reset {
+            source: ResetSource::I8042
+        })),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("PVM-GUEST-USERSPACE"),
+        "console:\n{console}"
+    );
+    assert_eq!(worker.status().unwrap(), RunState::Stopped);
+    worker.stop().unwrap();
+    assert_eq!(
+        worker.wait_event(Duration::from_secs(5)),
+        Some(WorkerEvent::Exited { pid: worker.pid() })
+    );
+    assert!(!process_exists(worker.pid()));
+    eprintln!("worker: spawn to guest reboot {} ms", elapsed.as_millis());
+}
+
+#[test]
+fn a_killed_worker_is_reported_and_reaped_and_others_keep_running() {
+    if !kvm_usable() {
+        return;
+    }
+    let payload = elf_payload(&COUNTER_LOOP);
+    let doomed =
+        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    let survivor =
+        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    doomed.start().unwrap();
+    survivor.start().unwrap();
+    let pid = doomed.pid();
+    // SAFETY: sending SIGKILL to the worker process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    match doomed.wait_event(Duration::from_secs(5)) {
+        Some(WorkerEvent::Died { pid: died, status }) => {
+            assert_eq!(died, pid);
+            assert!(
+                status.contains("SIGKILL") || status.contains('9'),
+                "status {status}"
+            );
+        }
+        other => panic!("expected Died, got {other:?}"),
+    }
+    let err = doomed.pause().unwrap_err();
+    assert!(matches!(err, WorkerError::WorkerDied { .. }), "{err}");
+    assert!(err.to_string().contains("died"), "{err}");
+    assert!(!process_exists(pid), "worker {pid} was not reaped");
+    assert_eq!(survivor.pause().unwrap(), RunState::Paused);
+    assert_eq!(survivor.resume().unwrap(), RunState::Running);
+    survivor.stop().unwrap();
+}
+
+#[test]
+fn dropping_the_handle_kills_the_worker() {
+    if !kvm_usable() {
+        return;
+    }
+    let payload = elf_payload(&COUNTER_LOOP);
+    let worker =
+        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    worker.start().unwrap();
+    let pid = worker.pid();
+    assert!(process_exists(pid));
+    drop(worker);
+    assert!(!process_exists(pid), "worker {pid} survived its handle");
+}
+
+#[test]
+fn a_worker_exits_when_its_controller_goes_away() {
+    if !kvm_usable() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Play the controller by hand, then vanish the way a crashed controller does: its end of
+    // the socket closes without a Stop.
+    let payload = elf_payload(&COUNTER_LOOP);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let theirs_fd = theirs.as_raw_fd();
+    let mut command = std::process::Command::new(WORKER_EXE);
+    command.args(["worker", "--control-fd", "3"]);
+    // SAFETY: only dup2 (async-signal-safe) runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(theirs_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = command.spawn().unwrap();
+    drop(theirs);
+    let mut writer = ours.try_clone().unwrap();
+    let configure = capsule_vmm::worker::ToWorker::Configure(counter_config(payload.path()));
+    writeln!(writer, "{}", serde_json::to_string(&configure).unwrap()).unwrap();
+    let start = capsule_vmm::worker::ToWorker::Request {
+        id: 1,
+        op: capsule_vmm::worker::Op::Start,
+    };
+    writeln!(writer, "{}", serde_json::to_string(&start).unwrap()).unwrap();
+    let mut reader = BufReader::new(ours.try_clone().unwrap());
+    let mut ready = String::new();
+    reader.read_line(&mut ready).unwrap();
+    assert!(ready.contains("Ready"), "{ready}");
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    assert!(reply.contains("Running"), "{reply}");
+    drop((writer, reader, ours));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "worker ended with {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker kept running without a controller"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_build_failure_comes_back_from_spawn_with_its_cause() {
+    let mut config = VmConfig::new("/nonexistent/vmlinux", "");
+    config.mem_mib = 64;
+    let err = WorkerHandle::spawn(Path::new(WORKER_EXE), config).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, WorkerError::BuildFailed(_)), "{text}");
+    assert!(text.contains("kernel: /nonexistent/vmlinux"), "{text}");
+}
