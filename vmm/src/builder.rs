@@ -84,15 +84,22 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
     };
     let stop_request = Arc::new(StopRequest::default());
     let mut pio = Bus::new();
-    attach_legacy_devices(&vm, &mut pio, &serial, &stop_request)?;
+    let (uart, irq) = SerialDevice::new(serial.clone())?;
+    let serial_device = attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request)?;
 
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
     if host_is_pvm() {
         append_missing_params(&mut cmdline, PVM_GUEST_CMDLINE_QUIRKS);
     }
-    let device_runtime =
-        virtio_wiring::attach_virtio_devices(&vm, &memory.memory, config, &mut mmio, &mut cmdline)?;
+    let virtio = virtio_wiring::attach_virtio_devices(
+        &vm,
+        &memory.memory,
+        config,
+        &mut mmio,
+        &mut cmdline,
+        None,
+    )?;
 
     boot::write_boot_params(&memory.memory, &cmdline, initrd)?;
     regs::write_boot_tables(&memory.memory)?;
@@ -115,7 +122,9 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
         control,
         events,
         serial,
-        device_runtime,
+        serial_device,
+        virtio,
+        config: config.clone(),
     }))
 }
 
@@ -131,17 +140,18 @@ fn append_missing_params(cmdline: &mut String, params: &[&str]) {
     }
 }
 
-/// COM1 on IRQ 4, the i8042 and the 0xcf9 reset register.
-fn attach_legacy_devices(
+/// COM1 (`uart`, raising `irq`) on IRQ 4, the i8042 and the 0xcf9 reset register.
+pub(crate) fn attach_legacy_devices(
     vm: &Vm,
     pio: &mut Bus,
-    serial: &Arc<SerialLog>,
+    uart: SerialDevice,
+    irq: EventFd,
     stop_request: &Arc<StopRequest>,
-) -> Result<(), BuildError> {
-    let (uart, irq): (SerialDevice, EventFd) = SerialDevice::new(serial.clone())?;
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     vm.register_irqfd(&irq, SERIAL_GSI)?;
+    let uart = Arc::new(Mutex::new(uart));
     pio.insert(
-        Arc::new(Mutex::new(uart)),
+        uart.clone(),
         u64::from(SERIAL_PORT_BASE),
         u64::from(SERIAL_PORT_COUNT),
     )?;
@@ -157,7 +167,7 @@ fn attach_legacy_devices(
     )?;
     // The irqfd stays registered with KVM; the device keeps its own clone of the eventfd.
     drop(irq);
-    Ok(())
+    Ok(uart)
 }
 
 /// Creates and configures `count` vCPUs entering at the kernel entry point.

@@ -1,17 +1,21 @@
 //! capsule-vmm: a microVM monitor over KVM. It knows nothing of sandboxes or MCP.
 //!
 //! [`builder::build_microvm`] turns a [`config::VmConfig`] into a [`microvm::MicroVm`];
-//! [`worker`] runs one VM per OS process and gives the controller a handle to it; [`doctor`]
-//! tells what the host can run.
+//! [`worker`] runs one VM per OS process and gives the controller a handle to it (confined by
+//! [`confinement`] once built); [`snapshot`] saves a paused VM to a directory and restores or
+//! forks it in a new process, with incremental (dirty-page) snapshots; [`doctor`] tells what
+//! the host can run.
 
 pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod confinement;
 pub mod devices;
 pub mod doctor;
 pub mod microvm;
-mod virtio_wiring;
+pub mod snapshot;
+pub mod virtio_wiring;
 pub mod vstate;
 pub mod worker;
 

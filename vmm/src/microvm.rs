@@ -1,17 +1,24 @@
-//! A built VM and its lifecycle: start (one thread per vCPU), pause, resume, stop, and the
-//! [`VmEvent`] stream. It owns every resource of the VM and frees them on drop; it never
-//! decides what to do when the guest exits.
+//! A built VM and its lifecycle: start (one thread per vCPU), pause (vCPUs and the
+//! device-event thread), resume, stop, the [`VmEvent`] stream, saving its KVM and device state
+//! ([`MachineState`]) and tracking which pages change (for incremental snapshots). It owns
+//! every resource of the VM and frees them on drop; it never decides what to do when the guest
+//! exits, and never writes files (see `snapshot`).
 
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::config::VmConfig;
 use crate::devices::bus::Bus;
-use crate::devices::legacy::serial::SerialLog;
-use crate::vstate::memory::{GuestMemoryBacking, GuestMemoryMmap};
-use crate::vstate::vcpu::{spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VmEvent};
-use crate::vstate::vm::Vm;
+use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialLog};
+use crate::virtio_wiring::{VirtioDeviceState, VirtioDevices};
+use crate::vstate::memory::{take_device_dirty, BackingKind, GuestMemoryBacking, GuestMemoryMmap};
+use crate::vstate::vcpu::{
+    complete_pending_io, saved_msr_indices, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError,
+    VcpuState, VcpuStateError, VmEvent,
+};
+use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,6 +36,25 @@ pub enum MicroVmError {
     PauseTimeout,
     #[error("starting vCPUs")]
     Vcpu(#[source] VcpuError),
+    #[error("the VM must be paused (or not yet started) to save it; it is {0:?}")]
+    NotPaused(RunState),
+    #[error("the device-event thread did not park within {PAUSE_TIMEOUT:?}")]
+    DevicePauseTimeout,
+    #[error("saving vCPU state")]
+    VcpuState(#[source] VcpuStateError),
+    #[error("parked vCPU threads did not hand back their state within {PAUSE_TIMEOUT:?}")]
+    SaveTimeout,
+    #[error("saving VM state")]
+    VmState(#[source] VmError),
+}
+
+/// Everything of a paused VM except its memory, as plain serde facts.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialDeviceState,
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// A VM: KVM state, guest memory, devices and vCPU threads.
@@ -40,8 +66,13 @@ pub struct MicroVm {
     mmio: Arc<Bus>,
     events: Option<Receiver<VmEvent>>,
     serial: Arc<SerialLog>,
-    /// Keeps device-side work (virtio event thread) alive; dropped after the vCPUs stop.
-    device_runtime: Vec<Box<dyn std::any::Any + Send>>,
+    serial_device: Arc<Mutex<SerialDevice>>,
+    /// The virtio transports and their device-event thread; dropped after the vCPUs stop.
+    virtio: VirtioDevices,
+    config: VmConfig,
+    dirty_logging: bool,
+    /// Restored guests: every page written since the restore (bitmaps per region).
+    written_since_restore: Vec<Vec<u64>>,
     // Declared last: dropped after everything that uses them, VM before memory.
     vm: Vm,
     memory: GuestMemoryBacking,
@@ -66,7 +97,10 @@ pub struct MicroVmParts {
     pub control: Arc<VcpuControl>,
     pub events: Receiver<VmEvent>,
     pub serial: Arc<SerialLog>,
-    pub device_runtime: Vec<Box<dyn std::any::Any + Send>>,
+    pub serial_device: Arc<Mutex<SerialDevice>>,
+    pub virtio: VirtioDevices,
+    /// What the VM was built from (as restored, with overrides applied).
+    pub config: VmConfig,
 }
 
 impl MicroVm {
@@ -80,7 +114,11 @@ impl MicroVm {
             mmio: Arc::new(parts.mmio),
             events: Some(parts.events),
             serial: parts.serial,
-            device_runtime: parts.device_runtime,
+            serial_device: parts.serial_device,
+            virtio: parts.virtio,
+            config: parts.config,
+            dirty_logging: false,
+            written_since_restore: Vec::new(),
             vm: parts.vm,
             memory: parts.memory,
         }
@@ -104,7 +142,8 @@ impl MicroVm {
         Ok(())
     }
 
-    /// Takes every vCPU out of the guest and parks it (state stays in memory).
+    /// Takes every vCPU out of the guest and parks it, then parks the device-event thread:
+    /// once this returns, nothing writes guest memory (state stays in memory).
     pub fn pause(&self) -> Result<(), MicroVmError> {
         self.require_started()?;
         match self.state() {
@@ -115,7 +154,13 @@ impl MicroVm {
         match self.state() {
             // The guest ended (or someone stopped it) while we waited.
             RunState::Stopped => Err(MicroVmError::NotRunning(RunState::Stopped)),
-            _ if parked => Ok(()),
+            _ if parked => {
+                if self.virtio.pause(PAUSE_TIMEOUT) {
+                    Ok(())
+                } else {
+                    Err(MicroVmError::DevicePauseTimeout)
+                }
+            }
             _ => Err(MicroVmError::PauseTimeout),
         }
     }
@@ -125,11 +170,154 @@ impl MicroVm {
         self.require_started()?;
         match self.state() {
             RunState::Running | RunState::Paused => {
+                self.virtio.resume();
                 self.control.resume();
                 Ok(())
             }
             other => Err(MicroVmError::NotRunning(other)),
         }
+    }
+
+    /// Whether the VM is quiet enough to save: paused, or built and never started.
+    pub fn is_saveable(&self) -> bool {
+        if self.threads.is_empty() {
+            !self.pending.is_empty()
+        } else {
+            self.state() == RunState::Paused
+        }
+    }
+
+    /// Saves every vCPU, the VM-wide KVM state and the devices of a paused (or never started)
+    /// VM. Pending I/O exits are completed first, so the saved registers are consistent.
+    pub fn save_state(&mut self) -> Result<MachineState, MicroVmError> {
+        if !self.is_saveable() {
+            return Err(MicroVmError::NotPaused(self.state()));
+        }
+        let msr_indices =
+            Arc::new(saved_msr_indices(self.vm.kvm()).map_err(MicroVmError::VcpuState)?);
+        let mut vcpus = Vec::new();
+        if self.threads.is_empty() {
+            for vcpu in &self.pending {
+                vcpus.push(VcpuState::save(vcpu, &msr_indices).map_err(MicroVmError::VcpuState)?);
+            }
+        } else {
+            let count = self.control.vcpu_count();
+            let (tx, rx) = channel();
+            for index in 0..count {
+                let tx = tx.clone();
+                let msr_indices = msr_indices.clone();
+                let job = Box::new(move |vcpu: &mut Vcpu| {
+                    complete_pending_io(vcpu);
+                    let _ = tx.send((vcpu.index, VcpuState::save(vcpu, &msr_indices)));
+                });
+                self.control.run_on_parked(index, job);
+            }
+            drop(tx);
+            let mut got: Vec<Option<VcpuState>> = (0..count).map(|_| None).collect();
+            for _ in 0..count {
+                let (index, state) = rx
+                    .recv_timeout(PAUSE_TIMEOUT)
+                    .map_err(|_| MicroVmError::SaveTimeout)?;
+                let state = state.map_err(MicroVmError::VcpuState)?;
+                if let Some(slot) = got.get_mut(usize::from(index)) {
+                    *slot = Some(state);
+                }
+            }
+            for (index, state) in got.into_iter().enumerate() {
+                vcpus.push(
+                    state.ok_or(MicroVmError::VcpuState(VcpuStateError::ThreadGone {
+                        index: index as u8,
+                    }))?,
+                );
+            }
+        }
+        let vm = self.vm.save_state().map_err(MicroVmError::VmState)?;
+        let serial = self
+            .serial_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save();
+        Ok(MachineState {
+            vcpus,
+            vm,
+            serial,
+            virtio: self.virtio.save(),
+        })
+    }
+
+    /// Starts (or restarts) tracking which pages change: KVM dirty logging on every slot for
+    /// guest writes, the memory bitmaps for device writes. Both logs start empty.
+    pub fn reset_dirty_tracking(&mut self) -> Result<(), VmError> {
+        if !self.dirty_logging {
+            self.vm.set_dirty_logging(&self.memory.memory, true)?;
+            self.dirty_logging = true;
+        }
+        // Through take_dirty_pages, so a restored guest's record of written pages stays whole.
+        self.take_dirty_pages()?;
+        Ok(())
+    }
+
+    /// Records that the memory slots were registered with dirty logging on (a restore), without
+    /// clearing what devices already wrote (restoring them may have written guest memory).
+    pub fn assume_dirty_tracking(&mut self) {
+        self.dirty_logging = true;
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// The pages written since tracking last started or was taken (guest and device writes),
+    /// one bitmap per region; clears both logs.
+    pub fn take_dirty_pages(&mut self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut pages = self.vm.take_dirty_log(&self.memory.memory)?;
+        or_bitmaps(&mut pages, &take_device_dirty(&self.memory.memory));
+        if self.memory.kind == BackingKind::PrivateSnapshot {
+            if self.written_since_restore.is_empty() {
+                self.written_since_restore = pages.iter().map(|r| vec![0; r.len()]).collect();
+            }
+            or_bitmaps(&mut self.written_since_restore, &pages);
+        }
+        Ok(pages)
+    }
+
+    /// For a restored guest: every page that may differ from zero, as bitmaps per region. That
+    /// is the pages the guest or devices wrote since the restore, plus the data of the snapshot
+    /// files mapped under it (`base_pages`: the base file's data extents and layer runs, which
+    /// the caller derives from [`MicroVm::restored_backing`]). Consumes the dirty log.
+    pub fn restored_nonzero_candidates(
+        &mut self,
+        base_pages: &[Vec<u64>],
+    ) -> Result<Vec<Vec<u64>>, VmError> {
+        self.take_dirty_pages()?;
+        let mut pages = self.written_since_restore.clone();
+        if pages.is_empty() {
+            pages = base_pages.iter().map(|r| vec![0; r.len()]).collect();
+        }
+        or_bitmaps(&mut pages, base_pages);
+        Ok(pages)
+    }
+
+    /// For a restored guest: the snapshot's base memory file and the layer runs mapped over it.
+    pub fn restored_backing(&self) -> Option<(&std::fs::File, &[crate::vstate::memory::PageRun])> {
+        (self.memory.kind == BackingKind::PrivateSnapshot)
+            .then_some((&self.memory.file, self.memory.layer_runs.as_slice()))
+    }
+
+    /// The memfd behind a booted guest's memory (for hole-skipping dumps); None once restored.
+    pub fn memory_backing_file(&self) -> Option<&std::fs::File> {
+        (self.memory.kind == BackingKind::SharedMemfd).then_some(&self.memory.file)
+    }
+
+    /// What the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// How guest memory is backed.
+    pub fn memory_kind(&self) -> BackingKind {
+        self.memory.kind
     }
 
     /// Stops every vCPU and waits for their threads. Idempotent.
@@ -181,9 +369,18 @@ impl MicroVm {
     }
 }
 
+/// `into |= from`, word by word (bitmaps per region).
+fn or_bitmaps(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
 impl Drop for MicroVm {
     fn drop(&mut self) {
         self.stop();
-        self.device_runtime.clear();
+        self.virtio = VirtioDevices::default();
     }
 }

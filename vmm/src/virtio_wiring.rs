@@ -1,9 +1,14 @@
 //! The integration point between the VMM core and the virtio device models in
 //! `devices::virtio`: it creates each device, gives it an MMIO window and a GSI (irqfd), adds
 //! it to the kernel command line and starts the device-event thread. Devices are numbered in
-//! this order: disks (vda, vdb, ...), vsock, rng. It never implements device behaviour.
+//! this order: disks (vda, vdb, ...), vsock, rng. For a snapshot it saves each transport with
+//! what identifies its device ([`VirtioDeviceState`]) and rebuilds them from it. It never
+//! implements device behaviour.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -15,7 +20,7 @@ use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::device::SharedDevice;
 use crate::devices::virtio::event_loop::{DeviceEventLoop, EventLoopError};
-use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioError, MmioTransport};
+use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioError, MmioState, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -63,6 +68,73 @@ pub enum VirtioWiringError {
         #[source]
         source: VsockError,
     },
+    #[error("the snapshot has {saved} virtio devices but the VM config describes {configured}")]
+    DeviceCount { saved: usize, configured: usize },
+    #[error("virtio device {index} is {configured:?} but the snapshot saved {saved:?}")]
+    DeviceMismatch {
+        index: usize,
+        saved: VirtioDeviceKind,
+        configured: VirtioDeviceKind,
+    },
+    #[error("restoring the MMIO transport of virtio device {index}")]
+    RestoreTransport {
+        index: usize,
+        #[source]
+        source: MmioError,
+    },
+}
+
+/// What identifies a virtio device across a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceKind {
+    /// A disk: its size must match on restore (the path may change).
+    Block {
+        bytes: u64,
+        read_only: bool,
+    },
+    Vsock {
+        guest_cid: u64,
+    },
+    Rng,
+}
+
+/// One virtio device in a snapshot: its kind and its transport/queue state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    pub kind: VirtioDeviceKind,
+    pub transport: MmioState,
+}
+
+/// The attached virtio devices and their device-event thread.
+#[derive(Default)]
+pub struct VirtioDevices {
+    devices: Vec<(VirtioDeviceKind, Arc<Mutex<MmioBusDevice>>)>,
+    event_loop: Option<DeviceEventLoop>,
+}
+
+impl VirtioDevices {
+    /// Every transport's state, in device order. Quiesce first ([`VirtioDevices::pause`]).
+    pub fn save(&self) -> Vec<VirtioDeviceState> {
+        self.devices
+            .iter()
+            .map(|(kind, transport)| VirtioDeviceState {
+                kind: kind.clone(),
+                transport: transport.lock().unwrap_or_else(|p| p.into_inner()).0.save(),
+            })
+            .collect()
+    }
+
+    /// Parks the device-event thread; true once parked (or when there is none).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.event_loop.as_ref().is_none_or(|l| l.pause(timeout))
+    }
+
+    /// Lets the device-event thread run again.
+    pub fn resume(&self) {
+        if let Some(l) = &self.event_loop {
+            l.resume();
+        }
+    }
 }
 
 /// Adapts the virtio-mmio transport to the bus.
@@ -85,16 +157,20 @@ pub fn device_slot(index: usize) -> (u64, u32) {
     )
 }
 
-/// Creates the devices `config` asks for, maps them and appends them to `cmdline`. Returns what
-/// must live as long as the VM (the device-event thread).
+/// Creates the devices `config` asks for, maps them and appends them to `cmdline`; with `saved`
+/// (a restore) each transport takes its saved state instead of starting fresh, and the vsock
+/// device tells the guest its connections are gone. Returns what must live as long as the VM.
 pub fn attach_virtio_devices(
     vm: &Vm,
     memory: &GuestMemoryMmap,
     config: &VmConfig,
     mmio: &mut Bus,
     cmdline: &mut String,
-) -> Result<Vec<Box<dyn std::any::Any + Send>>, VirtioWiringError> {
+    saved: Option<&[VirtioDeviceState]>,
+) -> Result<VirtioDevices, VirtioWiringError> {
     let mut devices: Vec<SharedDevice<GuestMemoryMmap>> = Vec::new();
+    let mut kinds: Vec<VirtioDeviceKind> = Vec::new();
+    let mut vsock_device = None;
     for (index, disk) in config.disks.iter().enumerate() {
         let block = Block::new(BlockConfig {
             path: disk.path.clone(),
@@ -106,6 +182,10 @@ pub fn attach_virtio_devices(
             path: disk.path.clone(),
             source,
         })?;
+        kinds.push(VirtioDeviceKind::Block {
+            bytes: block.capacity_sectors() * 512,
+            read_only: disk.read_only,
+        });
         devices.push(Arc::new(Mutex::new(block)));
     }
     if let Some(vsock) = &config.vsock {
@@ -117,34 +197,81 @@ pub fn attach_virtio_devices(
             path: vsock.uds_path.clone(),
             source,
         })?;
-        devices.push(Arc::new(Mutex::new(device)));
+        kinds.push(VirtioDeviceKind::Vsock {
+            guest_cid: u64::from(vsock.guest_cid),
+        });
+        let device = Arc::new(Mutex::new(device));
+        vsock_device = Some(device.clone());
+        devices.push(device);
     }
     if config.rng {
+        kinds.push(VirtioDeviceKind::Rng);
         devices.push(Arc::new(Mutex::new(Rng::new())));
     }
+    if let Some(saved) = saved {
+        check_saved_devices(saved, &kinds)?;
+    }
     if devices.is_empty() {
-        return Ok(Vec::new());
+        return Ok(VirtioDevices::default());
     }
 
-    for (index, device) in devices.iter().enumerate() {
+    let mut attached = Vec::with_capacity(devices.len());
+    for (index, (device, kind)) in devices.iter().zip(kinds).enumerate() {
         let (base, gsi) = device_slot(index);
         let irq = EventFd::new(EFD_NONBLOCK)
             .map_err(|source| VirtioWiringError::EventFd { index, source })?;
         vm.register_irqfd(&irq, gsi)
             .map_err(|source| VirtioWiringError::Irqfd { index, source })?;
-        let transport = MmioTransport::new(memory.clone(), device.clone(), irq)
-            .map_err(|source| VirtioWiringError::Transport { index, source })?;
-        mmio.insert(
-            Arc::new(Mutex::new(MmioBusDevice(transport))),
-            base,
-            MMIO_DEVICE_WINDOW_BYTES,
-        )
-        .map_err(|source| VirtioWiringError::Bus { index, source })?;
+        let transport = match saved.and_then(|s| s.get(index)) {
+            Some(state) => {
+                MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
+                    .map_err(|source| VirtioWiringError::RestoreTransport { index, source })?
+            }
+            None => MmioTransport::new(memory.clone(), device.clone(), irq)
+                .map_err(|source| VirtioWiringError::Transport { index, source })?,
+        };
+        let transport = Arc::new(Mutex::new(MmioBusDevice(transport)));
+        mmio.insert(transport.clone(), base, MMIO_DEVICE_WINDOW_BYTES)
+            .map_err(|source| VirtioWiringError::Bus { index, source })?;
+        attached.push((kind, transport));
         if !cmdline.is_empty() {
             cmdline.push(' ');
         }
         cmdline.push_str(&kernel_cmdline_entry(base, gsi));
     }
+    if let (Some(_), Some(vsock)) = (saved, vsock_device) {
+        // Host-side connections did not survive the process change: tell the guest.
+        vsock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_transport_reset();
+    }
     let event_loop = DeviceEventLoop::start(devices).map_err(VirtioWiringError::EventLoop)?;
-    Ok(vec![Box::new(event_loop)])
+    Ok(VirtioDevices {
+        devices: attached,
+        event_loop: Some(event_loop),
+    })
+}
+
+/// The configured devices must be the saved ones, in order (disk paths may differ, sizes not).
+fn check_saved_devices(
+    saved: &[VirtioDeviceState],
+    configured: &[VirtioDeviceKind],
+) -> Result<(), VirtioWiringError> {
+    if saved.len() != configured.len() {
+        return Err(VirtioWiringError::DeviceCount {
+            saved: saved.len(),
+            configured: configured.len(),
+        });
+    }
+    for (index, (s, c)) in saved.iter().zip(configured).enumerate() {
+        if s.kind != *c {
+            return Err(VirtioWiringError::DeviceMismatch {
+                index,
+                saved: s.kind.clone(),
+                configured: c.clone(),
+            });
+        }
+    }
+    Ok(())
 }

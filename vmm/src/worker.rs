@@ -2,8 +2,9 @@
 //! it is sent and obeys a JSON-lines control protocol on an inherited Unix socket; the
 //! controller side ([`WorkerHandle`]) spawns the worker, sends requests and receives events.
 //!
-//! Protocol, one JSON object per line: the controller sends [`ToWorker::Configure`] first,
-//! the worker answers [`FromWorker::Ready`] or [`FromWorker::Failed`]; then each
+//! Protocol, one JSON object per line: the controller sends [`ToWorker::Configure`] (boot) or
+//! [`ToWorker::Restore`] (from a snapshot) first, the worker answers [`FromWorker::Ready`] or
+//! [`FromWorker::Failed`]; then each
 //! [`ToWorker::Request`] gets one [`FromWorker::Reply`] with the same id, and
 //! [`FromWorker::Event`] may come at any time. Lines are capped at [`MAX_LINE_BYTES`].
 //!
@@ -12,13 +13,16 @@
 //! and owned by the handle only). Dropping a [`WorkerHandle`] kills and reaps the worker. If the
 //! worker dies, the handle's requests fail with [`WorkerError::WorkerDied`] and
 //! [`WorkerEvent::Died`] is delivered; other workers are untouched.
+//! Once its VM is built the worker lowers its rlimits and installs a seccomp filter
+//! ([`crate::confinement`]). A worker remembers its last snapshot (or the one it was restored
+//! from) as the parent of the next incremental one.
 //! The worker never reads anything but its socket; the controller never touches KVM.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -30,6 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::builder::build_microvm;
 use crate::config::VmConfig;
 use crate::microvm::MicroVm;
+use crate::snapshot::{
+    restore_microvm, save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef,
+};
 use crate::vstate::vcpu::{RunState, VmEvent};
 
 /// Longest protocol line.
@@ -40,6 +47,8 @@ pub const WORKER_CONTROL_FD: RawFd = 3;
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request waits for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot request waits (a full dump of a large guest writes gigabytes).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Subcommand and flag the controller starts the worker binary with.
 pub const WORKER_SUBCOMMAND: &str = "worker";
 /// Flag naming the control socket's fd.
@@ -49,17 +58,31 @@ pub const CONTROL_FD_FLAG: &str = "--control-fd";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToWorker {
     Configure(VmConfig),
-    Request { id: u64, op: Op },
+    /// Build the VM from the snapshot at `dir` instead of booting.
+    Restore {
+        dir: PathBuf,
+        overrides: RestoreOverrides,
+    },
+    Request {
+        id: u64,
+        op: Op,
+    },
 }
 
 /// What the controller asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Start,
     Pause,
     Resume,
     Stop,
     Status,
+    /// Save the paused (or not yet started) VM into the new directory `dir`; `incremental`
+    /// writes only pages changed since this worker's last snapshot or restore.
+    Snapshot {
+        dir: PathBuf,
+        incremental: bool,
+    },
 }
 
 /// Worker → controller.
@@ -74,6 +97,9 @@ pub enum FromWorker {
     Reply {
         id: u64,
         result: Result<RunState, String>,
+        /// What a snapshot request wrote.
+        #[serde(default)]
+        snapshot: Option<SnapshotInfo>,
     },
     Event(VmEvent),
 }
@@ -180,19 +206,28 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     let mut reader = BufReader::new(socket.try_clone().map_err(WorkerError::Read)?);
     let mut writer = socket;
 
-    let config = match read_message::<ToWorker>(&mut reader)? {
-        Some(ToWorker::Configure(config)) => config,
+    let built = match read_message::<ToWorker>(&mut reader)? {
+        Some(ToWorker::Configure(config)) => build_microvm(&config)
+            .map(|vm| (vm, None))
+            .map_err(|e| error_chain(&e)),
+        Some(ToWorker::Restore { dir, overrides }) => restore_microvm(&dir, &overrides)
+            .map(|(vm, parent)| (vm, Some(parent)))
+            .map_err(|e| error_chain(&e)),
         Some(other) => {
             return Err(WorkerError::Protocol(format!(
-                "expected Configure, got {other:?}"
+                "expected Configure or Restore, got {other:?}"
             )))
         }
         None => return Ok(()),
     };
-    let mut vm = match build_microvm(&config) {
+    let built = built.and_then(|vm| {
+        crate::confinement::confine_worker()
+            .map(|()| vm)
+            .map_err(|e| error_chain(&e))
+    });
+    let (mut vm, mut last_snapshot) = match built {
         Ok(vm) => vm,
-        Err(e) => {
-            let error = error_chain(&e);
+        Err(error) => {
             write_message(
                 &mut writer,
                 &FromWorker::Failed {
@@ -232,7 +267,7 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
                         break;
                     }
                 }
-                Ok(Some(ToWorker::Configure(_))) | Err(_) | Ok(None) => {
+                Ok(Some(ToWorker::Configure(_) | ToWorker::Restore { .. })) | Err(_) | Ok(None) => {
                     let _ = tx.send(Input::ControllerGone);
                     break;
                 }
@@ -243,13 +278,15 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     for input in rx {
         match input {
             Input::Request { id, op } => {
-                let result = apply(&mut vm, op);
+                let stopping = op == Op::Stop;
+                let (result, snapshot) = apply(&mut vm, &mut last_snapshot, op);
+                let ok = result.is_ok();
                 let reply = FromWorker::Reply {
                     id,
-                    result: result.clone(),
+                    result,
+                    snapshot,
                 };
-                if write_message(&mut writer, &reply).is_err() || (op == Op::Stop && result.is_ok())
-                {
+                if write_message(&mut writer, &reply).is_err() || (stopping && ok) {
                     break;
                 }
             }
@@ -265,7 +302,44 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     Ok(())
 }
 
-fn apply(vm: &mut MicroVm, op: Op) -> Result<RunState, String> {
+fn apply(
+    vm: &mut MicroVm,
+    last_snapshot: &mut Option<SnapshotRef>,
+    op: Op,
+) -> (Result<RunState, String>, Option<SnapshotInfo>) {
+    if let Op::Snapshot { dir, incremental } = op {
+        let parent = if incremental {
+            match last_snapshot.as_ref() {
+                Some(parent) => Some(parent.clone()),
+                None => {
+                    return (
+                        Err(error_chain(&crate::snapshot::SnapshotError::NoParent)),
+                        None,
+                    )
+                }
+            }
+        } else {
+            None
+        };
+        return match save_snapshot(vm, &dir, parent.as_ref()) {
+            Ok((info, snapshot)) => {
+                *last_snapshot = Some(snapshot);
+                (Ok(vm.state()), Some(info))
+            }
+            Err(e) => {
+                // Past the checks, the dirty log may be half consumed: the next snapshot must
+                // be a full one.
+                use crate::snapshot::SnapshotError as E;
+                if !matches!(
+                    e,
+                    E::Exists(_) | E::NoParent | E::ChainTooDeep { .. } | E::Save(_)
+                ) {
+                    *last_snapshot = None;
+                }
+                (Err(error_chain(&e)), None)
+            }
+        };
+    }
     let done = match op {
         Op::Start => vm.start(),
         Op::Pause => vm.pause(),
@@ -274,9 +348,9 @@ fn apply(vm: &mut MicroVm, op: Op) -> Result<RunState, String> {
             vm.stop();
             Ok(())
         }
-        Op::Status => Ok(()),
+        Op::Status | Op::Snapshot { .. } => Ok(()),
     };
-    done.map(|()| vm.state()).map_err(|e| error_chain(&e))
+    (done.map(|()| vm.state()).map_err(|e| error_chain(&e)), None)
 }
 
 // ------------------------------------------------------------ controller side
@@ -306,11 +380,14 @@ impl Shared {
     }
 }
 
+/// A reply as the controller's reader thread passes it on.
+type ReplyMessage = (u64, Result<RunState, String>, Option<SnapshotInfo>);
+
 /// The controller's handle on one worker process.
 pub struct WorkerHandle {
     shared: Arc<Shared>,
     writer: Mutex<UnixStream>,
-    replies: Mutex<Receiver<(u64, Result<RunState, String>)>>,
+    replies: Mutex<Receiver<ReplyMessage>>,
     events: Mutex<Option<Receiver<WorkerEvent>>>,
     next_id: AtomicU64,
 }
@@ -326,6 +403,27 @@ impl std::fmt::Debug for WorkerHandle {
 impl WorkerHandle {
     /// Starts `exe worker --control-fd 3` and has it build `config` (not yet started).
     pub fn spawn(exe: &Path, config: VmConfig) -> Result<WorkerHandle, WorkerError> {
+        Self::spawn_with(exe, ToWorker::Configure(config))
+    }
+
+    /// Starts a worker that builds its VM from the snapshot at `dir` (not yet started:
+    /// [`WorkerHandle::start`] resumes the guest). A fork passes its own vsock socket, serial
+    /// log and copies of writable disks in `overrides`.
+    pub fn restore(
+        exe: &Path,
+        dir: &Path,
+        overrides: RestoreOverrides,
+    ) -> Result<WorkerHandle, WorkerError> {
+        Self::spawn_with(
+            exe,
+            ToWorker::Restore {
+                dir: dir.to_path_buf(),
+                overrides,
+            },
+        )
+    }
+
+    fn spawn_with(exe: &Path, first: ToWorker) -> Result<WorkerHandle, WorkerError> {
         let (ours, theirs) = UnixStream::pair().map_err(WorkerError::SocketPair)?;
         let theirs_fd = theirs.as_raw_fd();
         let mut command = Command::new(exe);
@@ -367,7 +465,7 @@ impl WorkerHandle {
             death: Mutex::new(None),
         });
         let mut writer = ours.try_clone().map_err(WorkerError::SocketPair)?;
-        write_message(&mut writer, &ToWorker::Configure(config))?;
+        write_message(&mut writer, &first)?;
 
         let (ready_tx, ready_rx) = channel::<Result<(), String>>();
         let (reply_tx, replies) = channel();
@@ -412,29 +510,56 @@ impl WorkerHandle {
     }
 
     fn request(&self, op: Op) -> Result<RunState, WorkerError> {
+        self.request_with(op, REQUEST_TIMEOUT)
+            .map(|(state, _)| state)
+    }
+
+    fn request_with(
+        &self,
+        op: Op,
+        timeout: Duration,
+    ) -> Result<(RunState, Option<SnapshotInfo>), WorkerError> {
         let replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if write_message(&mut *writer, &ToWorker::Request { id, op }).is_err() {
+            let request = ToWorker::Request { id, op: op.clone() };
+            if write_message(&mut *writer, &request).is_err() {
                 return Err(self.died());
             }
         }
         loop {
-            match replies.recv_timeout(REQUEST_TIMEOUT) {
-                Ok((reply_id, result)) if reply_id == id => {
-                    return result.map_err(|message| WorkerError::Refused { op, message });
+            match replies.recv_timeout(timeout) {
+                Ok((reply_id, result, snapshot)) if reply_id == id => {
+                    return result
+                        .map(|state| (state, snapshot))
+                        .map_err(|message| WorkerError::Refused { op, message });
                 }
                 // A reply to an earlier request that timed out: skip it.
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(WorkerError::Timeout {
                         pid: self.shared.pid,
-                        timeout: REQUEST_TIMEOUT,
+                        timeout,
                     })
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(self.died()),
             }
+        }
+    }
+
+    /// Saves the paused (or not yet started) VM into the new directory `dir`. `incremental`
+    /// writes only the pages changed since this worker's previous snapshot or its restore.
+    pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<SnapshotInfo, WorkerError> {
+        let op = Op::Snapshot {
+            dir: dir.to_path_buf(),
+            incremental,
+        };
+        match self.request_with(op.clone(), SNAPSHOT_TIMEOUT)? {
+            (_, Some(info)) => Ok(info),
+            (_, None) => Err(WorkerError::Protocol(format!(
+                "the worker answered {op:?} without snapshot details"
+            ))),
         }
     }
 
@@ -502,7 +627,7 @@ fn read_worker(
     socket: UnixStream,
     shared: Arc<Shared>,
     ready: Sender<Result<(), String>>,
-    replies: Sender<(u64, Result<RunState, String>)>,
+    replies: Sender<ReplyMessage>,
     events: Sender<WorkerEvent>,
 ) {
     let mut reader = BufReader::new(socket);
@@ -514,8 +639,12 @@ fn read_worker(
             Ok(Some(FromWorker::Failed { error })) => {
                 let _ = ready.send(Err(error));
             }
-            Ok(Some(FromWorker::Reply { id, result })) => {
-                let _ = replies.send((id, result));
+            Ok(Some(FromWorker::Reply {
+                id,
+                result,
+                snapshot,
+            })) => {
+                let _ = replies.send((id, result, snapshot));
             }
             Ok(Some(FromWorker::Event(event))) => {
                 let _ = events.send(WorkerEvent::Vm(event));

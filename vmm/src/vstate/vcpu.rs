@@ -144,7 +144,6 @@ struct ControlState {
 }
 
 /// The switch shared by the VM and its vCPU threads.
-#[derive(Debug)]
 pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
@@ -153,7 +152,20 @@ pub struct VcpuControl {
     exit_reported: AtomicBool,
     stop_request: Arc<StopRequest>,
     serial: Arc<SerialLog>,
+    /// Work a parked vCPU thread runs on its own vCPU (snapshot save), one slot per vCPU.
+    jobs: Mutex<Vec<Option<VcpuJob>>>,
 }
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("state", &*self.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Work handed to a parked vCPU thread; it runs on that thread with the vCPU in hand.
+pub type VcpuJob = Box<dyn FnOnce(&mut Vcpu) + Send>;
 
 /// Signal used to kick vCPU threads out of `KVM_RUN`.
 fn kick_signal() -> i32 {
@@ -204,6 +216,7 @@ impl VcpuControl {
             exit_reported: AtomicBool::new(false),
             stop_request,
             serial,
+            jobs: Mutex::new((0..count).map(|_| None).collect()),
         }
     }
 
@@ -295,13 +308,46 @@ impl VcpuControl {
         }
     }
 
-    /// Blocks while paused; returns false when the vCPU must exit.
-    fn gate(&self) -> bool {
+    /// How many vCPUs this control drives.
+    pub fn vcpu_count(&self) -> u8 {
+        self.kickers.len() as u8
+    }
+
+    /// Hands `job` to parked vCPU `index`; it runs on that vCPU's thread while it stays parked.
+    /// Returns false (and drops the job) when no such vCPU slot exists.
+    pub fn run_on_parked(&self, index: u8, job: VcpuJob) -> bool {
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match jobs.get_mut(usize::from(index)) {
+                Some(slot) => *slot = Some(job),
+                None => return false,
+            }
+        }
+        // Take the state lock so a vCPU between its job check and its wait sees the notify.
+        drop(self.lock());
+        self.changed.notify_all();
+        true
+    }
+
+    fn take_job(&self, index: u8) -> Option<VcpuJob> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.get_mut(usize::from(index)).and_then(Option::take)
+    }
+
+    /// Blocks while paused (running any job handed to this vCPU); returns false when the vCPU
+    /// must exit.
+    fn gate(&self, vcpu: &mut Vcpu) -> bool {
         let mut s = self.lock();
         if s.want == RunState::Paused {
             s.parked += 1;
             self.changed.notify_all();
             while s.want == RunState::Paused {
+                if let Some(job) = self.take_job(vcpu.index) {
+                    drop(s);
+                    job(vcpu);
+                    s = self.lock();
+                    continue;
+                }
                 s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.parked -= 1;
@@ -359,7 +405,7 @@ enum Step {
 
 fn run_loop(vcpu: &mut Vcpu, control: &VcpuControl, pio: &Bus, mmio: &Bus, immediate_exit: usize) {
     let index = vcpu.index;
-    while control.gate() {
+    while control.gate(vcpu) {
         let step = match vcpu.fd.run() {
             Ok(exit) => handle_exit(exit, index, control, pio, mmio),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -449,4 +495,236 @@ fn reset_event(control: &VcpuControl, source: ResetSource) -> VmEvent {
     } else {
         VmEvent::Reset { source }
     }
+}
+
+// ------------------------------------------------------------------ snapshot state
+
+/// PVM: the VIF MSR (virtual IF page GPA and flags). Required vCPU state on a PVM host and not
+/// in `KVM_GET_MSR_INDEX_LIST` (see shared/guest/NOTES-snapshot.md, pitfall 1). Restored last.
+pub const MSR_PVM_VIF: u32 = 0x4b56_4d10;
+/// MSRs saved beyond the index list: the PVM VIF MSR, kvmclock's system time and wall clock
+/// (new and legacy numbers). Unreadable ones are skipped.
+const EXTRA_SAVED_MSRS: &[u32] = &[MSR_PVM_VIF, 0x4b56_4d00, 0x4b56_4d01, 0x11, 0x12];
+/// Most MSRs one `KVM_GET_MSRS`/`KVM_SET_MSRS` call carries (KVM's own limit is 255).
+const MSRS_PER_IOCTL: usize = 64;
+
+/// Everything KVM holds for one vCPU, as plain serde facts.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u8,
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    pub regs: kvm_bindings::kvm_regs,
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// The FPU/SSE/AVX state as XSAVE (covers what `KVM_GET_FPU` reports).
+    pub xsave: kvm_bindings::kvm_xsave,
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    pub events: kvm_bindings::kvm_vcpu_events,
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    pub debug_regs: kvm_bindings::kvm_debugregs,
+    /// 0 when KVM could not report it.
+    pub tsc_khz: u32,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("index", &self.index)
+            .field("rip", &self.regs.rip)
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors from saving or restoring a vCPU's KVM state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("KVM_{ioctl} on vCPU {index}")]
+    Kvm {
+        ioctl: &'static str,
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("building a KVM list for vCPU {index}")]
+    Fam {
+        index: u8,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("the vCPU {index} thread did not hand back its state")]
+    ThreadGone { index: u8 },
+}
+
+fn state_err(ioctl: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm {
+        ioctl,
+        index,
+        source,
+    }
+}
+
+/// The MSR numbers worth saving: KVM's index list plus [`EXTRA_SAVED_MSRS`].
+pub fn saved_msr_indices(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(state_err("GET_MSR_INDEX_LIST", 0))?;
+    let mut indices: Vec<u32> = list.as_slice().to_vec();
+    for extra in EXTRA_SAVED_MSRS {
+        if !indices.contains(extra) {
+            indices.push(*extra);
+        }
+    }
+    Ok(indices)
+}
+
+/// Completes an I/O exit the vCPU left pending: KVM finishes it on the next `KVM_RUN`, which
+/// `immediate_exit` turns back before guest code runs. Harmless when nothing is pending.
+pub fn complete_pending_io(vcpu: &mut Vcpu) {
+    vcpu.fd.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; an exit here would be a KVM quirk we cannot act on.
+    let _ = vcpu.fd.run();
+    vcpu.fd.set_kvm_immediate_exit(0);
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is out of `KVM_RUN`; `msr_indices` from
+    /// [`saved_msr_indices`]. MSRs KVM refuses to read are left out.
+    pub fn save(vcpu: &Vcpu, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
+        let index = vcpu.index;
+        let fd = &vcpu.fd;
+        let cpuid = fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(state_err("GET_CPUID2", index))?
+            .as_slice()
+            .to_vec();
+        let mp_state = fd
+            .get_mp_state()
+            .map_err(state_err("GET_MP_STATE", index))?;
+        let regs = fd.get_regs().map_err(state_err("GET_REGS", index))?;
+        let sregs = fd.get_sregs().map_err(state_err("GET_SREGS", index))?;
+        let xsave = fd.get_xsave().map_err(state_err("GET_XSAVE", index))?;
+        let xcrs = fd.get_xcrs().map_err(state_err("GET_XCRS", index))?;
+        let lapic = fd.get_lapic().map_err(state_err("GET_LAPIC", index))?;
+        let debug_regs = fd
+            .get_debug_regs()
+            .map_err(state_err("GET_DEBUGREGS", index))?;
+        let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+        let msrs = read_msrs(fd, index, msr_indices)?;
+        let events = fd
+            .get_vcpu_events()
+            .map_err(state_err("GET_VCPU_EVENTS", index))?;
+        Ok(Self {
+            index,
+            cpuid,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            msrs,
+            lapic,
+            events,
+            mp_state,
+            debug_regs,
+            tsc_khz,
+        })
+    }
+
+    /// Writes this state into a fresh vCPU: CPUID, TSC rate, sregs, regs, XSAVE, XCRs, LAPIC,
+    /// MSRs (the PVM VIF MSR last), debug registers, MP state, events. NOTES-snapshot.md found
+    /// the order free on PVM except for VIF; the LAPIC must precede the TSC-deadline MSR.
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
+        let index = self.index;
+        let cpuid = CpuId::from_entries(&self.cpuid)
+            .map_err(|source| VcpuStateError::Fam { index, source })?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(state_err("SET_CPUID2", index))?;
+        if self.tsc_khz != 0 {
+            if let Err(e) = fd.set_tsc_khz(self.tsc_khz) {
+                tracing::debug!(error = %e, "KVM_SET_TSC_KHZ refused; keeping the host rate");
+            }
+        }
+        fd.set_sregs(&self.sregs)
+            .map_err(state_err("SET_SREGS", index))?;
+        fd.set_regs(&self.regs)
+            .map_err(state_err("SET_REGS", index))?;
+        // SAFETY: `self.xsave` is a complete `kvm_xsave` (4 KiB, the legacy size KVM_GET_XSAVE
+        // returned), so KVM reads only within it.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(state_err("SET_XSAVE", index))?;
+        fd.set_xcrs(&self.xcrs)
+            .map_err(state_err("SET_XCRS", index))?;
+        // The LAPIC before the MSRs: setting the LAPIC's timer mode to TSC-deadline clears the
+        // deadline, and a deadline written while the fresh LAPIC is in one-shot mode is
+        // ignored. Either way the guest's timer would never fire again.
+        fd.set_lapic(&self.lapic)
+            .map_err(state_err("SET_LAPIC", index))?;
+        let (vif, rest): (Vec<_>, Vec<_>) = self
+            .msrs
+            .iter()
+            .copied()
+            .partition(|m| m.index == MSR_PVM_VIF);
+        write_msrs(fd, index, &rest)?;
+        write_msrs(fd, index, &vif)?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(state_err("SET_DEBUGREGS", index))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(state_err("SET_MP_STATE", index))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(state_err("SET_VCPU_EVENTS", index))?;
+        Ok(())
+    }
+}
+
+/// Reads `indices` in batches; an MSR KVM will not read is skipped.
+fn read_msrs(
+    fd: &VcpuFd,
+    index: u8,
+    indices: &[u32],
+) -> Result<Vec<kvm_bindings::kvm_msr_entry>, VcpuStateError> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut next = 0;
+    while next < indices.len() {
+        let batch = &indices[next..indices.len().min(next + MSRS_PER_IOCTL)];
+        let entries: Vec<_> = batch
+            .iter()
+            .map(|&i| kvm_bindings::kvm_msr_entry {
+                index: i,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = kvm_bindings::Msrs::from_entries(&entries)
+            .map_err(|source| VcpuStateError::Fam { index, source })?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(state_err("GET_MSRS", index))?;
+        out.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
+        // KVM stops at the first MSR it cannot read: skip that one.
+        next += read + usize::from(read < batch.len());
+    }
+    Ok(out)
+}
+
+/// Writes `entries`; an MSR KVM refuses is logged and skipped (as the reference VMM does).
+fn write_msrs(
+    fd: &VcpuFd,
+    index: u8,
+    entries: &[kvm_bindings::kvm_msr_entry],
+) -> Result<(), VcpuStateError> {
+    let mut next = 0;
+    while next < entries.len() {
+        let batch = &entries[next..entries.len().min(next + MSRS_PER_IOCTL)];
+        let msrs = kvm_bindings::Msrs::from_entries(batch)
+            .map_err(|source| VcpuStateError::Fam { index, source })?;
+        let written = fd.set_msrs(&msrs).map_err(state_err("SET_MSRS", index))?;
+        if written < batch.len() {
+            tracing::warn!(
+                vcpu = index,
+                msr = format_args!("{:#x}", batch[written].index),
+                "KVM_SET_MSRS refused a saved MSR; skipping it"
+            );
+        }
+        next += written + usize::from(written < batch.len());
+    }
+    Ok(())
 }

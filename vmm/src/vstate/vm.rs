@@ -1,8 +1,13 @@
 //! The KVM VM file descriptor: capability checks, guest memory slots, the in-kernel irqchip
 //! and PIT, TSS address and irqfds. It never runs vCPUs.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -110,6 +115,30 @@ impl Vm {
 
     /// Registers every region of `memory` as a KVM memory slot.
     pub fn register_memory(&self, memory: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.set_memory_slots(memory, false)
+    }
+
+    /// Turns KVM dirty-page logging on or off for every slot of `memory` (re-registers the
+    /// slots with `KVM_MEM_LOG_DIRTY_PAGES`). Turning it on starts with a clean log.
+    pub fn set_dirty_logging(&self, memory: &GuestMemoryMmap, on: bool) -> Result<(), VmError> {
+        self.set_memory_slots(memory, on)
+    }
+
+    /// The pages KVM saw written in each slot since the last call (and clears the log): one
+    /// bitmap per region of `memory`, bit `n` of word `n / 64` for page `n`.
+    pub fn take_dirty_log(&self, memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(kvm_err("GET_DIRTY_LOG"))
+            })
+            .collect()
+    }
+
+    fn set_memory_slots(&self, memory: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let host = memory
                 .get_host_address(region.start_addr())
@@ -119,7 +148,11 @@ impl Vm {
                 })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -164,5 +197,61 @@ impl Vm {
         self.fd
             .create_vcpu(u64::from(index))
             .map_err(kvm_err("CREATE_VCPU"))
+    }
+}
+
+/// The VM-wide KVM state a snapshot keeps: the in-kernel PIC pair and IOAPIC, the PIT and
+/// kvm-clock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+impl std::fmt::Debug for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmState")
+            .field("clock", &self.clock.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Reads the irqchip, PIT and clock state (vCPUs must be out of `KVM_RUN`).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("GET_IRQCHIP"))?;
+            Ok(chip)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes `state` into this VM (after [`Vm::setup_irqchip`], before vCPU state). The clock
+    /// is set to the saved kvm-clock value, so the guest sees no jump across the snapshot.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(chip).map_err(kvm_err("SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&state.pit).map_err(kvm_err("SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("SET_CLOCK"))
     }
 }

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,6 +36,8 @@ pub enum SerialError {
     },
     #[error("creating the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("saved UART state is not valid: {0}")]
+    BadState(String),
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +72,29 @@ impl SerialLog {
         })?;
         let log = Self::default();
         log.lock().file = Some(file);
+        Ok(Arc::new(log))
+    }
+
+    /// A log that appends to `path` (created if missing), counting what is already there
+    /// against the file cap: a restored VM's console continues the saved VM's log.
+    pub fn append_to_file(path: &Path) -> Result<Arc<Self>, SerialError> {
+        let err = |source| SerialError::CreateLog {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let existing = file.metadata().map_err(err)?.len();
+        let log = Self::default();
+        {
+            let mut state = log.lock();
+            state.file = Some(file);
+            state.file_bytes = existing;
+            state.truncated = existing >= MAX_SERIAL_LOG_BYTES;
+        }
         Ok(Arc::new(log))
     }
 
@@ -207,6 +233,65 @@ impl SerialDevice {
     }
 }
 
+/// The UART registers a snapshot keeps (vm-superio's `SerialState`, in serde form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialDeviceState {
+        let s = self.serial.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved `state`, writing into `log` (a pending THR/RDA interrupt is raised
+    /// again); returns it with the interrupt eventfd, as [`SerialDevice::new`] does.
+    pub fn restore(
+        log: Arc<SerialLog>,
+        state: &SerialDeviceState,
+    ) -> Result<(Self, EventFd), SerialError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        let irq = evt.try_clone().map_err(SerialError::EventFd)?;
+        let saved = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&saved, IrqTrigger(evt), NoEvents, SerialLogWriter(log))
+            .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        Ok((Self { serial }, irq))
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -245,6 +330,18 @@ mod tests {
         assert!(written.ends_with(marker.as_bytes()));
         assert_eq!(log.tail().len(), SERIAL_TAIL_BYTES);
         assert_eq!(log.total_bytes(), 10 << 20);
+    }
+
+    #[test]
+    fn a_restored_console_appends_to_the_saved_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        SerialLog::to_file(&path).unwrap().append(b"before ");
+        SerialLog::append_to_file(&path).unwrap().append(b"after");
+        assert_eq!(std::fs::read(&path).unwrap(), b"before after");
+        let fresh = dir.path().join("fork.log");
+        SerialLog::append_to_file(&fresh).unwrap().append(b"fork");
+        assert_eq!(std::fs::read(&fresh).unwrap(), b"fork");
     }
 
     #[test]

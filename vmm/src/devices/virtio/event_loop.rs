@@ -2,11 +2,17 @@
 //! device's host-side event fd (e.g. vsock's Unix sockets) and lets the
 //! device move data into its queues.
 //!
+//! It can be paused (for a VM pause or snapshot): once [`DeviceEventLoop::pause`]
+//! returns, the thread is parked and touches neither devices nor guest memory
+//! until [`DeviceEventLoop::resume`].
+//!
 //! It owns only the thread and its epoll; it never reads guest memory itself
 //! and never holds a device lock while waiting.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -18,6 +24,41 @@ use super::device::{lock_device, DeviceMemory, SharedDevice};
 const MAX_EVENTS_PER_WAIT: usize = 32;
 /// Epoll token of the stop event.
 const STOP_TOKEN: u64 = u64::MAX;
+/// Epoll token of the pause/resume wake-up.
+const WAKE_TOKEN: u64 = u64::MAX - 1;
+
+/// Pause handshake between the owner and the thread.
+#[derive(Debug, Default)]
+struct PauseState {
+    want_paused: bool,
+    parked: bool,
+}
+
+#[derive(Debug, Default)]
+struct PauseSwitch {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+impl PauseSwitch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the thread: parks while a pause is wanted.
+    fn park_if_wanted(&self) {
+        let mut s = self.lock();
+        if s.want_paused {
+            s.parked = true;
+            self.changed.notify_all();
+            while s.want_paused {
+                s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.parked = false;
+            self.changed.notify_all();
+        }
+    }
+}
 
 /// Why the device-event thread could not start.
 #[derive(Debug, Error)]
@@ -42,6 +83,8 @@ pub enum EventLoopError {
 /// The running device-event thread. Dropping it stops and joins the thread.
 pub struct DeviceEventLoop {
     stop: EventFd,
+    wake: EventFd,
+    switch: Arc<PauseSwitch>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -60,6 +103,20 @@ impl DeviceEventLoop {
                 fd: stop.as_raw_fd(),
                 source,
             })?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Create)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+            )
+            .map_err(|source| EventLoopError::Watch {
+                fd: wake.as_raw_fd(),
+                source,
+            })?;
+        let switch = Arc::new(PauseSwitch::default());
+        let thread_switch = switch.clone();
+        let thread_wake = wake.try_clone().map_err(EventLoopError::Create)?;
         let mut watched = Vec::new();
         for device in devices {
             let fd = lock_device(&device).event_fd();
@@ -76,16 +133,54 @@ impl DeviceEventLoop {
         }
         let thread = std::thread::Builder::new()
             .name("virtio-events".into())
-            .spawn(move || run(epoll, watched))
+            .spawn(move || run(epoll, watched, thread_wake, thread_switch))
             .map_err(EventLoopError::Spawn)?;
         Ok(Self {
             stop,
+            wake,
+            switch,
             thread: Some(thread),
         })
     }
+
+    /// Parks the thread; returns true once it is parked (false if it did not park within
+    /// `timeout`, e.g. because it has exited).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.switch.lock().want_paused = true;
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!(error = %e, "virtio: could not wake the device event loop to pause");
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut s = self.switch.lock();
+        while !s.parked {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .switch
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets a paused thread run again.
+    pub fn resume(&self) {
+        self.switch.lock().want_paused = false;
+        self.switch.changed.notify_all();
+    }
 }
 
-fn run<M: DeviceMemory>(epoll: Epoll, devices: Vec<SharedDevice<M>>) {
+fn run<M: DeviceMemory>(
+    epoll: Epoll,
+    devices: Vec<SharedDevice<M>>,
+    wake: EventFd,
+    switch: Arc<PauseSwitch>,
+) {
     let mut events = vec![EpollEvent::default(); MAX_EVENTS_PER_WAIT];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -101,6 +196,12 @@ fn run<M: DeviceMemory>(epoll: Epoll, devices: Vec<SharedDevice<M>>) {
             if token == STOP_TOKEN {
                 return;
             }
+            if token == WAKE_TOKEN {
+                // Drain the counter (nonblocking); the pause state says what to do.
+                let _ = wake.read();
+                switch.park_if_wanted();
+                continue;
+            }
             if let Some(device) = usize::try_from(token).ok().and_then(|i| devices.get(i)) {
                 lock_device(device).process_events();
             }
@@ -110,6 +211,7 @@ fn run<M: DeviceMemory>(epoll: Epoll, devices: Vec<SharedDevice<M>>) {
 
 impl Drop for DeviceEventLoop {
     fn drop(&mut self) {
+        self.resume();
         if let Err(e) = self.stop.write(1) {
             tracing::error!(error = %e, "virtio: could not signal the device event loop to stop");
             return;
@@ -119,5 +221,91 @@ impl Drop for DeviceEventLoop {
                 tracing::error!("virtio: device event thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::virtio::device::{
+        ActivateContext, ActivateError, QueueSnapshot, VirtioDevice,
+    };
+
+    type Mem = vm_memory::GuestMemoryMmap<()>;
+
+    /// A device whose host side is one eventfd; it counts how often the loop serves it.
+    struct CountingDevice {
+        evt: EventFd,
+        served: Arc<AtomicUsize>,
+    }
+
+    impl VirtioDevice<Mem> for CountingDevice {
+        fn device_type(&self) -> u32 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[]
+        }
+        fn avail_features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn activate(&mut self, _: ActivateContext<Mem>) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn is_activated(&self) -> bool {
+            false
+        }
+        fn queue_notify(&mut self, _: u32) {}
+        fn reset(&mut self) {}
+        fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+            Vec::new()
+        }
+        fn event_fd(&self) -> Option<RawFd> {
+            Some(self.evt.as_raw_fd())
+        }
+        fn process_events(&mut self) {
+            let _ = self.evt.read();
+            self.served.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn wait_until(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn a_paused_loop_serves_no_device_until_resumed() {
+        let served = Arc::new(AtomicUsize::new(0));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let trigger = evt.try_clone().unwrap();
+        let device: SharedDevice<Mem> = Arc::new(Mutex::new(CountingDevice {
+            evt,
+            served: served.clone(),
+        }));
+        let event_loop = DeviceEventLoop::start(vec![device]).unwrap();
+        trigger.write(1).unwrap();
+        assert!(wait_until(|| served.load(Ordering::SeqCst) == 1));
+
+        assert!(event_loop.pause(Duration::from_secs(5)));
+        trigger.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(served.load(Ordering::SeqCst), 1, "served while paused");
+
+        event_loop.resume();
+        assert!(wait_until(|| served.load(Ordering::SeqCst) == 2));
+        // Dropping a paused loop still stops its thread.
+        assert!(event_loop.pause(Duration::from_secs(5)));
+        drop(event_loop);
     }
 }

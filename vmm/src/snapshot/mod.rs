@@ -1,0 +1,601 @@
+//! Snapshots: saving a paused [`MicroVm`] to a directory and building a new VM from one.
+//!
+//! A snapshot directory holds `state.bin` (the [`MicrovmState`] tree in the versioned,
+//! checksummed container of [`format`]) and `memory.bin` (guest RAM, file offset = RAM offset,
+//! see [`memory_file`]). It is written under `<dir>.partial-<pid>`, every file is fsynced,
+//! then the directory is renamed into place and its parent fsynced: a crash leaves either the
+//! old state or a `.partial-*` directory, never a `<dir>` that looks whole but is not.
+//! `state.bin` is written last, so a partial directory also fails to load on its own.
+//!
+//! Restore maps `memory.bin` `MAP_PRIVATE` (pages load lazily from the page cache, writes are
+//! copy-on-write and stay in the restoring process), so N restores of one snapshot share its
+//! pages and diverge independently (fork).
+//!
+//! Incremental pause. After a snapshot (or a restore) the VM tracks changed pages: KVM dirty
+//! logging on every memory slot for guest writes, and the guest-memory dirty bitmaps for device
+//! writes. An incremental snapshot writes only those pages into its own `memory.bin`, a sparse
+//! *layer* whose other pages are holes, and records its parent (path and state checksum) and
+//! the page runs it holds. The cost of an incremental pause is therefore proportional to the
+//! pages dirtied, not to guest memory. The filesystems here (ext4) cannot reflink, so copying
+//! the parent's file (or writing into it, which would corrupt other VMs mapping it) was
+//! rejected. Restore maps the chain's full base file once, `MAP_PRIVATE`, then maps each
+//! layer's runs over it (`MAP_FIXED | MAP_PRIVATE`, oldest first): still lazy and copy-on-write,
+//! with one extra mapping per contiguous dirty run. Chains are capped at [`MAX_CHAIN_DEPTH`],
+//! and a parent must not change once a child refers to it (the checksum check catches a
+//! replaced parent).
+//!
+//! What the state tree holds (NOTES-snapshot.md): every vCPU's CPUID, regs, sregs, XSAVE, XCRs,
+//! MSRs (index list plus the PVM VIF MSR 0x4b564d10 and kvmclock), LAPIC, events, MP state,
+//! debug registers and TSC rate; the PIC pair, IOAPIC, PIT2 and kvm-clock; the UART; every
+//! virtio transport with its queues. The vsock device tells the guest its connections were
+//! reset when it is restored; its listeners in the guest survive.
+//!
+//! This module never runs the guest and never decides when to snapshot.
+
+pub mod format;
+pub mod memory_file;
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{attach_legacy_devices, BuildError};
+use crate::config::VmConfig;
+use crate::devices::bus::Bus;
+use crate::devices::legacy::i8042::StopRequest;
+use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog};
+use crate::microvm::{MachineState, MicroVm, MicroVmError, MicroVmParts};
+use crate::virtio_wiring::{self, VirtioWiringError};
+use crate::vstate::memory::{map_snapshot_memory, MemoryError, MemoryLayer, PageRun};
+use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuStateError};
+use crate::vstate::vm::{host_is_pvm, Vm, VmError};
+use format::FormatError;
+use memory_file::MemoryFileError;
+
+/// The state file inside a snapshot directory.
+pub const STATE_FILE: &str = "state.bin";
+/// The memory file inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
+/// Most incremental layers over one full snapshot.
+pub const MAX_CHAIN_DEPTH: usize = 32;
+/// Bytes per MiB.
+const BYTES_PER_MIB: u64 = 1 << 20;
+
+/// Why a snapshot could not be written or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot directory {0} already exists; snapshots are never overwritten")]
+    Exists(PathBuf),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot state file {path} is not valid")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+    #[error("saving the VM")]
+    Save(#[source] MicroVmError),
+    #[error(
+        "an incremental snapshot needs a previous snapshot of this VM (take a full one first)"
+    )]
+    NoParent,
+    #[error("reading the dirty page log")]
+    DirtyLog(#[source] VmError),
+    #[error("writing memory file {path}")]
+    MemoryFile {
+        path: PathBuf,
+        #[source]
+        source: MemoryFileError,
+    },
+    #[error("snapshot chain at {dir} is {MAX_CHAIN_DEPTH} layers deep, the most allowed (take a full snapshot)")]
+    ChainTooDeep { dir: PathBuf },
+    #[error("parent snapshot {parent} of {dir} changed since the child was taken (state checksum {actual:#010x}, expected {expected:#010x})")]
+    ParentChanged {
+        dir: PathBuf,
+        parent: PathBuf,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("snapshot {dir} does not match its configuration: {what}")]
+    Mismatch { dir: PathBuf, what: String },
+    #[error("memory file {path} is {actual} bytes, the snapshot says {expected}")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("snapshot was taken on a {saved} host but this host is {here}")]
+    HostKind {
+        saved: &'static str,
+        here: &'static str,
+    },
+    #[error("restore overrides name {given} disks but the snapshot has {saved}")]
+    DiskCount { given: usize, saved: usize },
+    #[error("creating the KVM VM")]
+    Vm(#[source] VmError),
+    #[error("mapping snapshot memory")]
+    Map(#[source] MemoryError),
+    #[error("restoring vCPU state")]
+    VcpuState(#[source] VcpuStateError),
+    #[error("restoring the serial console")]
+    Serial(#[source] SerialError),
+    #[error("attaching legacy devices")]
+    Legacy(#[source] BuildError),
+    #[error("restoring virtio devices")]
+    Virtio(#[source] VirtioWiringError),
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How `memory.bin` relates to other snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryState {
+    /// The whole of guest RAM (zero pages as holes).
+    Full,
+    /// Only `runs` (file offset, bytes) are valid; the rest comes from `parent`.
+    Layer {
+        parent: PathBuf,
+        parent_crc: u32,
+        runs: Vec<PageRun>,
+    },
+}
+
+/// The state tree of one snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// What the VM was built from (disk paths and sizes, vsock, memory size).
+    pub config: VmConfig,
+    /// Guest RAM in bytes (= the memory file's length).
+    pub mem_bytes: u64,
+    /// Whether the VM ran on a PVM host (its state only restores on one).
+    pub pvm_host: bool,
+    pub memory: MemoryState,
+    pub machine: MachineState,
+}
+
+/// A snapshot a later incremental one builds on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub dir: PathBuf,
+    pub crc: u32,
+    /// Layers between this snapshot and its full base (0 for a full snapshot).
+    pub depth: usize,
+}
+
+/// What writing a snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub incremental: bool,
+    /// Guest pages written to `memory.bin`.
+    pub pages_written: u64,
+    /// Bytes of `state.bin`.
+    pub state_bytes: u64,
+    /// From the start of saving to the rename, in microseconds.
+    pub duration_us: u64,
+}
+
+/// What a restore may change: each fork needs its own sockets, console and writable disks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreOverrides {
+    /// The vsock device's host Unix socket path.
+    pub vsock_uds: Option<PathBuf>,
+    /// Where the serial console goes.
+    pub serial_log: Option<PathBuf>,
+    /// Replacement disk images, in disk order (empty: keep the saved paths). Each must have
+    /// the saved disk's size.
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
+}
+
+fn partial_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    dir.with_file_name(format!("{name}.partial-{}", std::process::id()))
+}
+
+fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsyncing directory", path))
+}
+
+/// Saves `vm` (paused, or built and not started) to the new directory `dir`. With `parent`,
+/// only pages changed since that snapshot are written (an incremental layer). On success dirty
+/// tracking restarts, and the returned [`SnapshotRef`] is what the next incremental builds on.
+pub fn save_snapshot(
+    vm: &mut MicroVm,
+    dir: &Path,
+    parent: Option<&SnapshotRef>,
+) -> Result<(SnapshotInfo, SnapshotRef), SnapshotError> {
+    let started = Instant::now();
+    if dir.exists() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    if parent.is_some() && !vm.dirty_tracking() {
+        return Err(SnapshotError::NoParent);
+    }
+    if let Some(parent) = parent.filter(|p| p.depth >= MAX_CHAIN_DEPTH) {
+        return Err(SnapshotError::ChainTooDeep {
+            dir: parent.dir.clone(),
+        });
+    }
+    let machine = vm.save_state().map_err(SnapshotError::Save)?;
+
+    let tmp = partial_dir(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err("removing stale partial snapshot", &tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io_err("creating snapshot directory", &tmp))?;
+
+    let mem_path = tmp.join(MEMORY_FILE);
+    let mem_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&mem_path)
+        .map_err(io_err("creating memory file", &mem_path))?;
+    let mem_err = |source| SnapshotError::MemoryFile {
+        path: mem_path.clone(),
+        source,
+    };
+    let (written, memory) = match parent {
+        Some(parent) => {
+            let dirty = vm.take_dirty_pages().map_err(SnapshotError::DirtyLog)?;
+            let written =
+                memory_file::write_layer(vm.memory(), &dirty, &mem_file).map_err(mem_err)?;
+            let memory = MemoryState::Layer {
+                parent: parent.dir.clone(),
+                parent_crc: parent.crc,
+                runs: written.runs.clone(),
+            };
+            (written, memory)
+        }
+        None => {
+            let written = match vm.restored_backing() {
+                Some((base, runs)) => {
+                    let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs)
+                        .map_err(mem_err)?;
+                    let candidates = vm
+                        .restored_nonzero_candidates(&base_pages)
+                        .map_err(SnapshotError::DirtyLog)?;
+                    memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
+                }
+                None => memory_file::write_full(vm.memory(), vm.memory_backing_file(), &mem_file),
+            }
+            .map_err(mem_err)?;
+            // The VM is still paused: what changes from here on belongs to the next layer.
+            vm.reset_dirty_tracking().map_err(SnapshotError::DirtyLog)?;
+            (written, MemoryState::Full)
+        }
+    };
+    mem_file
+        .sync_all()
+        .map_err(io_err("fsyncing memory file", &mem_path))?;
+
+    let mem_bytes = crate::vstate::memory::ram_bytes(vm.memory());
+    let state = MicrovmState {
+        config: vm.config().clone(),
+        mem_bytes,
+        pvm_host: host_is_pvm(),
+        memory,
+        machine,
+    };
+    let (bytes, crc) = format::encode(&state).map_err(|source| SnapshotError::Format {
+        path: tmp.join(STATE_FILE),
+        source,
+    })?;
+    let state_path = tmp.join(STATE_FILE);
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&state_path)
+            .map_err(io_err("creating state file", &state_path))?;
+        std::io::Write::write_all(&mut f, &bytes)
+            .map_err(io_err("writing state file", &state_path))?;
+        f.sync_all()
+            .map_err(io_err("fsyncing state file", &state_path))?;
+    }
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, dir).map_err(io_err("renaming the snapshot into place at", dir))?;
+    let dir = std::fs::canonicalize(dir).map_err(io_err("resolving snapshot directory", dir))?;
+    if let Some(parent_dir) = dir.parent() {
+        sync_dir(parent_dir)?;
+    }
+    let info = SnapshotInfo {
+        dir: dir.clone(),
+        incremental: parent.is_some(),
+        pages_written: written.pages,
+        state_bytes: bytes.len() as u64,
+        duration_us: started.elapsed().as_micros() as u64,
+    };
+    let depth = parent.map_or(0, |p| p.depth + 1);
+    Ok((info, SnapshotRef { dir, crc, depth }))
+}
+
+/// A snapshot read and checked, with its memory files open.
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    pub dir: PathBuf,
+    pub crc: u32,
+    pub state: MicrovmState,
+    /// The chain's full memory file.
+    pub base: File,
+    /// Layers over `base`, oldest first.
+    pub layers: Vec<MemoryLayer>,
+}
+
+fn read_state(dir: &Path) -> Result<(MicrovmState, u32), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let file = File::open(&path).map_err(io_err("opening snapshot state file", &path))?;
+    let mut bytes = Vec::new();
+    file.take(format::MAX_PAYLOAD_BYTES + format::HEADER_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("reading snapshot state file", &path))?;
+    format::decode(&bytes).map_err(|source| SnapshotError::Format { path, source })
+}
+
+fn open_memory(dir: &Path, mem_bytes: u64) -> Result<File, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(io_err("opening snapshot memory file", &path))?;
+    let actual = file
+        .metadata()
+        .map_err(io_err("reading the size of", &path))?
+        .len();
+    if actual != mem_bytes {
+        return Err(SnapshotError::MemorySize {
+            path,
+            expected: mem_bytes,
+            actual,
+        });
+    }
+    Ok(file)
+}
+
+fn mismatch(dir: &Path, what: String) -> SnapshotError {
+    SnapshotError::Mismatch {
+        dir: dir.to_path_buf(),
+        what,
+    }
+}
+
+fn host_name(pvm: bool) -> &'static str {
+    if pvm {
+        "PVM"
+    } else {
+        "hardware-KVM"
+    }
+}
+
+/// Reads and checks the snapshot at `dir` and the chain under it; opens its memory files.
+pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let (state, crc) = read_state(dir)?;
+    let mem_bytes = state.mem_bytes;
+    let here = host_is_pvm();
+    if state.pvm_host != here {
+        return Err(SnapshotError::HostKind {
+            saved: host_name(state.pvm_host),
+            here: host_name(here),
+        });
+    }
+    if state.config.mem_mib.checked_mul(BYTES_PER_MIB) != Some(mem_bytes) {
+        return Err(mismatch(
+            dir,
+            format!(
+                "memory is {mem_bytes} bytes but the config says {} MiB",
+                state.config.mem_mib
+            ),
+        ));
+    }
+    let vcpus = &state.machine.vcpus;
+    if vcpus.len() != usize::from(state.config.vcpus)
+        || vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.index) != i)
+    {
+        return Err(mismatch(
+            dir,
+            format!(
+                "{} saved vCPUs for a {}-vCPU config (or out of order)",
+                vcpus.len(),
+                state.config.vcpus
+            ),
+        ));
+    }
+
+    // Walk the chain down to its full snapshot, collecting layers newest first.
+    let mut layers = Vec::new();
+    let mut current_dir = dir.to_path_buf();
+    let mut current_memory = state.memory.clone();
+    let base = loop {
+        match current_memory {
+            MemoryState::Full => break open_memory(&current_dir, mem_bytes)?,
+            MemoryState::Layer {
+                parent,
+                parent_crc,
+                runs,
+            } => {
+                if layers.len() >= MAX_CHAIN_DEPTH {
+                    return Err(SnapshotError::ChainTooDeep {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                let file = open_memory(&current_dir, mem_bytes)?;
+                layers.push(MemoryLayer {
+                    path: current_dir.join(MEMORY_FILE),
+                    file,
+                    runs,
+                });
+                let (parent_state, actual) = read_state(&parent)?;
+                if actual != parent_crc {
+                    return Err(SnapshotError::ParentChanged {
+                        dir: current_dir,
+                        parent,
+                        expected: parent_crc,
+                        actual,
+                    });
+                }
+                if parent_state.mem_bytes != mem_bytes {
+                    return Err(mismatch(
+                        &parent,
+                        format!(
+                            "parent has {} bytes of memory, child {mem_bytes}",
+                            parent_state.mem_bytes
+                        ),
+                    ));
+                }
+                current_dir = parent;
+                current_memory = parent_state.memory;
+            }
+        }
+    };
+    layers.reverse();
+    Ok(LoadedSnapshot {
+        dir: dir.to_path_buf(),
+        crc,
+        state,
+        base,
+        layers,
+    })
+}
+
+/// The saved config with a restore's overrides applied.
+fn restored_config(
+    saved: &VmConfig,
+    overrides: &RestoreOverrides,
+) -> Result<VmConfig, SnapshotError> {
+    let mut config = saved.clone();
+    if let (Some(vsock), Some(path)) = (config.vsock.as_mut(), &overrides.vsock_uds) {
+        vsock.uds_path = path.clone();
+    }
+    if overrides.serial_log.is_some() {
+        config.serial_log = overrides.serial_log.clone();
+    }
+    if !overrides.disks.is_empty() {
+        if overrides.disks.len() != config.disks.len() {
+            return Err(SnapshotError::DiskCount {
+                given: overrides.disks.len(),
+                saved: config.disks.len(),
+            });
+        }
+        for (disk, path) in config.disks.iter_mut().zip(&overrides.disks) {
+            disk.path = path.clone();
+        }
+    }
+    Ok(config)
+}
+
+/// Builds a VM from the snapshot at `dir` (not started: [`MicroVm::start`] resumes the guest
+/// where it was saved). Memory is mapped copy-on-write; dirty tracking is on, so the returned
+/// [`SnapshotRef`] can parent an incremental snapshot. Nothing runs unless every part of the
+/// state was accepted.
+pub fn restore_microvm(
+    dir: &Path,
+    overrides: &RestoreOverrides,
+) -> Result<(MicroVm, SnapshotRef), SnapshotError> {
+    let loaded = load_snapshot(dir)?;
+    let state = &loaded.state;
+    let config = restored_config(&state.config, overrides)?;
+    let machine = &state.machine;
+
+    let vm = Vm::new().map_err(SnapshotError::Vm)?;
+    let memory = map_snapshot_memory(loaded.base, state.mem_bytes, &loaded.layers)
+        .map_err(SnapshotError::Map)?;
+    // Registered with dirty logging from the start: switching it on later costs milliseconds.
+    vm.set_dirty_logging(&memory.memory, true)
+        .map_err(SnapshotError::Vm)?;
+    vm.setup_irqchip().map_err(SnapshotError::Vm)?;
+    let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+    for saved in &machine.vcpus {
+        let fd = vm.create_vcpu(saved.index).map_err(SnapshotError::Vm)?;
+        vcpus.push(Vcpu {
+            fd,
+            index: saved.index,
+        });
+    }
+    // NOTES-snapshot.md order: irqchip, PIT and clock, then each vCPU.
+    vm.restore_state(&machine.vm).map_err(SnapshotError::Vm)?;
+    for (vcpu, saved) in vcpus.iter().zip(&machine.vcpus) {
+        saved.restore(&vcpu.fd).map_err(SnapshotError::VcpuState)?;
+    }
+
+    // Devices last: restoring them may raise interrupts, which must land in the restored
+    // irqchip and LAPICs.
+    let serial = match &config.serial_log {
+        Some(path) => SerialLog::append_to_file(path).map_err(SnapshotError::Serial)?,
+        None => SerialLog::in_memory(),
+    };
+    let (uart, irq) =
+        SerialDevice::restore(serial.clone(), &machine.serial).map_err(SnapshotError::Serial)?;
+    let stop_request = Arc::new(StopRequest::default());
+    let mut pio = Bus::new();
+    let serial_device = attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request)
+        .map_err(SnapshotError::Legacy)?;
+    let mut mmio = Bus::new();
+    // The guest already parsed its command line; the entries built here are not used.
+    let mut unused_cmdline = String::new();
+    let virtio = virtio_wiring::attach_virtio_devices(
+        &vm,
+        &memory.memory,
+        &config,
+        &mut mmio,
+        &mut unused_cmdline,
+        Some(&machine.virtio),
+    )
+    .map_err(SnapshotError::Virtio)?;
+
+    let (events_tx, events) = channel();
+    let control = Arc::new(VcpuControl::new(
+        vcpus.len(),
+        events_tx,
+        stop_request,
+        serial.clone(),
+    ));
+    let mut microvm = MicroVm::from_parts(MicroVmParts {
+        vm,
+        memory,
+        vcpus,
+        pio,
+        mmio,
+        control,
+        events,
+        serial,
+        serial_device: serial_device as Arc<Mutex<SerialDevice>>,
+        virtio,
+        config,
+    });
+    microvm.assume_dirty_tracking();
+    let dir = std::fs::canonicalize(&loaded.dir).unwrap_or(loaded.dir);
+    Ok((
+        microvm,
+        SnapshotRef {
+            dir,
+            crc: loaded.crc,
+            depth: loaded.layers.len(),
+        },
+    ))
+}
