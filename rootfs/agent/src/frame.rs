@@ -93,7 +93,7 @@ fn payload_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, FrameError> {
 /// Decodes one payload.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     match postcard::take_from_bytes::<T>(payload) {
-        Ok((msg, rest)) if rest.is_empty() => Ok(msg),
+        Ok((msg, [])) => Ok(msg),
         Ok(_) => Err(FrameError::Malformed {
             len: payload.len(),
             source: postcard::Error::DeserializeBadEncoding,

@@ -3,7 +3,24 @@
 //! - [`protocol`]: every message on the wire (plain data).
 //! - [`cancel`]: cancellation and deadlines of one request.
 //! - [`frame`]: length-prefixed framing with a hard size cap.
+//! - [`client`]: the host side: a thread-safe client for one connection.
+//! - [`server`]: the agent side: connections, handshake, dispatch;
+//!   [`workers`]: the pool of request threads.
+//! - [`process`], [`output`], [`files`], [`system`], [`context`]: what requests do.
+//! - [`oserror`]: one mapping from OS errors to protocol error kinds.
+//! - [`init`], [`vsock`]: PID 1 duties and the guest listener.
 
 pub mod cancel;
+pub mod client;
+pub mod context;
+pub mod files;
 pub mod frame;
+pub mod init;
+pub mod oserror;
+pub mod output;
+pub mod process;
 pub mod protocol;
+pub mod server;
+pub mod system;
+pub mod vsock;
+pub mod workers;
