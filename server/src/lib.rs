@@ -2,7 +2,13 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over the modules here.
 
+pub mod config;
 pub mod doctor;
+pub mod engine;
+pub mod guest;
 pub mod image;
+pub mod mcp;
+pub mod registry;
+pub mod sandbox;
 pub mod serve;
 pub mod worker;

@@ -1,0 +1,929 @@
+//! The KVM engine: each sandbox is a microVM of the guest image, run by our own VMM in a worker
+//! process of its own (`capsule worker`), reached over hybrid virtio-vsock.
+//!
+//! Owns the per-sandbox directory (writable disk, vsock socket, serial log, snapshots), the
+//! boot recipe of the image ([`boot_config`]), waiting for the guest agent, and the lifecycle:
+//! - create: a fresh writable ext4 disk, boot the image, connect once the agent listens;
+//! - connect: `CONNECT 1024` on the vsock socket and the handshake, retried until the agent
+//!   is up; after a restore or fork the host also sends `SetClock` and `AddEntropy`;
+//! - pause: pause the vCPUs, write a full snapshot to disk, stop the worker (its RAM is freed);
+//! - resume: restore that snapshot into a new worker;
+//! - fork: pause the parent, snapshot it into the child's directory, copy its writable disk
+//!   (sparse, reflinked where the filesystem can), let the parent run again, restore the child.
+//!
+//! It never talks MCP, never touches the registry, and never runs KVM itself (the worker does).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use capsule_agent::client::{AgentClient, ClientError};
+use capsule_agent::protocol::{Op, AGENT_VSOCK_PORT};
+use capsule_vmm::doctor::{HostReport, PVM_MAX_LINUX_VCPUS};
+use capsule_vmm::snapshot::RestoreOverrides;
+use capsule_vmm::worker::{error_chain, WorkerError, WorkerEvent, WorkerHandle};
+use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
+
+use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
+use crate::image::{
+    create_writable_disk, ensure_image, BuildOptions, Flavour, ImageError, ImageInfo,
+    StderrProgress,
+};
+
+/// What the agent prints on the serial console once it serves on vsock.
+pub const AGENT_READY_MARKER: &str = "capsule-agent ready";
+/// How long a booting guest may take until its agent answers.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restored guest may take until its agent answers (it was already up).
+pub const AGENT_RESTORED_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause between two attempts to reach the agent.
+const AGENT_RETRY_INTERVAL: Duration = Duration::from_millis(10);
+/// Deadline of the clock and entropy calls after a restore.
+const GUEST_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// The guest's vsock CID (each VM has its own vsock device, so all can use the first one).
+pub const GUEST_CID: u32 = 3;
+/// Bytes of host entropy sent to a restored guest.
+const ENTROPY_BYTES: usize = 64;
+/// Serial console lines quoted in boot failures.
+pub const SERIAL_TAIL_LINES: usize = 40;
+/// Longest Unix socket path the kernel takes, in bytes.
+const MAX_UDS_PATH_BYTES: usize = 107;
+/// The fork caveat of this engine, for the model.
+const FORK_NOTE: &str = "Forks copy the whole machine: memory, running processes, interpreter \
+state and files. Network connections and agent connections are not carried over.";
+
+/// Errors of the KVM engine's parts.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// The host cannot give this machine what it asks for.
+    #[error("{0}")]
+    Host(String),
+    /// The guest image is missing or unusable.
+    #[error("the guest image is unusable")]
+    Image(#[source] ImageError),
+    /// A file of the sandbox could not be made.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker process failed a request.
+    #[error("the VM worker failed to {what}")]
+    Worker {
+        /// What it was asked.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: WorkerError,
+    },
+    /// The VM ended.
+    #[error("the VM is gone: {0}")]
+    Gone(String),
+    /// The agent did not answer in time.
+    #[error("the guest agent did not answer within {waited:?} (last error: {last_error}); serial console tail:\n{serial_tail}")]
+    AgentNotReady {
+        /// How long we waited.
+        waited: Duration,
+        /// The last connection error.
+        last_error: String,
+        /// The end of the serial log.
+        serial_tail: String,
+    },
+    /// The agent refused a call.
+    #[error("the guest agent failed {what}")]
+    Agent {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
+    /// Saved state from the registry cannot be used.
+    #[error("saved machine state is unusable: {0}")]
+    BadSavedState(String),
+}
+
+impl From<KvmError> for EngineError {
+    fn from(e: KvmError) -> Self {
+        match e {
+            KvmError::Host(why) => EngineError::Unavailable(why),
+            KvmError::Gone(why) => EngineError::Dead(why),
+            KvmError::Worker {
+                source: WorkerError::WorkerDied { pid, status },
+                ..
+            } => EngineError::Dead(format!("worker {pid} died ({status})")),
+            KvmError::BadSavedState(why) => EngineError::BadSavedState(why),
+            other => EngineError::Start(error_chain(&other)),
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KvmError {
+    let what = what.into();
+    move |source| KvmError::Io { what, source }
+}
+
+fn worker_err(what: &'static str) -> impl FnOnce(WorkerError) -> KvmError {
+    move |source| KvmError::Worker { what, source }
+}
+
+/// The files of one sandbox, all under its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxFiles {
+    dir: PathBuf,
+}
+
+impl SandboxFiles {
+    /// The files under `dir` (nothing is created).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The sandbox directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The writable ext4 disk (`/dev/vdb` in the guest).
+    pub fn writable_disk(&self) -> PathBuf {
+        self.dir.join("rw.ext4")
+    }
+
+    /// The host end of the hybrid vsock.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The serial console log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// The snapshot of generation `n` (a pause to disk, or the fork this sandbox came from).
+    fn snapshot(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("snapshot-{generation}"))
+    }
+
+    /// Creates the directory and checks the socket path fits a `sockaddr_un`.
+    fn create_dir(&self) -> Result<(), KvmError> {
+        let uds = self.vsock_uds();
+        if uds.as_os_str().len() > MAX_UDS_PATH_BYTES {
+            return Err(KvmError::Host(format!(
+                "the vsock socket path {} is longer than {MAX_UDS_PATH_BYTES} bytes; use a shorter --state-dir",
+                uds.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(io_err(format!("cannot create {}", self.dir.display())))
+    }
+}
+
+/// The VM that boots `image` for a sandbox with `files`: the image's read-only root filesystem
+/// as `/dev/vda`, the sandbox's writable disk as `/dev/vdb`, vsock, virtio-rng, serial log.
+/// The image's command line is passed as is (the VMM appends its device declarations).
+pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: u64) -> VmConfig {
+    let mut config = VmConfig::new(&image.kernel, image.cmdline.clone());
+    config.vcpus = vcpus;
+    config.mem_mib = mem_mib;
+    config.disks = vec![
+        DiskConfig {
+            path: image.rootfs.clone(),
+            read_only: true,
+        },
+        DiskConfig {
+            path: files.writable_disk(),
+            read_only: false,
+        },
+    ];
+    config.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: files.vsock_uds(),
+    });
+    config.serial_log = Some(files.serial_log());
+    config.rng = true;
+    config
+}
+
+/// The last `lines` lines of the serial log at `path` (empty when there is none).
+pub fn serial_tail(path: &Path, lines: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits until the serial log at `path` contains `needle`; returns how long that took, or
+/// `None` at `timeout`. Polls the file (the worker writes it; the controller cannot see its
+/// in-memory console).
+pub fn wait_for_serial(path: &Path, needle: &str, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let needle = needle.as_bytes();
+    let mut seen = 0usize;
+    let mut buffer = Vec::new();
+    loop {
+        if let Ok(mut file) = std::fs::File::open(path) {
+            use std::io::{Seek, SeekFrom};
+            if file.seek(SeekFrom::Start(seen as u64)).is_ok() {
+                let _ = file.read_to_end(&mut buffer);
+                // Search only what is new, plus enough before it to catch a straddling needle.
+                let from = seen.saturating_sub(needle.len());
+                seen = buffer.len();
+                if buffer[from..].windows(needle.len()).any(|w| w == needle) {
+                    return Some(started.elapsed());
+                }
+            }
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Connects to the agent on the hybrid vsock at `uds` and shakes hands, retrying until
+/// `timeout` while `alive` says the VM still runs. The serial log at `serial` is quoted when
+/// the agent never answers.
+pub fn connect_agent(
+    uds: &Path,
+    serial: &Path,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<AgentClient, KvmError> {
+    let started = Instant::now();
+    loop {
+        alive().map_err(KvmError::Gone)?;
+        let error = match AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT) {
+            Ok((client, _hello)) => return Ok(client),
+            Err(e) => e,
+        };
+        if started.elapsed() >= timeout {
+            return Err(KvmError::AgentNotReady {
+                waited: started.elapsed(),
+                last_error: error_chain(&error),
+                serial_tail: serial_tail(serial, SERIAL_TAIL_LINES),
+            });
+        }
+        std::thread::sleep(AGENT_RETRY_INTERVAL);
+    }
+}
+
+/// Tells a restored or forked guest the host's wall-clock time and mixes in fresh entropy, so
+/// its clock is right and forks never share RNG state.
+pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let unix_time_ns = u64::try_from(now).unwrap_or(u64::MAX);
+    client
+        .call_reply(Op::SetClock { unix_time_ns }, Some(GUEST_SYNC_TIMEOUT))
+        .map_err(|source| KvmError::Agent {
+            what: "SetClock",
+            source,
+        })?;
+    let mut bytes = vec![0u8; ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_err("cannot read host entropy from /dev/urandom"))?;
+    client
+        .call_reply(Op::AddEntropy { bytes }, Some(GUEST_SYNC_TIMEOUT))
+        .map_err(|source| KvmError::Agent {
+            what: "AddEntropy",
+            source,
+        })?;
+    Ok(())
+}
+
+/// Tells the guest the host's time (after a fresh boot: the RTC-less guest starts at the epoch).
+fn set_guest_clock(client: &AgentClient) -> Result<(), KvmError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    client
+        .call_reply(
+            Op::SetClock {
+                unix_time_ns: u64::try_from(now).unwrap_or(u64::MAX),
+            },
+            Some(GUEST_SYNC_TIMEOUT),
+        )
+        .map(drop)
+        .map_err(|source| KvmError::Agent {
+            what: "SetClock",
+            source,
+        })
+}
+
+/// Checks that the host can give a Linux guest `vcpus` vCPUs.
+pub fn check_vcpus(vcpus: u32) -> Result<u8, KvmError> {
+    if capsule_vmm::vstate::vm::host_is_pvm() && vcpus > u32::from(PVM_MAX_LINUX_VCPUS) {
+        return Err(KvmError::Host(format!(
+            "{vcpus} vCPUs asked, but this host's KVM is PVM (no VT-x/AMD-V), where only the boot \
+             CPU of a Linux guest opts in to native speed: at most {PVM_MAX_LINUX_VCPUS} vCPU. Ask \
+             for vcpus={PVM_MAX_LINUX_VCPUS}, or run capsule on a host with hardware virtualization \
+             (see `capsule doctor`)"
+        )));
+    }
+    u8::try_from(vcpus)
+        .ok()
+        .filter(|v| (capsule_vmm::config::MIN_VCPUS..=capsule_vmm::config::MAX_VCPUS).contains(v))
+        .ok_or_else(|| {
+            KvmError::Host(format!(
+                "vcpus must be {}..={}, got {vcpus}",
+                capsule_vmm::config::MIN_VCPUS,
+                capsule_vmm::config::MAX_VCPUS
+            ))
+        })
+}
+
+/// Why this host cannot run the KVM engine, from `capsule doctor`'s probe; `None` when it can.
+pub fn host_refusal(report: &HostReport) -> Option<String> {
+    if report.can_run_vms {
+        return None;
+    }
+    let advice = if report.advice.is_empty() {
+        "KVM is not usable".to_owned()
+    } else {
+        report.advice.join("; ")
+    };
+    Some(format!(
+        "this host cannot run microVMs ({advice}); run `capsule doctor` for details"
+    ))
+}
+
+/// The KVM engine for `capsule serve`: checks the host (as `capsule doctor` does), finds the
+/// guest image or builds it (progress on stderr; the first build takes many minutes), and runs
+/// VM workers from this very executable (`capsule worker`). Sandboxes live under `root`.
+pub fn open_for_serve(root: PathBuf) -> Result<KvmEngine, EngineError> {
+    let report = capsule_vmm::doctor::probe();
+    if let Some(why) = host_refusal(&report) {
+        return Err(EngineError::Unavailable(why));
+    }
+    let image = ensure_image(&BuildOptions::default(), &StderrProgress::new()).map_err(|e| {
+        EngineError::Unavailable(format!(
+            "the guest image is missing and could not be built: {}; run `capsule image build`",
+            error_chain(&e)
+        ))
+    })?;
+    if report.virtualization == capsule_vmm::doctor::Virtualization::Pvm
+        && image.flavour != Flavour::Pvm
+    {
+        return Err(EngineError::Unavailable(format!(
+            "the current guest image has a {} kernel, which this PVM host can only emulate (about a \
+             thousand times slower); rebuild it with `capsule image build --flavour pvm --kernel-patch \
+             /path/to/pvm-native-guest-6.12.117.patch`",
+            image.flavour
+        )));
+    }
+    let exe = std::env::current_exe().map_err(|source| EngineError::Io {
+        what: "cannot find the running executable to start VM workers from".into(),
+        source,
+    })?;
+    KvmEngine::new(exe, image, root)
+}
+
+/// Copies a disk image sparsely (reflinked where the filesystem can).
+fn copy_disk(from: &Path, to: &Path) -> Result<(), KvmError> {
+    let status = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(io_err("cannot run cp to copy the writable disk"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(KvmError::Io {
+            what: format!("copying {} to {}", from.display(), to.display()),
+            source: std::io::Error::other(format!("cp ended with {status}")),
+        })
+    }
+}
+
+/// The engine.
+#[derive(Debug, Clone)]
+pub struct KvmEngine {
+    worker_exe: PathBuf,
+    image: ImageInfo,
+    root: PathBuf,
+}
+
+impl KvmEngine {
+    /// An engine that boots `image` in workers started from `worker_exe` (a binary with the
+    /// `worker` subcommand: `capsule` itself), with sandboxes under `root`.
+    pub fn new(worker_exe: PathBuf, image: ImageInfo, root: PathBuf) -> Result<Self, EngineError> {
+        if !worker_exe.is_file() {
+            return Err(EngineError::Unavailable(format!(
+                "the VM worker binary {} does not exist",
+                worker_exe.display()
+            )));
+        }
+        std::fs::create_dir_all(&root).map_err(|source| EngineError::Io {
+            what: format!("cannot create {}", root.display()),
+            source,
+        })?;
+        Ok(Self {
+            worker_exe,
+            image,
+            root,
+        })
+    }
+
+    /// The image this engine boots.
+    pub fn image(&self) -> &ImageInfo {
+        &self.image
+    }
+
+    fn boot(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
+        let vcpus = check_vcpus(spec.vcpus)?;
+        let files = SandboxFiles::new(self.root.join(&spec.id));
+        files.create_dir()?;
+        create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib))
+            .map_err(KvmError::Image)?;
+        let config = boot_config(&self.image, &files, vcpus, u64::from(spec.memory_mib));
+        let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
+        let mut machine = KvmMachine::new(
+            self.worker_exe.clone(),
+            files,
+            self.image.rootfs.clone(),
+            Some(worker),
+            0,
+        );
+        machine.start_worker()?;
+        machine.restored = false;
+        let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
+        set_guest_clock(&client)?;
+        Ok(machine)
+    }
+}
+
+impl Engine for KvmEngine {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn host_limits(&self) -> HostLimits {
+        detect_host_limits()
+    }
+
+    fn fork_note(&self) -> Option<&'static str> {
+        Some(FORK_NOTE)
+    }
+
+    fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
+        match self.boot(spec) {
+            Ok(machine) => Ok(Box::new(machine)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
+                Err(e.into())
+            }
+        }
+    }
+
+    fn reattach(
+        &self,
+        spec: &MachineSpec,
+        saved: &serde_json::Value,
+        paused: bool,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        let saved: SavedState = serde_json::from_value(saved.clone())
+            .map_err(|e| EngineError::BadSavedState(format!("{e}: {saved}")))?;
+        let files = SandboxFiles::new(&saved.dir);
+        let Some(generation) = saved.snapshot_generation else {
+            return Err(EngineError::Dead(format!(
+                "sandbox {} was running when the server stopped; its VM ended with the server",
+                spec.id
+            )));
+        };
+        if !paused {
+            return Err(EngineError::Dead(format!(
+                "sandbox {} was recorded running, and a running VM does not outlive the server",
+                spec.id
+            )));
+        }
+        if !files.snapshot(generation).is_dir() {
+            return Err(EngineError::BadSavedState(format!(
+                "the snapshot {} is gone",
+                files.snapshot(generation).display()
+            )));
+        }
+        let mut machine = KvmMachine::new(
+            self.worker_exe.clone(),
+            files,
+            saved.rootfs,
+            None,
+            generation,
+        );
+        machine.on_disk = Some(generation);
+        Ok(Box::new(machine))
+    }
+}
+
+/// What the registry stores for a KVM machine.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    dir: PathBuf,
+    rootfs: PathBuf,
+    /// The snapshot it is paused in, if it is paused to disk.
+    snapshot_generation: Option<u64>,
+}
+
+/// One sandbox's VM.
+struct KvmMachine {
+    worker_exe: PathBuf,
+    files: SandboxFiles,
+    /// The read-only root filesystem it was booted with (restores keep using it).
+    rootfs: PathBuf,
+    worker: Option<WorkerHandle>,
+    events: Option<Receiver<WorkerEvent>>,
+    /// Why the VM ended, once it has.
+    death: Option<String>,
+    client: Option<AgentClient>,
+    /// The guest came from a snapshot: the next connection sends clock and entropy.
+    restored: bool,
+    /// The snapshot generation it is paused in, when paused to disk.
+    on_disk: Option<u64>,
+    /// The last snapshot generation used in this directory.
+    generation: u64,
+}
+
+impl std::fmt::Debug for KvmMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmMachine")
+            .field("dir", &self.files.dir())
+            .field("worker", &self.worker.as_ref().map(WorkerHandle::pid))
+            .field("on_disk", &self.on_disk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmMachine {
+    fn new(
+        worker_exe: PathBuf,
+        files: SandboxFiles,
+        rootfs: PathBuf,
+        worker: Option<WorkerHandle>,
+        generation: u64,
+    ) -> Self {
+        let events = worker.as_ref().and_then(WorkerHandle::take_events);
+        Self {
+            worker_exe,
+            files,
+            rootfs,
+            worker,
+            events,
+            death: None,
+            client: None,
+            restored: true,
+            on_disk: None,
+            generation,
+        }
+    }
+
+    /// Starts the vCPUs of a freshly built or restored worker.
+    fn start_worker(&mut self) -> Result<(), KvmError> {
+        let worker = self.live_worker()?;
+        worker.start().map_err(worker_err("start the VM"))?;
+        Ok(())
+    }
+
+    fn live_worker(&mut self) -> Result<&WorkerHandle, KvmError> {
+        self.poll_events();
+        if let Some(why) = &self.death {
+            return Err(KvmError::Gone(why.clone()));
+        }
+        self.worker
+            .as_ref()
+            .ok_or_else(|| KvmError::Gone("the VM is paused to disk and has no worker".into()))
+    }
+
+    /// Records an end of the VM reported by its worker.
+    fn poll_events(&mut self) {
+        let Some(events) = &self.events else { return };
+        loop {
+            match events.try_recv() {
+                Ok(WorkerEvent::Vm(event)) => {
+                    self.death = Some(format!(
+                        "the guest ended ({event:?}); serial console tail:\n{}",
+                        serial_tail(&self.files.serial_log(), SERIAL_TAIL_LINES)
+                    ));
+                }
+                Ok(WorkerEvent::Died { pid, status }) => {
+                    self.death
+                        .get_or_insert_with(|| format!("the VM worker {pid} died ({status})"));
+                }
+                Ok(WorkerEvent::Exited { .. }) => {}
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+    }
+
+    fn connect_within(&mut self, timeout: Duration) -> Result<AgentClient, KvmError> {
+        if let Some(client) = &self.client {
+            if client.closed_reason().is_none() {
+                return Ok(client.clone());
+            }
+        }
+        self.client = None;
+        self.live_worker()?;
+        let uds = self.files.vsock_uds();
+        let serial = self.files.serial_log();
+        let client = connect_agent(&uds, &serial, timeout, || {
+            self.poll_events();
+            match &self.death {
+                Some(why) => Err(why.clone()),
+                None => Ok(()),
+            }
+        })?;
+        if self.restored {
+            sync_restored_guest(&client)?;
+            self.restored = false;
+        }
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    fn drop_client(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.close();
+        }
+    }
+
+    /// Pauses the vCPUs and writes a full snapshot to `dir`; the VM stays paused.
+    fn snapshot_to(&mut self, dir: &Path) -> Result<(), KvmError> {
+        self.drop_client();
+        let worker = self.live_worker()?;
+        worker.pause().map_err(worker_err("pause the VM"))?;
+        worker
+            .snapshot(dir, false)
+            .map_err(worker_err("write a snapshot"))?;
+        Ok(())
+    }
+
+    /// Restores the snapshot of `generation` into a new worker and starts it.
+    fn restore(&mut self, generation: u64) -> Result<(), KvmError> {
+        let overrides = RestoreOverrides {
+            vsock_uds: Some(self.files.vsock_uds()),
+            serial_log: Some(self.files.serial_log()),
+            disks: vec![self.rootfs.clone(), self.files.writable_disk()],
+        };
+        let worker = WorkerHandle::restore(
+            &self.worker_exe,
+            &self.files.snapshot(generation),
+            overrides,
+        )
+        .map_err(worker_err("restore the snapshot"))?;
+        self.events = worker.take_events();
+        self.worker = Some(worker);
+        self.death = None;
+        self.restored = true;
+        self.start_worker()
+    }
+
+    fn stop_worker(&mut self) {
+        self.drop_client();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.stop();
+        }
+        self.events = None;
+    }
+
+    /// Deletes snapshots of older generations than `keep`.
+    fn remove_snapshots_except(&self, keep: Option<u64>) {
+        for generation in 0..=self.generation {
+            if Some(generation) != keep {
+                let _ = std::fs::remove_dir_all(self.files.snapshot(generation));
+            }
+        }
+    }
+
+    fn pause_to_disk(&mut self) -> Result<(), KvmError> {
+        let generation = self.generation + 1;
+        let dir = self.files.snapshot(generation);
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = self.snapshot_to(&dir) {
+            // Leave it running as it was, when it still can.
+            if let Some(worker) = &self.worker {
+                let _ = worker.resume();
+            }
+            return Err(e);
+        }
+        self.generation = generation;
+        self.stop_worker();
+        self.on_disk = Some(generation);
+        self.remove_snapshots_except(Some(generation));
+        Ok(())
+    }
+
+    fn fork_into(&mut self, child: &MachineSpec) -> Result<KvmMachine, KvmError> {
+        check_vcpus(child.vcpus)?;
+        let root = self
+            .files
+            .dir()
+            .parent()
+            .ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
+        let files = SandboxFiles::new(root.join(&child.id));
+        files.create_dir()?;
+        let snapshot = files.snapshot(0);
+        match self.on_disk {
+            Some(generation) => {
+                // Paused to disk: the child starts from the same snapshot and disk.
+                copy_dir_files(&self.files.snapshot(generation), &snapshot)?;
+                copy_disk(&self.files.writable_disk(), &files.writable_disk())?;
+            }
+            None => {
+                let was_paused = self.paused_in_memory()?;
+                let taken = self.snapshot_to(&snapshot).and_then(|()| {
+                    // The disk must be copied while the parent cannot write to it.
+                    copy_disk(&self.files.writable_disk(), &files.writable_disk())
+                });
+                if !was_paused {
+                    if let Some(worker) = &self.worker {
+                        worker.resume().map_err(worker_err("resume the parent"))?;
+                    }
+                }
+                taken?;
+            }
+        }
+        let mut machine =
+            KvmMachine::new(self.worker_exe.clone(), files, self.rootfs.clone(), None, 0);
+        machine.restore(0)?;
+        machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
+        Ok(machine)
+    }
+
+    fn paused_in_memory(&mut self) -> Result<bool, KvmError> {
+        let worker = self.live_worker()?;
+        let state = worker.status().map_err(worker_err("report its state"))?;
+        Ok(state == capsule_vmm::RunState::Paused)
+    }
+}
+
+/// Copies the files of snapshot directory `from` into the new directory `to` (sparse).
+fn copy_dir_files(from: &Path, to: &Path) -> Result<(), KvmError> {
+    std::fs::create_dir_all(to).map_err(io_err(format!("cannot create {}", to.display())))?;
+    let entries =
+        std::fs::read_dir(from).map_err(io_err(format!("cannot list {}", from.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("cannot list {}", from.display())))?;
+        copy_disk(&entry.path(), &to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+impl Machine for KvmMachine {
+    fn connect(&mut self) -> Result<AgentClient, EngineError> {
+        if self.on_disk.is_some() {
+            return Err(EngineError::Start(
+                "the sandbox is paused to disk; resume it before connecting".into(),
+            ));
+        }
+        Ok(self.connect_within(AGENT_RESTORED_TIMEOUT)?)
+    }
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        if self.on_disk.is_some() {
+            return Ok(());
+        }
+        Ok(self.pause_to_disk()?)
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        match self.on_disk {
+            Some(generation) => {
+                self.restore(generation)?;
+                self.on_disk = None;
+                Ok(())
+            }
+            None => {
+                let worker = self.live_worker()?;
+                worker.resume().map_err(worker_err("resume the VM"))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
+        let dir = self.files.dir().parent().map(|p| p.join(&child.id));
+        match self.fork_into(child) {
+            Ok(machine) => Ok(Box::new(machine)),
+            Err(e) => {
+                if let Some(dir) = dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn kill(&mut self) -> Result<(), EngineError> {
+        self.stop_worker();
+        match std::fs::remove_dir_all(self.files.dir()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(EngineError::Io {
+                what: format!("cannot delete {}", self.files.dir().display()),
+                source,
+            }),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        if self.on_disk.is_some() {
+            return Ok(());
+        }
+        self.poll_events();
+        match (&self.death, &self.worker) {
+            (Some(why), _) => Err(why.clone()),
+            (None, None) => Err("the VM has no worker".into()),
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    fn saved_state(&self) -> serde_json::Value {
+        serde_json::to_value(SavedState {
+            dir: self.files.dir().to_path_buf(),
+            rootfs: self.rootfs.clone(),
+            snapshot_generation: self.on_disk,
+        })
+        .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for KvmMachine {
+    fn drop(&mut self) {
+        // The worker handle kills its process; nothing else to free.
+        self.drop_client();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_config_puts_the_rootfs_first_read_only_and_keeps_the_cmdline() {
+        let image = ImageInfo {
+            kernel: "/img/vmlinux".into(),
+            rootfs: "/img/root.ext4".into(),
+            cmdline: "console=ttyS0 nopcid noinvpcid".into(),
+            flavour: crate::image::Flavour::Pvm,
+            version: "v".into(),
+            kernel_build_s: 0.0,
+            rootfs_bytes: 0,
+        };
+        let files = SandboxFiles::new("/state/sb-1");
+        let config = boot_config(&image, &files, 1, 1024);
+        assert_eq!(config.cmdline, image.cmdline);
+        assert_eq!(config.disks[0].path, PathBuf::from("/img/root.ext4"));
+        assert!(config.disks[0].read_only);
+        assert_eq!(config.disks[1].path, PathBuf::from("/state/sb-1/rw.ext4"));
+        assert!(!config.disks[1].read_only);
+        let vsock = config.vsock.expect("vsock");
+        assert_eq!(vsock.uds_path, PathBuf::from("/state/sb-1/vsock.sock"));
+        assert_eq!(vsock.guest_cid, GUEST_CID);
+        assert_eq!(config.mem_mib, 1024);
+    }
+
+    #[test]
+    fn too_many_vcpus_on_pvm_is_refused_with_the_reason() {
+        if !capsule_vmm::vstate::vm::host_is_pvm() {
+            assert!(check_vcpus(2).is_ok());
+            return;
+        }
+        let err = check_vcpus(2).unwrap_err().to_string();
+        assert!(
+            err.contains("PVM") && err.contains("at most 1 vCPU"),
+            "{err}"
+        );
+        assert_eq!(check_vcpus(1).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_host_without_kvm_is_refused_with_the_doctors_advice() {
+        let mut report = capsule_vmm::doctor::probe();
+        report.can_run_vms = false;
+        report.advice = vec!["/dev/kvm does not exist: load the kvm module".into()];
+        let why = host_refusal(&report).expect("refused");
+        assert!(why.contains("/dev/kvm does not exist"), "{why}");
+        assert!(why.contains("capsule doctor"), "{why}");
+        report.can_run_vms = true;
+        assert_eq!(host_refusal(&report), None);
+    }
+
+    #[test]
+    fn serial_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(&log, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(serial_tail(&log, 2), "c\nd");
+        assert_eq!(serial_tail(&dir.path().join("none"), 2), "");
+        assert!(wait_for_serial(&log, "c\nd", Duration::from_millis(50)).is_some());
+        assert!(wait_for_serial(&log, "zz", Duration::from_millis(20)).is_none());
+    }
+}

@@ -1,0 +1,416 @@
+//! The test engine: each sandbox is the real guest agent running as a host process.
+//!
+//! It exists so that everything above the VMM (manager, registry, MCP tools,
+//! transports) is tested fast, against the real agent and protocol, on any
+//! Linux host. It is NOT isolation: the "sandbox" runs as the server's user on
+//! the host. Release builds refuse it unless `--unsafe-test-engine` is given.
+//!
+//! - create: start `capsule-agent --listen-unix DIR/agent.sock --work-dir DIR/work
+//!   --state-dir DIR/state` in its own session, then connect.
+//! - pause: drop the connection, SIGSTOP the agent and every descendant.
+//! - resume: SIGCONT them, reconnect on next use.
+//! - fork: copy the work directory and start a new agent. Only files are
+//!   copied: running interpreters and processes are not (the KVM engine
+//!   restores the whole memory image instead).
+//! - kill: SIGKILL the agent and its descendants, delete the directory.
+//! - restart: the saved state is the agent's pid and directory; a stopped
+//!   agent stays stopped while the server is down and is found again.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capsule_agent::client::AgentClient;
+
+use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
+
+/// How long a new agent may take to listen and answer the handshake.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest Unix socket path the kernel takes (`sun_path`, including the NUL).
+const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
+/// The environment variable that names the agent binary.
+pub const AGENT_BIN_ENV: &str = "CAPSULE_AGENT_BIN";
+
+/// The fork caveat of this engine, for the model.
+const FORK_NOTE: &str = "This server runs the test engine: forks copy the sandbox's files, but not \
+its running processes or interpreter variables (the KVM engine copies the whole memory).";
+
+/// Finds the agent binary: `$CAPSULE_AGENT_BIN`, else `capsule-agent` next to the running executable
+/// (or one directory up, for test binaries under `deps/`).
+pub fn locate_agent_binary() -> Result<PathBuf, EngineError> {
+    if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(EngineError::Unavailable(format!(
+            "{AGENT_BIN_ENV}={} is not a file; build the agent with `cargo build -p capsule-agent`",
+            path.display()
+        )));
+    }
+    let exe = std::env::current_exe().map_err(|source| EngineError::Io {
+        what: "cannot find the running executable".into(),
+        source,
+    })?;
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        if let Some(d) = dir {
+            let candidate = d.join("capsule-agent");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            dir = d.parent();
+        }
+    }
+    Err(EngineError::Unavailable(format!(
+        "the test engine needs the capsule-agent binary: build it with `cargo build -p capsule-agent` \
+         (it is looked for next to {}) or set {AGENT_BIN_ENV}",
+        exe.display()
+    )))
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct TestEngine {
+    agent_bin: PathBuf,
+    root: PathBuf,
+}
+
+impl TestEngine {
+    /// An engine whose sandboxes live under `root` (one directory each).
+    pub fn new(agent_bin: PathBuf, root: PathBuf) -> Result<TestEngine, EngineError> {
+        std::fs::create_dir_all(&root).map_err(|source| EngineError::Io {
+            what: format!("cannot create {}", root.display()),
+            source,
+        })?;
+        Ok(TestEngine { agent_bin, root })
+    }
+
+    fn spawn_agent(&self, dir: &Path, env: &std::collections::BTreeMap<String, String>) -> Result<AgentProcess, EngineError> {
+        let socket = dir.join("agent.sock");
+        if socket.as_os_str().len() > MAX_UNIX_SOCKET_PATH_BYTES {
+            return Err(EngineError::Start(format!(
+                "the agent socket path {} is longer than {MAX_UNIX_SOCKET_PATH_BYTES} bytes; use a shorter --state-dir",
+                socket.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&socket);
+        for sub in ["work", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|source| EngineError::Io {
+                what: format!("cannot create {}", dir.join(sub).display()),
+                source,
+            })?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .map_err(|source| EngineError::Io { what: "cannot open the agent log".into(), source })?;
+        let log2 = log.try_clone().map_err(|source| EngineError::Io { what: "cannot dup the agent log".into(), source })?;
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.arg("--listen-unix")
+            .arg(&socket)
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .current_dir(dir.join("work"))
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // A session of its own: the agent (and what it starts) never gets the
+        // terminal's or the server's signals, and its group is orphaned from the
+        // start, so the server dying while it is stopped does not SIGHUP it
+        // (POSIX sends SIGHUP+SIGCONT to a stopped group that *becomes* orphaned).
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // setsid(2), which is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| EngineError::Io {
+            what: format!("cannot start {}", self.agent_bin.display()),
+            source,
+        })?;
+        let pid = child.id();
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = exited.clone();
+        // Reap it when it exits, so it never lingers as a zombie (and its pid is not reused unseen).
+        let _ = std::thread::Builder::new().name(format!("reap-agent-{pid}")).spawn(move || {
+            let _ = child.wait();
+            flag.store(true, Ordering::Release);
+        });
+        Ok(AgentProcess {
+            pid,
+            dir: dir.to_path_buf(),
+            agent_bin: self.agent_bin.clone(),
+            client: None,
+            paused: false,
+            exited: Some(exited),
+        })
+    }
+}
+
+impl Engine for TestEngine {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    fn host_limits(&self) -> HostLimits {
+        detect_host_limits()
+    }
+
+    fn fork_note(&self) -> Option<&'static str> {
+        Some(FORK_NOTE)
+    }
+
+    fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
+        let dir = self.root.join(&spec.id);
+        let mut machine = self.spawn_agent(&dir, &spec.env)?;
+        if let Err(e) = machine.connect() {
+            let _ = machine.kill();
+            return Err(e);
+        }
+        Ok(Box::new(machine))
+    }
+
+    fn reattach(
+        &self,
+        _spec: &MachineSpec,
+        saved: &serde_json::Value,
+        paused: bool,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        let pid = saved
+            .get("pid")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| EngineError::BadSavedState(format!("no pid in {saved}")))?;
+        let dir = saved
+            .get("dir")
+            .and_then(serde_json::Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| EngineError::BadSavedState(format!("no dir in {saved}")))?;
+        let mut machine = AgentProcess { pid, dir, agent_bin: self.agent_bin.clone(), client: None, paused, exited: None };
+        machine.check_alive().map_err(EngineError::Dead)?;
+        Ok(Box::new(machine))
+    }
+}
+
+/// One agent host process.
+#[derive(Debug)]
+struct AgentProcess {
+    pid: u32,
+    dir: PathBuf,
+    agent_bin: PathBuf,
+    client: Option<AgentClient>,
+    paused: bool,
+    /// Set by the reaper thread when we started the process; `None` after a
+    /// restart (then the pid is checked against the command line instead).
+    exited: Option<Arc<AtomicBool>>,
+}
+
+impl AgentProcess {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// The agent, its descendants, and everything else in its session (the
+    /// agent is a session leader, so orphans it left behind still count), agent
+    /// first. When the agent is gone (`agent_alive` false) its pid may belong to
+    /// someone else: then only its session is walked (a session id stays
+    /// reserved while any member lives, so it cannot have been reused).
+    fn process_tree(&self, agent_alive: bool) -> Vec<u32> {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut in_session = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Some((ppid, session)) = read_parent_and_session(pid) {
+                    children.entry(ppid).or_default().push(pid);
+                    if session == self.pid && pid != self.pid {
+                        in_session.push(pid);
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut queue: VecDeque<u32> = VecDeque::new();
+        if agent_alive {
+            queue.push_back(self.pid);
+        }
+        queue.extend(in_session);
+        while let Some(p) = queue.pop_front() {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+            for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+                if !out.contains(&c) {
+                    out.push(c);
+                    queue.push_back(c);
+                }
+            }
+        }
+        out
+    }
+
+    fn signal_tree(&self, signal: i32) {
+        for pid in self.process_tree(true) {
+            send_signal(pid, signal);
+        }
+    }
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// The parent pid and session id of `pid`, from `/proc/PID/stat` (fields 4
+/// and 6, after the parenthesised command name, which may contain spaces).
+fn read_parent_and_session(pid: u32) -> Option<(u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let ppid = fields.nth(1)?.parse().ok()?;
+    let session = fields.nth(1)?.parse().ok()?;
+    Some((ppid, session))
+}
+
+/// The one-letter state of `pid` from `/proc/PID/stat`.
+fn read_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().next()?.chars().next()
+}
+
+impl Machine for AgentProcess {
+    fn connect(&mut self) -> Result<AgentClient, EngineError> {
+        if let Some(client) = &self.client {
+            if client.closed_reason().is_none() {
+                return Ok(client.clone());
+            }
+        }
+        self.client = None;
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        loop {
+            self.check_alive().map_err(EngineError::Dead)?;
+            match AgentClient::connect_unix(&self.socket()) {
+                Ok((client, _hello)) => {
+                    self.client = Some(client.clone());
+                    return Ok(client);
+                }
+                Err(e) if Instant::now() >= deadline => return Err(EngineError::Agent(e)),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        if let Some(client) = self.client.take() {
+            client.close();
+        }
+        self.check_alive().map_err(EngineError::Dead)?;
+        self.signal_tree(libc::SIGSTOP);
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        self.check_alive().map_err(EngineError::Dead)?;
+        self.signal_tree(libc::SIGCONT);
+        self.paused = false;
+        Ok(())
+    }
+
+    fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
+        let root = self.dir.parent().ok_or_else(|| EngineError::Start("sandbox dir has no parent".into()))?;
+        let dir = root.join(&child.id);
+        std::fs::create_dir_all(&dir).map_err(|source| EngineError::Io {
+            what: format!("cannot create {}", dir.display()),
+            source,
+        })?;
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("work"))
+            .arg(dir.join("work"))
+            .status()
+            .map_err(|source| EngineError::Io { what: "cannot run cp to copy the work dir".into(), source })?;
+        if !status.success() {
+            return Err(EngineError::Start(format!("copying the work directory failed: {status}")));
+        }
+        let engine = TestEngine { agent_bin: self.agent_bin.clone(), root: root.to_path_buf() };
+        let mut machine = engine.spawn_agent(&dir, &child.env)?;
+        if let Err(e) = machine.connect() {
+            let _ = machine.kill();
+            return Err(e);
+        }
+        Ok(Box::new(machine))
+    }
+
+    fn kill(&mut self) -> Result<(), EngineError> {
+        if let Some(client) = self.client.take() {
+            client.close();
+        }
+        let alive = self.check_alive().is_ok();
+        // Also when the agent is gone: what it started may live on in its session.
+        for pid in self.process_tree(alive) {
+            send_signal(pid, libc::SIGKILL);
+        }
+        if alive {
+            // A stopped process dies on SIGKILL too; wait briefly for the agent to go.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.check_alive().is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(EngineError::Io { what: format!("cannot delete {}", self.dir.display()), source }),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        if let Some(exited) = &self.exited {
+            // Our own child: the reaper knows; its pid cannot be reused before it is reaped.
+            return if exited.load(Ordering::Acquire) {
+                Err(format!("the agent process {} has exited", self.pid))
+            } else {
+                Ok(())
+            };
+        }
+        match read_state(self.pid) {
+            None | Some('Z') | Some('X') => {
+                return Err(format!("the agent process {} has exited", self.pid));
+            }
+            Some(_) => {}
+        }
+        // Guard against pid reuse: the process must be our agent for this directory.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        let socket = self.socket();
+        let needle = socket.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(needle.len().max(1)).any(|w| w == needle) {
+            return Err(format!("process {} is no longer this sandbox's agent", self.pid));
+        }
+        Ok(())
+    }
+
+    fn saved_state(&self) -> serde_json::Value {
+        serde_json::json!({ "pid": self.pid, "dir": self.dir.display().to_string() })
+    }
+}

@@ -1,0 +1,363 @@
+//! The registry: every sandbox and every state transition, in SQLite.
+//!
+//! An embedded database (`registry.sqlite3` in the state directory) with
+//! numbered migrations tracked in `PRAGMA user_version`. The manager writes a
+//! transition here *before* it reports it, so a restarted server finds each
+//! sandbox where it was. This module stores and loads facts; it never decides
+//! a transition (that is [`crate::sandbox::lifecycle`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sandbox::{SandboxRecord, SandboxState};
+
+/// The registry's file name inside the state directory.
+pub const REGISTRY_FILE_NAME: &str = "registry.sqlite3";
+
+/// Schema migrations, in order; entry `i` moves `user_version` from `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: sandboxes and their transitions.
+    "CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT,
+        state TEXT NOT NULL,
+        template TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        idle_timeout_ms INTEGER NOT NULL,
+        env_json TEXT NOT NULL,
+        is_default INTEGER NOT NULL DEFAULT 0,
+        parent_id TEXT,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        paused_ms INTEGER,
+        failure TEXT,
+        engine TEXT NOT NULL,
+        engine_state TEXT NOT NULL
+    );
+    CREATE TABLE transitions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox_id TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX transitions_by_sandbox ON transitions(sandbox_id, seq);",
+];
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite failed.
+    #[error("registry database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer capsule.
+    #[error("the registry has schema version {found}, newer than this capsule knows ({known}); upgrade capsule or use another --state-dir")]
+    TooNew {
+        /// Version in the file.
+        found: u32,
+        /// Latest version this build knows.
+        known: u32,
+    },
+    /// A stored row is corrupt.
+    #[error("registry row for sandbox {id} is corrupt: {what}")]
+    Corrupt {
+        /// The sandbox.
+        id: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// The registry handle (one connection, serialized).
+#[derive(Debug)]
+pub struct Registry {
+    conn: Mutex<Connection>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Opens (or creates) the registry in `state_dir` and applies pending migrations.
+    pub fn open(state_dir: &Path) -> Result<Registry, RegistryError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| RegistryError::StateDir { path: state_dir.to_path_buf(), source })?;
+        let conn = Connection::open(state_dir.join(REGISTRY_FILE_NAME))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let mut registry = Registry { conn: Mutex::new(conn) };
+        registry.migrate()?;
+        Ok(registry)
+    }
+
+    fn migrate(&mut self) -> Result<(), RegistryError> {
+        let conn = self.conn.get_mut().unwrap_or_else(|e| e.into_inner());
+        let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as u32;
+        if version > known {
+            return Err(RegistryError::TooNew { found: version, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version in use.
+    pub fn schema_version(&self) -> Result<u32, RegistryError> {
+        let conn = self.lock();
+        Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Inserts a new sandbox and its first transition (into its current state).
+    pub fn insert(&self, r: &SandboxRecord, reason: &str) -> Result<(), RegistryError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO sandboxes (id, owner, name, state, template, vcpus, memory_mib, disk_mib,
+                idle_timeout_ms, env_json, is_default, parent_id, created_ms, updated_ms, paused_ms,
+                failure, engine, engine_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            params![
+                r.id,
+                r.owner,
+                r.name,
+                r.state.as_str(),
+                r.template,
+                r.vcpus,
+                r.memory_mib,
+                r.disk_mib,
+                r.idle_timeout_ms as i64,
+                serde_json::to_string(&r.env).unwrap_or_else(|_| "{}".into()),
+                r.is_default,
+                r.parent_id,
+                r.created_ms as i64,
+                r.updated_ms as i64,
+                r.paused_ms.map(|v| v as i64),
+                r.failure,
+                r.engine,
+                r.engine_state.to_string(),
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO transitions (sandbox_id, from_state, to_state, at_ms, reason) VALUES (?1, NULL, ?2, ?3, ?4)",
+            params![r.id, r.state.as_str(), r.updated_ms as i64, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a transition of `r` (already updated in memory) from `from`, atomically
+    /// with the sandbox's new row.
+    pub fn record_transition(
+        &self,
+        r: &SandboxRecord,
+        from: SandboxState,
+        reason: &str,
+    ) -> Result<(), RegistryError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE sandboxes SET state = ?2, updated_ms = ?3, paused_ms = ?4, failure = ?5,
+                engine_state = ?6, is_default = ?7 WHERE id = ?1",
+            params![
+                r.id,
+                r.state.as_str(),
+                r.updated_ms as i64,
+                r.paused_ms.map(|v| v as i64),
+                r.failure,
+                r.engine_state.to_string(),
+                r.is_default,
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO transitions (sandbox_id, from_state, to_state, at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![r.id, from.as_str(), r.state.as_str(), r.updated_ms as i64, reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Updates whether a sandbox is its owner's default.
+    pub fn set_default(&self, id: &str, is_default: bool) -> Result<(), RegistryError> {
+        self.lock().execute("UPDATE sandboxes SET is_default = ?2 WHERE id = ?1", params![id, is_default])?;
+        Ok(())
+    }
+
+    /// Every sandbox that is not deleted.
+    pub fn load_live(&self) -> Result<Vec<SandboxRecord>, RegistryError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, owner, name, state, template, vcpus, memory_mib, disk_mib, idle_timeout_ms,
+                env_json, is_default, parent_id, created_ms, updated_ms, paused_ms, failure, engine,
+                engine_state
+             FROM sandboxes WHERE state != 'deleted' ORDER BY created_ms, id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, u32>(5)?,
+                row.get::<_, u32>(6)?,
+                row.get::<_, u32>(7)?,
+                row.get::<_, i64>(8)?,
+                row.get::<_, String>(9)?,
+                row.get::<_, bool>(10)?,
+                row.get::<_, Option<String>>(11)?,
+                row.get::<_, i64>(12)?,
+                row.get::<_, i64>(13)?,
+                row.get::<_, Option<i64>>(14)?,
+                row.get::<_, Option<String>>(15)?,
+                row.get::<_, String>(16)?,
+                row.get::<_, String>(17)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, owner, name, state, template, vcpus, memory_mib, disk_mib, idle, env, is_default,
+                parent_id, created, updated, paused, failure, engine, engine_state) = row?;
+            let corrupt = |what: String| RegistryError::Corrupt { id: id.clone(), what };
+            let state = SandboxState::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state:?}")))?;
+            let env: BTreeMap<String, String> =
+                serde_json::from_str(&env).map_err(|e| corrupt(format!("env: {e}")))?;
+            let engine_state: serde_json::Value =
+                serde_json::from_str(&engine_state).map_err(|e| corrupt(format!("engine state: {e}")))?;
+            out.push(SandboxRecord {
+                id,
+                owner,
+                name,
+                state,
+                template,
+                vcpus,
+                memory_mib,
+                disk_mib,
+                idle_timeout_ms: idle.max(0) as u64,
+                env,
+                is_default,
+                parent_id,
+                created_ms: created.max(0) as u64,
+                updated_ms: updated.max(0) as u64,
+                paused_ms: paused.map(|v| v.max(0) as u64),
+                failure,
+                engine,
+                engine_state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The recorded transitions of a sandbox, oldest first: `(from, to, reason)`.
+    pub fn transitions(&self, id: &str) -> Result<Vec<(Option<String>, String, String)>, RegistryError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT from_state, to_state, reason FROM transitions WHERE sandbox_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The state of one sandbox as stored, if it exists.
+    pub fn stored_state(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        let conn = self.lock();
+        Ok(conn
+            .query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            owner: "o".into(),
+            name: Some("n".into()),
+            state: SandboxState::Creating,
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 1024,
+            idle_timeout_ms: 1000,
+            env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+            is_default: true,
+            parent_id: None,
+            created_ms: 1,
+            updated_ms: 1,
+            paused_ms: None,
+            failure: None,
+            engine: "test".into(),
+            engine_state: serde_json::json!({"pid": 7}),
+        }
+    }
+
+    #[test]
+    fn transitions_are_recorded_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let reg = Registry::open(dir.path()).unwrap();
+            let mut r = record("sb-1");
+            reg.insert(&r, "created").unwrap();
+            r.state = SandboxState::Running;
+            reg.record_transition(&r, SandboxState::Creating, "booted").unwrap();
+            r.state = SandboxState::Paused;
+            r.paused_ms = Some(5);
+            reg.record_transition(&r, SandboxState::Running, "idle").unwrap();
+        }
+        let reg = Registry::open(dir.path()).unwrap();
+        assert_eq!(reg.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        let live = reg.load_live().unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].state, SandboxState::Paused);
+        assert_eq!(live[0].paused_ms, Some(5));
+        assert_eq!(live[0].env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(live[0].engine_state["pid"], 7);
+        let t = reg.transitions("sb-1").unwrap();
+        let states: Vec<&str> = t.iter().map(|(_, to, _)| to.as_str()).collect();
+        assert_eq!(states, ["creating", "running", "paused"]);
+        assert_eq!(t[2].2, "idle");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Registry::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join(REGISTRY_FILE_NAME)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(Registry::open(dir.path()), Err(RegistryError::TooNew { found: 99, .. })));
+    }
+}

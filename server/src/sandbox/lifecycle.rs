@@ -1,0 +1,68 @@
+//! The sandbox state machine: which transitions are legal.
+//!
+//! ```text
+//! creating → running ⇄ paused → deleted
+//!     └──────→ failed ←──┘  (any live state can fail; failed → deleted)
+//! ```
+//! The manager asks [`check`] before every transition; an illegal one is a
+//! bug or a race and is refused, never applied.
+
+use super::SandboxState;
+
+/// An illegal transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a sandbox cannot go from {} to {}", from.as_str(), to.as_str())]
+pub struct IllegalTransition {
+    /// Current state.
+    pub from: SandboxState,
+    /// Requested state.
+    pub to: SandboxState,
+}
+
+/// Checks that `from → to` is legal.
+pub fn check(from: SandboxState, to: SandboxState) -> Result<(), IllegalTransition> {
+    use SandboxState::*;
+    let legal = matches!(
+        (from, to),
+        (Creating, Running)
+            | (Creating, Failed)
+            | (Creating, Deleted)
+            | (Running, Paused)
+            | (Running, Deleted)
+            | (Running, Failed)
+            | (Paused, Running)
+            | (Paused, Deleted)
+            | (Paused, Failed)
+            | (Failed, Deleted)
+    );
+    if legal {
+        Ok(())
+    } else {
+        Err(IllegalTransition { from, to })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SandboxState::*;
+
+    #[test]
+    fn deleted_is_final_and_failed_only_deletes() {
+        for to in [Creating, Running, Paused, Failed, Deleted] {
+            assert!(check(Deleted, to).is_err(), "deleted → {to:?}");
+        }
+        for to in [Creating, Running, Paused, Failed] {
+            assert!(check(Failed, to).is_err(), "failed → {to:?}");
+        }
+        assert!(check(Failed, Deleted).is_ok());
+    }
+
+    #[test]
+    fn pause_and_resume_go_both_ways_but_not_from_creating() {
+        assert!(check(Running, Paused).is_ok());
+        assert!(check(Paused, Running).is_ok());
+        assert!(check(Creating, Paused).is_err());
+        assert!(check(Paused, Paused).is_err());
+    }
+}
