@@ -1,7 +1,6 @@
 //! Builds a [`MicroVm`] from a [`VmConfig`]: a recipe of `attach_*`/`setup_*` steps. It owns the
 //! order of setup and the device layout (ports, MMIO windows, GSIs); it never runs the guest.
 
-use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -18,7 +17,7 @@ use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIA
 use crate::microvm::{MicroVm, MicroVmParts};
 use crate::virtio_wiring::{self, VirtioWiringError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{host_is_pvm, Vm, VmError, PVM_GUEST_CMDLINE_QUIRKS};
 
 /// Bytes per MiB.
@@ -106,21 +105,13 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
     mptable::setup_mptable(&memory.memory, config.vcpus)?;
     let vcpus = create_vcpus(&vm, config.vcpus, kernel, options)?;
 
-    let (events_tx, events) = channel();
-    let control = Arc::new(VcpuControl::new(
-        vcpus.len(),
-        events_tx,
-        stop_request,
-        serial.clone(),
-    ));
     Ok(MicroVm::from_parts(MicroVmParts {
         vm,
         memory,
         vcpus,
         pio,
         mmio,
-        control,
-        events,
+        stop_request,
         serial,
         serial_device,
         virtio,

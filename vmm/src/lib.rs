@@ -18,6 +18,7 @@ pub mod snapshot;
 pub mod virtio_wiring;
 pub mod vstate;
 pub mod worker;
+pub mod worker_log;
 
 pub use builder::{build_microvm, build_microvm_with, BootOptions, BuildError};
 pub use config::{ConfigError, DiskConfig, VmConfig, VsockConfig};

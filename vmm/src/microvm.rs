@@ -4,6 +4,7 @@
 //! every resource of the VM and frees them on drop; it never decides what to do when the guest
 //! exits, and never writes files (see `snapshot`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use crate::config::VmConfig;
 use crate::devices::bus::Bus;
+use crate::devices::legacy::i8042::StopRequest;
 use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialLog};
 use crate::virtio_wiring::{VirtioDeviceState, VirtioDevices};
 use crate::vstate::memory::{take_device_dirty, BackingKind, GuestMemoryBacking, GuestMemoryMmap};
@@ -36,7 +38,7 @@ pub enum MicroVmError {
     PauseTimeout,
     #[error("starting vCPUs")]
     Vcpu(#[source] VcpuError),
-    #[error("the VM must be paused (or not yet started) to save it; it is {0:?}")]
+    #[error("the VM must be paused (or not yet started) to save it; it is {0:?} (a pause that timed out resumes the VM: pause it again)")]
     NotPaused(RunState),
     #[error("the device-event thread did not park within {PAUSE_TIMEOUT:?}")]
     DevicePauseTimeout,
@@ -71,6 +73,9 @@ pub struct MicroVm {
     virtio: VirtioDevices,
     config: VmConfig,
     dirty_logging: bool,
+    /// Set only by a [`MicroVm::pause`] that parked every vCPU and the device-event thread;
+    /// cleared by resume and by a pause that failed. Saving requires it.
+    quiesced: AtomicBool,
     /// Restored guests: every page written since the restore (bitmaps per region).
     written_since_restore: Vec<Vec<u64>>,
     // Declared last: dropped after everything that uses them, VM before memory.
@@ -94,8 +99,8 @@ pub struct MicroVmParts {
     pub vcpus: Vec<Vcpu>,
     pub pio: Bus,
     pub mmio: Bus,
-    pub control: Arc<VcpuControl>,
-    pub events: Receiver<VmEvent>,
+    /// Where the i8042 reset line asks the vCPUs to stop.
+    pub stop_request: Arc<StopRequest>,
     pub serial: Arc<SerialLog>,
     pub serial_device: Arc<Mutex<SerialDevice>>,
     pub virtio: VirtioDevices,
@@ -104,20 +109,29 @@ pub struct MicroVmParts {
 }
 
 impl MicroVm {
-    /// Assembles a built, not yet started VM.
+    /// Assembles a built (or restored), not yet started VM: the one place that wires the
+    /// vCPU control to the event stream, for boot and restore alike.
     pub fn from_parts(parts: MicroVmParts) -> Self {
+        let (events_tx, events) = channel();
+        let control = Arc::new(VcpuControl::new(
+            parts.vcpus.len(),
+            events_tx,
+            parts.stop_request,
+            parts.serial.clone(),
+        ));
         Self {
-            control: parts.control,
+            control,
             threads: Vec::new(),
             pending: parts.vcpus,
             pio: Arc::new(parts.pio),
             mmio: Arc::new(parts.mmio),
-            events: Some(parts.events),
+            events: Some(events),
             serial: parts.serial,
             serial_device: parts.serial_device,
             virtio: parts.virtio,
             config: parts.config,
             dirty_logging: false,
+            quiesced: AtomicBool::new(false),
             written_since_restore: Vec::new(),
             vm: parts.vm,
             memory: parts.memory,
@@ -143,26 +157,40 @@ impl MicroVm {
     }
 
     /// Takes every vCPU out of the guest and parks it, then parks the device-event thread:
-    /// once this returns, nothing writes guest memory (state stays in memory).
+    /// once this returns, nothing writes guest memory (state stays in memory). If either does
+    /// not park within [`PAUSE_TIMEOUT`], whatever was paused is resumed and the VM is not
+    /// saveable.
     pub fn pause(&self) -> Result<(), MicroVmError> {
+        self.pause_within(PAUSE_TIMEOUT)
+    }
+
+    /// [`MicroVm::pause`] with its own limit on how long the vCPUs and the device-event thread
+    /// may each take to park.
+    pub fn pause_within(&self, timeout: Duration) -> Result<(), MicroVmError> {
         self.require_started()?;
         match self.state() {
             RunState::Running | RunState::Paused => {}
             other => return Err(MicroVmError::NotRunning(other)),
         }
-        let parked = self.control.pause(PAUSE_TIMEOUT);
-        match self.state() {
+        self.quiesced.store(false, Ordering::SeqCst);
+        let parked = self.control.pause(timeout);
+        let result = match self.state() {
             // The guest ended (or someone stopped it) while we waited.
-            RunState::Stopped => Err(MicroVmError::NotRunning(RunState::Stopped)),
-            _ if parked => {
-                if self.virtio.pause(PAUSE_TIMEOUT) {
-                    Ok(())
-                } else {
-                    Err(MicroVmError::DevicePauseTimeout)
-                }
+            RunState::Stopped => return Err(MicroVmError::NotRunning(RunState::Stopped)),
+            _ if !parked => Err(MicroVmError::PauseTimeout),
+            _ if !self.virtio.pause(timeout) => Err(MicroVmError::DevicePauseTimeout),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.quiesced.store(true, Ordering::SeqCst),
+            Err(ref e) => {
+                // Half paused is neither running nor quiet: let everything run again.
+                tracing::warn!(error = %e, "pause failed; resuming the VM");
+                self.virtio.resume();
+                self.control.resume();
             }
-            _ => Err(MicroVmError::PauseTimeout),
         }
+        result
     }
 
     /// Lets a paused VM run again.
@@ -170,6 +198,7 @@ impl MicroVm {
         self.require_started()?;
         match self.state() {
             RunState::Running | RunState::Paused => {
+                self.quiesced.store(false, Ordering::SeqCst);
                 self.virtio.resume();
                 self.control.resume();
                 Ok(())
@@ -178,12 +207,13 @@ impl MicroVm {
         }
     }
 
-    /// Whether the VM is quiet enough to save: paused, or built and never started.
+    /// Whether the VM is quiet enough to save: built and never started, or paused by a
+    /// [`MicroVm::pause`] that parked every vCPU and the device-event thread.
     pub fn is_saveable(&self) -> bool {
         if self.threads.is_empty() {
             !self.pending.is_empty()
         } else {
-            self.state() == RunState::Paused
+            self.state() == RunState::Paused && self.quiesced.load(Ordering::SeqCst)
         }
     }
 

@@ -17,6 +17,8 @@
 //! ([`crate::confinement`]). A worker remembers its last snapshot (or the one it was restored
 //! from) as the parent of the next incremental one.
 //! The worker never reads anything but its socket; the controller never touches KVM.
+//! The worker's stdout is never the controller's (which may carry MCP); its stderr, where
+//! [`crate::worker_log::init`] logs, goes to a bounded file beside the serial log.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -38,6 +40,7 @@ use crate::snapshot::{
     restore_microvm, save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef,
 };
 use crate::vstate::vcpu::{RunState, VmEvent};
+use crate::worker_log::{open_worker_log, worker_log_path};
 
 /// Longest protocol line.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -228,6 +231,7 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     let (mut vm, mut last_snapshot) = match built {
         Ok(vm) => vm,
         Err(error) => {
+            tracing::error!(%error, "worker: could not build the VM");
             write_message(
                 &mut writer,
                 &FromWorker::Failed {
@@ -355,6 +359,28 @@ fn apply(
 
 // ------------------------------------------------------------ controller side
 
+/// Where a new worker's stderr (its log, bounded by [`crate::worker_log`]) goes: the file
+/// [`worker_log_path`] names beside the VM's serial log, so the log lives and dies with the
+/// VM's other files. A VM without a serial log file (or a restore that keeps the saved one),
+/// or a log file that cannot be opened, inherits the controller's stderr instead.
+fn worker_stderr(first: &ToWorker) -> Stdio {
+    let serial_log = match first {
+        ToWorker::Configure(config) => config.serial_log.as_deref(),
+        ToWorker::Restore { overrides, .. } => overrides.serial_log.as_deref(),
+        ToWorker::Request { .. } => None,
+    };
+    let Some(path) = serial_log.map(worker_log_path) else {
+        return Stdio::inherit();
+    };
+    match open_worker_log(&path) {
+        Ok(file) => Stdio::from(file),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "worker log file cannot be opened; the worker logs to this process's stderr");
+            Stdio::inherit()
+        }
+    }
+}
+
 struct Shared {
     child: Mutex<Child>,
     pid: u32,
@@ -425,6 +451,7 @@ impl WorkerHandle {
 
     fn spawn_with(exe: &Path, first: ToWorker) -> Result<WorkerHandle, WorkerError> {
         let (ours, theirs) = UnixStream::pair().map_err(WorkerError::SocketPair)?;
+        let stderr = worker_stderr(&first);
         let theirs_fd = theirs.as_raw_fd();
         let mut command = Command::new(exe);
         command
@@ -433,8 +460,9 @@ impl WorkerHandle {
             .arg(WORKER_CONTROL_FD.to_string())
             .stdin(Stdio::null())
             // The controller's stdout may be an MCP stdio transport: never let a worker write
-            // there. Its stderr (logs) is inherited.
-            .stdout(Stdio::null());
+            // there. Its stderr (its log) goes to a file beside the serial log.
+            .stdout(Stdio::null())
+            .stderr(stderr);
         // SAFETY: the closure runs in the child between fork and exec and only calls
         // async-signal-safe functions (dup2, fcntl).
         unsafe {
@@ -452,25 +480,37 @@ impl WorkerHandle {
                 Ok(())
             })
         };
+        // Everything that can fail without a child is made before it exists.
+        let writer = ours.try_clone().map_err(WorkerError::SocketPair)?;
+        let (ready_tx, ready_rx) = channel::<Result<(), String>>();
+        let (reply_tx, replies) = channel();
+        let (event_tx, events) = channel();
         let child = command.spawn().map_err(|source| WorkerError::Spawn {
             exe: exe.to_path_buf(),
             source,
         })?;
         drop(theirs);
         let pid = child.id();
-        let shared = Arc::new(Shared {
-            child: Mutex::new(child),
-            pid,
-            stopping: AtomicBool::new(false),
-            death: Mutex::new(None),
-        });
-        let mut writer = ours.try_clone().map_err(WorkerError::SocketPair)?;
-        write_message(&mut writer, &first)?;
+        // From here on the handle owns the child: any early return drops it, which kills and
+        // reaps the worker (no zombie, no orphan).
+        let handle = WorkerHandle {
+            shared: Arc::new(Shared {
+                child: Mutex::new(child),
+                pid,
+                stopping: AtomicBool::new(false),
+                death: Mutex::new(None),
+            }),
+            writer: Mutex::new(writer),
+            replies: Mutex::new(replies),
+            events: Mutex::new(Some(events)),
+            next_id: AtomicU64::new(1),
+        };
+        write_message(
+            &mut *handle.writer.lock().unwrap_or_else(|p| p.into_inner()),
+            &first,
+        )?;
 
-        let (ready_tx, ready_rx) = channel::<Result<(), String>>();
-        let (reply_tx, replies) = channel();
-        let (event_tx, events) = channel();
-        let reader_shared = shared.clone();
+        let reader_shared = handle.shared.clone();
         std::thread::Builder::new()
             .name(format!("worker-{pid}-reader"))
             .spawn(move || read_worker(ours, reader_shared, ready_tx, reply_tx, event_tx))
@@ -479,13 +519,6 @@ impl WorkerHandle {
                 source,
             })?;
 
-        let handle = WorkerHandle {
-            shared,
-            writer: Mutex::new(writer),
-            replies: Mutex::new(replies),
-            events: Mutex::new(Some(events)),
-            next_id: AtomicU64::new(1),
-        };
         match ready_rx.recv_timeout(BUILD_TIMEOUT) {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(error)) => Err(WorkerError::BuildFailed(error)),

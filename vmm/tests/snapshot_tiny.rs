@@ -170,3 +170,32 @@ fn incremental_snapshot_writes_about_the_pages_the_guest_touched() {
     assert!(snapshot_u64(&inc3, COUNTER_ADDR) > snapshot_u64(&inc2, COUNTER_ADDR));
     restored.stop().unwrap();
 }
+
+#[test]
+fn a_confined_worker_clears_stale_partial_snapshots_of_dead_workers() {
+    if !kvm_usable() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // What a worker killed mid-save leaves: `<dir>.partial-<pid>` of a pid that is gone.
+    let mut gone = std::process::Command::new("/bin/true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let stale = tmp.path().join(format!("old.partial-{gone_pid}"));
+    std::fs::create_dir_all(stale.join("nested")).unwrap();
+    std::fs::write(stale.join("memory.bin"), vec![7u8; 1 << 16]).unwrap();
+    std::fs::write(stale.join("nested").join("x"), b"x").unwrap();
+
+    let payload = elf_payload(&COUNTER_AND_TSC);
+    let worker = start_worker(tiny_config(payload.path(), 64));
+    run_for(&worker, RUN_TIME);
+    // Under its seccomp filter: a forbidden syscall here would kill the worker.
+    worker.snapshot(&tmp.path().join("snap"), false).unwrap();
+    assert!(!stale.exists(), "stale partial snapshot survived");
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["snap".to_string()]);
+    worker.stop().unwrap();
+}

@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use capsule_vmm::devices::legacy::i8042::ResetSource;
-use capsule_vmm::{build_microvm, build_microvm_with, BootOptions, RunState, VmConfig, VmEvent};
+use capsule_vmm::snapshot::{save_snapshot, SnapshotError};
+use capsule_vmm::{
+    build_microvm, build_microvm_with, BootOptions, MicroVmError, RunState, VmConfig, VmEvent,
+};
 use common::{asm, elf_payload, kvm_usable, COUNTER_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -128,10 +131,11 @@ fn counter_passes(vm: &capsule_vmm::MicroVm, floor: u64) -> bool {
     false
 }
 
-#[test]
-fn paused_guest_counter_stands_still_and_resumes() {
+/// A started guest that increments the counter at COUNTER_ADDR forever, seen running; `None`
+/// where KVM is not usable.
+fn running_counter_guest() -> Option<capsule_vmm::MicroVm> {
     if !kvm_usable() {
-        return;
+        return None;
     }
     // loop: inc qword [COUNTER_ADDR]; jmp loop
     let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
@@ -139,6 +143,14 @@ fn paused_guest_counter_stands_still_and_resumes() {
     let mut vm = build_microvm(&config_for(payload.path())).unwrap();
     vm.start().unwrap();
     assert!(counter_passes(&vm, 0), "the guest never ran");
+    Some(vm)
+}
+
+#[test]
+fn paused_guest_counter_stands_still_and_resumes() {
+    let Some(mut vm) = running_counter_guest() else {
+        return;
+    };
     vm.pause().unwrap();
     assert_eq!(vm.state(), RunState::Paused);
     let paused_at = read_counter(&vm);
@@ -153,6 +165,51 @@ fn paused_guest_counter_stands_still_and_resumes() {
     vm.stop();
     assert_eq!(vm.state(), RunState::Stopped);
     assert!(vm.pause().is_err());
+}
+
+#[test]
+fn a_pause_that_times_out_resumes_the_guest_and_refuses_to_save() {
+    let Some(mut vm) = running_counter_guest() else {
+        return;
+    };
+    // With no time allowed, the vCPU is still in KVM_RUN when the deadline passes (a rare
+    // pause that wins the race just gets undone and retried).
+    let mut timed_out = false;
+    for _ in 0..100 {
+        match vm.pause_within(Duration::ZERO) {
+            Err(MicroVmError::PauseTimeout) => {
+                timed_out = true;
+                break;
+            }
+            Ok(()) => vm.resume().unwrap(),
+            Err(e) => panic!("pause failed otherwise: {e}"),
+        }
+    }
+    assert!(timed_out, "a zero-time pause never timed out");
+    assert!(
+        !vm.is_saveable(),
+        "a VM whose pause timed out counts as saveable"
+    );
+    assert_eq!(vm.state(), RunState::Running);
+    let at = read_counter(&vm);
+    assert!(
+        counter_passes(&vm, at),
+        "the guest stayed parked after its pause failed"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    match save_snapshot(&mut vm, &tmp.path().join("snap"), None) {
+        Err(SnapshotError::Save(MicroVmError::NotPaused(RunState::Running))) => {}
+        other => panic!("saving after a failed pause gave {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "a refused save left files behind"
+    );
+    // A pause with time to finish makes it saveable again.
+    vm.pause().unwrap();
+    assert!(vm.is_saveable());
+    vm.stop();
 }
 
 #[test]

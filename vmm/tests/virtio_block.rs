@@ -6,7 +6,9 @@ mod virtio_common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
-use capsule_vmm::devices::virtio::block::{Block, BlockConfig, SECTOR_BYTES};
+use capsule_vmm::devices::virtio::block::{
+    Block, BlockConfig, MAX_DATA_SEGMENTS, MAX_SEGMENT_BYTES, SECTOR_BYTES,
+};
 use capsule_vmm::devices::virtio::device::VirtioDevice;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -190,7 +192,15 @@ fn capacity_and_seg_max_in_config_space() {
     assert_eq!(u64::from_le_bytes(cap), DISK_SECTORS);
     let mut seg_max = [0u8; 4];
     dev.read_config(12, &mut seg_max);
-    assert_eq!(u32::from_le_bytes(seg_max), 254);
+    assert_eq!(u32::from_le_bytes(seg_max), MAX_DATA_SEGMENTS);
+    let mut size_max = [0u8; 4];
+    dev.read_config(8, &mut size_max);
+    assert_eq!(u32::from_le_bytes(size_max), MAX_SEGMENT_BYTES);
+    assert_ne!(
+        dev.avail_features() & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_SIZE_MAX),
+        0,
+        "size_max is not advertised"
+    );
     let mut beyond = [0xffu8; 4];
     dev.read_config(4000, &mut beyond);
     assert_eq!(beyond, [0; 4]);
@@ -260,4 +270,38 @@ fn device_keeps_serving_after_a_malformed_chain() {
     assert_eq!(driver.used(0).1, 0);
     assert_eq!(driver.used(1).1, 513);
     assert!(read_bytes(&mem, DATA, 512).iter().all(|&b| b == 2));
+}
+
+#[test]
+fn a_data_descriptor_larger_than_size_max_is_ioerr() {
+    // A disk large enough that the request is in range: only its segment size is wrong.
+    let d = disk();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&d.path)
+        .expect("open disk")
+        .set_len(4 * u64::from(MAX_SEGMENT_BYTES))
+        .expect("grow disk");
+    let mem = guest_memory();
+    let mut dev = block(&d, false);
+    let too_big = MAX_SEGMENT_BYTES + SECTOR_BYTES as u32;
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    let (len, status) = run(
+        &mut dev,
+        &mem,
+        &[r(HDR, 16), w(DATA, too_big), w(STATUS, 1)],
+    );
+    assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR as u8));
+    // Exactly size_max is served.
+    let mut dev = block(&d, false);
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    let (len, status) = run(
+        &mut dev,
+        &mem,
+        &[r(HDR, 16), w(DATA, MAX_SEGMENT_BYTES), w(STATUS, 1)],
+    );
+    assert_eq!(
+        (len, status),
+        (MAX_SEGMENT_BYTES + 1, VIRTIO_BLK_S_OK as u8)
+    );
 }

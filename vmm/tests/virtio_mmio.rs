@@ -321,3 +321,42 @@ fn restore_rejects_snapshot_for_another_device_shape() {
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     assert!(MmioTransport::restore(b.mem.clone(), dev, irq, &state).is_err());
 }
+
+/// A `Write` into a shared buffer, for capturing log output.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_guest_hammering_bad_registers_cannot_flood_the_host_log() {
+    use capsule_vmm::devices::guest_log::GUEST_WARN_BURST;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let mut b = bench();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut two = [0u8; 2];
+        for _ in 0..10_000 {
+            // Register reads must be 4 aligned bytes: each of these is a guest error.
+            b.t.read(MAGIC, &mut two);
+        }
+    });
+    let log = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8");
+    let lines = log.lines().filter(|l| l.contains("virtio-mmio")).count();
+    assert!(
+        lines >= 1 && lines <= GUEST_WARN_BURST as usize,
+        "{lines} warning lines for 10000 bad reads:\n{log}"
+    );
+}

@@ -182,3 +182,58 @@ fn a_build_failure_comes_back_from_spawn_with_its_cause() {
     assert!(matches!(err, WorkerError::BuildFailed(_)), "{text}");
     assert!(text.contains("kernel: /nonexistent/vmlinux"), "{text}");
 }
+
+/// Children of this process that are zombies running `comm`.
+fn zombie_children(comm: &str) -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // pid (comm) state ppid ...
+            let Some((head, tail)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let fields: Vec<&str> = tail.split_whitespace().collect();
+            head.ends_with(&format!("({comm}"))
+                && fields.first() == Some(&"Z")
+                && fields.get(1) == Some(&me.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn a_spawn_that_fails_after_the_child_started_leaves_no_zombie() {
+    // `true` ignores its arguments and exits at once, so writing a first message larger than
+    // the socket buffer fails (EPIPE) after the child was started.
+    let exe = Path::new("/bin/true");
+    let mut config = VmConfig::new("/nonexistent/vmlinux", "x".repeat(8 << 20));
+    config.mem_mib = 64;
+    let err = WorkerHandle::spawn(exe, config).unwrap_err();
+    // The child exists by now: this is the path that used to drop it unreaped.
+    assert!(matches!(err, WorkerError::Write(_)), "{err}");
+    let zombies = zombie_children("true");
+    assert!(zombies.is_empty(), "unreaped workers: {zombies:?}");
+}
+
+#[test]
+fn a_workers_log_lands_in_a_file_beside_its_serial_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let mut config = VmConfig::new("/nonexistent/vmlinux", "");
+    config.mem_mib = 64;
+    config.serial_log = Some(serial.clone());
+    let err = WorkerHandle::spawn(Path::new(WORKER_EXE), config).unwrap_err();
+    assert!(matches!(err, WorkerError::BuildFailed(_)), "{err}");
+    // The worker logs the failure before it reports it, so the line is there by now.
+    let log_path = capsule_vmm::worker_log::worker_log_path(&serial);
+    let log = std::fs::read_to_string(&log_path)
+        .unwrap_or_else(|e| panic!("no worker log at {}: {e}", log_path.display()));
+    assert!(
+        log.contains("could not build the VM") && log.contains("/nonexistent/vmlinux"),
+        "worker log:\n{log}"
+    );
+}

@@ -14,6 +14,7 @@ fn main() {
         eprintln!("usage: capsule-vmm-worker {WORKER_SUBCOMMAND} {CONTROL_FD_FLAG} <fd>");
         std::process::exit(2);
     };
+    capsule_vmm::worker_log::init();
     if let Err(e) = run_worker(fd) {
         eprintln!("capsule-vmm-worker: {}", error_chain(&e));
         std::process::exit(1);

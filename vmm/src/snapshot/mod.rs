@@ -1,10 +1,12 @@
 //! Snapshots: saving a paused [`MicroVm`] to a directory and building a new VM from one.
 //!
 //! A snapshot directory holds `state.bin` (the [`MicrovmState`] tree in the versioned,
-//! checksummed container of [`format`]) and `memory.bin` (guest RAM, file offset = RAM offset,
+//! checksummed container of [`format`](mod@format)) and `memory.bin` (guest RAM, file offset = RAM offset,
 //! see [`memory_file`]). It is written under `<dir>.partial-<pid>`, every file is fsynced,
 //! then the directory is renamed into place and its parent fsynced: a crash leaves either the
-//! old state or a `.partial-*` directory, never a `<dir>` that looks whole but is not.
+//! old state or a `.partial-*` directory, never a `<dir>` that looks whole but is not. A save
+//! that fails removes its partial directory, and the next save into the same parent removes
+//! partial directories of processes that no longer exist ([`partial_dir`]).
 //! `state.bin` is written last, so a partial directory also fails to load on its own.
 //!
 //! Restore maps `memory.bin` `MAP_PRIVATE` (pages load lazily from the page cache, writes are
@@ -34,11 +36,11 @@
 
 pub mod format;
 pub mod memory_file;
+pub mod partial_dir;
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -52,10 +54,11 @@ use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog};
 use crate::microvm::{MachineState, MicroVm, MicroVmError, MicroVmParts};
 use crate::virtio_wiring::{self, VirtioWiringError};
 use crate::vstate::memory::{map_snapshot_memory, MemoryError, MemoryLayer, PageRun};
-use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuStateError};
+use crate::vstate::vcpu::{Vcpu, VcpuStateError};
 use crate::vstate::vm::{host_is_pvm, Vm, VmError};
 use format::FormatError;
 use memory_file::MemoryFileError;
+use partial_dir::{PartialDir, PartialDirError};
 
 /// The state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
@@ -86,6 +89,8 @@ pub enum SnapshotError {
     },
     #[error("saving the VM")]
     Save(#[source] MicroVmError),
+    #[error("preparing the snapshot directory")]
+    PartialDir(#[source] PartialDirError),
     #[error(
         "an incremental snapshot needs a previous snapshot of this VM (take a full one first)"
     )]
@@ -208,14 +213,6 @@ pub struct RestoreOverrides {
     pub disks: Vec<PathBuf>,
 }
 
-fn partial_dir(dir: &Path) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "snapshot".into());
-    dir.with_file_name(format!("{name}.partial-{}", std::process::id()))
-}
-
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
     File::open(path)
         .and_then(|d| d.sync_all())
@@ -244,11 +241,9 @@ pub fn save_snapshot(
     }
     let machine = vm.save_state().map_err(SnapshotError::Save)?;
 
-    let tmp = partial_dir(dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io_err("removing stale partial snapshot", &tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(io_err("creating snapshot directory", &tmp))?;
+    // Removed again on every error path below (the guard's drop).
+    let partial = PartialDir::create(dir).map_err(SnapshotError::PartialDir)?;
+    let tmp = partial.path().to_path_buf();
 
     let mem_path = tmp.join(MEMORY_FILE);
     let mem_file = OpenOptions::new()
@@ -320,7 +315,7 @@ pub fn save_snapshot(
             .map_err(io_err("fsyncing state file", &state_path))?;
     }
     sync_dir(&tmp)?;
-    std::fs::rename(&tmp, dir).map_err(io_err("renaming the snapshot into place at", dir))?;
+    partial.commit(dir).map_err(SnapshotError::PartialDir)?;
     let dir = std::fs::canonicalize(dir).map_err(io_err("resolving snapshot directory", dir))?;
     if let Some(parent_dir) = dir.parent() {
         sync_dir(parent_dir)?;
@@ -568,21 +563,13 @@ pub fn restore_microvm(
     )
     .map_err(SnapshotError::Virtio)?;
 
-    let (events_tx, events) = channel();
-    let control = Arc::new(VcpuControl::new(
-        vcpus.len(),
-        events_tx,
-        stop_request,
-        serial.clone(),
-    ));
     let mut microvm = MicroVm::from_parts(MicroVmParts {
         vm,
         memory,
         vcpus,
         pio,
         mmio,
-        control,
-        events,
+        stop_request,
         serial,
         serial_device: serial_device as Arc<Mutex<SerialDevice>>,
         virtio,

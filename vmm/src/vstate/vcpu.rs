@@ -565,7 +565,7 @@ fn state_err(ioctl: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -
     }
 }
 
-/// The MSR numbers worth saving: KVM's index list plus [`EXTRA_SAVED_MSRS`].
+/// The MSR numbers worth saving: KVM's index list plus `EXTRA_SAVED_MSRS`.
 pub fn saved_msr_indices(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm
         .get_msr_index_list()

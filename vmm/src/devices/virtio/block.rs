@@ -5,6 +5,9 @@
 //! execution against the backing file. It never trusts the guest: every
 //! descriptor is checked, every sector range is bounds-checked against the
 //! capacity, and a malformed chain is completed with length 0, never a panic.
+//! It advertises seg_max ([`MAX_DATA_SEGMENTS`]) and size_max ([`MAX_SEGMENT_BYTES`]), which
+//! Linux honours; a request with a larger data descriptor completes with IOERR, so a request
+//! never moves more than [`MAX_REQUEST_DATA_BYTES`] and its used length always fits 32 bits.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -13,18 +16,18 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use super::chain::{total_len, Chain, ChainError, Segment};
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon,
     VirtioDevice, VIRTIO_F_VERSION_1_BIT,
 };
+use crate::devices::guest_log::GuestWarnLimiter;
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -36,6 +39,13 @@ pub const SECTOR_BYTES: u64 = 512;
 pub const REQUEST_HEADER_BYTES: u32 = 16;
 /// Most data descriptors per request (advertised as seg_max).
 pub const MAX_DATA_SEGMENTS: u32 = BLOCK_QUEUE_SIZE as u32 - 2;
+/// Largest data descriptor, in bytes (advertised as size_max; Linux caps each segment at it).
+/// A request with a larger data descriptor completes with IOERR.
+pub const MAX_SEGMENT_BYTES: u32 = 1 << 20;
+/// Largest data length of one request, in bytes: what seg_max segments of size_max bytes hold
+/// (254 MiB). Well below 4 GiB, so a used length always fits the ring's 32 bits.
+pub const MAX_REQUEST_DATA_BYTES: u64 = MAX_DATA_SEGMENTS as u64 * MAX_SEGMENT_BYTES as u64;
+const _: () = assert!(MAX_REQUEST_DATA_BYTES < u32::MAX as u64);
 /// Length of the GET_ID answer.
 pub const DISK_ID_BYTES: usize = 20;
 /// Bounce-buffer size for copying between the file and guest memory.
@@ -213,8 +223,7 @@ pub struct Block<M> {
     file: File,
     capacity_sectors: u64,
     config_space: Vec<u8>,
-    active: Option<ActiveState<M>>,
-    queue_sizes: [u16; 1],
+    common: VirtioCommon<M>,
 }
 
 impl<M> Block<M> {
@@ -239,15 +248,14 @@ impl<M> Block<M> {
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config_space = Vec::with_capacity(16);
         config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
-        config_space.extend_from_slice(&0u32.to_le_bytes());
+        config_space.extend_from_slice(&MAX_SEGMENT_BYTES.to_le_bytes());
         config_space.extend_from_slice(&MAX_DATA_SEGMENTS.to_le_bytes());
         Ok(Self {
             config,
             file,
             capacity_sectors,
             config_space,
-            active: None,
-            queue_sizes: [BLOCK_QUEUE_SIZE],
+            common: VirtioCommon::new(&[BLOCK_QUEUE_SIZE]),
         })
     }
 
@@ -270,47 +278,30 @@ impl<M> Block<M> {
 impl<M: DeviceMemory> Block<M> {
     /// Serves every pending request; returns how many were completed.
     pub fn process_queue(&mut self) -> usize {
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let mem = active.mem.clone();
-        let mut completed = 0;
-        loop {
-            let queue = &mut active.queues[0];
-            let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
-                break;
-            };
-            let head = desc_chain.head_index();
-            let request = Chain::collect(desc_chain)
-                .map_err(RequestError::Chain)
-                .and_then(|chain| parse_request(&mem, &chain));
-            let used_len = match request {
-                Ok(req) => {
-                    let (status, data_len) =
-                        execute(&self.file, &self.config, self.capacity_sectors, &mem, &req);
-                    match mem.write_obj(status, req.status.addr) {
-                        Ok(()) => data_len.saturating_add(1),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "virtio-blk: writing status failed");
-                            0
+        let (file, config, capacity_sectors) = (&self.file, &self.config, self.capacity_sectors);
+        self.common
+            .serve_queue(0, "virtio-blk", |mem, desc_chain, warnings| {
+                let request = Chain::collect(desc_chain)
+                    .map_err(RequestError::Chain)
+                    .and_then(|chain| parse_request(mem, &chain));
+                Some(match request {
+                    Ok(req) => {
+                        let (status, data_len) =
+                            execute(file, config, capacity_sectors, mem, &req, warnings);
+                        match mem.write_obj(status, req.status.addr) {
+                            Ok(()) => data_len.saturating_add(1),
+                            Err(e) => {
+                                crate::guest_warn!(*warnings, error = %e, "virtio-blk: writing status failed");
+                                0
+                            }
                         }
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-blk: malformed request rejected");
-                    0
-                }
-            };
-            if let Err(e) = active.queues[0].add_used(&mem, head, used_len) {
-                tracing::error!(error = %e, "virtio-blk: add_used failed");
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 {
-            active.interrupt.signal_used_queue();
-        }
-        completed
+                    Err(e) => {
+                        crate::guest_warn!(*warnings, error = %e, "virtio-blk: malformed request rejected");
+                        0
+                    }
+                })
+            })
     }
 }
 
@@ -321,19 +312,39 @@ fn execute<M: GuestMemory>(
     capacity_sectors: u64,
     mem: &M,
     req: &Request,
+    warnings: &mut GuestWarnLimiter,
 ) -> (u8, u32) {
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
     match req.request_type {
         RequestType::In | RequestType::Out => {
+            if let Some(seg) = req.data.iter().find(|s| s.len > MAX_SEGMENT_BYTES) {
+                crate::guest_warn!(
+                    *warnings,
+                    segment_bytes = seg.len,
+                    max_segment_bytes = MAX_SEGMENT_BYTES,
+                    "virtio-blk: data descriptor larger than size_max"
+                );
+                return (IOERR, 0);
+            }
             let len = total_len(&req.data);
+            if len > MAX_REQUEST_DATA_BYTES {
+                crate::guest_warn!(
+                    *warnings,
+                    len,
+                    max_request_data_bytes = MAX_REQUEST_DATA_BYTES,
+                    "virtio-blk: request data longer than the device accepts"
+                );
+                return (IOERR, 0);
+            }
             let in_range = len % SECTOR_BYTES == 0
                 && req
                     .sector
                     .checked_add(len / SECTOR_BYTES)
                     .is_some_and(|end| end <= capacity_sectors);
             if !in_range {
-                tracing::warn!(
+                crate::guest_warn!(
+                    *warnings,
                     sector = req.sector,
                     len,
                     capacity_sectors,
@@ -342,7 +353,8 @@ fn execute<M: GuestMemory>(
                 return (IOERR, 0);
             }
             if req.request_type == RequestType::Out && config.read_only {
-                tracing::warn!(
+                crate::guest_warn!(
+                    *warnings,
                     sector = req.sector,
                     "virtio-blk: write to read-only disk refused"
                 );
@@ -351,9 +363,10 @@ fn execute<M: GuestMemory>(
             let write = req.request_type == RequestType::Out;
             match copy_data(file, mem, &req.data, req.sector * SECTOR_BYTES, write) {
                 Ok(()) if write => (OK, 0),
-                Ok(()) => (OK, len as u32),
+                // At most MAX_REQUEST_DATA_BYTES, checked above.
+                Ok(()) => (OK, u32::try_from(len).unwrap_or(u32::MAX)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "virtio-blk: I/O failed");
+                    crate::guest_warn!(*warnings, error = %e, "virtio-blk: I/O failed");
                     (IOERR, 0)
                 }
             }
@@ -361,7 +374,7 @@ fn execute<M: GuestMemory>(
         RequestType::Flush => match file.sync_data() {
             Ok(()) => (OK, 0),
             Err(e) => {
-                tracing::warn!(error = %e, "virtio-blk: flush failed");
+                crate::guest_warn!(*warnings, error = %e, "virtio-blk: flush failed");
                 (IOERR, 0)
             }
         },
@@ -373,13 +386,17 @@ fn execute<M: GuestMemory>(
             match super::chain::write_segments(mem, &req.data, &id) {
                 Ok(n) => (OK, n as u32),
                 Err(e) => {
-                    tracing::warn!(error = %e, "virtio-blk: writing disk id failed");
+                    crate::guest_warn!(*warnings, error = %e, "virtio-blk: writing disk id failed");
                     (IOERR, 0)
                 }
             }
         }
         RequestType::Unsupported(t) => {
-            tracing::warn!(request_type = t, "virtio-blk: unsupported request type");
+            crate::guest_warn!(
+                *warnings,
+                request_type = t,
+                "virtio-blk: unsupported request type"
+            );
             (VIRTIO_BLK_S_UNSUPP as u8, 0)
         }
     }
@@ -455,12 +472,14 @@ impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
-        let mut features =
-            VIRTIO_F_VERSION_1_BIT | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut features = VIRTIO_F_VERSION_1_BIT
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX);
         if self.config.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -472,19 +491,15 @@ impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ActiveState::from_context(ctx, 1)?);
-        Ok(())
+        self.common.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.active
-            .as_ref()
-            .map(ActiveState::queue_snapshots)
-            .unwrap_or_default()
+        self.common.queue_snapshots()
     }
 
     fn queue_notify(&mut self, _queue_index: u32) {
@@ -492,6 +507,6 @@ impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.common.reset();
     }
 }

@@ -1,6 +1,7 @@
 //! What every virtio device shares: the [`VirtioDevice`] trait the transport
 //! drives, the interrupt line the device raises, and the state a device holds
-//! once the driver has activated it ([`ActiveState`]).
+//! once the driver has activated it ([`ActiveState`]), and the bookkeeping and queue-serving
+//! loop each device delegates to ([`VirtioCommon`]).
 //!
 //! This module never parses guest buffers and never knows which transport
 //! carries the device.
@@ -11,9 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::guest_log::GuestWarnLimiter;
 
 /// Feature bit VIRTIO_F_VERSION_1 (include/uapi/linux/virtio_config.h): every
 /// device we offer is a modern (non-legacy) device.
@@ -153,6 +156,95 @@ pub struct ActiveState<M> {
     pub interrupt: Arc<Interrupt>,
     /// The features the driver accepted.
     pub acked_features: u64,
+}
+
+/// What every device holds for the transport (Cloud Hypervisor's `VirtioCommon`): its queue
+/// sizes, its [`ActiveState`] once the driver activated it, and its budget of guest-triggered
+/// warnings. Devices delegate the bookkeeping methods of [`VirtioDevice`] here and serve their
+/// queues with [`VirtioCommon::serve_queue`], adding only their own request logic.
+pub struct VirtioCommon<M> {
+    queue_sizes: Vec<u16>,
+    /// Present between activation and reset.
+    pub active: Option<ActiveState<M>>,
+    /// Rate limit for warnings the guest can trigger through this device.
+    pub warnings: GuestWarnLimiter,
+}
+
+impl<M> VirtioCommon<M> {
+    /// A device with queues of these maximum sizes, not yet activated.
+    pub fn new(queue_sizes: &[u16]) -> Self {
+        Self {
+            queue_sizes: queue_sizes.to_vec(),
+            active: None,
+            warnings: GuestWarnLimiter::new(),
+        }
+    }
+
+    /// [`VirtioDevice::queue_max_sizes`].
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// [`VirtioDevice::is_activated`].
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// [`VirtioDevice::queue_snapshots`]: empty before activation.
+    pub fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(ActiveState::queue_snapshots)
+            .unwrap_or_default()
+    }
+
+    /// [`VirtioDevice::reset`]: forgets the queues and memory.
+    pub fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl<M: DeviceMemory> VirtioCommon<M> {
+    /// [`VirtioDevice::activate`]: takes the driver's queues (one per queue size).
+    pub fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
+        self.active = Some(ActiveState::from_context(ctx, self.queue_sizes.len())?);
+        Ok(())
+    }
+
+    /// Pops each available chain of queue `index` and hands it to `serve`, which returns the
+    /// used length to complete it with, or `None` to put it back and stop (nothing to put in
+    /// it yet). Signals the driver once if anything completed; returns how many did. A used
+    /// ring the device cannot write stops the loop with a (rate-limited) warning. Does nothing
+    /// before activation.
+    pub fn serve_queue<F>(&mut self, index: usize, device: &'static str, mut serve: F) -> usize
+    where
+        F: for<'a> FnMut(&'a M, DescriptorChain<&'a M>, &mut GuestWarnLimiter) -> Option<u32>,
+    {
+        let Some(active) = self.active.as_mut() else {
+            return 0;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(index) else {
+            return 0;
+        };
+        let mut completed = 0;
+        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let Some(used_len) = serve(&mem, chain, &mut self.warnings) else {
+                queue.go_to_previous_position();
+                break;
+            };
+            if let Err(e) = queue.add_used(&mem, head, used_len) {
+                crate::guest_warn!(self.warnings, error = %e, device, queue = index, "virtio: writing the used ring failed");
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            active.interrupt.signal_used_queue();
+        }
+        completed
+    }
 }
 
 impl<M> ActiveState<M> {

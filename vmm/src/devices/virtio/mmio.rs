@@ -8,6 +8,7 @@
 //! [`MmioTransport::write`] with offsets relative to the 4 KiB window. Every
 //! guest access is validated; bad ones are logged and ignored, never a panic.
 
+use crate::devices::guest_log::GuestWarnLimiter;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -115,6 +116,8 @@ pub struct MmioTransport<M> {
     queue_select: u32,
     queues: Vec<Queue>,
     config_generation: u32,
+    /// Budget of warnings the guest can trigger through this window.
+    warnings: GuestWarnLimiter,
 }
 
 impl<M: DeviceMemory> MmioTransport<M> {
@@ -152,6 +155,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
             queue_select: 0,
             queues,
             config_generation: 0,
+            warnings: GuestWarnLimiter::new(),
         })
     }
 
@@ -247,7 +251,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_ok(offset, data.len()) {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     offset,
                     len = data.len(),
                     "virtio-mmio: bad config read, ignored"
@@ -259,7 +264,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register read must be 4 aligned bytes, ignored"
@@ -271,7 +277,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
         data.copy_from_slice(&value.to_le_bytes());
     }
 
-    fn read_register(&self, offset: u32) -> u32 {
+    fn read_register(&mut self, offset: u32) -> u32 {
         match offset {
             reg::VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
             reg::VIRTIO_MMIO_VERSION => MMIO_VERSION,
@@ -293,7 +299,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             reg::VIRTIO_MMIO_SHM_LEN_LOW | reg::VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX, // no shared memory regions
             reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     offset,
                     "virtio-mmio: read of unknown or write-only register"
                 );
@@ -306,7 +313,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_ok(offset, data.len()) {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     offset,
                     len = data.len(),
                     "virtio-mmio: bad config write, ignored"
@@ -314,7 +322,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
                 return;
             }
             if self.device_status & VIRTIO_CONFIG_S_DRIVER == 0 {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     offset,
                     "virtio-mmio: config write before DRIVER status, ignored"
                 );
@@ -324,7 +333,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register write must be 4 bytes, ignored"
@@ -332,7 +342,11 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         };
         if offset % 4 != 0 {
-            tracing::warn!(offset, "virtio-mmio: unaligned register write, ignored");
+            crate::guest_warn!(
+                self.warnings,
+                offset,
+                "virtio-mmio: unaligned register write, ignored"
+            );
             return;
         }
         self.write_register(offset as u32, u32::from_le_bytes(bytes));
@@ -376,7 +390,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
             reg::VIRTIO_MMIO_STATUS => self.write_status(value),
             reg::VIRTIO_MMIO_SHM_SEL => {}
-            _ => tracing::warn!(
+            _ => crate::guest_warn!(
+                self.warnings,
                 offset,
                 value,
                 "virtio-mmio: write of unknown or read-only register, ignored"
@@ -395,7 +410,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         if status & VIRTIO_CONFIG_S_FEATURES_OK == 0
             || status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) != 0
         {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 what,
                 status,
                 "virtio-mmio: queue setup outside FEATURES_OK..DRIVER_OK, ignored"
@@ -404,7 +420,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         }
         let select = self.queue_select;
         let Some(queue) = self.queues.get_mut(select as usize) else {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 what,
                 queue = select,
                 "virtio-mmio: queue setup for a queue the device lacks, ignored"
@@ -412,7 +429,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         };
         if queue.ready() {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 what,
                 queue = select,
                 "virtio-mmio: queue setup while queue is ready, ignored"
@@ -420,7 +438,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         }
         if !apply(queue) {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 what,
                 queue = select,
                 "virtio-mmio: invalid queue setup value, ignored"
@@ -431,7 +450,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
     fn write_queue_ready(&mut self, value: u32) {
         let status = self.device_status;
         if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 || status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 status,
                 "virtio-mmio: QueueReady outside FEATURES_OK..DRIVER_OK, ignored"
             );
@@ -440,7 +460,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         let mem = &self.mem;
         let select = self.queue_select;
         let Some(queue) = self.queues.get_mut(select as usize) else {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 queue = select,
                 "virtio-mmio: QueueReady for a queue the device lacks, ignored"
             );
@@ -451,21 +472,27 @@ impl<M: DeviceMemory> MmioTransport<M> {
             1 => {
                 queue.set_ready(true);
                 if !queue.is_valid(mem) {
-                    tracing::warn!(
+                    crate::guest_warn!(
+                        self.warnings,
                         queue = select,
                         "virtio-mmio: queue rings not in guest memory, QueueReady refused"
                     );
                     queue.set_ready(false);
                 }
             }
-            _ => tracing::warn!(value, "virtio-mmio: QueueReady must be 0 or 1, ignored"),
+            _ => crate::guest_warn!(
+                self.warnings,
+                value,
+                "virtio-mmio: QueueReady must be 0 or 1, ignored"
+            ),
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         let status = self.device_status;
         if status & VIRTIO_CONFIG_S_DRIVER == 0 || status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 status,
                 "virtio-mmio: DriverFeatures outside DRIVER..FEATURES_OK, ignored"
             );
@@ -475,7 +502,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             0 => (0, 0xffff_ffffu64),
             1 => (32, 0xffff_ffff_0000_0000u64),
             sel => {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     sel,
                     "virtio-mmio: DriverFeaturesSel beyond 1, write ignored"
                 );
@@ -485,7 +513,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         let requested = u64::from(value) << shift;
         let offered = requested & self.avail_features;
         if offered != requested {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 not_offered = requested & !self.avail_features,
                 "virtio-mmio: driver acked features the device does not offer, dropped"
             );
@@ -500,7 +529,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         }
         let old = self.device_status;
         if value & old != old {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 old,
                 value,
                 "virtio-mmio: driver cleared status bits without reset, ignored"
@@ -515,7 +545,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             && (added & VIRTIO_CONFIG_S_FEATURES_OK == 0 || old & VIRTIO_CONFIG_S_DRIVER != 0)
             && (added & VIRTIO_CONFIG_S_DRIVER_OK == 0 || old & VIRTIO_CONFIG_S_FEATURES_OK != 0);
         if !order_ok {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 old,
                 value,
                 "virtio-mmio: status bits set out of order, ignored"
@@ -525,7 +556,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.acked_features & VIRTIO_F_VERSION_1_BIT == 0
         {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1, FEATURES_OK refused"
             );
             new &= !VIRTIO_CONFIG_S_FEATURES_OK;
@@ -542,7 +574,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
             match Queue::try_from(q.state()) {
                 Ok(copy) if copy.ready() => queues.push(copy),
                 _ => {
-                    tracing::warn!(
+                    crate::guest_warn!(
+                        self.warnings,
                         queue = index,
                         "virtio-mmio: DRIVER_OK with a queue not ready"
                     );
@@ -572,7 +605,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
 
     fn notify(&mut self, value: u32) {
         if self.device_status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 queue = value,
                 "virtio-mmio: QueueNotify before DRIVER_OK, ignored"
             );
@@ -580,7 +614,8 @@ impl<M: DeviceMemory> MmioTransport<M> {
         }
         // With VIRTIO_F_NOTIFICATION_DATA not offered, the value is the queue index.
         if value as usize >= self.queues.len() {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 queue = value,
                 "virtio-mmio: QueueNotify for a queue the device lacks, ignored"
             );

@@ -5,12 +5,12 @@
 //! pool) and gives at most [`MAX_RNG_BYTES_PER_REQUEST`] per request.
 
 use thiserror::Error;
-use virtio_queue::QueueT;
 
 use super::chain::{write_segments, Chain, Segment};
 use super::device::{
-    ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot, VirtioDevice,
+    ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
 };
+use crate::devices::guest_log::GuestWarnLimiter;
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -49,8 +49,7 @@ pub fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
 
 /// The entropy device.
 pub struct Rng<M> {
-    active: Option<ActiveState<M>>,
-    queue_sizes: [u16; 1],
+    common: VirtioCommon<M>,
 }
 
 impl<M> Default for Rng<M> {
@@ -63,8 +62,7 @@ impl<M> Rng<M> {
     /// A new, not yet activated entropy device.
     pub fn new() -> Self {
         Self {
-            active: None,
-            queue_sizes: [RNG_QUEUE_SIZE],
+            common: VirtioCommon::new(&[RNG_QUEUE_SIZE]),
         }
     }
 }
@@ -72,36 +70,25 @@ impl<M> Rng<M> {
 impl<M: DeviceMemory> Rng<M> {
     /// Serves every pending request; returns how many were completed.
     pub fn process_queue(&mut self) -> usize {
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let mem = active.mem.clone();
-        let queue = &mut active.queues[0];
-        let mut completed = 0;
-        while let Some(desc_chain) = queue.pop_descriptor_chain(&mem) {
-            let head = desc_chain.head_index();
-            let written = match Chain::collect(desc_chain) {
-                Ok(chain) => fill_request(&mem, &chain.segments),
-                Err(e) => {
-                    tracing::warn!(error = %e, "virtio-rng: malformed request rejected");
-                    0
-                }
-            };
-            if let Err(e) = queue.add_used(&mem, head, written) {
-                tracing::error!(error = %e, "virtio-rng: add_used failed");
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 {
-            active.interrupt.signal_used_queue();
-        }
-        completed
+        self.common
+            .serve_queue(0, "virtio-rng", |mem, desc_chain, warnings| {
+                Some(match Chain::collect(desc_chain) {
+                    Ok(chain) => fill_request(mem, &chain.segments, warnings),
+                    Err(e) => {
+                        crate::guest_warn!(*warnings, error = %e, "virtio-rng: malformed request rejected");
+                        0
+                    }
+                })
+            })
     }
 }
 
 /// Writes random bytes into the writable segments; returns the byte count.
-fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment]) -> u32 {
+fn fill_request<M: DeviceMemory>(
+    mem: &M,
+    segments: &[Segment],
+    warnings: &mut GuestWarnLimiter,
+) -> u32 {
     let writable: Vec<Segment> = segments.iter().copied().filter(|s| s.writable).collect();
     let want = super::chain::total_len(&writable).min(MAX_RNG_BYTES_PER_REQUEST as u64) as usize;
     let mut bytes = vec![0u8; want];
@@ -112,7 +99,7 @@ fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment]) -> u32 {
     match write_segments(mem, &writable, &bytes) {
         Ok(n) => n as u32,
         Err(e) => {
-            tracing::warn!(error = %e, "virtio-rng: writing entropy failed");
+            crate::guest_warn!(*warnings, error = %e, "virtio-rng: writing entropy failed");
             0
         }
     }
@@ -124,7 +111,7 @@ impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -137,19 +124,15 @@ impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
     }
 
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ActiveState::from_context(ctx, 1)?);
-        Ok(())
+        self.common.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.active
-            .as_ref()
-            .map(ActiveState::queue_snapshots)
-            .unwrap_or_default()
+        self.common.queue_snapshots()
     }
 
     fn queue_notify(&mut self, _queue_index: u32) {
@@ -157,6 +140,6 @@ impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.common.reset();
     }
 }

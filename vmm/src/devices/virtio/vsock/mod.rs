@@ -13,12 +13,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use virtio_queue::{QueueOwnedT, QueueT};
+
 use vm_memory::Bytes;
 
 use super::chain::Chain;
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveState, DeviceMemory, QueueSnapshot,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon,
     VirtioDevice, VIRTIO_F_VERSION_1_BIT,
 };
 use muxer::{Muxer, MuxerError};
@@ -62,8 +62,7 @@ pub struct VsockConfig {
 pub struct Vsock<M> {
     config: VsockConfig,
     muxer: Muxer,
-    active: Option<ActiveState<M>>,
-    queue_sizes: [u16; 3],
+    common: VirtioCommon<M>,
 }
 
 impl<M> Vsock<M> {
@@ -76,8 +75,7 @@ impl<M> Vsock<M> {
         Ok(Self {
             config,
             muxer,
-            active: None,
-            queue_sizes: [VSOCK_QUEUE_SIZE; 3],
+            common: VirtioCommon::new(&[VSOCK_QUEUE_SIZE; 3]),
         })
     }
 
@@ -95,81 +93,50 @@ impl<M> Vsock<M> {
 impl<M: DeviceMemory> Vsock<M> {
     /// Processes the guest's TX queue; returns how many packets were consumed.
     pub fn process_tx(&mut self) -> usize {
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let mem = active.mem.clone();
         let guest_cid = self.config.guest_cid;
-        let mut completed = 0;
-        while let Some(desc_chain) = active.queues[TX_QUEUE].pop_descriptor_chain(&mem) {
-            let head = desc_chain.head_index();
-            let packet = Chain::collect(desc_chain)
-                .map_err(packet::PacketError::Chain)
-                .and_then(|chain| read_tx_chain(&mem, &chain, guest_cid));
-            match packet {
-                Ok(pkt) => self.muxer.handle_guest_packet(pkt),
-                Err(e) => tracing::warn!(error = %e, "vsock: malformed TX packet dropped"),
-            }
-            if let Err(e) = active.queues[TX_QUEUE].add_used(&mem, head, 0) {
-                tracing::error!(error = %e, "vsock: add_used on TX failed");
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 {
-            active.interrupt.signal_used_queue();
-        }
-        completed
+        let muxer = &mut self.muxer;
+        self.common
+            .serve_queue(TX_QUEUE, "vsock", |mem, desc_chain, warnings| {
+                let packet = Chain::collect(desc_chain)
+                    .map_err(packet::PacketError::Chain)
+                    .and_then(|chain| read_tx_chain(mem, &chain, guest_cid));
+                match packet {
+                    Ok(pkt) => muxer.handle_guest_packet(pkt),
+                    Err(e) => crate::guest_warn!(*warnings, error = %e, "vsock: malformed TX packet dropped"),
+                }
+                Some(0)
+            })
     }
 
     /// Moves pending packets from the muxer into the guest's RX buffers;
     /// returns how many were delivered.
     pub fn process_rx(&mut self) -> usize {
-        let Some(active) = self.active.as_mut() else {
-            return 0;
-        };
-        let mem = active.mem.clone();
-        let queue = &mut active.queues[RX_QUEUE];
-        let mut used = 0;
-        while self.muxer.has_rx() {
-            let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
-                break;
-            };
-            let head = desc_chain.head_index();
-            let buffer = Chain::collect(desc_chain)
-                .map_err(packet::PacketError::Chain)
-                .and_then(|chain| rx_payload_capacity(&chain).map(|cap| (chain, cap)));
-            let len = match buffer {
-                Ok((chain, cap)) => match self.muxer.next_rx(cap) {
-                    Some((header, payload)) => {
-                        match write_rx_packet(&mem, &chain, &header, &payload) {
+        let muxer = &mut self.muxer;
+        self.common
+            .serve_queue(RX_QUEUE, "vsock", |mem, desc_chain, warnings| {
+                if !muxer.has_rx() {
+                    return None;
+                }
+                let buffer = Chain::collect(desc_chain)
+                    .map_err(packet::PacketError::Chain)
+                    .and_then(|chain| rx_payload_capacity(&chain).map(|cap| (chain, cap)));
+                match buffer {
+                    Ok((chain, cap)) => {
+                        let (header, payload) = muxer.next_rx(cap)?;
+                        Some(match write_rx_packet(mem, &chain, &header, &payload) {
                             Ok(n) => n,
                             Err(e) => {
-                                tracing::warn!(error = %e, "vsock: writing RX packet failed, packet lost");
+                                crate::guest_warn!(*warnings, error = %e, "vsock: writing RX packet failed, packet lost");
                                 0
                             }
-                        }
+                        })
                     }
-                    None => {
-                        queue.go_to_previous_position();
-                        break;
+                    Err(e) => {
+                        crate::guest_warn!(*warnings, error = %e, "vsock: malformed RX buffer rejected");
+                        Some(0)
                     }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "vsock: malformed RX buffer rejected");
-                    0
                 }
-            };
-            if let Err(e) = queue.add_used(&mem, head, len) {
-                tracing::error!(error = %e, "vsock: add_used on RX failed");
-                break;
-            }
-            used += 1;
-        }
-        if used > 0 {
-            active.interrupt.signal_used_queue();
-        }
-        used
+            })
     }
 
     /// Tells the guest driver that all connections are gone
@@ -177,44 +144,46 @@ impl<M: DeviceMemory> Vsock<M> {
     /// and drops every connection on the host side.
     pub fn send_transport_reset(&mut self) {
         self.muxer.reset();
-        let Some(active) = self.active.as_mut() else {
+        if !self.common.is_activated() {
             tracing::warn!("vsock: transport reset before activation, nothing to tell the guest");
             return;
-        };
-        let mem = active.mem.clone();
-        let queue = &mut active.queues[EVENT_QUEUE];
-        let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
-            tracing::warn!("vsock: no event buffer for transport reset");
-            return;
-        };
-        let head = desc_chain.head_index();
-        // struct virtio_vsock_event { __le32 id; }
-        let len = match Chain::collect(desc_chain) {
-            Ok(chain) => match chain.segments.first() {
-                Some(seg) if seg.writable && seg.len >= 4 => {
-                    match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), seg.addr) {
-                        Ok(()) => 4,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "vsock: writing reset event failed");
+        }
+        let mut sent = false;
+        let served = self
+            .common
+            .serve_queue(EVENT_QUEUE, "vsock", |mem, desc_chain, warnings| {
+                if std::mem::replace(&mut sent, true) {
+                    return None;
+                }
+                // struct virtio_vsock_event { __le32 id; }
+                Some(match Chain::collect(desc_chain) {
+                    Ok(chain) => match chain.segments.first() {
+                        Some(seg) if seg.writable && seg.len >= 4 => {
+                            match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), seg.addr) {
+                                Ok(()) => 4,
+                                Err(e) => {
+                                    crate::guest_warn!(*warnings, error = %e, "vsock: writing reset event failed");
+                                    0
+                                }
+                            }
+                        }
+                        _ => {
+                            crate::guest_warn!(*warnings, "vsock: event buffer not writable or shorter than 4 bytes");
                             0
                         }
+                    },
+                    Err(e) => {
+                        crate::guest_warn!(*warnings, error = %e, "vsock: malformed event buffer");
+                        0
                     }
-                }
-                _ => {
-                    tracing::warn!("vsock: event buffer not writable or shorter than 4 bytes");
-                    0
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "vsock: malformed event buffer");
-                0
-            }
-        };
-        if let Err(e) = queue.add_used(&mem, head, len) {
-            tracing::error!(error = %e, "vsock: add_used on event queue failed");
-            return;
+                })
+            });
+        if served == 0 {
+            crate::guest_warn!(
+                self.common.warnings,
+                "vsock: no event buffer for transport reset"
+            );
         }
-        active.interrupt.signal_used_queue();
     }
 }
 
@@ -224,7 +193,7 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -237,21 +206,18 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
     }
 
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.active = Some(ActiveState::from_context(ctx, 3)?);
+        self.common.activate(ctx)?;
         // Host connections may have arrived before the driver was ready.
         self.process_rx();
         Ok(())
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.active
-            .as_ref()
-            .map(ActiveState::queue_snapshots)
-            .unwrap_or_default()
+        self.common.queue_snapshots()
     }
 
     fn queue_notify(&mut self, queue_index: u32) {
@@ -268,7 +234,7 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
 
     fn reset(&mut self) {
         self.muxer.reset();
-        self.active = None;
+        self.common.reset();
     }
 
     fn event_fd(&self) -> Option<RawFd> {

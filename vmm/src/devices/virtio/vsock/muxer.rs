@@ -14,6 +14,7 @@
 //! It never touches guest memory: packets come in as [`TxPacket`] and go out
 //! as (header, payload).
 
+use crate::devices::guest_log::GuestWarnLimiter;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io::{ErrorKind, Read, Write};
@@ -283,6 +284,8 @@ pub struct Muxer {
     control_queue: VecDeque<Header>,
     rx_ready: VecDeque<ConnKey>,
     next_local_port: u32,
+    /// Budget of warnings the guest's packets can trigger.
+    warnings: GuestWarnLimiter,
 }
 
 impl Muxer {
@@ -318,6 +321,7 @@ impl Muxer {
             control_queue: VecDeque::new(),
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            warnings: GuestWarnLimiter::new(),
         })
     }
 
@@ -530,7 +534,8 @@ impl Muxer {
     pub fn handle_guest_packet(&mut self, pkt: TxPacket) {
         let h = pkt.header;
         if h.dst_cid != HOST_CID {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 dst_cid = h.dst_cid,
                 "vsock: guest packet not addressed to the host, dropped"
             );
@@ -565,10 +570,14 @@ impl Muxer {
             }
             (Op::Rw, ConnState::Established) => {
                 if conn.guest_shut_send {
-                    tracing::warn!("vsock: guest sent data after SHUTDOWN SEND, resetting");
+                    crate::guest_warn!(
+                        self.warnings,
+                        "vsock: guest sent data after SHUTDOWN SEND, resetting"
+                    );
                     conn.reset();
                 } else if conn.tx_buf.len() + pkt.payload.len() > CONN_TX_BUF_BYTES as usize {
-                    tracing::warn!(
+                    crate::guest_warn!(
+                        self.warnings,
                         limit = CONN_TX_BUF_BYTES,
                         "vsock: guest overran the advertised credit, resetting connection"
                     );
@@ -586,7 +595,8 @@ impl Muxer {
                 conn.flush_to_host();
             }
             (op, state) => {
-                tracing::warn!(
+                crate::guest_warn!(
+                    self.warnings,
                     ?op,
                     ?state,
                     "vsock: guest op not valid in connection state, resetting"
@@ -599,7 +609,8 @@ impl Muxer {
 
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 limit = MAX_CONNECTIONS,
                 "vsock: connection limit reached, refusing guest connect"
             );
@@ -626,7 +637,8 @@ impl Muxer {
 
     fn queue_rst(&mut self, key: ConnKey) {
         if self.control_queue.len() >= MAX_QUEUED_CONTROL_PACKETS {
-            tracing::warn!(
+            crate::guest_warn!(
+                self.warnings,
                 limit = MAX_QUEUED_CONTROL_PACKETS,
                 "vsock: control queue full, RST dropped"
             );
