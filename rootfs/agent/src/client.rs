@@ -24,6 +24,18 @@
 //! let bytes = client.read_file("/work/a.bin")?;
 //! ```
 //!
+//! # What a hostile or stuck agent can cost the host
+//!
+//! Every write to the agent must finish within the connection's write timeout
+//! ([`WRITE_TIMEOUT`] unless [`ClientOptions`] say otherwise): an agent that
+//! stops reading ends the connection (every pending request gets
+//! `Disconnected`, later calls fail at once) instead of blocking callers.
+//! What the blocking conveniences keep in memory is capped on the host, never
+//! sized by what the agent claims: [`MAX_COLLECTED_EVENT_BYTES`] for
+//! [`AgentClient::call`], the request's output cap per stream for
+//! [`AgentClient::exec`], and a maximum file size for
+//! [`AgentClient::read_file_capped`] ([`MAX_READ_FILE_BYTES`] for `read_file`).
+//!
 //! The client is cheap to clone (`Arc` inside); clones share the connection.
 //! Request ids are allocated here, starting at 1 (0 is the handshake).
 
@@ -34,13 +46,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::frame::{read_frame, write_frame, FrameError};
+use crate::frame::{encode_frame, error_chain, read_frame, read_full, write_frame, FrameError};
+use crate::lock::lock;
 use crate::protocol::{
     AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExecRequest,
     ExitStatus, Hello, HelloReply, Op, Reply, Request, RequestId, Stream, WriteFileRequest,
-    WritePosition, MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
+    WritePosition, DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 
 /// How long the handshake (and a hybrid-vsock `CONNECT`) may take.
@@ -49,6 +62,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time a blocking call waits past the request's own timeout for the
 /// agent's final frame (which reports the timeout itself) before giving up.
 pub const REPLY_GRACE: Duration = Duration::from_secs(5);
+
+/// How long one frame may take to reach the agent's socket; an agent that
+/// stops reading for this long loses its connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes of events (output, rich results, errors) one blocking
+/// [`AgentClient::call`] collects before it cancels the request and fails.
+pub const MAX_COLLECTED_EVENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest file [`AgentClient::read_file`] reads into memory.
+pub const MAX_READ_FILE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Longest reply line accepted from a hybrid-vsock `CONNECT`, in bytes.
 const MAX_CONNECT_REPLY_BYTES: u64 = 64;
@@ -105,6 +129,30 @@ pub enum ClientError {
     /// Reading the local data to upload failed.
     #[error("cannot read the data to upload")]
     Upload(#[source] io::Error),
+    /// The agent sent (or announced) more than this client keeps in memory.
+    #[error("{what} exceeds the host-side limit of {limit_bytes} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// The limit, in bytes.
+        limit_bytes: u64,
+    },
+}
+
+/// Settings of one connection (see [`AgentClient::handshake_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// How long one frame may take to reach the agent's socket
+    /// ([`WRITE_TIMEOUT`] by default).
+    pub write_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            write_timeout: WRITE_TIMEOUT,
+        }
+    }
 }
 
 /// What a request's sink receives, in order: any number of `Event`s, then
@@ -138,7 +186,8 @@ pub struct ExecOutput {
     pub stdout: Vec<u8>,
     /// Streamed stderr (at most the request's cap).
     pub stderr: Vec<u8>,
-    /// Streams that passed the cap, with the guest file holding all of it.
+    /// Streams that passed the cap, with the guest file that holds the stream
+    /// (empty when no file does, e.g. the host dropped what passed the cap).
     pub truncated: Vec<(Stream, String)>,
     /// How it ended.
     pub status: ExitStatus,
@@ -153,14 +202,33 @@ struct Pending {
 
 struct Inner {
     writer: Mutex<UnixStream>,
+    /// The same socket, to shut it down without waiting for the writer lock.
+    control: UnixStream,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
+    write_timeout: Duration,
+}
+
+impl Inner {
+    /// Ends the connection for `reason` (unless it already ended): later
+    /// calls fail with the first reason, every pending sink gets `Disconnected`.
+    fn disconnect(&self, reason: String) {
+        let (reason, sinks) = {
+            let mut pending = lock(&self.pending);
+            let reason = pending.closed.get_or_insert(reason).clone();
+            (reason, std::mem::take(&mut pending.sinks))
+        };
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
+        for (_, mut sink) in sinks {
+            sink(Incoming::Disconnected(reason.clone()));
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: end the stream so the reader thread stops.
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -218,9 +286,7 @@ impl AgentClient {
             path: uds_path.display().to_string(),
             source,
         })?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(ClientError::Io)?;
+        set_handshake_timeouts(&stream)?;
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(ClientError::Io)?;
@@ -248,9 +314,16 @@ impl AgentClient {
         stream: UnixStream,
         client_name: &str,
     ) -> Result<(AgentClient, HelloReply), ClientError> {
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(ClientError::Io)?;
+        Self::handshake_with(stream, client_name, ClientOptions::default())
+    }
+
+    /// [`handshake`](Self::handshake) with explicit [`ClientOptions`].
+    pub fn handshake_with(
+        stream: UnixStream,
+        client_name: &str,
+        options: ClientOptions,
+    ) -> Result<(AgentClient, HelloReply), ClientError> {
+        set_handshake_timeouts(&stream)?;
         let mut writer = stream.try_clone().map_err(ClientError::Io)?;
         let hello = ClientFrame {
             id: 0,
@@ -288,10 +361,13 @@ impl AgentClient {
             });
         }
         reader.set_read_timeout(None).map_err(ClientError::Io)?;
+        let control = reader.try_clone().map_err(ClientError::Io)?;
         let inner = Arc::new(Inner {
             writer: Mutex::new(writer),
+            control,
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(1),
+            write_timeout: options.write_timeout,
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -307,6 +383,8 @@ impl AgentClient {
     }
 
     /// Starts a request; `sink` receives its events and final frame on the reader thread.
+    /// When sending it ends the connection (the agent stopped reading), the
+    /// sink gets `Disconnected` like every other pending one, and this fails too.
     pub fn start(&self, request: Request, sink: Sink) -> Result<RequestHandle, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         {
@@ -341,25 +419,78 @@ impl AgentClient {
     /// Ends the connection: the agent cancels this connection's requests
     /// (background processes keep running), pending sinks get `Disconnected`.
     pub fn close(&self) {
-        let _ = lock(&self.inner.writer).shutdown(std::net::Shutdown::Both);
+        let _ = self.inner.control.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Fails with the reason the connection ended, if it has.
+    fn check_open(&self) -> Result<(), ClientError> {
+        match self.closed_reason() {
+            Some(reason) => Err(ClientError::Disconnected(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes one frame within the write timeout; a write that fails or times
+    /// out ends the connection (the frame may be half sent).
     fn send(&self, frame: &ClientFrame) -> Result<(), ClientError> {
-        let mut w = lock(&self.inner.writer);
-        write_frame(&mut *w, frame).map_err(|e| match e {
-            FrameError::Io(io) => ClientError::Disconnected(format!("write failed: {io}")),
-            other => ClientError::Frame(other),
-        })
+        self.check_open()?;
+        let mut buf = Vec::new();
+        encode_frame(frame, &mut buf).map_err(ClientError::Frame)?;
+        let writer = lock(&self.inner.writer);
+        // A writer before us may have given up while we waited for the lock.
+        self.check_open()?;
+        let timeout = self.inner.write_timeout;
+        let Err(e) = write_all_within(&writer, &buf, timeout) else {
+            return Ok(());
+        };
+        drop(writer);
+        let reason = if e.kind() == io::ErrorKind::TimedOut {
+            format!("agent stopped reading for {timeout:?}")
+        } else {
+            format!("write failed: {e}")
+        };
+        self.inner.disconnect(reason.clone());
+        Err(ClientError::Disconnected(
+            self.closed_reason().unwrap_or(reason),
+        ))
     }
 
     /// Runs one request to its end and returns its events and reply.
     /// `timeout` becomes the request's deadline in the agent; the client waits
     /// [`REPLY_GRACE`] longer for the final frame, then cancels and gives up.
+    ///
+    /// At most [`MAX_COLLECTED_EVENT_BYTES`] of events are collected; past
+    /// that the request is cancelled and the call fails with `TooLarge`.
     pub fn call(
         &self,
         op: Op,
         timeout: Option<Duration>,
     ) -> Result<(Vec<Event>, Reply), ClientError> {
+        let mut events = Vec::new();
+        let mut collected_bytes = 0usize;
+        let reply = self.call_each(op, timeout, &mut |event| {
+            collected_bytes = collected_bytes.saturating_add(event_bytes(&event));
+            if collected_bytes > MAX_COLLECTED_EVENT_BYTES {
+                return Err(ClientError::TooLarge {
+                    what: "the events of one request".into(),
+                    limit_bytes: MAX_COLLECTED_EVENT_BYTES as u64,
+                });
+            }
+            events.push(event);
+            Ok(())
+        })?;
+        Ok((events, reply))
+    }
+
+    /// Runs one request to its end, handing each event to `on_event` as it
+    /// arrives; an error from `on_event` cancels the request and is returned.
+    /// Timeouts as in [`call`](Self::call).
+    pub fn call_each(
+        &self,
+        op: Op,
+        timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(Event) -> Result<(), ClientError>,
+    ) -> Result<Reply, ClientError> {
         let (tx, rx) = mpsc::channel();
         let request = Request {
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
@@ -367,7 +498,6 @@ impl AgentClient {
         };
         let handle = self.start(request, Box::new(move |i| drop(tx.send(i))))?;
         let wait_limit = timeout.map(|t| t + REPLY_GRACE);
-        let mut events = Vec::new();
         loop {
             let incoming = match wait_limit {
                 Some(limit) => match rx.recv_timeout(limit) {
@@ -385,8 +515,13 @@ impl AgentClient {
                     .map_err(|_| ClientError::Disconnected("reply channel closed".into()))?,
             };
             match incoming {
-                Incoming::Event(e) => events.push(e),
-                Incoming::Done(reply) => return Ok((events, reply)),
+                Incoming::Event(e) => {
+                    if let Err(err) = on_event(e) {
+                        let _ = handle.cancel();
+                        return Err(err);
+                    }
+                }
+                Incoming::Done(reply) => return Ok(reply),
                 Incoming::Failed(e) => return Err(ClientError::Agent(e)),
                 Incoming::Disconnected(reason) => return Err(ClientError::Disconnected(reason)),
             }
@@ -399,38 +534,61 @@ impl AgentClient {
     }
 
     /// Runs a foreground command and collects its output.
+    ///
+    /// Each stream keeps at most the request's output cap
+    /// ([`DEFAULT_OUTPUT_CAP_BYTES`] when unset), and that cap is lowered to
+    /// [`MAX_COLLECTED_EVENT_BYTES`] before the request is sent; whatever an
+    /// agent streams past it is dropped here (and the stream is listed as
+    /// truncated with an empty path).
     pub fn exec(
         &self,
-        req: ExecRequest,
+        mut req: ExecRequest,
         timeout: Option<Duration>,
     ) -> Result<ExecOutput, ClientError> {
-        let (events, reply) = self.call(Op::Exec(req), timeout)?;
+        let cap_bytes = req
+            .output_cap_bytes
+            .unwrap_or(DEFAULT_OUTPUT_CAP_BYTES)
+            .min(MAX_COLLECTED_EVENT_BYTES as u64);
+        req.output_cap_bytes = Some(cap_bytes);
+        let cap = cap_bytes as usize; // at most MAX_COLLECTED_EVENT_BYTES
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let mut truncated: Vec<(Stream, String)> = Vec::new();
+        let reply = self.call_each(Op::Exec(req), timeout, &mut |event| {
+            match event {
+                Event::Output { stream, data } => {
+                    let kept = match stream {
+                        Stream::Stdout => &mut stdout,
+                        Stream::Stderr => &mut stderr,
+                    };
+                    let room = cap.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                    if data.len() > room && !truncated.iter().any(|(s, _)| *s == stream) {
+                        truncated.push((stream, String::new()));
+                    }
+                }
+                Event::Truncated { stream, path, .. } => {
+                    match truncated.iter_mut().find(|(s, _)| *s == stream) {
+                        Some(entry) if entry.1.is_empty() => entry.1 = path,
+                        Some(_) => {}
+                        None => truncated.push((stream, path)),
+                    }
+                }
+                Event::Result(_) | Event::Error(_) => {}
+            }
+            Ok(())
+        })?;
         let Reply::Exit(status) = reply else {
             return Err(ClientError::UnexpectedReply(format!(
                 "{reply:?} to a foreground Exec"
             )));
         };
-        let mut out = ExecOutput {
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            truncated: Vec::new(),
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            truncated,
             status,
-        };
-        for event in events {
-            match event {
-                Event::Output {
-                    stream: Stream::Stdout,
-                    data,
-                } => out.stdout.extend_from_slice(&data),
-                Event::Output {
-                    stream: Stream::Stderr,
-                    data,
-                } => out.stderr.extend_from_slice(&data),
-                Event::Truncated { stream, path, .. } => out.truncated.push((stream, path)),
-                Event::Result(_) | Event::Error(_) => {}
-            }
-        }
-        Ok(out)
+        })
     }
 
     /// Writes `data` to `path` (created or truncated), in chunks of at most
@@ -454,7 +612,7 @@ impl AgentClient {
         let mut offset = 0u64;
         let mut chunk = vec![0u8; MAX_FILE_CHUNK_BYTES];
         loop {
-            let n = read_up_to(&mut source, &mut chunk).map_err(ClientError::Upload)?;
+            let n = read_full(&mut source, &mut chunk).map_err(ClientError::Upload)?;
             if n == 0 && offset > 0 {
                 return Ok(offset);
             }
@@ -478,8 +636,20 @@ impl AgentClient {
         }
     }
 
-    /// Reads a whole file, range by range.
+    /// Reads a whole file, range by range; files over
+    /// [`MAX_READ_FILE_BYTES`] are refused (see [`read_file_capped`](Self::read_file_capped)).
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        self.read_file_capped(path, MAX_READ_FILE_BYTES)
+    }
+
+    /// Reads a whole file of at most `max_bytes`, range by range. Fails with
+    /// `TooLarge` when the agent announces or sends more; memory grows with
+    /// the data received, never with the size the agent claims.
+    pub fn read_file_capped(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, ClientError> {
+        let too_large = |size: u64| ClientError::TooLarge {
+            what: format!("file {path} ({size} bytes or more)"),
+            limit_bytes: max_bytes,
+        };
         let mut out = Vec::new();
         loop {
             let op = Op::ReadFile {
@@ -489,9 +659,12 @@ impl AgentClient {
             };
             match self.call_reply(op, None)? {
                 Reply::FileData { data, size } => {
-                    let done = data.is_empty() || out.len() as u64 + data.len() as u64 >= size;
+                    let total = out.len() as u64 + data.len() as u64;
+                    if size > max_bytes || total > max_bytes {
+                        return Err(too_large(size.max(total)));
+                    }
                     out.extend_from_slice(&data);
-                    if done {
+                    if data.is_empty() || total >= size {
                         return Ok(out);
                     }
                 }
@@ -515,22 +688,51 @@ fn expect_unit(reply: Reply) -> Result<(), ClientError> {
     }
 }
 
-/// Reads until `buf` is full or `r` ends.
-fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
+/// Bounds reads and writes by [`HANDSHAKE_TIMEOUT`] until the handshake is done.
+fn set_handshake_timeouts(stream: &UnixStream) -> Result<(), ClientError> {
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(ClientError::Io)
+}
+
+/// Bytes an event holds, as counted against [`MAX_COLLECTED_EVENT_BYTES`].
+fn event_bytes(event: &Event) -> usize {
+    match event {
+        Event::Output { data, .. } => data.len(),
+        Event::Truncated { path, .. } => path.len(),
+        Event::Result(r) => r
+            .data
+            .iter()
+            .map(|(mime, data)| mime.len() + data.len())
+            .sum(),
+        Event::Error(e) => {
+            e.name.len() + e.value.len() + e.traceback.iter().map(String::len).sum::<usize>()
+        }
+    }
+}
+
+/// Writes all of `buf` to `stream` within `limit` (the socket's send timeout
+/// is set to what is left before each write); `TimedOut` when it is spent.
+fn write_all_within(stream: &UnixStream, mut buf: &[u8], limit: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match (&mut &*stream).write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::ErrorKind::TimedOut.into())
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(filled)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    Ok(())
 }
 
 /// Routes frames to sinks until the stream ends, then disconnects every pending request.
@@ -539,7 +741,7 @@ fn reader_loop(mut stream: UnixStream, inner: std::sync::Weak<Inner>) {
         let frame = match read_frame::<AgentFrame, _>(&mut stream) {
             Ok(Some(frame)) => frame,
             Ok(None) => break "the agent closed the connection".to_owned(),
-            Err(e) => break format!("{e}: {}", source_chain(&e)),
+            Err(e) => break error_chain(&e),
         };
         let Some(inner) = inner.upgrade() else { return };
         let incoming = match frame.body {
@@ -556,29 +758,19 @@ fn reader_loop(mut stream: UnixStream, inner: std::sync::Weak<Inner>) {
         sink(incoming);
         if !is_final {
             let mut pending = lock(&inner.pending);
-            if pending.closed.is_none() {
-                pending.sinks.insert(frame.id, sink);
+            match pending.closed.clone() {
+                None => {
+                    pending.sinks.insert(frame.id, sink);
+                }
+                Some(reason) => {
+                    // The connection ended while the sink ran: it still gets its final word.
+                    drop(pending);
+                    sink(Incoming::Disconnected(reason));
+                }
             }
         }
     };
-    let Some(inner) = inner.upgrade() else { return };
-    let sinks = {
-        let mut pending = lock(&inner.pending);
-        pending.closed = Some(reason.clone());
-        std::mem::take(&mut pending.sinks)
-    };
-    for (_, mut sink) in sinks {
-        sink(Incoming::Disconnected(reason.clone()));
+    if let Some(inner) = inner.upgrade() {
+        inner.disconnect(reason);
     }
-}
-
-/// The `source()` chain of an error, joined for one log line.
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }

@@ -5,11 +5,13 @@
 //! error maps to a precise [`ErrorKind`] through [`crate::oserror`], with the
 //! path in the message. Sizes are checked against [`MAX_FILE_CHUNK_BYTES`]
 //! before any I/O. It never follows a final symlink when describing a path
-//! (`lstat`), and never walks into symlinked directories when listing.
+//! (`lstat`), never walks into symlinked directories when listing, and never
+//! blocks opening a FIFO: reads take regular files only.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::oserror::{agent_error, error};
@@ -50,6 +52,72 @@ fn check_mode(mode: Option<u32>, default: u32) -> Result<u32, AgentError> {
             format!("mode {m:#o} has bits beyond 0o7777"),
         )),
     }
+}
+
+/// Opens `path` for reading without blocking on what it is (a FIFO with no
+/// writer would block `open` forever), and refuses anything but a regular
+/// file: a directory with `IsADirectory`, any other type with
+/// `InvalidArgument` naming it.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), AgentError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| agent_error(&describe("open", path), &e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| agent_error(&describe("stat", path), &e))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(error(
+            ErrorKind::IsADirectory,
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    if !ft.is_file() {
+        return Err(error(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{} is a {}, not a regular file",
+                path.display(),
+                special_file_type(&ft)
+            ),
+        ));
+    }
+    clear_nonblocking(&file).map_err(|e| agent_error(&describe("fcntl", path), &e))?;
+    Ok((file, meta))
+}
+
+/// The name of a file type that is neither a regular file nor a directory.
+fn special_file_type(ft: &fs::FileType) -> &'static str {
+    if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else {
+        "special file"
+    }
+}
+
+/// Clears `O_NONBLOCK` on an open file.
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor `file` owns; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Converts metadata (from `lstat`) into the protocol's description.
@@ -149,16 +217,7 @@ impl Files {
     /// `offset`; returns them and the file's whole size.
     pub fn read(&self, path: &str, offset: u64, length: u64) -> Result<(Vec<u8>, u64), AgentError> {
         let path = self.resolve(path)?;
-        let mut file = File::open(&path).map_err(|e| agent_error(&describe("open", &path), &e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| agent_error(&describe("stat", &path), &e))?;
-        if meta.is_dir() {
-            return Err(error(
-                ErrorKind::IsADirectory,
-                format!("{} is a directory", path.display()),
-            ));
-        }
+        let (mut file, meta) = open_regular(&path)?;
         let length = length.min(MAX_FILE_CHUNK_BYTES as u64);
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| agent_error(&describe("seek", &path), &e))?;

@@ -105,7 +105,7 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
 /// Reads one frame. `Ok(None)` means the stream ended cleanly between frames.
 pub fn read_frame<T: DeserializeOwned, R: Read>(r: &mut R) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
-    let got = read_full(r, &mut header)?;
+    let got = read_full(r, &mut header).map_err(FrameError::Io)?;
     if got == 0 {
         return Ok(None);
     }
@@ -114,7 +114,7 @@ pub fn read_frame<T: DeserializeOwned, R: Read>(r: &mut R) -> Result<Option<T>, 
     }
     let len = payload_len(header)?;
     let mut payload = vec![0u8; len];
-    let got = read_full(r, &mut payload)?;
+    let got = read_full(r, &mut payload).map_err(FrameError::Io)?;
     if got < len {
         return Err(FrameError::Truncated { got, want: len });
     }
@@ -122,17 +122,30 @@ pub fn read_frame<T: DeserializeOwned, R: Read>(r: &mut R) -> Result<Option<T>, 
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
+pub(crate) fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(FrameError::Io(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(filled)
+}
+
+/// An error and its `source()` chain on one line (`outer: cause: root cause`),
+/// for logs and disconnect reasons.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
 }
 
 /// An incremental decoder: push bytes as they arrive, pop whole frames.
@@ -194,6 +207,12 @@ mod tests {
                 }),
             }),
         }
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let e = FrameError::Io(io::Error::other("pipe broke"));
+        assert_eq!(error_chain(&e), "frame I/O failed: pipe broke");
     }
 
     #[test]

@@ -131,6 +131,17 @@ fn mount_api(
     }
 }
 
+/// Mounts a `nosuid,nodev` tmpfs with permission bits `mode` (e.g. `"1777"`) at `target`.
+fn mount_tmpfs(target: &str, mode: &str) -> Result<(), InitError> {
+    mount_api(
+        "tmpfs",
+        target,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        &format!("mode={mode}"),
+    )
+}
+
 /// Makes sure fds 0, 1, 2 exist, on `/dev/console` when the kernel gave none.
 fn ensure_console_fds() {
     for fd in 0..=2 {
@@ -178,29 +189,11 @@ pub fn setup_filesystems() -> bool {
         "mode=0755",
     ));
     ensure_console_fds();
-    log_step(mount_api(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755",
-    ));
+    log_step(mount_tmpfs("/run", "0755"));
     let overlay_ok = log_step(build_overlay_root());
     // The final API mounts, in the new root (or the old one if the overlay failed).
-    log_step(mount_api(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=0755",
-    ));
-    log_step(mount_api(
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=1777",
-    ));
+    log_step(mount_tmpfs("/run", "0755"));
+    log_step(mount_tmpfs("/tmp", "1777"));
     log_step(mkdir_p("/dev/pts"));
     log_step(mount_api(
         "devpts",
@@ -210,13 +203,7 @@ pub fn setup_filesystems() -> bool {
         "mode=0620,ptmxmode=0666",
     ));
     log_step(mkdir_p("/dev/shm"));
-    log_step(mount_api(
-        "tmpfs",
-        "/dev/shm",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=1777",
-    ));
+    log_step(mount_tmpfs("/dev/shm", "1777"));
     overlay_ok
 }
 

@@ -8,6 +8,7 @@
 //!   [`workers`]: the pool of request threads.
 //! - [`process`], [`output`], [`files`], [`system`], [`context`]: what requests do.
 //! - [`oserror`]: one mapping from OS errors to protocol error kinds.
+//! - `lock`: the one poison-ignoring mutex lock.
 //! - [`init`], [`vsock`]: PID 1 duties and the guest listener.
 
 pub mod cancel;
@@ -16,6 +17,7 @@ pub mod context;
 pub mod files;
 pub mod frame;
 pub mod init;
+mod lock;
 pub mod oserror;
 pub mod output;
 pub mod process;

@@ -25,8 +25,11 @@ use capsule_agent::vsock::VsockListener;
 const READY_LINE: &str = "capsule-agent ready";
 /// Default working directory in a guest.
 const GUEST_WORK_DIR: &str = "/root";
-/// Default state directory in a guest (a tmpfs).
-const GUEST_STATE_DIR: &str = "/run/capsule";
+/// Default state directory in a guest: on the writable overlay root (disk
+/// backed), so output files do not live in guest RAM.
+const GUEST_STATE_DIR: &str = "/var/lib/capsule";
+/// State directory when the overlay root is missing (`/` is read-only): a tmpfs.
+const GUEST_FALLBACK_STATE_DIR: &str = "/run/capsule";
 /// Pause between attempts to listen on vsock.
 const VSOCK_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often a persisting vsock failure is repeated on the console.
@@ -104,14 +107,20 @@ fn host_main(args: Args) {
 
 fn pid1_main(args: Args) -> ! {
     init::install_panic_hook();
-    if init::setup_filesystems() {
+    let overlay_ok = init::setup_filesystems();
+    if overlay_ok {
         init::console(init::INIT_OK_LINE);
     } else {
         init::console("capsule-agent: init incomplete: no writable overlay root (see above)");
     }
     init::setup_identity();
     let work_dir = args.work_dir.unwrap_or_else(|| GUEST_WORK_DIR.into());
-    let state_dir = args.state_dir.unwrap_or_else(|| GUEST_STATE_DIR.into());
+    let default_state_dir = if overlay_ok {
+        GUEST_STATE_DIR
+    } else {
+        GUEST_FALLBACK_STATE_DIR
+    };
+    let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir.into());
     let listen_unix = args.listen_unix;
     init::init_loop(move || {
         let agent = Agent::new(AgentConfig {

@@ -11,8 +11,14 @@
 //! - Foreground: stdout/stderr stream as ordered chunks through a
 //!   [`CappedOutput`], then the caller replies [`Reply::Exit`](crate::protocol::Reply::Exit).
 //! - Background: output goes to two files per process under
-//!   `<state dir>/processes/`, each capped at [`MAX_BACKGROUND_OUTPUT_FILE_BYTES`]
-//!   with a one-line marker at the cap; the host reads it by offsets.
+//!   `<state dir>/processes/`, each a [`CappedFile`] of at most
+//!   [`MAX_BACKGROUND_OUTPUT_FILE_BYTES`] with a one-line marker at the cap;
+//!   the host reads it by offsets. Finished processes are remembered (with
+//!   their files) up to [`MAX_FINISHED_PROCESSES`] and
+//!   [`MAX_FINISHED_OUTPUT_BYTES`], oldest forgotten first.
+//!
+//! A process group is only ever signalled while its leader is unreaped (a
+//! zombie still holds the pid), so a pid the kernel reused is never hit.
 //!
 //! Processes belong to the agent, not to a connection: a dropped connection
 //! cancels foreground requests but never touches background processes.
@@ -30,8 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cancel::{CancelToken, StopReason};
+use crate::lock::lock;
 use crate::oserror::{agent_error, error};
-use crate::output::CappedOutput;
+use crate::output::{CappedFile, CappedOutput, MAX_OUTPUT_FILE_BYTES};
 use crate::protocol::{
     AgentError, Command, ErrorKind, Event, ExecRequest, ExitStatus, ProcessInfo, ProcessOutput,
     Stream, DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES,
@@ -39,7 +46,7 @@ use crate::protocol::{
 
 /// Most bytes kept per stream of a background process; past it a marker line
 /// is appended and the rest of the stream is read and dropped (counted only).
-pub const MAX_BACKGROUND_OUTPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
+pub const MAX_BACKGROUND_OUTPUT_FILE_BYTES: u64 = MAX_OUTPUT_FILE_BYTES;
 
 /// How long after a command exits its output pipes may stay open (held by a
 /// child it left behind) before the agent stops waiting for them.
@@ -52,7 +59,10 @@ const CANCEL_POLL_INTERVAL: Duration = Duration::from_millis(10);
 const PIPE_READ_BYTES: usize = 64 * 1024;
 
 /// Finished background processes remembered for `ListProcesses`/`ReadProcessOutput`.
-const MAX_FINISHED_PROCESSES: usize = 256;
+pub const MAX_FINISHED_PROCESSES: usize = 256;
+
+/// Total bytes of output files kept for finished background processes.
+pub const MAX_FINISHED_OUTPUT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Largest valid signal number (`SIGRTMAX` on Linux).
 const MAX_SIGNAL_NUMBER: i32 = 64;
@@ -68,6 +78,8 @@ struct Entry {
     files: Option<(PathBuf, PathBuf)>,
     /// Order of start, for pruning the oldest finished entries.
     seq: u64,
+    /// Whether the process was reaped (its pid may belong to another process since).
+    reaped: bool,
 }
 
 /// The agent's process table and spawner. One per agent, shared by all connections.
@@ -85,10 +97,8 @@ struct Spawned {
     pid: u32,
     started: Instant,
     seq: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether `child` was waited for (its pid may be reused since).
+    reaped: bool,
 }
 
 fn unix_ms_now() -> u64 {
@@ -143,7 +153,44 @@ fn write_fd(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Whether child `pid` has exited, without reaping it (`waitid` with
+/// `WNOWAIT`); with `block`, waits until it has.
+fn has_exited(pid: u32, block: bool) -> io::Result<bool> {
+    let flags = libc::WEXITED | libc::WNOWAIT | if block { 0 } else { libc::WNOHANG };
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid(2) writes only into `info`, which lives for the call.
+        let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+        if rc == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // SAFETY: after a successful waitid the pid field is set (0: no state change).
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// Reaps an exited child under the table lock, marking its entry reaped, so
+/// [`Processes::signal`] (which signals under the same lock) never sends a
+/// group signal to a pid that may have been reused.
+fn reap(
+    table: &Mutex<HashMap<u32, Entry>>,
+    pid: u32,
+    child: &mut Child,
+) -> io::Result<std::process::ExitStatus> {
+    let mut table = lock(table);
+    if let Some(entry) = table.get_mut(&pid) {
+        entry.reaped = true;
+    }
+    child.wait()
+}
+
 /// Kills a whole process group. Errors (the group is already gone) are ignored.
+/// Call it only while the group's leader is unreaped.
 fn kill_group(pgid: u32) {
     let Ok(pgid) = i32::try_from(pgid) else {
         return;
@@ -177,7 +224,15 @@ fn display_command(cmd: &Command) -> String {
 
 impl Processes {
     /// A table whose commands default to `work_dir` and keep files under `state_dir`.
+    /// Output files of background processes a previous agent left there
+    /// (nothing can read them any more) are deleted.
     pub fn new(work_dir: &Path, state_dir: &Path) -> Self {
+        let stale = state_dir.join("processes");
+        if stale.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&stale) {
+                eprintln!("capsule-agent: cannot clear {}: {e}", stale.display());
+            }
+        }
         Self {
             work_dir: work_dir.to_owned(),
             state_dir: state_dir.to_owned(),
@@ -276,6 +331,7 @@ impl Processes {
                 },
                 files: None,
                 seq,
+                reaped: false,
             },
         );
         Ok(Spawned {
@@ -283,6 +339,7 @@ impl Processes {
             pid,
             started,
             seq,
+            reaped: false,
         })
     }
 
@@ -299,11 +356,14 @@ impl Processes {
         cancel: &CancelToken,
         emit: &dyn Fn(Event),
     ) -> Result<ExitStatus, AgentError> {
-        let spawned = self.spawn(req, Stdio::piped(), Stdio::piped())?;
+        let mut spawned = self.spawn(req, Stdio::piped(), Stdio::piped())?;
         let pid = spawned.pid;
-        let result = self.drive_foreground(req, spawned, cancel, emit);
-        if result.is_err() {
+        let result = self.drive_foreground(req, &mut spawned, cancel, emit);
+        if !spawned.reaped {
+            // It failed before the command ended: kill it and reap it (the
+            // group while the pid is still ours).
             kill_group(pid);
+            let _ = spawned.child.wait();
         }
         self.forget(pid);
         result
@@ -312,7 +372,7 @@ impl Processes {
     fn drive_foreground(
         &self,
         req: &ExecRequest,
-        mut spawned: Spawned,
+        spawned: &mut Spawned,
         cancel: &CancelToken,
         emit: &dyn Fn(Event),
     ) -> Result<ExitStatus, AgentError> {
@@ -433,19 +493,20 @@ impl Processes {
                     }
                 }
             }
-            // The child: reap it once it exited (pidfd readable, or checked each round without one).
-            if exited.is_none() {
-                if let Some(status) = spawned
-                    .child
-                    .try_wait()
-                    .map_err(|e| io_err("wait for the command", e))?
-                {
-                    exited = Some(status);
-                    drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
-                    if stopped.is_some() {
-                        kill_group(spawned.pid); // nothing of its group may linger
-                    }
+            // The child: reap it once it exited (pidfd readable, or checked each round
+            // without one). A stopped command's group is killed while the
+            // zombie still holds its pid, so nothing of it lingers and no reused
+            // pid is hit.
+            let wait_err = |e| io_err("wait for the command", e);
+            if exited.is_none() && has_exited(spawned.pid, false).map_err(wait_err)? {
+                if stopped.is_some() {
+                    kill_group(spawned.pid);
                 }
+                let status =
+                    reap(&self.table, spawned.pid, &mut spawned.child).map_err(wait_err)?;
+                exited = Some(status);
+                spawned.reaped = true;
+                drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
             }
             if stopped.is_none() {
                 if let Some(reason) = cancel.stop_reason() {
@@ -518,6 +579,7 @@ impl Processes {
                     format!("cannot create {}", path.display()),
                 ));
             };
+            let file = CappedFile::new(file, path, MAX_BACKGROUND_OUTPUT_FILE_BYTES);
             let counts = Arc::clone(&counts);
             let (done_tx, done_rx) = mpsc::channel::<()>();
             let pump = std::thread::Builder::new()
@@ -539,7 +601,8 @@ impl Processes {
         std::thread::Builder::new()
             .name("bg-wait".into())
             .spawn(move || {
-                let status = child.wait();
+                // Wait for the exit without reaping, then reap under the table lock.
+                let status = has_exited(pid, true).and_then(|_| reap(&table, pid, &mut child));
                 // Let the pumps catch up so the published exit follows all output.
                 let drain_deadline = Instant::now() + OUTPUT_DRAIN_GRACE;
                 for done in pumps {
@@ -566,7 +629,11 @@ impl Processes {
                 if let Some(entry) = table.get_mut(&pid) {
                     entry.info.exit = Some(exit);
                 }
-                prune_finished(&mut table);
+                prune_finished(
+                    &mut table,
+                    MAX_FINISHED_PROCESSES,
+                    MAX_FINISHED_OUTPUT_BYTES,
+                );
             })
             .map_err(|e| {
                 error(
@@ -605,12 +672,13 @@ impl Processes {
                 format!("pid {pid} cannot be signalled"),
             )
         })?;
-        let ours_running = lock(&self.table)
-            .get(&pid)
-            .is_some_and(|e| e.info.exit.is_none());
-        let target = if ours_running { -target } else { target };
+        // The lock is held across kill(2): no reap can slip in between.
+        let table = lock(&self.table);
+        let ours_unreaped = table.get(&pid).is_some_and(|e| !e.reaped);
+        let target = if ours_unreaped { -target } else { target };
         // SAFETY: kill(2) takes plain integers; no memory is involved.
         let rc = unsafe { libc::kill(target, signal) };
+        drop(table);
         if rc != 0 {
             return Err(agent_error(
                 &format!("signal {signal} to pid {pid}"),
@@ -657,19 +725,22 @@ impl Processes {
     }
 }
 
-/// Forgets the oldest finished processes past [`MAX_FINISHED_PROCESSES`] (and their files).
-fn prune_finished(table: &mut HashMap<u32, Entry>) {
-    let mut finished: Vec<(u64, u32)> = table
+/// Forgets the oldest finished processes (and deletes their files) until at
+/// most `max_count` of them with at most `max_bytes` of output files are left.
+fn prune_finished(table: &mut HashMap<u32, Entry>, max_count: usize, max_bytes: u64) {
+    let mut finished: Vec<(u64, u32, u64)> = table
         .values()
         .filter(|e| e.info.exit.is_some())
-        .map(|e| (e.seq, e.info.pid))
+        .map(|e| (e.seq, e.info.pid, output_file_bytes(e)))
         .collect();
-    if finished.len() <= MAX_FINISHED_PROCESSES {
-        return;
-    }
-    finished.sort_unstable();
-    let excess = finished.len() - MAX_FINISHED_PROCESSES;
-    for (_, pid) in finished.into_iter().take(excess) {
+    // Newest first; keep while both bounds hold.
+    finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+    let mut kept_bytes = 0u64;
+    for (n, (_, pid, bytes)) in finished.into_iter().enumerate() {
+        kept_bytes = kept_bytes.saturating_add(bytes);
+        if n < max_count && kept_bytes <= max_bytes {
+            continue;
+        }
         if let Some(Entry {
             files: Some((out, err)),
             ..
@@ -681,12 +752,22 @@ fn prune_finished(table: &mut HashMap<u32, Entry>) {
     }
 }
 
-/// Copies a pipe into a file up to [`MAX_BACKGROUND_OUTPUT_FILE_BYTES`], then
-/// appends a marker line and keeps reading (and counting) without storing.
-fn pump_to_file(mut pipe: BoxedPipe, mut file: File, count: &AtomicU64) {
+/// Bytes on disk of an entry's output files.
+fn output_file_bytes(entry: &Entry) -> u64 {
+    let Some((out, err)) = &entry.files else {
+        return 0;
+    };
+    [out, err]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Copies a pipe into a [`CappedFile`] (which stops storing at its cap), and
+/// counts every byte read.
+fn pump_to_file(mut pipe: BoxedPipe, mut file: CappedFile, count: &AtomicU64) {
     let mut buf = vec![0u8; PIPE_READ_BYTES];
-    let mut stored: u64 = 0;
-    let mut writable = true;
     loop {
         let n = match pipe.read(&mut buf) {
             Ok(0) => break,
@@ -694,26 +775,11 @@ fn pump_to_file(mut pipe: BoxedPipe, mut file: File, count: &AtomicU64) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        if writable {
-            let room = MAX_BACKGROUND_OUTPUT_FILE_BYTES - stored;
-            let take = (n as u64).min(room) as usize;
-            let mut result = file.write_all(&buf[..take]);
-            stored += take as u64;
-            if result.is_ok() && take < n {
-                let marker = format!(
-                    "\n[capsule-agent: output truncated at {MAX_BACKGROUND_OUTPUT_FILE_BYTES} bytes]\n"
-                );
-                result = file.write_all(marker.as_bytes());
-                writable = false;
-            }
-            if let Err(e) = result {
-                eprintln!("capsule-agent: background output file write failed: {e}");
-                writable = false;
-            }
-        }
+        file.write(&buf[..n]);
         // Published after the write, so a reader never sees a count ahead of the file.
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
+    file.flush();
 }
 
 /// Reads up to `max` bytes of `path` from `offset` (empty past the end).
@@ -727,4 +793,93 @@ fn read_range(path: &Path, offset: u64, max: u64) -> Result<Vec<u8>, AgentError>
         .read_to_end(&mut out)
         .map_err(|e| agent_error(&what(), &e))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished_entry(dir: &Path, pid: u32, seq: u64, bytes: u64) -> Entry {
+        let out = dir.join(format!("{pid}-stdout.log"));
+        let err = dir.join(format!("{pid}-stderr.log"));
+        File::create(&out).unwrap().set_len(bytes).unwrap();
+        File::create(&err).unwrap();
+        Entry {
+            info: ProcessInfo {
+                pid,
+                command: "x".into(),
+                background: true,
+                exit: Some(ExitStatus {
+                    code: Some(0),
+                    signal: None,
+                    duration_us: 0,
+                    timed_out: false,
+                    stdout_bytes: bytes,
+                    stderr_bytes: 0,
+                }),
+                started_unix_ms: 0,
+            },
+            files: Some((out, err)),
+            seq,
+            reaped: true,
+        }
+    }
+
+    #[test]
+    fn an_exit_is_seen_without_reaping_so_the_pid_stays_ours() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        assert!(has_exited(pid, true).unwrap());
+        assert!(has_exited(pid, false).unwrap(), "still there to be seen");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        assert_eq!(
+            state,
+            Some("Z"),
+            "a zombie holds the pid until it is reaped"
+        );
+        let table = Mutex::new(HashMap::new());
+        assert!(reap(&table, pid, &mut child).unwrap().success());
+        assert!(
+            has_exited(pid, false).is_err(),
+            "reaped: no longer our child"
+        );
+    }
+
+    #[test]
+    fn finished_processes_are_bounded_by_count_and_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = HashMap::new();
+        for (pid, seq) in [(10, 1), (11, 2), (12, 3), (13, 4)] {
+            table.insert(pid, finished_entry(dir.path(), pid, seq, 100));
+        }
+        // A running one is never pruned.
+        let mut running = finished_entry(dir.path(), 20, 0, 1000);
+        running.info.exit = None;
+        table.insert(20, running);
+
+        prune_finished(&mut table, 3, 10_000);
+        let mut left: Vec<u32> = table.keys().copied().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![11, 12, 13, 20],
+            "the oldest finished one goes first"
+        );
+        assert!(
+            !dir.path().join("10-stdout.log").exists(),
+            "its files go with it"
+        );
+
+        prune_finished(&mut table, 3, 250);
+        let mut left: Vec<u32> = table.keys().copied().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![12, 13, 20],
+            "only the newest 250 bytes of output stay"
+        );
+        assert!(!dir.path().join("11-stdout.log").exists());
+        assert!(dir.path().join("12-stdout.log").exists());
+    }
 }

@@ -353,8 +353,10 @@ pub enum Event {
         /// The bytes, not necessarily UTF-8.
         data: Vec<u8>,
     },
-    /// The stream passed its cap: no more of it is streamed, and the whole
-    /// stream (from byte 0) is kept in `path` inside the guest.
+    /// The stream passed its cap: no more of it is streamed, and the stream
+    /// from byte 0 is kept in `path` inside the guest, up to
+    /// `output::MAX_OUTPUT_FILE_BYTES` and then a one-line truncation marker.
+    /// Old overflow files are pruned as new ones appear.
     Truncated {
         /// Which stream.
         stream: Stream,

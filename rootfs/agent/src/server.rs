@@ -25,7 +25,8 @@ use std::time::Duration;
 use crate::cancel::{CancelToken, StopReason};
 use crate::context::{Contexts, ContextsConfig};
 use crate::files::Files;
-use crate::frame::{read_frame, write_frame, FrameError};
+use crate::frame::{error_chain, read_frame, write_frame, FrameError};
+use crate::lock::lock;
 use crate::oserror::error;
 use crate::output::CappedOutput;
 use crate::process::Processes;
@@ -66,10 +67,6 @@ impl std::fmt::Debug for Agent {
             .field("config", &self.config)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The sending half of one connection, shared by its reader and workers.
@@ -248,7 +245,7 @@ impl Agent {
         // The handshake.
         match read_frame::<ClientFrame, _>(&mut stream) {
             Ok(None) => return ConnEnd::PeerClosed,
-            Err(e) => return ConnEnd::Violation(frame_error_text(&e)),
+            Err(e) => return ConnEnd::Violation(error_chain(&e)),
             Ok(Some(ClientFrame {
                 id: 0,
                 body: ClientMessage::Hello(hello),
@@ -275,7 +272,7 @@ impl Agent {
             let frame = match read_frame::<ClientFrame, _>(&mut stream) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return ConnEnd::PeerClosed,
-                Err(e) => return ConnEnd::Violation(frame_error_text(&e)),
+                Err(e) => return ConnEnd::Violation(error_chain(&e)),
             };
             match frame.body {
                 ClientMessage::Hello(_) => {
@@ -442,16 +439,4 @@ fn stop_error(reason: StopReason) -> AgentError {
         StopReason::Cancelled => error(ErrorKind::Cancelled, "the request was cancelled"),
         StopReason::TimedOut => error(ErrorKind::Timeout, "the request's timeout passed"),
     }
-}
-
-/// A frame error with its causes, for the log.
-fn frame_error_text(e: &FrameError) -> String {
-    let mut text = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

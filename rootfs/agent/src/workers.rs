@@ -9,8 +9,10 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use crate::lock::lock;
 
 /// How long an idle pooled thread waits for work before it exits.
 pub const IDLE_WORKER_EXIT_AFTER: Duration = Duration::from_secs(10);
@@ -41,10 +43,6 @@ impl std::fmt::Debug for WorkerPool {
             .field("idle", &lock(&self.shared.state).idle)
             .finish()
     }
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl WorkerPool {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use capsule_agent::client::ClientError;
 use capsule_agent::protocol::{ErrorKind, Op, ProcessInfo, ProcessOutput, Reply, Stream};
-use fixture::{argv, eventually, process_alive, shell, TestAgent};
+use fixture::{argv, eventually, process_alive, read_pid_file, shell, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -83,11 +83,7 @@ fn timeout_kills_the_whole_process_group() {
         "took {:?}",
         start.elapsed()
     );
-    let child: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = read_pid_file(&pid_file);
     assert!(
         eventually(Duration::from_secs(5), || !process_alive(child)),
         "the backgrounded grandchild {child} survived the timeout"
@@ -128,6 +124,28 @@ fn fifty_megabytes_of_output_are_capped_and_kept_whole_in_a_file() {
             .all(|ch| ch == &pattern[..ch.len()]),
         "file content is exact"
     );
+}
+
+#[test]
+fn a_foreground_overflow_file_stops_at_its_cap_with_a_marker() {
+    use capsule_agent::output::{truncation_marker, MAX_OUTPUT_FILE_BYTES};
+    let total = MAX_OUTPUT_FILE_BYTES + 8 * 1024 * 1024;
+    let agent = TestAgent::start();
+    let c = agent.connect();
+    let mut req = shell(&format!("yes | head -c {total}"));
+    req.output_cap_bytes = Some(16);
+    let out = c.exec(req, T).unwrap();
+    assert_eq!(out.status.stdout_bytes, total, "every byte is counted");
+    assert_eq!(out.stdout, b"y\ny\ny\ny\ny\ny\ny\ny\n");
+    let (_, path) = &out.truncated[0];
+    let kept = std::fs::read(path).unwrap();
+    let marker = truncation_marker(MAX_OUTPUT_FILE_BYTES);
+    assert_eq!(
+        kept.len() as u64,
+        MAX_OUTPUT_FILE_BYTES + marker.len() as u64
+    );
+    assert!(kept.ends_with(marker.as_bytes()));
+    assert!(kept[..16].starts_with(b"y\ny\n"));
 }
 
 #[test]

@@ -402,3 +402,53 @@ fn permission_denied_even_as_root() {
         ErrorKind::PermissionDenied
     );
 }
+
+#[test]
+fn reading_a_fifo_is_refused_at_once_instead_of_hanging() {
+    let agent = TestAgent::start();
+    let c = agent.connect();
+    let fifo = agent.work.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let started = std::time::Instant::now();
+    let result = c.call_reply(
+        Op::ReadFile {
+            path: "pipe".into(),
+            offset: 0,
+            length: 10,
+        },
+        Some(Duration::from_secs(5)),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "reading a FIFO took {:?}",
+        started.elapsed()
+    );
+    match result {
+        Err(ClientError::Agent(e)) => {
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+            assert!(e.message.contains("FIFO"), "{}", e.message);
+        }
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    // The agent still answers: no worker is stuck on the FIFO.
+    assert_eq!(c.call_reply(Op::Ping, T).unwrap(), Reply::Pong);
+}
+
+#[test]
+fn read_file_capped_refuses_a_file_over_the_cap() {
+    let agent = TestAgent::start();
+    let c = agent.connect();
+    std::fs::write(agent.work.join("big"), vec![7u8; 1000]).unwrap();
+    match c.read_file_capped("big", 999) {
+        Err(ClientError::TooLarge { limit_bytes, what }) => {
+            assert_eq!(limit_bytes, 999);
+            assert!(what.contains("big"), "{what}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(c.read_file_capped("big", 1000).unwrap(), vec![7u8; 1000]);
+}

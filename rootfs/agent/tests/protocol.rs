@@ -15,7 +15,7 @@ use capsule_agent::protocol::{
     AgentFrame, AgentMessage, ClientFrame, ClientMessage, ErrorKind, Hello, Op, Reply, Request,
     MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
-use fixture::{eventually, process_alive, shell, TestAgent};
+use fixture::{eventually, process_alive, shell, start_foreground_sleep, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -25,6 +25,16 @@ fn hello(version: u32) -> ClientFrame {
         body: ClientMessage::Hello(Hello {
             version,
             client: "test".into(),
+        }),
+    }
+}
+
+fn ping(id: u64) -> ClientFrame {
+    ClientFrame {
+        id,
+        body: ClientMessage::Request(Request {
+            timeout_ms: None,
+            op: Op::Ping,
         }),
     }
 }
@@ -124,26 +134,7 @@ fn fifty_concurrent_requests_on_one_connection_get_their_own_answers() {
 fn cancelling_a_long_sleep_fails_it_quickly_and_kills_it() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let pid_file = agent.work.join("sleep.pid");
-    let req = shell(&format!("echo $$ > {}; exec sleep 300", pid_file.display()));
-    let (tx, rx) = mpsc::channel();
-    let handle = c
-        .start(
-            Request {
-                timeout_ms: None,
-                op: Op::Exec(req),
-            },
-            Box::new(move |i| drop(tx.send(i))),
-        )
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
-    }));
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (handle, rx, pid) = start_foreground_sleep(&agent, &c, "sleep.pid");
     assert!(process_alive(pid));
     let start = Instant::now();
     handle.cancel().unwrap();
@@ -169,33 +160,12 @@ fn cancelling_a_long_sleep_fails_it_quickly_and_kills_it() {
 fn a_dropped_connection_cancels_its_requests_but_not_background_processes() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let fg_pid_file = agent.work.join("fg.pid");
     let mut bg = shell("exec sleep 300");
     bg.background = true;
     let Reply::Started { pid: bg_pid } = c.call_reply(Op::Exec(bg), T).unwrap() else {
         panic!()
     };
-    let fg = shell(&format!(
-        "echo $$ > {}; exec sleep 300",
-        fg_pid_file.display()
-    ));
-    let (tx, rx) = mpsc::channel();
-    c.start(
-        Request {
-            timeout_ms: None,
-            op: Op::Exec(fg),
-        },
-        Box::new(move |i| drop(tx.send(i))),
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&fg_pid_file).is_ok_and(|s| s.ends_with('\n'))
-    }));
-    let fg_pid: u32 = std::fs::read_to_string(&fg_pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (_handle, rx, fg_pid) = start_foreground_sleep(&agent, &c, "fg.pid");
     c.close();
     let incoming = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     assert!(
@@ -288,17 +258,7 @@ fn wrong_version_or_missing_hello_fails_the_handshake() {
 
     let mut s = agent.raw();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write_frame(
-        &mut s,
-        &ClientFrame {
-            id: 1,
-            body: ClientMessage::Request(Request {
-                timeout_ms: None,
-                op: Op::Ping,
-            }),
-        },
-    )
-    .unwrap();
+    write_frame(&mut s, &ping(1)).unwrap();
     let frames = frames_until_closed(&mut s);
     assert!(
         matches!(&frames[..], [AgentFrame { id: 1, body: AgentMessage::Failed(e) }] if e.kind == ErrorKind::Protocol),
@@ -311,17 +271,7 @@ fn wrong_version_or_missing_hello_fails_the_handshake() {
 fn request_id_zero_and_a_second_hello_are_protocol_errors() {
     let agent = TestAgent::start();
     let mut s = raw_handshaken(&agent);
-    write_frame(
-        &mut s,
-        &ClientFrame {
-            id: 0,
-            body: ClientMessage::Request(Request {
-                timeout_ms: None,
-                op: Op::Ping,
-            }),
-        },
-    )
-    .unwrap();
+    write_frame(&mut s, &ping(0)).unwrap();
     let frames = frames_until_closed(&mut s);
     assert!(
         matches!(&frames[..], [AgentFrame { id: 0, body: AgentMessage::Failed(e) }] if e.kind == ErrorKind::Protocol),

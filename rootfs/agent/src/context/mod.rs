@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::cancel::{CancelToken, StopReason};
+use crate::lock::lock;
 use crate::protocol::{AgentError, CodeError, CodeOutcome, ContextInfo, ErrorKind, Event, Language, RunCodeRequest};
 
 use cell::{Abort, CellReport, Ending, StartupFailure};
@@ -241,10 +242,6 @@ impl Drop for Held<'_> {
         *busy = false;
         self.context.freed.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Context {
