@@ -623,3 +623,132 @@ async fn a_guest_that_dies_during_a_call_fails_the_call_with_state_lost() {
     assert!(left.is_empty(), "kill_sandbox also kills what the dead agent left running: {left:?}");
     f.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_sandbox_cannot_be_forked_while_a_call_runs_in_it() {
+    let f = Fixture::default().await;
+    ok("run", &f.call("run_command", json!({"command": "true"})).await);
+    let client = f.client.peer().clone();
+    let long = tokio::spawn(async move { call(&client, "run_command", json!({"command": "sleep 1.5; echo survived"})).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = f.call("fork", json!({})).await;
+    assert!(is_error(&r), "fork must not cut off the running call");
+    assert!(text(&r).contains("call(s) are running") && text(&r).contains("then fork"), "{}", text(&r));
+    let survived = ok("long", &long.await.unwrap());
+    assert_eq!(survived["stdout"], "survived\n");
+    let listed = ok("list", &f.call("list_sandboxes", json!({})).await);
+    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 1, "no child was made");
+    ok("fork after the call", &f.call("fork", json!({})).await);
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pause_or_create_whose_caller_goes_away_still_completes_and_is_recorded() {
+    let f = Fixture::default().await;
+    let owner = Owner::new("test-session");
+    let s = ok("run", &f.call("run_command", json!({"command": "echo 1 > state.txt"})).await);
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    // The caller's future is dropped right after its first poll, while the engine pauses the machine.
+    let dropped = tokio::time::timeout(Duration::ZERO, f.manager.pause(&owner, Some(&id))).await;
+    assert!(dropped.is_err(), "the pause was still in progress when its caller went away");
+    let dropped = tokio::time::timeout(Duration::ZERO, f.manager.create(&owner, Default::default())).await;
+    assert!(dropped.is_err(), "the create was still in progress when its caller went away");
+    let mut states = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (list, _) = f.manager.list(&owner);
+        states = list.iter().map(|s| (s.sandbox_id.clone(), s.state.as_str())).collect();
+        if states.len() == 2 && states.iter().all(|(_, st)| *st != "creating") && states[0].1 == "paused" {
+            break;
+        }
+    }
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(states[0], (id.clone(), "paused"), "the paused VM is recorded as paused: {states:?}");
+    assert_eq!(states[1].1, "running", "the new sandbox finished starting: {states:?}");
+    let transitions = f.manager.registry().transitions(&id).unwrap();
+    assert_eq!(transitions.last().map(|(_, to, _)| to.as_str()), Some("paused"));
+    let r = ok("resume by call", &f.call("run_command", json!({"command": "cat state.txt", "sandbox_id": id})).await);
+    assert_eq!(r["stdout"], "1\n");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn per_session_bookkeeping_is_forgotten_when_sessions_and_their_sandboxes_end() {
+    let f = Fixture::default().await;
+    for n in 0..5 {
+        let (session, _) = connect(&f.manager, Owner::new(format!("http-gone-{n}")), &f.settings).await;
+        let s = ok("run", &call(&session, "run_command", json!({"command": "true"})).await);
+        let r = call(&session, "pause", json!({})).await;
+        assert!(!is_error(&r), "{}", text(&r));
+        ok("kill", &call(&session, "kill_sandbox", json!({"sandbox_id": s["sandbox_id"]})).await);
+        let _ = session.cancel().await;
+    }
+    assert_eq!(f.manager.owner_entries(), (0, 0), "no owner keeps an entry once its sandboxes are gone");
+    f.cleanup().await;
+}
+
+#[tokio::test]
+async fn sandboxes_orphaned_by_a_restart_are_seen_by_shared_sessions_and_deleted_after_retention() {
+    let mut settings = Settings::default();
+    settings.timers.retention = Duration::from_millis(1500);
+    let dir = tempfile::Builder::new().prefix("capsule-t").tempdir_in("/tmp").unwrap();
+    let manager = open_manager(dir.path(), &settings);
+    // An HTTP session's owner id names the server's boot: no session after a restart has it.
+    let (client, _) = connect(&manager, Owner::new("http-18f00000000-0"), &settings).await;
+    let s = ok("run", &call(&client, "run_command", json!({"command": "true"})).await);
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let _ = client.cancel().await;
+    manager.pause_all().await;
+    drop(manager);
+
+    let manager = open_manager(dir.path(), &settings);
+    let (fresh, _) = connect(&manager, Owner::new("http-18f00000001-0"), &settings).await;
+    let listed = ok("list", &call(&fresh, "list_sandboxes", json!({})).await);
+    assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0, "a new session does not see the orphan");
+    let shared = Owner { id: "http-shared".into(), sees_all: true };
+    let (list, _) = manager.list(&shared);
+    assert!(list.iter().any(|s| s.sandbox_id == id && s.state.as_str() == "paused"), "{list:?}");
+    let timers = capsule::sandbox::timers::spawn(manager.clone());
+    let mut gone = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if manager.list(&shared).0.iter().all(|s| s.sandbox_id != id) {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the orphan was deleted after the retention period");
+    let t = manager.registry().transitions(&id).unwrap();
+    assert!(t.iter().any(|(_, to, why)| to == "deleted" && why.contains("retention")), "{t:?}");
+    assert_eq!(manager.owner_entries(), (0, 0));
+    timers.abort();
+    manager.kill_all().await;
+    let _ = fresh.cancel().await;
+}
+
+#[tokio::test]
+async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_notes() {
+    let f = Fixture::new(Settings { output_cap_bytes: 4000, ..Settings::default() }).await;
+    let r = f.call("run_code", json!({"code": "for i in range(10000):\n    display(i)\nprint('x' * 200000)\n'done'"})).await;
+    if is_error(&r) && text(&r).contains("not available in this agent build") {
+        eprintln!("SKIP: run_code: this capsule-agent build has no language contexts yet ({})", text(&r));
+        f.cleanup().await;
+        return;
+    }
+    let s = ok("run_code", &r);
+    let results = s["results"].as_array().unwrap();
+    let max = capsule::mcp::handler::MAX_RESULTS_PER_CALL as usize;
+    assert_eq!(results.len(), max + 1, "the displays up to the cap, plus the cell's value");
+    assert_eq!(results[0]["text"], "0");
+    assert_eq!(results[max]["text"], "'done'");
+    assert_eq!(results[max]["is_main_result"], true);
+    let t = text(&r);
+    assert!(t.contains(&format!("[{} more result(s) left out", 10_000 - max)), "{t}");
+    assert!(s["stdout"].as_str().unwrap().len() <= 4000);
+    assert!(t.contains("stdout truncated"), "{t}");
+
+    let big = f.call("run_code", json!({"code": "'y' * 100000"})).await;
+    let value = structured(&big)["results"][0]["text"].as_str().unwrap().to_string();
+    assert!(value.len() < 4200 && value.contains("[text/plain cut: 4000 of 100002 bytes shown"), "{}", &value[value.len() - 200..]);
+    f.cleanup().await;
+}

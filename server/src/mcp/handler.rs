@@ -17,9 +17,9 @@ use rmcp::model::{CallToolResult, ProgressNotificationParam};
 use rmcp::service::RequestContext;
 use rmcp::RoleServer;
 
-use super::shaping::{error_result, push_section, tool_result, truncation_note, OutputCollector};
+use super::shaping::{cap_text, error_result, push_section, tool_result, truncation_note, OutputCollector};
 use super::CapsuleMcp;
-use crate::guest::{self, GuestCall, GuestError, Step, QUICK_OP_TIMEOUT};
+use crate::guest::{self, EventBudget, GuestCall, GuestError, Step, QUICK_OP_TIMEOUT};
 use crate::sandbox::manager::CreateRequest;
 use crate::sandbox::{Lease, ManagerError};
 
@@ -33,6 +33,15 @@ pub const MAX_LOGGED_OUTPUT_BYTES: u64 = 1024 * 1024;
 pub const MAX_IMAGES_PER_RESULT: usize = 8;
 /// Most image bytes (before base64) one `run_code` result carries.
 pub const MAX_IMAGE_BYTES_PER_RESULT: usize = 16 * 1024 * 1024;
+
+/// Most rich results (`display()` calls, figures) one `run_code` result
+/// carries, besides the cell's value; the rest are dropped and counted, and
+/// the result's text says how many. (Each result's text/plain and text/html
+/// are cut at the per-stream output cap, with a note.)
+pub const MAX_RESULTS_PER_CALL: u64 = 64;
+/// Most rich-result bytes (all representations together, before base64) one
+/// `run_code` call keeps on the host.
+pub const MAX_RESULT_BYTES_PER_CALL: u64 = 24 * 1024 * 1024;
 
 /// A tool failure, rendered for the model.
 #[derive(Debug, thiserror::Error)]
@@ -257,7 +266,12 @@ impl CapsuleMcp {
             code: p.code,
             output_cap_bytes: Some(self.shaping.output_cap_bytes as u64),
         });
-        let mut call = match GuestCall::start(&lease.client, op, Some(timeout)) {
+        let budget = EventBudget {
+            output_bytes_per_stream: self.shaping.output_cap_bytes as u64,
+            results: MAX_RESULTS_PER_CALL,
+            result_bytes: MAX_RESULT_BYTES_PER_CALL,
+        };
+        let mut call = match GuestCall::start(&lease.client, op, Some(timeout), budget) {
             Ok(c) => c,
             Err(e) => return Err(self.guest_error(&lease, "run_code", e).await),
         };
@@ -267,6 +281,7 @@ impl CapsuleMcp {
         let mut images = Vec::new();
         let (mut image_bytes, mut images_dropped) = (0usize, 0usize);
         let mut error = None;
+        let text_cap = self.shaping.output_cap_bytes;
         let reply = drive(&mut call, &mut notifier, |e| {
             if output.on_event(e) {
                 return;
@@ -277,8 +292,8 @@ impl CapsuleMcp {
                     for (mime, data) in &rich.data {
                         r.mime_types.push(mime.clone());
                         match mime.as_str() {
-                            "text/plain" => r.text = Some(String::from_utf8_lossy(data).into_owned()),
-                            "text/html" => r.html = Some(String::from_utf8_lossy(data).into_owned()),
+                            "text/plain" => r.text = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/plain")),
+                            "text/html" => r.html = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/html")),
                             "image/png" | "image/jpeg" | "image/gif" | "image/webp" => {
                                 if images.len() < MAX_IMAGES_PER_RESULT && image_bytes + data.len() <= MAX_IMAGE_BYTES_PER_RESULT {
                                     image_bytes += data.len();
@@ -304,6 +319,8 @@ impl CapsuleMcp {
             Ok(other) => return Err(Self::unexpected(&lease, "run_code", other)),
             Err(e) => return Err(self.guest_error(&lease, "run_code", e).await),
         };
+        let dropped = call.overflow();
+        output.count_dropped(dropped.stdout_bytes, dropped.stderr_bytes);
         let result = RunCodeResult {
             sandbox_id: lease.id.clone(),
             context: context_name,
@@ -338,6 +355,12 @@ impl CapsuleMcp {
         if images_dropped > 0 {
             push_section(&mut text, None, &format!(
                 "[{images_dropped} more image(s) left out: a result carries at most {MAX_IMAGES_PER_RESULT} images and {MAX_IMAGE_BYTES_PER_RESULT} bytes of them. Save figures to files (plt.savefig) and read_file the ones you need]"
+            ));
+        }
+        if dropped.results > 0 {
+            push_section(&mut text, None, &format!(
+                "[{} more result(s) left out ({} bytes): one run_code result carries at most {MAX_RESULTS_PER_CALL} displayed results plus the cell's value, and {MAX_RESULT_BYTES_PER_CALL} bytes of them. Display less per cell, or save outputs to files and read_file the ones you need]",
+                dropped.results, dropped.result_bytes
             ));
         }
         if result.context_restarted {
@@ -394,7 +417,8 @@ impl CapsuleMcp {
                 other => Err(Self::unexpected(&lease, "run_command", other)),
             };
         }
-        let mut call = match GuestCall::start(&lease.client, op, Some(timeout)) {
+        let budget = EventBudget { output_bytes_per_stream: self.shaping.output_cap_bytes as u64, ..EventBudget::NOTHING };
+        let mut call = match GuestCall::start(&lease.client, op, Some(timeout), budget) {
             Ok(c) => c,
             Err(e) => return Err(self.guest_error(&lease, "run_command", e).await),
         };
@@ -409,6 +433,8 @@ impl CapsuleMcp {
             Ok(other) => return Err(Self::unexpected(&lease, "run_command", other)),
             Err(e) => return Err(self.guest_error(&lease, "run_command", e).await),
         };
+        let dropped = call.overflow();
+        output.count_dropped(dropped.stdout_bytes, dropped.stderr_bytes);
         let result = RunCommandResult {
             sandbox_id: lease.id.clone(),
             pid: None,

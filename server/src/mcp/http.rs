@@ -6,7 +6,9 @@
 //!   one allowed with `--allow-origin` (403 otherwise): a web page cannot
 //!   drive a local server through the browser.
 //! - Each MCP session gets its own handler and owner id, so it sees only its
-//!   own sandboxes, unless sandboxes are shared.
+//!   own sandboxes, unless sandboxes are shared. Sandboxes of sessions that
+//!   ended (or of a previous run of the server) are orphans that the
+//!   manager's timers reclaim.
 //!
 //! This module is transport plumbing; tools live in [`super::handler`].
 
@@ -144,6 +146,12 @@ pub fn router_with_shutdown(
     check_options(opts)?;
     let shared = opts.shared_sandboxes;
     let sessions = Arc::new(AtomicU64::new(0));
+    // Owner ids name this server's boot and the session's number. MCP sessions
+    // do not survive a server restart (clients must initialize again), so no
+    // later session can claim an earlier one's sandboxes: they are orphans,
+    // reclaimed by the timers (paused when idle, deleted after the retention
+    // period) and visible to --shared-sandboxes sessions until then. Reusing
+    // ids across restarts would hand one client's sandboxes to another.
     let boot = crate::registry::now_ms();
     let factory = move || {
         let n = sessions.fetch_add(1, Ordering::Relaxed);

@@ -105,6 +105,13 @@ impl OutputCollector {
         }
     }
 
+    /// Counts output that never reached the collector (dropped on the way by
+    /// the call's event budget), so that totals and notes stay true.
+    pub fn count_dropped(&mut self, stdout_bytes: u64, stderr_bytes: u64) {
+        self.stdout.seen_bytes += stdout_bytes;
+        self.stderr.seen_bytes += stderr_bytes;
+    }
+
     /// Truncation info for both streams, given their total sizes when known.
     pub fn truncations(&self, stdout_total: Option<u64>, stderr_total: Option<u64>) -> Vec<Truncation> {
         [
@@ -133,6 +140,23 @@ pub fn truncation_note(t: &Truncation) -> String {
         ),
         None => format!("[{name} truncated: {total}. Redirect the output to a file and read it in pieces with read_file.]"),
     }
+}
+
+/// `text` cut to at most `cap_bytes` (on a character boundary), with a note
+/// saying how much of how much is shown; unchanged when it fits.
+pub fn cap_text(text: &str, cap_bytes: usize, what: &str) -> String {
+    if text.len() <= cap_bytes {
+        return text.to_string();
+    }
+    let mut end = cap_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}\n[{what} cut: {end} of {} bytes shown. Save large values to a file and read it in pieces with read_file.]",
+        &text[..end],
+        text.len()
+    )
 }
 
 /// Appends a labelled section to `out` when `body` is not empty.
@@ -185,6 +209,23 @@ mod tests {
         let note = truncation_note(&t[0]);
         assert!(note.contains("10 of 100 bytes shown, 90 cut"), "{note}");
         assert!(note.contains("/tmp/out"), "{note}");
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary_with_a_note() {
+        assert_eq!(cap_text("short", 10, "x"), "short");
+        let cut = cap_text("ééééé", 5, "text/plain");
+        assert!(cut.starts_with("éé\n[text/plain cut: 4 of 10 bytes shown"), "{cut}");
+    }
+
+    #[test]
+    fn dropped_output_counts_toward_the_total() {
+        let mut c = OutputCollector::new(4);
+        c.on_event(&Event::Output { stream: Stream::Stdout, data: b"abcd".to_vec() });
+        c.count_dropped(96, 0);
+        let t = c.truncations(None, None);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].total_bytes, Some(100));
     }
 
     #[test]

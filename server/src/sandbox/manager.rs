@@ -9,10 +9,23 @@
 //! - Limits (count, per-sandbox size, total memory of running sandboxes) are
 //!   enforced here, with errors that say what to do next.
 //!
+//! - Every public operation runs on its own task ([`detached`]): the engine
+//!   call and the transition that records it complete together even when the
+//!   caller goes away (a cancelled MCP request, a dropped connection, an
+//!   aborted timer), so the registry never says `running` while the VM is paused.
+//! - Owners: an MCP session over HTTP is a new owner, and MCP sessions do not
+//!   survive a server restart (by protocol), so after a restart or a session's
+//!   end its sandboxes are orphans: nobody can name them, and the timers
+//!   reclaim them like any other (idle pause, then deletion after the retention
+//!   period). `--shared-sandboxes` sessions see and may kill them meanwhile.
+//!   Per-owner bookkeeping lives only as long as the owner has a default
+//!   sandbox or a call resolving one.
+//!
 //! Engine calls block, so they run on `spawn_blocking`. This module never
 //! speaks MCP.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
@@ -34,6 +47,11 @@ pub const MAX_NAME_BYTES: usize = 64;
 pub const MAX_ENV_VARS: usize = 256;
 /// How long a machine whose agent connection broke may take to show it died.
 const AGENT_LOSS_SETTLE: Duration = Duration::from_millis(500);
+/// A sandbox still `creating` this long after it was admitted, with nobody
+/// working on it, is marked failed by the timers and stops counting against
+/// the limits. (An engine call in progress holds the sandbox's lock, so it is
+/// never reaped; the engines bound their own start times.)
+pub const CREATING_ABANDONED_AFTER: Duration = Duration::from_secs(120);
 
 /// Who is asking: an MCP session, or everyone when sessions share sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +152,9 @@ pub enum ManagerError {
     /// The registry failed.
     #[error("the sandbox registry failed, so the operation was not applied; retry, and if it persists check the server's state directory (disk full or read-only?)")]
     Registry(#[source] RegistryError),
+    /// The operation's task could not finish (the server is shutting down).
+    #[error("the server is shutting down, so the operation did not finish; retry once it is back")]
+    ShuttingDown,
     /// A transition that the state machine forbids (a race, or a bug).
     #[error("sandbox {id}: {source}")]
     Illegal {
@@ -267,6 +288,34 @@ async fn blocking<T: Send + 'static>(
         Ok(v) => v,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
+}
+
+/// Runs a manager operation on its own task and waits for it. The task runs
+/// to the end even if the caller's future is dropped, so an engine call and
+/// the transition recording it are never separated.
+async fn detached<T: Send + 'static>(
+    op: impl Future<Output = Result<T, ManagerError>> + Send + 'static,
+) -> Result<T, ManagerError> {
+    match tokio::spawn(op).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Err(ManagerError::ShuttingDown),
+    }
+}
+
+/// Refuses an operation that would cut off the calls running in a sandbox.
+fn refuse_if_busy(slot: &Slot, operation: &str) -> Result<(), ManagerError> {
+    let calls = slot.busy.load(Ordering::Acquire);
+    if calls > 0 {
+        return Err(ManagerError::WrongState {
+            id: slot.id.clone(),
+            state: "busy",
+            what: format!(
+                "{calls} call(s) are running in it; wait for them to finish (or kill their processes), then {operation}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl Manager {
@@ -491,9 +540,11 @@ impl Manager {
         let records: Vec<SandboxRecord> = self.slots().iter().map(|s| s.record()).collect();
         let live = records.iter().filter(|r| r.is_live()).count();
         if live + extra_count > limits.max_sandboxes as usize {
+            let paused = records.iter().filter(|r| r.state == SandboxState::Paused).count();
             return Err(ManagerError::Limit(format!(
-                "this server allows at most {} sandboxes and {live} exist. Delete ones you no longer need with kill_sandbox (list_sandboxes shows them).",
-                limits.max_sandboxes
+                "this server allows at most {} sandboxes and {live} exist ({paused} paused). Delete ones you no longer need with kill_sandbox (list_sandboxes shows them). Sandboxes of ended sessions (HTTP sessions do not survive a server restart) are paused when idle and deleted after the retention period ({} s); a server started with --shared-sandboxes lists and can kill them sooner.",
+                limits.max_sandboxes,
+                self.inner.config.timers.retention.as_secs()
             )));
         }
         let used: u64 = records.iter().filter(|r| r.holds_memory()).map(|r| u64::from(r.memory_mib)).sum();
@@ -518,6 +569,11 @@ impl Manager {
 
     /// Creates a sandbox for `owner`.
     pub async fn create(&self, owner: &Owner, req: CreateRequest) -> Result<SandboxInfo, ManagerError> {
+        let (this, owner) = (self.clone(), owner.clone());
+        detached(async move { this.create_now(&owner, req).await }).await
+    }
+
+    async fn create_now(&self, owner: &Owner, req: CreateRequest) -> Result<SandboxInfo, ManagerError> {
         let spec = self.validate(&req)?;
         let make_default = match req.make_default {
             Some(v) => v,
@@ -560,7 +616,10 @@ impl Manager {
         match created {
             Ok(machine) => {
                 inner.machine = Some(Arc::new(StdMutex::new(machine)));
-                self.transition(&slot, &mut inner, SandboxState::Running, "started")?;
+                if let Err(e) = self.transition(&slot, &mut inner, SandboxState::Running, "started") {
+                    self.abandon_new(&slot, &mut inner, &format!("its start could not be recorded ({e})")).await;
+                    return Err(e);
+                }
             }
             Err(e) => {
                 let reason = format!("it could not start: {e}");
@@ -573,6 +632,18 @@ impl Manager {
         }
         slot.touch();
         Ok(inner.record.info())
+    }
+
+    /// A new sandbox whose start could not be recorded: its machine is killed
+    /// and it is marked failed (if even that cannot be recorded, the timers
+    /// retry once it is [`CREATING_ABANDONED_AFTER`] old).
+    async fn abandon_new(&self, slot: &Slot, inner: &mut SlotInner, reason: &str) {
+        if let Some(machine) = inner.machine.take() {
+            if let Err(e) = blocking(&machine, |m| m.kill()).await {
+                tracing::warn!(sandbox = %slot.id, error = %e, "cannot kill the machine of an abandoned sandbox");
+            }
+        }
+        let _ = self.fail(slot, inner, reason);
     }
 
     fn set_default(&self, owner: &Owner, slot: &Slot, inner: &mut SlotInner) -> Result<(), ManagerError> {
@@ -595,20 +666,37 @@ impl Manager {
             return self.find(owner, id);
         }
         let creation = lock(&self.inner.default_creation).entry(owner.id.clone()).or_default().clone();
-        let _guard = creation.lock().await;
-        let existing = lock(&self.inner.defaults).get(&owner.id).cloned();
-        if let Some(id) = existing {
-            return self.find(owner, &id);
+        let result = async {
+            let _guard = creation.lock().await;
+            let existing = lock(&self.inner.defaults).get(&owner.id).cloned();
+            if let Some(id) = existing {
+                return self.find(owner, &id);
+            }
+            if !create_default {
+                return Err(ManagerError::WrongState {
+                    id: "(default)".into(),
+                    state: "absent",
+                    what: "this session has no default sandbox yet; run_code or run_command creates it".into(),
+                });
+            }
+            let info = self.create_now(owner, CreateRequest { make_default: Some(true), ..Default::default() }).await?;
+            self.find(owner, &info.sandbox_id)
         }
-        if !create_default {
-            return Err(ManagerError::WrongState {
-                id: "(default)".into(),
-                state: "absent",
-                what: "this session has no default sandbox yet; run_code or run_command creates it".into(),
-            });
+        .await;
+        // Forget the owner's creation lock once nobody holds it, so that the
+        // map does not grow with every session the server has seen.
+        drop(creation);
+        let mut creations = lock(&self.inner.default_creation);
+        if creations.get(&owner.id).is_some_and(|c| Arc::strong_count(c) == 1) {
+            creations.remove(&owner.id);
         }
-        let info = self.create(owner, CreateRequest { make_default: Some(true), ..Default::default() }).await?;
-        self.find(owner, &info.sandbox_id)
+        result
+    }
+
+    /// How many owners the manager keeps bookkeeping for: (owners with a
+    /// default sandbox, owners with a default-sandbox creation in progress).
+    pub fn owner_entries(&self) -> (usize, usize) {
+        (lock(&self.inner.defaults).len(), lock(&self.inner.default_creation).len())
     }
 
     /// Brings a sandbox to `running` (resuming it if paused) and connects to its agent.
@@ -655,6 +743,11 @@ impl Manager {
     /// Holds a running sandbox for one call (default sandbox when `id` is `None`,
     /// created on first use; resumed when paused).
     pub async fn acquire(&self, owner: &Owner, id: Option<&str>) -> Result<Lease, ManagerError> {
+        let (this, owner, id) = (self.clone(), owner.clone(), id.map(str::to_owned));
+        detached(async move { this.acquire_now(&owner, id.as_deref()).await }).await
+    }
+
+    async fn acquire_now(&self, owner: &Owner, id: Option<&str>) -> Result<Lease, ManagerError> {
         let slot = self.resolve(owner, id, true).await?;
         let mut inner = slot.inner.lock().await;
         let client = self.ensure_running(&slot, &mut inner).await?;
@@ -666,6 +759,11 @@ impl Manager {
     /// Called when a call lost its agent connection: marks the sandbox failed if
     /// its machine died, and returns the error to report.
     pub async fn agent_lost(&self, id: &str, detail: &str) -> ManagerError {
+        let (this, id, detail) = (self.clone(), id.to_owned(), detail.to_owned());
+        detached(async move { Ok(this.agent_lost_now(&id, &detail).await) }).await.unwrap_or_else(|e| e)
+    }
+
+    async fn agent_lost_now(&self, id: &str, detail: &str) -> ManagerError {
         let Some(slot) = lock(&self.inner.slots).get(id).cloned() else {
             return ManagerError::Failed { id: id.into(), reason: detail.into() };
         };
@@ -695,6 +793,11 @@ impl Manager {
 
     /// Pauses a sandbox (the default when `id` is `None`).
     pub async fn pause(&self, owner: &Owner, id: Option<&str>) -> Result<SandboxInfo, ManagerError> {
+        let (this, owner, id) = (self.clone(), owner.clone(), id.map(str::to_owned));
+        detached(async move { this.pause_now(&owner, id.as_deref()).await }).await
+    }
+
+    async fn pause_now(&self, owner: &Owner, id: Option<&str>) -> Result<SandboxInfo, ManagerError> {
         let slot = self.resolve(owner, id, false).await?;
         let mut inner = slot.inner.lock().await;
         match inner.record.state {
@@ -710,14 +813,7 @@ impl Manager {
                 return Err(ManagerError::WrongState { id: slot.id.clone(), state: state.as_str(), what: "it cannot be paused".into() })
             }
         }
-        let calls = slot.busy.load(Ordering::Acquire);
-        if calls > 0 {
-            return Err(ManagerError::WrongState {
-                id: slot.id.clone(),
-                state: "busy",
-                what: format!("{calls} call(s) are running in it; wait for them to finish (or kill their processes), then pause"),
-            });
-        }
+        refuse_if_busy(&slot, "pause")?;
         self.pause_locked(&slot, &mut inner, "paused on request").await?;
         Ok(inner.record.info())
     }
@@ -735,6 +831,11 @@ impl Manager {
 
     /// Resumes a sandbox (the default when `id` is `None`).
     pub async fn resume(&self, owner: &Owner, id: Option<&str>) -> Result<SandboxInfo, ManagerError> {
+        let (this, owner, id) = (self.clone(), owner.clone(), id.map(str::to_owned));
+        detached(async move { this.resume_now(&owner, id.as_deref()).await }).await
+    }
+
+    async fn resume_now(&self, owner: &Owner, id: Option<&str>) -> Result<SandboxInfo, ManagerError> {
         let slot = self.resolve(owner, id, false).await?;
         let mut inner = slot.inner.lock().await;
         self.ensure_running(&slot, &mut inner).await?;
@@ -742,8 +843,15 @@ impl Manager {
         Ok(inner.record.info())
     }
 
-    /// Forks a running or paused sandbox into `count` new running ones.
+    /// Forks a running or paused sandbox into `count` new running ones. Like
+    /// pause, it is refused while calls run in the parent: taking the parent's
+    /// state resets its guest connections, which would cut those calls off.
     pub async fn fork(&self, owner: &Owner, id: Option<&str>, count: u32) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
+        let (this, owner, id) = (self.clone(), owner.clone(), id.map(str::to_owned));
+        detached(async move { this.fork_now(&owner, id.as_deref(), count).await }).await
+    }
+
+    async fn fork_now(&self, owner: &Owner, id: Option<&str>, count: u32) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
         let max = capsule_tool_schemas::MAX_FORK_COUNT;
         if count == 0 || count > max {
             return Err(ManagerError::BadParameter(format!("count={count} is out of range: use 1 to {max}")));
@@ -759,6 +867,7 @@ impl Manager {
                 return Err(ManagerError::WrongState { id: slot.id.clone(), state: state.as_str(), what: "it cannot be forked".into() })
             }
         }
+        refuse_if_busy(&slot, "fork")?;
         // All copies must fit; each is then admitted on its own as it is made.
         self.check_capacity(count as usize, u64::from(inner.record.memory_mib) * u64::from(count))?;
         let Some(machine) = inner.machine.clone() else {
@@ -797,7 +906,10 @@ impl Manager {
             match blocking(&machine, move |m| m.fork(&spec2)).await {
                 Ok(m) => {
                     child_inner.machine = Some(Arc::new(StdMutex::new(m)));
-                    self.transition(&child, &mut child_inner, SandboxState::Running, "forked")?;
+                    if let Err(e) = self.transition(&child, &mut child_inner, SandboxState::Running, "forked") {
+                        self.abandon_new(&child, &mut child_inner, &format!("its start could not be recorded ({e})")).await;
+                        return Err(e);
+                    }
                     child.touch();
                     children.push(child_inner.record.info());
                 }
@@ -813,6 +925,11 @@ impl Manager {
 
     /// Deletes a sandbox for good.
     pub async fn kill(&self, owner: &Owner, id: &str) -> Result<SandboxInfo, ManagerError> {
+        let (this, owner, id) = (self.clone(), owner.clone(), id.to_owned());
+        detached(async move { this.kill_now(&owner, &id).await }).await
+    }
+
+    async fn kill_now(&self, owner: &Owner, id: &str) -> Result<SandboxInfo, ManagerError> {
         let slot = self.find(owner, id)?;
         let mut inner = slot.inner.lock().await;
         self.delete_locked(&slot, &mut inner, "killed on request").await?;
@@ -838,8 +955,14 @@ impl Manager {
     }
 
     /// One pass of the timers: pauses idle running sandboxes, deletes paused
-    /// (and failed) ones past retention. Returns how many it changed.
+    /// (and failed) ones past retention, fails abandoned `creating` ones.
+    /// Returns how many it changed.
     pub async fn run_timers_once(&self) -> usize {
+        let this = self.clone();
+        detached(async move { Ok(this.run_timers_now().await) }).await.unwrap_or(0)
+    }
+
+    async fn run_timers_now(&self) -> usize {
         let now = now_ms();
         let retention_ms = self.inner.config.timers.retention.as_millis() as u64;
         let mut changed = 0;
@@ -861,6 +984,22 @@ impl Manager {
                 SandboxState::Failed if now.saturating_sub(record.updated_ms) >= retention_ms => {
                     Some(self.delete_locked(&slot, &mut inner, "retention period passed while failed").await)
                 }
+                // Its lock is free, so nobody is creating it any more.
+                SandboxState::Creating
+                    if now.saturating_sub(record.created_ms) >= CREATING_ABANDONED_AFTER.as_millis() as u64 =>
+                {
+                    let reason =
+                        format!("its creation never finished (abandoned after {} s)", CREATING_ABANDONED_AFTER.as_secs());
+                    self.abandon_new(&slot, &mut inner, &reason).await;
+                    Some(match inner.record.state {
+                        SandboxState::Failed => Ok(()),
+                        state => Err(ManagerError::WrongState {
+                            id: slot.id.clone(),
+                            state: state.as_str(),
+                            what: "it was abandoned while creating, but its failure could not be recorded".into(),
+                        }),
+                    })
+                }
                 _ => None,
             };
             match result {
@@ -874,6 +1013,15 @@ impl Manager {
 
     /// Pauses every running sandbox (on server shutdown), so they survive a restart.
     pub async fn pause_all(&self) {
+        let this = self.clone();
+        let _ = detached(async move {
+            this.pause_all_now().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    async fn pause_all_now(&self) {
         for slot in self.slots() {
             let mut inner = slot.inner.lock().await;
             if inner.record.state == SandboxState::Running {
@@ -886,6 +1034,15 @@ impl Manager {
 
     /// Deletes every sandbox of every owner.
     pub async fn kill_all(&self) {
+        let this = self.clone();
+        let _ = detached(async move {
+            this.kill_all_now().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    async fn kill_all_now(&self) {
         for slot in self.slots() {
             let mut inner = slot.inner.lock().await;
             if let Err(e) = self.delete_locked(&slot, &mut inner, "server cleanup").await {
@@ -910,5 +1067,64 @@ fn spec_of(r: &SandboxRecord) -> MachineSpec {
         memory_mib: r.memory_mib,
         disk_mib: r.disk_mib,
         env: r.env.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::test_engine::TestEngine;
+
+    #[tokio::test]
+    async fn an_abandoned_creating_sandbox_is_failed_by_the_timers_and_frees_its_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // No machine is ever started here, so the agent binary is never run.
+        let engine = TestEngine::new(dir.path().join("no-agent"), dir.path().join("sandboxes")).expect("engine");
+        let registry = Registry::open(dir.path()).expect("registry");
+        let mut config = ManagerConfig::default();
+        config.limits.max_sandboxes = 1;
+        let manager = Manager::open(Arc::new(engine), registry, config).expect("manager");
+        let spec = manager.validate(&CreateRequest::default()).expect("spec");
+        let long_ago = now_ms() - CREATING_ABANDONED_AFTER.as_millis() as u64 - 1000;
+        let record = SandboxRecord {
+            id: spec.id.clone(),
+            owner: "someone".into(),
+            name: None,
+            state: SandboxState::Creating,
+            template: spec.template,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            idle_timeout_ms: 60_000,
+            env: BTreeMap::new(),
+            is_default: false,
+            parent_id: None,
+            created_ms: long_ago,
+            updated_ms: long_ago,
+            paused_ms: None,
+            failure: None,
+            engine: "test".into(),
+            engine_state: serde_json::Value::Null,
+        };
+        // What a creation that went away leaves behind: admitted, never finished, unlocked.
+        let slot = Slot::new(record, None);
+        manager.admit(&slot, &slot.record(), "create requested").expect("admitted");
+        assert!(matches!(manager.check_capacity(1, 0), Err(ManagerError::Limit(_))), "it holds the only place");
+
+        assert_eq!(manager.run_timers_once().await, 1);
+        let record = slot.record();
+        assert_eq!(record.state, SandboxState::Failed);
+        assert!(record.failure.as_deref().unwrap_or_default().contains("creation never finished"), "{record:?}");
+        manager.check_capacity(1, 0).expect("its place is free again");
+
+        // A fresh `creating` sandbox (one being made right now) is left alone.
+        let mut fresh = slot.record();
+        fresh.id = new_sandbox_id();
+        fresh.state = SandboxState::Creating;
+        fresh.created_ms = now_ms();
+        let fresh_slot = Slot::new(fresh, None);
+        manager.admit(&fresh_slot, &fresh_slot.record(), "create requested").expect("admitted");
+        assert_eq!(manager.run_timers_once().await, 0);
+        assert_eq!(fresh_slot.record().state, SandboxState::Creating);
     }
 }
