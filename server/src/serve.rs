@@ -213,11 +213,14 @@ pub fn test_engine_allowed(debug_build: bool, unsafe_test_engine: bool) -> Resul
 /// Picks the engine, or says why none can run and what would fix it.
 pub fn choose_engine(choice: EngineChoice, unsafe_test_engine: bool, state_dir: &std::path::Path) -> Result<Arc<dyn Engine>, ServeError> {
     match choice {
-        // Auto prefers KVM, the only isolating engine; the test engine is never picked silently.
-        EngineChoice::Kvm | EngineChoice::Auto => match kvm::open_for_serve(state_dir.join("sandboxes")) {
-            Ok(engine) => Ok(Arc::new(engine)),
-            Err(e) => Err(no_kvm_engine(&e)),
-        },
+        // Auto takes KVM, the only isolating engine, when an image is built; `--engine kvm`
+        // builds a missing image first. The test engine is never picked silently.
+        EngineChoice::Kvm | EngineChoice::Auto => {
+            match kvm::open_for_serve(state_dir.join("sandboxes"), choice == EngineChoice::Kvm) {
+                Ok(engine) => Ok(Arc::new(engine)),
+                Err(e) => Err(no_kvm_engine(&e)),
+            }
+        }
         EngineChoice::Test => {
             test_engine_allowed(cfg!(debug_assertions), unsafe_test_engine)?;
             eprintln!(

@@ -235,3 +235,89 @@ fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
         "nothing is left behind"
     );
 }
+
+#[test]
+fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    let mut machine = engine.create(&spec("kvm-r")).expect("create");
+    sh(&machine.connect().unwrap(), "echo kept > /root/kept");
+    machine.pause().expect("pause");
+    let saved = machine.saved_state();
+    // The server goes away: its machines are dropped (their workers were already stopped).
+    drop(machine);
+    drop(engine);
+
+    let engine = self::engine(root.path().to_path_buf()).expect("engine again");
+    let Err(err) = engine.reattach(&spec("kvm-r"), &saved, false) else {
+        panic!("a machine recorded running cannot come back")
+    };
+    assert!(matches!(err, EngineError::Dead(_)), "{err}");
+    let mut machine = engine
+        .reattach(&spec("kvm-r"), &saved, true)
+        .expect("reattach");
+    machine
+        .check_alive()
+        .expect("paused to disk counts as alive");
+    machine.resume().expect("resume from the saved snapshot");
+    assert_eq!(sh(&machine.connect().unwrap(), "cat /root/kept"), "kept\n");
+    machine.kill().expect("kill");
+}
+
+#[test]
+fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    let t = Instant::now();
+    let mut first = engine.create(&spec("kvm-t1")).expect("create the first");
+    let first_in = t.elapsed();
+    let t = Instant::now();
+    let mut second = engine.create(&spec("kvm-t2")).expect("create the second");
+    let second_in = t.elapsed();
+    eprintln!(
+        "kvm engine: create with template build {first_in:?}, create from template {second_in:?}"
+    );
+
+    let templates: Vec<_> = std::fs::read_dir(root.path().join(".templates"))
+        .expect("templates dir")
+        .flatten()
+        .collect();
+    assert_eq!(
+        templates.len(),
+        1,
+        "one template for one size: {templates:?}"
+    );
+    // Neither booted: their consoles never saw the agent start (the template's did).
+    for id in ["kvm-t1", "kvm-t2"] {
+        let console =
+            std::fs::read_to_string(root.path().join(id).join("serial.log")).unwrap_or_default();
+        assert!(
+            !console.contains("capsule-agent: init ok"),
+            "{id} booted:\n{console}"
+        );
+    }
+    let template_console = std::fs::read_to_string(templates[0].path().join("serial.log")).unwrap();
+    assert!(
+        template_console.contains("capsule-agent ready"),
+        "{template_console}"
+    );
+    // Their own files and RNG.
+    let (a, b) = (first.connect().unwrap(), second.connect().unwrap());
+    sh(&a, "echo first > /root/who");
+    sh(&b, "echo second > /root/who");
+    assert_eq!(sh(&a, "cat /root/who"), "first\n");
+    assert_eq!(sh(&b, "cat /root/who"), "second\n");
+    let random = "head -c 16 /dev/urandom | od -An -tx1";
+    assert_ne!(sh(&a, random), sh(&b, random));
+
+    first.kill().expect("kill");
+    second.kill().expect("kill");
+    assert!(
+        root.path().join(".templates").read_dir().unwrap().count() == 1,
+        "killing sandboxes keeps the template"
+    );
+}

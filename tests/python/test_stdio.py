@@ -219,6 +219,8 @@ def test_idle_sandboxes_pause_by_themselves_and_resume_on_the_next_call(state_di
 def test_serve_without_a_usable_engine_says_why_and_points_to_doctor(state_dir):
     env = server_env(state_dir)
     env.pop("CAPSULE_ENGINE")
+    # No guest image (an empty cache): the default engine choice cannot use KVM, even on a KVM host.
+    env["CAPSULE_CACHE_DIR"] = os.path.join(state_dir, "empty-cache")
     proc = subprocess.run([capsule_bin(), "serve"], env=env, capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode != 0

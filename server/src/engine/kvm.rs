@@ -3,7 +3,10 @@
 //!
 //! Owns the per-sandbox directory (writable disk, vsock socket, serial log, snapshots), the
 //! boot recipe of the image ([`boot_config`]), waiting for the guest agent, and the lifecycle:
-//! - create: a fresh writable ext4 disk, boot the image, connect once the agent listens;
+//! - create: restore the template of its size (a guest booted once until its agent answered,
+//!   saved as a snapshot and a writable disk under `.templates/`; built on first use) with a
+//!   copy of the template's disk, in tens of milliseconds; memory pages of the template are
+//!   shared copy-on-write. If the template cannot be restored, boot the image instead;
 //! - connect: `CONNECT 1024` on the vsock socket and the handshake, retried until the agent
 //!   is up; after a restore or fork the host also sends `SetClock` and `AddEntropy`;
 //! - pause: pause the vCPUs, write a full snapshot to disk, stop the worker (its RAM is freed);
@@ -17,6 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsule_agent::client::{AgentClient, ClientError};
@@ -28,8 +32,8 @@ use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
 
 use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
 use crate::image::{
-    create_writable_disk, ensure_image, BuildOptions, Flavour, ImageError, ImageInfo,
-    StderrProgress,
+    create_writable_disk, current_image, ensure_image, BuildOptions, Flavour, ImageError,
+    ImageInfo, StderrProgress, KERNEL_PATCHES_ENV,
 };
 
 /// What the agent prints on the serial console once it serves on vsock.
@@ -48,6 +52,10 @@ pub const GUEST_CID: u32 = 3;
 const ENTROPY_BYTES: usize = 64;
 /// Serial console lines quoted in boot failures.
 pub const SERIAL_TAIL_LINES: usize = 40;
+/// Where templates live, under the engine's root (sandbox ids never start with a dot).
+const TEMPLATES_DIR: &str = ".templates";
+/// Characters of a template's name kept in its directory name.
+const MAX_TEMPLATE_NAME_CHARS: usize = 32;
 /// Longest Unix socket path the kernel takes, in bytes.
 const MAX_UDS_PATH_BYTES: usize = 107;
 /// The fork caveat of this engine, for the model.
@@ -272,9 +280,9 @@ pub fn connect_agent(
     }
 }
 
-/// Tells a restored or forked guest the host's wall-clock time and mixes in fresh entropy, so
-/// its clock is right and forks never share RNG state.
-pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
+/// Tells the guest the host's wall-clock time (after a fresh boot the RTC-less guest starts at
+/// the epoch; after a restore its clock stands where it was saved).
+pub fn set_guest_clock(client: &AgentClient) -> Result<(), KvmError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -282,39 +290,26 @@ pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
     let unix_time_ns = u64::try_from(now).unwrap_or(u64::MAX);
     client
         .call_reply(Op::SetClock { unix_time_ns }, Some(GUEST_SYNC_TIMEOUT))
+        .map(drop)
         .map_err(|source| KvmError::Agent {
             what: "SetClock",
             source,
-        })?;
+        })
+}
+
+/// Tells a restored or forked guest the host's time and mixes in fresh entropy, so its clock
+/// is right and forks never share RNG state.
+pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
+    set_guest_clock(client)?;
     let mut bytes = vec![0u8; ENTROPY_BYTES];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(io_err("cannot read host entropy from /dev/urandom"))?;
     client
         .call_reply(Op::AddEntropy { bytes }, Some(GUEST_SYNC_TIMEOUT))
-        .map_err(|source| KvmError::Agent {
-            what: "AddEntropy",
-            source,
-        })?;
-    Ok(())
-}
-
-/// Tells the guest the host's time (after a fresh boot: the RTC-less guest starts at the epoch).
-fn set_guest_clock(client: &AgentClient) -> Result<(), KvmError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    client
-        .call_reply(
-            Op::SetClock {
-                unix_time_ns: u64::try_from(now).unwrap_or(u64::MAX),
-            },
-            Some(GUEST_SYNC_TIMEOUT),
-        )
         .map(drop)
         .map_err(|source| KvmError::Agent {
-            what: "SetClock",
+            what: "AddEntropy",
             source,
         })
 }
@@ -357,12 +352,31 @@ pub fn host_refusal(report: &HostReport) -> Option<String> {
 }
 
 /// The KVM engine for `capsule serve`: checks the host (as `capsule doctor` does), finds the
-/// guest image or builds it (progress on stderr; the first build takes many minutes), and runs
-/// VM workers from this very executable (`capsule worker`). Sandboxes live under `root`.
-pub fn open_for_serve(root: PathBuf) -> Result<KvmEngine, EngineError> {
+/// guest image, and runs VM workers from this very executable (`capsule worker`). With
+/// `build_missing_image` a missing image is built first (progress on stderr; the first build
+/// takes many minutes); without it a missing image is an error saying how to build one.
+/// Sandboxes live under `root`.
+pub fn open_for_serve(root: PathBuf, build_missing_image: bool) -> Result<KvmEngine, EngineError> {
     let report = capsule_vmm::doctor::probe();
     if let Some(why) = host_refusal(&report) {
         return Err(EngineError::Unavailable(why));
+    }
+    let pvm = report.virtualization == capsule_vmm::doctor::Virtualization::Pvm;
+    if let Err(missing) = current_image() {
+        if !build_missing_image {
+            return Err(EngineError::Unavailable(format!(
+                "{}; `--engine kvm` builds it on start",
+                error_chain(&missing)
+            )));
+        }
+        if pvm && std::env::var_os(KERNEL_PATCHES_ENV).is_none() {
+            return Err(EngineError::Unavailable(format!(
+                "no guest image is built yet, and this PVM host needs a kernel with the PVM guest \
+                 patch: run `capsule image build --kernel-patch \
+                 /path/to/pvm-native-guest-6.12.117.patch` (or set {KERNEL_PATCHES_ENV})"
+            )));
+        }
+        eprintln!("capsule: no guest image yet; building it (the first build takes many minutes)");
     }
     let image = ensure_image(&BuildOptions::default(), &StderrProgress::new()).map_err(|e| {
         EngineError::Unavailable(format!(
@@ -370,9 +384,7 @@ pub fn open_for_serve(root: PathBuf) -> Result<KvmEngine, EngineError> {
             error_chain(&e)
         ))
     })?;
-    if report.virtualization == capsule_vmm::doctor::Virtualization::Pvm
-        && image.flavour != Flavour::Pvm
-    {
+    if pvm && image.flavour != Flavour::Pvm {
         return Err(EngineError::Unavailable(format!(
             "the current guest image has a {} kernel, which this PVM host can only emulate (about a \
              thousand times slower); rebuild it with `capsule image build --flavour pvm --kernel-patch \
@@ -406,11 +418,13 @@ fn copy_disk(from: &Path, to: &Path) -> Result<(), KvmError> {
 }
 
 /// The engine.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvmEngine {
     worker_exe: PathBuf,
     image: ImageInfo,
     root: PathBuf,
+    /// Held while a template is looked up or built, so that one is built once.
+    templates: Mutex<()>,
 }
 
 impl KvmEngine {
@@ -427,11 +441,28 @@ impl KvmEngine {
             what: format!("cannot create {}", root.display()),
             source,
         })?;
-        Ok(Self {
+        let engine = Self {
             worker_exe,
             image,
             root,
-        })
+            templates: Mutex::new(()),
+        };
+        engine.remove_stale_templates();
+        Ok(engine)
+    }
+
+    /// Deletes templates of other images (sandboxes restored from them own their memory
+    /// mappings; the files can go).
+    fn remove_stale_templates(&self) {
+        let current = format!("-{}-", self.image.version);
+        let Ok(entries) = std::fs::read_dir(self.root.join(TEMPLATES_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().contains(&current) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// The image this engine boots.
@@ -439,9 +470,13 @@ impl KvmEngine {
         &self.image
     }
 
-    fn boot(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
-        let vcpus = check_vcpus(spec.vcpus)?;
-        let files = SandboxFiles::new(self.root.join(&spec.id));
+    /// Boots a fresh guest with its files in `files`, and waits for its agent.
+    fn boot_in(
+        &self,
+        files: SandboxFiles,
+        spec: &MachineSpec,
+        vcpus: u8,
+    ) -> Result<KvmMachine, KvmError> {
         files.create_dir()?;
         create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib))
             .map_err(KvmError::Image)?;
@@ -455,10 +490,86 @@ impl KvmEngine {
             0,
         );
         machine.start_worker()?;
-        machine.restored = false;
         let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
         set_guest_clock(&client)?;
         Ok(machine)
+    }
+
+    /// The template for machines like `spec`: a guest booted once until its agent answered,
+    /// saved as a snapshot plus its writable disk. Built on first use; never changed after.
+    fn template(&self, spec: &MachineSpec, vcpus: u8) -> Result<SandboxFiles, KvmError> {
+        let name: String = spec
+            .template
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(MAX_TEMPLATE_NAME_CHARS)
+            .collect();
+        let key = format!(
+            "{name}-{}-{}m-{}d-{vcpus}c",
+            self.image.version, spec.memory_mib, spec.disk_mib
+        );
+        let files = SandboxFiles::new(self.root.join(TEMPLATES_DIR).join(key));
+        let _building = self.templates.lock().unwrap_or_else(|p| p.into_inner());
+        if files.snapshot(0).is_dir() {
+            return Ok(files);
+        }
+        let _ = std::fs::remove_dir_all(files.dir());
+        let built = self
+            .boot_in(files.clone(), spec, vcpus)
+            .and_then(|mut machine| {
+                // The snapshot appears whole or not at all (the VMM renames it into place).
+                let saved = machine.snapshot_to(&files.snapshot(0));
+                machine.stop_worker();
+                saved
+            });
+        match built {
+            Ok(()) => Ok(files),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(files.dir());
+                Err(e)
+            }
+        }
+    }
+
+    /// A new machine restored from `template`, with its own copy of the template's disk.
+    fn restore_template(
+        &self,
+        spec: &MachineSpec,
+        template: &SandboxFiles,
+    ) -> Result<KvmMachine, KvmError> {
+        let files = SandboxFiles::new(self.root.join(&spec.id));
+        files.create_dir()?;
+        copy_disk(&template.writable_disk(), &files.writable_disk())?;
+        let mut machine = KvmMachine::new(
+            self.worker_exe.clone(),
+            files,
+            self.image.rootfs.clone(),
+            None,
+            0,
+        );
+        machine.restore_from(&template.snapshot(0))?;
+        machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
+        Ok(machine)
+    }
+
+    fn build(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
+        let vcpus = check_vcpus(spec.vcpus)?;
+        let template = self.template(spec, vcpus)?;
+        match self.restore_template(spec, &template) {
+            Ok(machine) => Ok(machine),
+            Err(e) => {
+                // A template that cannot be restored is dropped (the next create builds it
+                // again); this sandbox boots the slow way.
+                tracing::warn!(
+                    template = %template.dir().display(),
+                    error = %error_chain(&e),
+                    "restoring the template failed; booting instead"
+                );
+                let _ = std::fs::remove_dir_all(template.dir());
+                let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
+                self.boot_in(SandboxFiles::new(self.root.join(&spec.id)), spec, vcpus)
+            }
+        }
     }
 }
 
@@ -476,7 +587,7 @@ impl Engine for KvmEngine {
     }
 
     fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
-        match self.boot(spec) {
+        match self.build(spec) {
             Ok(machine) => Ok(Box::new(machine)),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
@@ -494,18 +605,19 @@ impl Engine for KvmEngine {
         let saved: SavedState = serde_json::from_value(saved.clone())
             .map_err(|e| EngineError::BadSavedState(format!("{e}: {saved}")))?;
         let files = SandboxFiles::new(&saved.dir);
-        let Some(generation) = saved.snapshot_generation else {
-            return Err(EngineError::Dead(format!(
-                "sandbox {} was running when the server stopped; its VM ended with the server",
-                spec.id
-            )));
-        };
         if !paused {
             return Err(EngineError::Dead(format!(
-                "sandbox {} was recorded running, and a running VM does not outlive the server",
+                "sandbox {} was running when the server stopped, and a running VM ends with the \
+                 server (only paused sandboxes, saved to disk, come back)",
                 spec.id
             )));
         }
+        let Some(generation) = saved.snapshot_generation else {
+            return Err(EngineError::BadSavedState(format!(
+                "sandbox {} is recorded paused but names no snapshot",
+                spec.id
+            )));
+        };
         if !files.snapshot(generation).is_dir() {
             return Err(EngineError::BadSavedState(format!(
                 "the snapshot {} is gone",
@@ -579,7 +691,7 @@ impl KvmMachine {
             events,
             death: None,
             client: None,
-            restored: true,
+            restored: false,
             on_disk: None,
             generation,
         }
@@ -633,19 +745,37 @@ impl KvmMachine {
         self.live_worker()?;
         let uds = self.files.vsock_uds();
         let serial = self.files.serial_log();
-        let client = connect_agent(&uds, &serial, timeout, || {
-            self.poll_events();
-            match &self.death {
-                Some(why) => Err(why.clone()),
-                None => Ok(()),
+        let started = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            let client = connect_agent(&uds, &serial, left, || {
+                self.poll_events();
+                match &self.death {
+                    Some(why) => Err(why.clone()),
+                    None => Ok(()),
+                }
+            })?;
+            if self.restored {
+                match sync_restored_guest(&client) {
+                    Ok(()) => self.restored = false,
+                    // The VMM resets the guest's vsock transport on restore; the guest may act on
+                    // that after this connection was made, and drop it. Connect again.
+                    Err(KvmError::Agent {
+                        source: ClientError::Disconnected(_),
+                        ..
+                    }) if started.elapsed() < timeout => {
+                        tracing::debug!(
+                            dir = %self.files.dir().display(),
+                            "the restored guest dropped the new agent connection; reconnecting"
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-        })?;
-        if self.restored {
-            sync_restored_guest(&client)?;
-            self.restored = false;
+            self.client = Some(client.clone());
+            return Ok(client);
         }
-        self.client = Some(client.clone());
-        Ok(client)
     }
 
     fn drop_client(&mut self) {
@@ -665,19 +795,15 @@ impl KvmMachine {
         Ok(())
     }
 
-    /// Restores the snapshot of `generation` into a new worker and starts it.
-    fn restore(&mut self, generation: u64) -> Result<(), KvmError> {
+    /// Restores the snapshot at `dir` into a new worker and starts it.
+    fn restore_from(&mut self, dir: &Path) -> Result<(), KvmError> {
         let overrides = RestoreOverrides {
             vsock_uds: Some(self.files.vsock_uds()),
             serial_log: Some(self.files.serial_log()),
             disks: vec![self.rootfs.clone(), self.files.writable_disk()],
         };
-        let worker = WorkerHandle::restore(
-            &self.worker_exe,
-            &self.files.snapshot(generation),
-            overrides,
-        )
-        .map_err(worker_err("restore the snapshot"))?;
+        let worker = WorkerHandle::restore(&self.worker_exe, dir, overrides)
+            .map_err(worker_err("restore the snapshot"))?;
         self.events = worker.take_events();
         self.worker = Some(worker);
         self.death = None;
@@ -693,11 +819,20 @@ impl KvmMachine {
         self.events = None;
     }
 
-    /// Deletes snapshots of older generations than `keep`.
-    fn remove_snapshots_except(&self, keep: Option<u64>) {
-        for generation in 0..=self.generation {
-            if Some(generation) != keep {
-                let _ = std::fs::remove_dir_all(self.files.snapshot(generation));
+    /// Deletes every snapshot of this sandbox but generation `keep`.
+    fn remove_snapshots_except(&self, keep: u64) {
+        let keep = self.files.snapshot(keep);
+        let Ok(entries) = std::fs::read_dir(self.files.dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_snapshot = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with("snapshot-"));
+            if is_snapshot && path != keep {
+                let _ = std::fs::remove_dir_all(path);
             }
         }
     }
@@ -716,7 +851,7 @@ impl KvmMachine {
         self.generation = generation;
         self.stop_worker();
         self.on_disk = Some(generation);
-        self.remove_snapshots_except(Some(generation));
+        self.remove_snapshots_except(generation);
         Ok(())
     }
 
@@ -752,7 +887,7 @@ impl KvmMachine {
         }
         let mut machine =
             KvmMachine::new(self.worker_exe.clone(), files, self.rootfs.clone(), None, 0);
-        machine.restore(0)?;
+        machine.restore_from(&snapshot)?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
     }
@@ -796,7 +931,7 @@ impl Machine for KvmMachine {
     fn resume(&mut self) -> Result<(), EngineError> {
         match self.on_disk {
             Some(generation) => {
-                self.restore(generation)?;
+                self.restore_from(&self.files.snapshot(generation))?;
                 self.on_disk = None;
                 Ok(())
             }

@@ -1,0 +1,693 @@
+//! MCP-level benchmark: `cargo bench -p capsule-evals --bench mcp_stdio [-- --engine kvm]`.
+//!
+//! Owns two measurements, each printed as a ratio against a baseline measured in the same run
+//! (this is a benchmark, not a timed test: it never fails on a slow number):
+//!
+//! 1. **Round trip.** `tools/call run_command {"command":"true"}` through a real
+//!    `capsule serve` child process over MCP stdio (newline-delimited JSON-RPC spoken here by
+//!    hand), against the same `Exec` of `sh -c true` sent straight to a machine of the same
+//!    engine through `capsule::engine` (no MCP, no manager). Both run interleaved, one call of
+//!    each per round, so a noisy host loads them alike. Prints p50 and p99 of both and the ratios.
+//! 2. **Sandbox ready: template against cold boot** (KVM engine only). It times a cold boot
+//!    (built from the engine's public boot pieces) and an `Engine::create` that restores the
+//!    template, interleaved, each until `true` has answered, plus a resume from a pause
+//!    snapshot for comparison. On the test engine it prints `not measured`.
+//!
+//! Engine: `--engine test|kvm` or `CAPSULE_BENCH_ENGINE` (default `test`). The kvm mode prints
+//! `skipped: …` with the reason when this host or build cannot run microVMs.
+//! Binaries: `CAPSULE_BIN` and `CAPSULE_AGENT_BIN`, else `capsule` and `capsule-agent` in the
+//! bench's own target directory (release first, then debug), as `tests/python/conftest.py` does.
+//! Sizes: `MCP_BENCH_N` round trips (default 300 on test, 100 on kvm), `MCP_BENCH_BOOTS` boots.
+//!
+//! It never leaves a sandbox behind: every sandbox it made is killed before it exits.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use capsule::config::{Limits, DEFAULT_OUTPUT_CAP_BYTES};
+use capsule::engine::kvm::{
+    boot_config, connect_agent, host_refusal, set_guest_clock, KvmEngine, SandboxFiles,
+    AGENT_READY_TIMEOUT,
+};
+use capsule::engine::test_engine::{TestEngine, AGENT_BIN_ENV};
+use capsule::engine::{Engine, Machine, MachineSpec};
+use capsule::image::{create_writable_disk, current_image, Flavour, ImageInfo};
+use capsule_agent::client::AgentClient;
+use capsule_agent::protocol::{Command, ExecRequest};
+use capsule_vmm::doctor::Virtualization;
+use capsule_vmm::worker::{error_chain, WorkerHandle};
+use serde_json::{json, Value};
+
+/// Round trips per variant on the test engine, unless `MCP_BENCH_N` says otherwise.
+const DEFAULT_N_TEST: usize = 300;
+/// Round trips per variant on the KVM engine (each `true` costs a guest fork+exec).
+const DEFAULT_N_KVM: usize = 100;
+/// Untimed round trips of each variant before measuring.
+const WARMUP_ROUNDS: usize = 20;
+/// Cold boots, template creates and snapshot restores timed on kvm, unless `MCP_BENCH_BOOTS` says.
+const DEFAULT_BOOTS: usize = 5;
+/// Deadline of one guest command.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `capsule serve` may take to end after its stdin closes (it pauses sandboxes first).
+const SERVER_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// MCP protocol version offered in `initialize` (the server answers with the one it speaks).
+const MCP_PROTOCOL_VERSION: &str = "2025-06-18";
+/// The command both variants run.
+const COMMAND: &str = "true";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EngineKind {
+    Test,
+    Kvm,
+}
+
+impl EngineKind {
+    fn name(self) -> &'static str {
+        match self {
+            EngineKind::Test => "test",
+            EngineKind::Kvm => "kvm",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        match text {
+            "test" => Ok(EngineKind::Test),
+            "kvm" => Ok(EngineKind::Kvm),
+            other => bail!("unknown engine {other:?}: use test or kvm"),
+        }
+    }
+}
+
+/// What to run, from the command line (`--engine X`, `--engine=X`) and the environment.
+fn engine_kind() -> Result<EngineKind> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--engine" {
+            return EngineKind::parse(&args.next().context("--engine needs a value: test or kvm")?);
+        }
+        if let Some(value) = arg.strip_prefix("--engine=") {
+            return EngineKind::parse(value);
+        }
+    }
+    match std::env::var("CAPSULE_BENCH_ENGINE") {
+        Ok(value) if !value.is_empty() => EngineKind::parse(&value),
+        _ => Ok(EngineKind::Test),
+    }
+}
+
+fn env_count(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(text) => match text.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{name}={text:?} is not a positive count"),
+        },
+        Err(_) => Ok(default),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binaries
+
+/// `capsule` and `capsule-agent`, found as the python conftest finds them.
+struct Binaries {
+    capsule: PathBuf,
+    agent: PathBuf,
+}
+
+impl Binaries {
+    fn locate() -> Result<Self> {
+        let capsule = match std::env::var_os("CAPSULE_BIN").filter(|v| !v.is_empty()) {
+            Some(path) => PathBuf::from(path),
+            None => Self::in_target_dir("capsule")?,
+        };
+        if !capsule.is_file() {
+            bail!("CAPSULE_BIN={} is not a file", capsule.display());
+        }
+        let agent = match std::env::var_os(AGENT_BIN_ENV).filter(|v| !v.is_empty()) {
+            Some(path) => PathBuf::from(path),
+            None => capsule.with_file_name("capsule-agent"),
+        };
+        if !agent.is_file() {
+            bail!(
+                "no capsule-agent at {}: run `cargo build --release -p capsule-agent` or set {AGENT_BIN_ENV}",
+                agent.display()
+            );
+        }
+        Ok(Binaries { capsule, agent })
+    }
+
+    /// `<target>/release/NAME`, else `<target>/debug/NAME`; the bench itself runs from
+    /// `<target>/release/deps/`.
+    fn in_target_dir(name: &str) -> Result<PathBuf> {
+        let exe = std::env::current_exe().context("cannot find the bench executable")?;
+        let target = exe
+            .ancestors()
+            .nth(3)
+            .context("the bench executable is not under <target>/<profile>/deps")?;
+        let candidates = [
+            target.join("release").join(name),
+            target.join("debug").join(name),
+        ];
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            anyhow!(
+                "no {name} binary at {} or {}: run `cargo build --release -p capsule -p capsule-agent` \
+                 first, or set CAPSULE_BIN",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+    }
+
+    fn is_debug_build(&self) -> bool {
+        self.capsule
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == "debug")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency statistics
+
+/// Sorted round-trip times of one variant.
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Latencies(samples)
+    }
+
+    /// The `q`-quantile by the nearest-rank method (`q` in 0..=1).
+    fn quantile(&self, q: f64) -> Duration {
+        let n = self.0.len();
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        self.0[rank - 1]
+    }
+
+    fn p50(&self) -> Duration {
+        self.quantile(0.50)
+    }
+
+    fn p99(&self) -> Duration {
+        self.quantile(0.99)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn show(label: &str, l: &Latencies) {
+    println!(
+        "  {label:<62} p50 {:>9.3} ms   p99 {:>9.3} ms",
+        ms(l.p50()),
+        ms(l.p99())
+    );
+}
+
+fn ratio(label: &str, over: &Latencies, base: &Latencies) {
+    println!(
+        "  {label:<62} p50 {:>8.2}×      p99 {:>8.2}×",
+        over.p50().as_secs_f64() / base.p50().as_secs_f64(),
+        over.p99().as_secs_f64() / base.p99().as_secs_f64()
+    );
+}
+
+/// Times `n` rounds of every variant, interleaved (one call of each per round) after
+/// [`WARMUP_ROUNDS`] untimed rounds, so a noisy shared host loads every variant alike.
+fn measure_interleaved(
+    n: usize,
+    variants: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Latencies>> {
+    for _ in 0..WARMUP_ROUNDS {
+        for f in variants.iter_mut() {
+            f()?;
+        }
+    }
+    let mut samples = vec![Vec::with_capacity(n); variants.len()];
+    for _ in 0..n {
+        for (f, out) in variants.iter_mut().zip(&mut samples) {
+            let start = Instant::now();
+            f()?;
+            out.push(start.elapsed());
+        }
+    }
+    Ok(samples.into_iter().map(Latencies::new).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// An MCP client over stdio, by hand
+
+/// A `capsule serve` child process and the JSON-RPC session on its stdin/stdout.
+struct StdioServer {
+    child: Child,
+    stdin: Option<BufWriter<ChildStdin>>,
+    stdout: BufReader<ChildStdout>,
+    next_id: u64,
+    log: PathBuf,
+}
+
+impl StdioServer {
+    /// Starts `capsule serve --engine ENGINE` with its state under `state_dir` and its stderr
+    /// in `state_dir/server.log`, and runs the MCP handshake.
+    fn start(bins: &Binaries, engine: EngineKind, state_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let log = state_dir.join("server.log");
+        let stderr = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut child = std::process::Command::new(&bins.capsule)
+            .args(["serve", "--transport", "stdio", "--engine", engine.name()])
+            // A release build refuses the test engine without it; the kvm engine ignores it.
+            .arg("--unsafe-test-engine")
+            .env(AGENT_BIN_ENV, &bins.agent)
+            .env("CAPSULE_STATE_DIR", state_dir)
+            .env("CAPSULE_LOG", "capsule=warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bins.capsule.display()))?;
+        let stdin = child.stdin.take().context("no stdin pipe")?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut server = StdioServer {
+            child,
+            stdin: Some(BufWriter::new(stdin)),
+            stdout: BufReader::new(stdout),
+            next_id: 1,
+            log,
+        };
+        let init = server.request(
+            "initialize",
+            json!({
+                "protocolVersion": MCP_PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "capsule-evals-mcp-stdio", "version": env!("CARGO_PKG_VERSION")},
+            }),
+        )?;
+        if init.get("serverInfo").is_none() {
+            bail!("initialize answered without serverInfo: {init}");
+        }
+        server.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))?;
+        Ok(server)
+    }
+
+    fn send(&mut self, message: &Value) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the server's stdin is already closed")?;
+        serde_json::to_writer(&mut *stdin, message)?;
+        stdin.write_all(b"\n")?;
+        stdin
+            .flush()
+            .context("cannot write to capsule serve's stdin")?;
+        Ok(())
+    }
+
+    /// Sends a request and reads until its response; notifications in between are skipped and
+    /// requests from the server are refused (this client declares no capabilities).
+    fn request(&mut self, method: &str, params: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stdout.read_line(&mut line)? == 0 {
+                bail!(
+                    "capsule serve closed stdout during {method}; see {}",
+                    self.log.display()
+                );
+            }
+            let message: Value = serde_json::from_str(line.trim_end()).with_context(|| {
+                format!("capsule serve wrote a line that is not JSON: {line:?}")
+            })?;
+            match (message.get("id"), message.get("method")) {
+                (Some(got), None) if got.as_u64() == Some(id) => {
+                    if let Some(error) = message.get("error") {
+                        bail!("{method} failed: {error}");
+                    }
+                    return message
+                        .get("result")
+                        .cloned()
+                        .with_context(|| format!("{method}: no result in {message}"));
+                }
+                (Some(other), Some(_)) => {
+                    let refusal = json!({"jsonrpc": "2.0", "id": other,
+                        "error": {"code": -32601, "message": "the benchmark client serves no requests"}});
+                    self.send(&refusal)?;
+                }
+                _ => {} // a notification (log, progress) or a stray response
+            }
+        }
+    }
+
+    /// `tools/call NAME ARGS`; a result with `isError` is an error. Returns `structuredContent`.
+    fn call_tool(&mut self, name: &str, arguments: Value) -> Result<Value> {
+        let result = self.request("tools/call", json!({"name": name, "arguments": arguments}))?;
+        if result.get("isError").and_then(Value::as_bool) == Some(true) {
+            bail!("{name} returned an error result: {}", result["content"]);
+        }
+        result
+            .get("structuredContent")
+            .cloned()
+            .with_context(|| format!("{name}: no structuredContent"))
+    }
+
+    /// Closes stdin (the end of the session) and waits for the server to exit, killing it after
+    /// [`SERVER_EXIT_TIMEOUT`].
+    fn stop(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + SERVER_EXIT_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    eprintln!(
+                        "note: capsule serve ended with {status}; see {}",
+                        self.log.display()
+                    );
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("capsule serve did not exit within {SERVER_EXIT_TIMEOUT:?} of its stdin closing; killed it")
+    }
+}
+
+impl Drop for StdioServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The direct baseline: a machine of the same engine, no MCP
+
+/// The engine under test, and for the KVM engine the guest image it runs.
+struct Target {
+    engine: Arc<dyn Engine>,
+    image: Option<ImageInfo>,
+}
+
+/// The engine for the direct baseline, or why the host cannot run it.
+fn direct_engine(
+    kind: EngineKind,
+    bins: &Binaries,
+    root: PathBuf,
+) -> Result<std::result::Result<Target, String>> {
+    match kind {
+        EngineKind::Test => Ok(Ok(Target {
+            engine: Arc::new(TestEngine::new(bins.agent.clone(), root)?),
+            image: None,
+        })),
+        EngineKind::Kvm => {
+            let report = capsule_vmm::doctor::probe();
+            if let Some(why) = host_refusal(&report) {
+                return Ok(Err(why));
+            }
+            // Never build the image here (that takes many minutes): only use a built one.
+            let image = match current_image() {
+                Ok(image) => image,
+                Err(e) => return Ok(Err(format!("no usable guest image: {e}"))),
+            };
+            if report.virtualization == Virtualization::Pvm && image.flavour != Flavour::Pvm {
+                return Ok(Err(format!(
+                    "this PVM host needs a pvm-flavour guest image; the current one is {}",
+                    image.flavour
+                )));
+            }
+            let engine = Arc::new(KvmEngine::new(bins.capsule.clone(), image.clone(), root)?);
+            Ok(Ok(Target {
+                engine,
+                image: Some(image),
+            }))
+        }
+    }
+}
+
+/// A sandbox spec with the server's default sizes, so both variants get the same machine.
+fn default_spec(id: &str) -> MachineSpec {
+    let limits = Limits::default();
+    MachineSpec {
+        id: id.into(),
+        template: "default".into(),
+        vcpus: limits.default_vcpus,
+        memory_mib: limits.default_memory_mib,
+        disk_mib: limits.default_disk_mib,
+        env: BTreeMap::new(),
+    }
+}
+
+/// The `Exec` that capsule's `run_command` handler sends for `command`.
+fn run_command_exec(command: &str) -> ExecRequest {
+    ExecRequest {
+        command: Command::Shell(command.into()),
+        cwd: None,
+        env: Vec::new(),
+        stdin: None,
+        background: false,
+        output_cap_bytes: Some(DEFAULT_OUTPUT_CAP_BYTES as u64),
+    }
+}
+
+fn exec_true(client: &AgentClient) -> Result<()> {
+    let out = client.exec(run_command_exec(COMMAND), Some(CALL_TIMEOUT))?;
+    if out.status.code != Some(0) {
+        bail!("direct exec of {COMMAND:?} ended with {:?}", out.status);
+    }
+    Ok(())
+}
+
+/// Kills a machine when dropped, so an early error leaves no VM or agent behind.
+struct Owned(Box<dyn Machine>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kill() {
+            eprintln!("note: killing a benchmark sandbox failed: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Round trip
+
+/// Returns how long the direct sandbox's `Engine::create` took (on kvm the first create of a
+/// size builds its template).
+fn bench_round_trip(
+    kind: EngineKind,
+    bins: &Binaries,
+    engine: &Arc<dyn Engine>,
+    state_dir: &Path,
+) -> Result<Duration> {
+    let n = env_count(
+        "MCP_BENCH_N",
+        if kind == EngineKind::Kvm {
+            DEFAULT_N_KVM
+        } else {
+            DEFAULT_N_TEST
+        },
+    )?;
+    println!("\n1. run_command {COMMAND:?} round trip, N = {n} each after {WARMUP_ROUNDS} warm-up rounds, interleaved");
+
+    let created = Instant::now();
+    let mut direct = Owned(
+        engine
+            .create(&default_spec("bench-direct"))
+            .context("create the direct sandbox")?,
+    );
+    let first_create = created.elapsed();
+
+    let mut server = StdioServer::start(bins, kind, &state_dir.join("serve"))?;
+    // The first run_command creates the default sandbox (on kvm: builds the server's template); untimed.
+    let first = server.call_tool("run_command", json!({"command": COMMAND}))?;
+    let sandbox_id = first["sandbox_id"]
+        .as_str()
+        .context("run_command returned no sandbox_id")?
+        .to_string();
+
+    // As the manager does per call: ask the machine for its (live, reused) agent connection.
+    let mut via_engine = || exec_true(&direct.0.connect()?);
+    let mut via_mcp = || {
+        let r = server.call_tool("run_command", json!({"command": COMMAND}))?;
+        if r["exit_code"] != 0 {
+            bail!(
+                "run_command {COMMAND:?} over MCP: exit_code {}",
+                r["exit_code"]
+            );
+        }
+        Ok(())
+    };
+    let measured = measure_interleaved(n, &mut [&mut via_engine, &mut via_mcp]);
+    let cleanup = server.call_tool("kill_sandbox", json!({"sandbox_id": sandbox_id}));
+    let stopped = server.stop();
+    let stats = measured?;
+    cleanup.context("kill the MCP default sandbox")?;
+    stopped?;
+
+    let (engine_stats, mcp_stats) = (&stats[0], &stats[1]);
+    show(
+        &format!(
+            "(a) direct {} engine: Machine::connect + AgentClient::exec",
+            kind.name()
+        ),
+        engine_stats,
+    );
+    show("(b) MCP stdio tools/call run_command", mcp_stats);
+    ratio(
+        "ratio b/a (what MCP + manager + a process hop add)",
+        mcp_stats,
+        engine_stats,
+    );
+    println!(
+        "  difference b−a at p50: {:.3} ms",
+        ms(mcp_stats.p50()) - ms(engine_stats.p50())
+    );
+    Ok(first_create)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Sandbox ready: template against cold boot
+
+/// One cold boot, as the KVM engine boots a template's guest (fresh writable disk, boot the
+/// image in a `capsule worker`, wait for the agent, set its clock), until `true` has answered.
+/// Built from the engine's public boot pieces, since `Engine::create` now restores a template.
+fn time_cold_boot(capsule: &Path, image: &ImageInfo, dir: &Path) -> Result<Duration> {
+    let spec = default_spec("cold");
+    let files = SandboxFiles::new(dir);
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib))?;
+    let vcpus = u8::try_from(spec.vcpus).context("vcpus over 255")?;
+    let config = boot_config(image, &files, vcpus, u64::from(spec.memory_mib));
+    let worker = WorkerHandle::spawn(capsule, config).context("spawn the VM worker")?;
+    let booted = (|| -> Result<Duration> {
+        worker.start().context("start the VM")?;
+        let alive = || match worker.wait_event(Duration::ZERO) {
+            Some(event) => Err(format!("{event:?}")),
+            None => Ok(()),
+        };
+        let client = connect_agent(
+            &files.vsock_uds(),
+            &files.serial_log(),
+            AGENT_READY_TIMEOUT,
+            alive,
+        )
+        .map_err(|e| anyhow!(error_chain(&e)))?;
+        set_guest_clock(&client).map_err(|e| anyhow!(error_chain(&e)))?;
+        exec_true(&client)?;
+        let elapsed = started.elapsed();
+        client.close();
+        Ok(elapsed)
+    })();
+    let stopped = worker.stop();
+    let elapsed = booted?;
+    stopped.context("stop the VM worker")?;
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot delete {}", dir.display()))?;
+    Ok(elapsed)
+}
+
+/// One `Engine::create` (a template restore once the template exists) until `true` has answered.
+fn time_create(engine: &Arc<dyn Engine>, id: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let mut machine = Owned(engine.create(&default_spec(id))?);
+    exec_true(&machine.0.connect()?)?;
+    Ok(started.elapsed())
+}
+
+/// Times from resuming a paused (snapshotted-to-disk) sandbox to its first command's answer.
+fn time_snapshot_restores(engine: &Arc<dyn Engine>, restores: usize) -> Result<Latencies> {
+    let mut machine = Owned(engine.create(&default_spec("bench-restore"))?);
+    exec_true(&machine.0.connect()?)?;
+    let mut samples = Vec::with_capacity(restores);
+    for _ in 0..restores {
+        machine.0.pause()?;
+        let start = Instant::now();
+        machine.0.resume()?;
+        exec_true(&machine.0.connect()?)?;
+        samples.push(start.elapsed());
+    }
+    Ok(Latencies::new(samples))
+}
+
+/// `first_create`: section 1's first `Engine::create`, which built the template.
+fn bench_ready(
+    bins: &Binaries,
+    target: &Target,
+    scratch: &Path,
+    first_create: Duration,
+) -> Result<()> {
+    println!("\n2. sandbox ready (until `true` has answered): template against cold boot");
+    let Some(image) = &target.image else {
+        println!("  not measured: templates need the KVM engine (run with --engine kvm)");
+        return Ok(());
+    };
+    let boots = env_count("MCP_BENCH_BOOTS", DEFAULT_BOOTS)?;
+    let (mut cold, mut templated) = (Vec::with_capacity(boots), Vec::with_capacity(boots));
+    for i in 0..boots {
+        cold.push(time_cold_boot(
+            &bins.capsule,
+            image,
+            &scratch.join(format!("cold-{i}")),
+        )?);
+        templated.push(time_create(&target.engine, &format!("bench-tpl-{i}"))?);
+    }
+    let (cold, templated) = (Latencies::new(cold), Latencies::new(templated));
+    let restored = time_snapshot_restores(&target.engine, boots)?;
+    println!(
+        "  first create of this size, which built the template (cold boot + snapshot): {:.1} ms",
+        ms(first_create)
+    );
+    show(
+        &format!("(c) cold boot, {boots}× (interleaved with d)"),
+        &cold,
+    );
+    show(
+        &format!("(d) Engine::create from the template, {boots}×"),
+        &templated,
+    );
+    show(
+        &format!("(e) resume from own pause snapshot, {boots}×"),
+        &restored,
+    );
+    ratio("ratio c/d (cold boot against template)", &cold, &templated);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let kind = engine_kind()?;
+    let bins = Binaries::locate()?;
+    println!("MCP stdio benchmark, engine {}", kind.name());
+    println!("  capsule: {}", bins.capsule.display());
+    println!("  agent:   {}", bins.agent.display());
+    if bins.is_debug_build() {
+        println!("  note: capsule is a DEBUG build, the baseline is not: build with --release for fair ratios");
+    }
+    // Short path: agent and vsock sockets live under it and Unix socket paths are limited.
+    let state = tempfile::Builder::new()
+        .prefix("cpsb-")
+        .tempdir_in("/tmp")?;
+    let target = match direct_engine(kind, &bins, state.path().join("direct"))? {
+        Ok(target) => target,
+        Err(why) => {
+            println!("skipped: the {} engine cannot run here: {why}", kind.name());
+            return Ok(());
+        }
+    };
+    let first_create = bench_round_trip(kind, &bins, &target.engine, state.path())?;
+    bench_ready(&bins, &target, state.path(), first_create)?;
+    Ok(())
+}
