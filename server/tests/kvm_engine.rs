@@ -1,6 +1,9 @@
 //! The KVM engine on real KVM with the built guest image: a machine boots, runs commands,
-//! pauses to disk (its worker ends), resumes from the snapshot with its processes and files
-//! intact, forks into a child with its own copy of memory and disk, and is killed.
+//! pauses to disk (its worker ends), resumes from the snapshot with its processes, files and
+//! Python state intact, forks into children with their own copy of memory and disk (and
+//! reseeded RNGs), and is killed. Sandboxes start from a warmed template: the default Python
+//! context has numpy, pandas and matplotlib imported. Pause, resume and restore-to-first-reply
+//! times are printed (`-- --nocapture`).
 //!
 //! Skips only when /dev/kvm is unusable or no image is built (`capsule image build`).
 
@@ -12,7 +15,7 @@ use capsule::engine::kvm::KvmEngine;
 use capsule::engine::{Engine, EngineError, MachineSpec};
 use capsule::image::current_image;
 use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::{Command, ExecRequest, Op, Reply};
+use capsule_agent::protocol::{Command, Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
 
 const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -57,12 +60,90 @@ fn shell(command: &str, background: bool) -> ExecRequest {
     }
 }
 
-/// Starts `command` in the background through the agent.
-fn spawn(client: &AgentClient, command: &str) {
+/// Starts `command` in the background through the agent; returns its guest pid.
+fn spawn(client: &AgentClient, command: &str) -> u32 {
     let reply = client
         .call_reply(Op::Exec(shell(command, true)), CALL_TIMEOUT)
         .unwrap_or_else(|e| panic!("background exec {command:?}: {e}"));
-    assert!(matches!(reply, Reply::Started { .. }), "{reply:?}");
+    match reply {
+        Reply::Started { pid, .. } => pid,
+        other => panic!("background exec {command:?}: {other:?}"),
+    }
+}
+
+/// The context `run_code` uses when the caller names none (the one the template warms).
+const DEFAULT_PYTHON_CONTEXT: &str = "python";
+
+/// Runs a Python cell in `context`; returns the text of its main result ("" when none).
+/// Fails on an exception.
+fn py_in(client: &AgentClient, context: &str, code: &str) -> String {
+    let (events, reply) = client
+        .call(
+            Op::RunCode(RunCodeRequest {
+                context: context.into(),
+                language: Language::Python,
+                code: code.into(),
+                output_cap_bytes: None,
+            }),
+            CALL_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("run_code {code:?}: {e}"));
+    assert!(matches!(reply, Reply::CodeDone(_)), "{code:?}: {reply:?}");
+    let mut main = String::new();
+    for event in events {
+        match event {
+            Event::Error(error) => panic!("{code:?} raised {error:?}"),
+            Event::Result(result) if result.is_main_result => {
+                if let Some((_, text)) = result.data.iter().find(|(mime, _)| mime == "text/plain") {
+                    main = String::from_utf8_lossy(text).into_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+    main
+}
+
+/// [`py_in`] in the default context.
+fn py(client: &AgentClient, code: &str) -> String {
+    py_in(client, DEFAULT_PYTHON_CONTEXT, code)
+}
+
+/// A shell loop that appends a line to `file` twenty times a second.
+fn ticker(file: &str) -> String {
+    format!("while true; do echo t >> {file}; sleep 0.05; done")
+}
+
+/// Lines in `file` in the guest.
+fn lines_of(client: &AgentClient, file: &str) -> u64 {
+    sh(client, &format!("wc -l < {file}"))
+        .trim()
+        .parse()
+        .expect("a line count")
+}
+
+/// Asserts that the ticker `pid` is alive and `file` keeps growing.
+fn assert_ticking(client: &AgentClient, pid: u32, file: &str) {
+    sh(client, &format!("kill -0 {pid}"));
+    let before = lines_of(client, file);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines_of(client, file) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{file} stopped growing at {before} lines"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Milliseconds, for the printed measurements.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median_ms(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    ms(samples[samples.len() / 2])
 }
 
 /// How many processes named `sleep` the guest has.
@@ -320,4 +401,173 @@ fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
         root.path().join(".templates").read_dir().unwrap().count() == 1,
         "killing sandboxes keeps the template"
     );
+}
+
+#[test]
+fn python_state_and_a_background_process_survive_pause_and_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    // The first create builds (and warms) the template; the measured one restores it.
+    engine
+        .create(&spec("kvm-w0"))
+        .expect("build the template")
+        .kill()
+        .expect("kill");
+    let t = Instant::now();
+    let mut machine = engine.create(&spec("kvm-w")).expect("create");
+    let client = machine.connect().expect("connect");
+    sh(&client, "true");
+    let create_to_reply = t.elapsed();
+
+    // Warm template: the default context has pandas imported already; a new context does not
+    // (that is what the first `run_code` cost before templates were warmed).
+    let t = Instant::now();
+    py(&client, "import pandas");
+    let warm_import = t.elapsed();
+    let t = Instant::now();
+    py_in(&client, "cold", "import pandas");
+    let cold_import = t.elapsed();
+    eprintln!(
+        "kvm engine: create (template restore) to first agent reply {:.1} ms; first `import pandas` \
+         in a new sandbox: warm default context {:.1} ms, cold context {:.1} ms",
+        ms(create_to_reply),
+        ms(warm_import),
+        ms(cold_import)
+    );
+    assert!(
+        warm_import < Duration::from_secs(1) && warm_import < cold_import,
+        "the template's python context has pandas imported: warm {warm_import:?}, cold {cold_import:?}"
+    );
+
+    py(&client, "x = 41");
+    let pid = spawn(&client, &ticker("/root/ticks"));
+    assert_ticking(&client, pid, "/root/ticks");
+
+    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        machine.pause().expect("pause");
+        pauses.push(t.elapsed());
+        let t = Instant::now();
+        machine.resume().expect("resume");
+        let client = machine.connect().expect("reconnect after resume");
+        sh(&client, "true");
+        resumes.push(t.elapsed());
+        assert_eq!(py(&client, "x + 1"), "42", "the Python context kept x");
+        assert_ticking(&client, pid, "/root/ticks");
+    }
+    eprintln!(
+        "kvm engine (warmed sandbox, 512 MiB): pause to disk median {:.1} ms {pauses:?}; \
+         resume (restore) to first agent reply median {:.1} ms {resumes:?}",
+        median_ms(pauses.clone()),
+        median_ms(resumes.clone())
+    );
+    machine.kill().expect("kill");
+}
+
+/// Parent plus `FORKS` children, each with `x = 41` from the parent; returns them all.
+const FORKS: usize = 10;
+
+fn parent_and_forks(
+    engine: &KvmEngine,
+    prefix: &str,
+) -> (
+    Box<dyn capsule::engine::Machine>,
+    Vec<Box<dyn capsule::engine::Machine>>,
+) {
+    let mut parent = engine
+        .create(&spec(&format!("{prefix}-p")))
+        .expect("create");
+    let client = parent.connect().expect("connect");
+    py(&client, "import os\nx = 41");
+    sh(&client, "echo parent > /root/who");
+    let mut took = Vec::new();
+    let children: Vec<_> = (0..FORKS)
+        .map(|i| {
+            let t = Instant::now();
+            let child = parent
+                .fork(&spec(&format!("{prefix}-{i}")))
+                .unwrap_or_else(|e| panic!("fork {i}: {e}"));
+            took.push(t.elapsed());
+            child
+        })
+        .collect();
+    eprintln!(
+        "kvm engine: fork median {:.1} ms over {FORKS} forks",
+        median_ms(took)
+    );
+    (parent, children)
+}
+
+#[test]
+fn ten_forks_start_from_the_parents_state_and_then_diverge() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    let (mut parent, mut children) = parent_and_forks(&engine, "kvm-d");
+    for (i, child) in children.iter_mut().enumerate() {
+        let c = child.connect().expect("connect to a child");
+        assert_eq!(py(&c, "x"), "41", "child {i} sees the parent's variable");
+        assert_eq!(
+            sh(&c, "cat /root/who"),
+            "parent\n",
+            "child {i} has the parent's files"
+        );
+        py(&c, &format!("x = {}", 100 + i));
+        sh(&c, &format!("echo child-{i} > /root/who"));
+    }
+    let p = parent.connect().expect("the parent runs on");
+    assert_eq!(
+        py(&p, "x"),
+        "41",
+        "children's writes do not reach the parent"
+    );
+    assert_eq!(sh(&p, "cat /root/who"), "parent\n");
+    for (i, child) in children.iter_mut().enumerate() {
+        let c = child.connect().expect("connect to a child");
+        assert_eq!(
+            py(&c, "x"),
+            (100 + i).to_string(),
+            "child {i} kept its own value"
+        );
+        assert_eq!(sh(&c, "cat /root/who"), format!("child-{i}\n"));
+        child.kill().expect("kill a child");
+    }
+    parent.kill().expect("kill the parent");
+}
+
+#[test]
+fn every_fork_has_its_own_random_numbers() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    let (mut parent, mut children) = parent_and_forks(&engine, "kvm-r");
+    let mut kernel = std::collections::BTreeSet::new();
+    let mut python = std::collections::BTreeSet::new();
+    for machine in std::iter::once(&mut parent).chain(children.iter_mut()) {
+        let c = machine.connect().expect("connect");
+        kernel.insert(sh(
+            &c,
+            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        ));
+        python.insert(py(&c, "os.urandom(16).hex()"));
+    }
+    assert_eq!(
+        kernel.len(),
+        FORKS + 1,
+        "/dev/urandom repeats across forks: {kernel:?}"
+    );
+    assert_eq!(
+        python.len(),
+        FORKS + 1,
+        "os.urandom repeats across forks: {python:?}"
+    );
+    for child in &mut children {
+        child.kill().expect("kill a child");
+    }
+    parent.kill().expect("kill the parent");
 }

@@ -1,5 +1,6 @@
-"""Fixtures for the external-client tests: a real `capsule serve --engine test`
-process (debug build) driven by the official Python `mcp` SDK.
+"""Fixtures for the external-client tests: a real `capsule serve` process (debug
+build) driven by the official Python `mcp` SDK, on the test engine and, where
+this host can run microVMs and a guest image is built, on the KVM engine.
 
 Environment:
   CAPSULE_BIN        path to the capsule binary (default: <target>/debug/capsule)
@@ -7,6 +8,7 @@ Environment:
   CARGO_TARGET_DIR   where cargo built them (default: <repo>/target)
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -40,13 +42,52 @@ def agent_bin() -> str:
     return path
 
 
-def server_env(state_dir: str, **extra: str) -> dict:
+# Engines the suite runs on: `test` (host processes) always, `kvm` (real microVMs) when the
+# host can run them (see `kvm_unavailable`).
+ENGINES = ("test", "kvm")
+# Every state dir this session made; the leak check looks for workers of these only (other
+# people's capsule servers on this host are not ours to judge).
+_STATE_DIRS: list[str] = []
+
+
+@functools.cache
+def kvm_unavailable() -> str | None:
+    """Why the KVM engine cannot run here (None when it can), from `capsule doctor --json`
+    and `capsule image info --json`."""
+    doctor = subprocess.run([capsule_bin(), "doctor", "--json"], capture_output=True, text=True, timeout=60)
+    try:
+        report = json.loads(doctor.stdout)
+    except ValueError:
+        return f"`capsule doctor --json` gave no report (exit {doctor.returncode}): {doctor.stderr.strip()}"
+    if not report.get("can_run_vms"):
+        why = report.get("kvm_error") or "; ".join(report.get("advice") or []) or "no reason given"
+        return f"this host cannot run microVMs (`capsule doctor`: can_run_vms=false: {why})"
+    info = subprocess.run([capsule_bin(), "image", "info", "--json"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RUST_BACKTRACE": "0"})
+    if info.returncode != 0:
+        why = info.stderr.strip().split("\n\n")[0]
+        return f"no usable guest image (`capsule image info --json` exit {info.returncode}: {why})"
+    return None
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """The engine of a test that runs on both; the kvm variant skips, saying why, where the
+    host cannot run it."""
+    if request.param == "kvm":
+        reason = kvm_unavailable()
+        if reason:
+            pytest.skip(f"kvm engine: {reason}")
+    return request.param
+
+
+def server_env(state_dir: str, engine: str = "test", **extra: str) -> dict:
     env = dict(os.environ)
     env.update(
         {
             "CAPSULE_AGENT_BIN": agent_bin(),
             "CAPSULE_STATE_DIR": state_dir,
-            "CAPSULE_ENGINE": "test",
+            "CAPSULE_ENGINE": engine,
             "CAPSULE_LOG": "capsule=info",
         }
     )
@@ -54,12 +95,59 @@ def server_env(state_dir: str, **extra: str) -> dict:
     return env
 
 
+def new_state_dir() -> tempfile.TemporaryDirectory:
+    # Short path: agent and vsock sockets live under it and Unix socket paths are limited.
+    d = tempfile.TemporaryDirectory(prefix="cps-", dir="/tmp")
+    _STATE_DIRS.append(d.name)
+    return d
+
+
 @pytest.fixture
 def state_dir():
-    # Short path: agent sockets live under it and Unix socket paths are limited.
-    with tempfile.TemporaryDirectory(prefix="cps-", dir="/tmp") as d:
+    with new_state_dir() as d:
         yield d
         kill_leftover_agents(d)
+
+
+def _environ_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def leaked_workers() -> list[tuple[int, str]]:
+    """`capsule worker` processes (VM workers) started by a server of this session."""
+    found = subprocess.run(["pgrep", "-af", "capsule worker"], capture_output=True, text=True).stdout
+    ours = []
+    for line in found.splitlines():
+        pid_text, _, cmdline = line.partition(" ")
+        pid = int(pid_text)
+        if pid == os.getpid():
+            continue
+        env = _environ_of(pid)
+        if any(f"CAPSULE_STATE_DIR={d}\0".encode() in env for d in _STATE_DIRS):
+            ours.append((pid, cmdline))
+    return ours
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_outlives_the_session():
+    """Fails the session if a VM worker of one of its servers is still running at the end
+    (and kills those, by pid, so none outlives it)."""
+    yield
+    deadline = time.time() + 10
+    leaked = leaked_workers()
+    while leaked and time.time() < deadline:
+        time.sleep(0.2)
+        leaked = leaked_workers()
+    for pid, _ in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not leaked, f"VM workers outlived their servers: {leaked}"
 
 
 def kill_leftover_agents(state_dir: str) -> None:
@@ -90,11 +178,12 @@ def free_port() -> int:
 
 
 class HttpServer:
-    def __init__(self, state_dir: str, *args: str, token: str | None = None, port: int | None = None):
+    def __init__(self, state_dir: str, *args: str, token: str | None = None, port: int | None = None,
+                 engine: str = "test"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         cmd = [capsule_bin(), "serve", "--transport", "http", "--listen", f"127.0.0.1:{self.port}", *args]
-        env = server_env(state_dir)
+        env = server_env(state_dir, engine)
         if token:
             env["CAPSULE_TOKEN"] = token
         self.log = open(os.path.join(state_dir, f"server-{self.port}.log"), "ab")
@@ -102,13 +191,21 @@ class HttpServer:
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"capsule serve exited with {self.proc.returncode}")
+                self.log.flush()
+                with open(self.log.name, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"capsule serve exited with {self.proc.returncode}:\n{tail}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("capsule serve did not listen within 30 s")
+
+    def kill9(self):
+        """SIGKILLs the server (its paused sandboxes stay on disk)."""
+        self.proc.kill()
+        self.proc.wait(timeout=15)
 
     def stop(self):
         if self.proc.poll() is None:

@@ -11,7 +11,9 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from conftest import HttpServer, capsule_bin, free_port, server_env
+import scenarios
+from conftest import ENGINES, HttpServer, capsule_bin, free_port, kvm_unavailable, new_state_dir, server_env
+from scenarios import ok
 
 TOKEN = "py-test-token-0123456789abcdef"
 
@@ -21,6 +23,21 @@ def server(state_dir):
     s = HttpServer(state_dir)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_server(request):
+    """One server per engine for this module (its sandboxes' template is built once), in a
+    state dir of its own; the kvm one skips, saying why, where the host cannot run it."""
+    if request.param == "kvm":
+        reason = kvm_unavailable()
+        if reason:
+            pytest.skip(f"kvm engine: {reason}")
+    with new_state_dir() as d:
+        s = HttpServer(d, engine=request.param)
+        s.engine = request.param
+        yield s
+        s.stop()
 
 
 @pytest.fixture
@@ -39,12 +56,6 @@ async def with_session(url, body, headers=None):
             return await body(session)
 
 
-async def ok(session, name, args):
-    result = await session.call_tool(name, args)
-    assert not result.is_error, f"{name} failed: {result.content}"
-    return result.structured_content
-
-
 def raw_post(url, headers):
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).encode()
@@ -57,7 +68,7 @@ def raw_post(url, headers):
         return e.code
 
 
-def test_tools_and_a_command_over_http(server):
+def test_tools_and_a_command_over_http(engine_server):
     async def body(session):
         tools = (await session.list_tools()).tools
         assert len(tools) == 13 and all(t.output_schema for t in tools)
@@ -65,7 +76,47 @@ def test_tools_and_a_command_over_http(server):
         assert r["stdout"] == "over-http\n"
         await ok(session, "kill_sandbox", {"sandbox_id": r["sandbox_id"]})
 
-    anyio.run(with_session, server.url, body)
+    anyio.run(with_session, engine_server.url, body)
+
+
+def test_run_code_plot_over_http(engine_server):
+    anyio.run(with_session, engine_server.url, scenarios.plot_comes_back_as_image)
+
+
+def test_files_and_background_processes_over_http(engine_server):
+    async def body(session):
+        sid = await scenarios.commands_files_and_background_processes(session)
+        await ok(session, "kill_sandbox", {"sandbox_id": sid})
+
+    anyio.run(with_session, engine_server.url, body)
+
+
+def test_pause_resume_and_fork_keep_state_over_http(engine_server):
+    async def body(session):
+        await scenarios.pause_resume_and_fork_keep_state(session, forks_copy_memory=engine_server.engine == "kvm")
+
+    anyio.run(with_session, engine_server.url, body)
+
+
+def test_restart_after_kill_9_while_paused_over_http(state_dir, engine):
+    # Sessions do not survive a restart; a --shared-sandboxes session sees the orphans.
+    first = HttpServer(state_dir, "--shared-sandboxes", engine=engine)
+    try:
+        async def before(session):
+            sid, pid = await scenarios.start_stateful(session)
+            await ok(session, "run_command", {"command": "echo survived > s.txt", "sandbox_id": sid})
+            await ok(session, "pause", {"sandbox_id": sid})
+            return sid, pid
+
+        sid, pid = anyio.run(with_session, first.url, before)
+        first.kill9()
+    finally:
+        first.stop()
+    second = HttpServer(state_dir, "--shared-sandboxes", engine=engine)
+    try:
+        anyio.run(with_session, second.url, lambda session: scenarios.state_survives_restart(session, sid, pid))
+    finally:
+        second.stop()
 
 
 def test_http_sessions_are_isolated(server):

@@ -4,9 +4,11 @@
 //! Owns the per-sandbox directory (writable disk, vsock socket, serial log, snapshots), the
 //! boot recipe of the image ([`boot_config`]), waiting for the guest agent, and the lifecycle:
 //! - create: restore the template of its size (a guest booted once until its agent answered,
-//!   saved as a snapshot and a writable disk under `.templates/`; built on first use) with a
-//!   copy of the template's disk, in tens of milliseconds; memory pages of the template are
-//!   shared copy-on-write. If the template cannot be restored, boot the image instead;
+//!   warmed — the default Python context of `run_code` has imported numpy, pandas and
+//!   matplotlib — then saved as a snapshot and a writable disk under `.templates/`; built on
+//!   first use) with a copy of the template's disk, in tens of milliseconds; memory pages of
+//!   the template are shared copy-on-write. If the template cannot be restored, boot the image
+//!   instead;
 //! - connect: `CONNECT 1024` on the vsock socket and the handshake, retried until the agent
 //!   is up; after a restore or fork the host also sends `SetClock` and `AddEntropy`;
 //! - pause: pause the vCPUs, write a full snapshot to disk, stop the worker (its RAM is freed);
@@ -24,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsule_agent::client::{AgentClient, ClientError};
-use capsule_agent::protocol::{Op, AGENT_VSOCK_PORT};
+use capsule_agent::protocol::{Event, Language, Op, Reply, RunCodeRequest, AGENT_VSOCK_PORT};
 use capsule_vmm::doctor::{HostReport, PVM_MAX_LINUX_VCPUS};
 use capsule_vmm::snapshot::RestoreOverrides;
 use capsule_vmm::worker::{error_chain, WorkerError, WorkerEvent, WorkerHandle};
@@ -54,6 +56,15 @@ const ENTROPY_BYTES: usize = 64;
 pub const SERIAL_TAIL_LINES: usize = 40;
 /// Where templates live, under the engine's root (sandbox ids never start with a dot).
 const TEMPLATES_DIR: &str = ".templates";
+/// Version of the template recipe (boot + warm-up), part of each template's directory name:
+/// templates of an older recipe are stale and deleted like those of another image.
+const TEMPLATE_RECIPE: &str = "w1";
+/// The cell a template runs before it is saved, in the context `run_code` uses when the
+/// caller names none (the language's name: see the MCP handler), so that every sandbox
+/// starts with these libraries imported (they take seconds to import in a guest).
+const TEMPLATE_WARM_CELL: &str = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot";
+/// How long the warm-up cell may take.
+const TEMPLATE_WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// Characters of a template's name kept in its directory name.
 const MAX_TEMPLATE_NAME_CHARS: usize = 32;
 /// Longest Unix socket path the kernel takes, in bytes.
@@ -314,6 +325,34 @@ pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
         })
 }
 
+/// Runs [`TEMPLATE_WARM_CELL`] in the default Python context. A failure only costs speed (the
+/// sandbox imports on first use instead), so it is logged, not returned.
+fn warm_python(client: &AgentClient) {
+    let started = Instant::now();
+    let op = Op::RunCode(RunCodeRequest {
+        context: capsule_tool_schemas::Language::Python.as_str().to_string(),
+        language: Language::Python,
+        code: TEMPLATE_WARM_CELL.to_string(),
+        output_cap_bytes: None,
+    });
+    match client.call(op, Some(TEMPLATE_WARM_TIMEOUT)) {
+        Ok((events, Reply::CodeDone(outcome))) if !outcome.timed_out => {
+            match events.iter().find_map(|e| match e {
+                Event::Error(error) => Some(error),
+                _ => None,
+            }) {
+                Some(error) => tracing::warn!(?error, "warming the template's Python failed"),
+                None => tracing::info!(
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "template warmed: python has imported numpy, pandas, matplotlib"
+                ),
+            }
+        }
+        Ok((_, reply)) => tracing::warn!(?reply, "warming the template's Python did not finish"),
+        Err(e) => tracing::warn!(error = %e, "warming the template's Python failed"),
+    }
+}
+
 /// Checks that the host can give a Linux guest `vcpus` vCPUs.
 pub fn check_vcpus(vcpus: u32) -> Result<u8, KvmError> {
     if capsule_vmm::vstate::vm::host_is_pvm() && vcpus > u32::from(PVM_MAX_LINUX_VCPUS) {
@@ -454,7 +493,7 @@ impl KvmEngine {
     /// Deletes templates of other images (sandboxes restored from them own their memory
     /// mappings; the files can go).
     fn remove_stale_templates(&self) {
-        let current = format!("-{}-", self.image.version);
+        let current = format!("-{}-{TEMPLATE_RECIPE}-", self.image.version);
         let Ok(entries) = std::fs::read_dir(self.root.join(TEMPLATES_DIR)) else {
             return;
         };
@@ -505,7 +544,7 @@ impl KvmEngine {
             .take(MAX_TEMPLATE_NAME_CHARS)
             .collect();
         let key = format!(
-            "{name}-{}-{}m-{}d-{vcpus}c",
+            "{name}-{}-{TEMPLATE_RECIPE}-{}m-{}d-{vcpus}c",
             self.image.version, spec.memory_mib, spec.disk_mib
         );
         let files = SandboxFiles::new(self.root.join(TEMPLATES_DIR).join(key));
@@ -517,6 +556,9 @@ impl KvmEngine {
         let built = self
             .boot_in(files.clone(), spec, vcpus)
             .and_then(|mut machine| {
+                if let Some(client) = &machine.client {
+                    warm_python(client);
+                }
                 // The snapshot appears whole or not at all (the VMM renames it into place).
                 let saved = machine.snapshot_to(&files.snapshot(0));
                 machine.stop_worker();
