@@ -11,7 +11,8 @@ use crate::boot::{self, LoadedKernel};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{
-    ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_PORT_COUNT, RESET_CONTROL_PORT,
+    ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT,
+    RESET_CONTROL_PORT,
 };
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIAL_PORT_COUNT};
 use crate::microvm::{MicroVm, MicroVmParts};
@@ -50,7 +51,7 @@ pub enum BuildError {
     Serial(#[from] SerialError),
     #[error("placing a device on the bus")]
     Bus(#[from] BusError),
-    #[error("creating a reset eventfd")]
+    #[error("creating an interrupt eventfd for a legacy device")]
     EventFd(#[source] std::io::Error),
     #[error("attaching virtio devices")]
     Virtio(#[from] VirtioWiringError),
@@ -131,7 +132,8 @@ fn append_missing_params(cmdline: &mut String, params: &[&str]) {
     }
 }
 
-/// COM1 (`uart`, raising `irq`) on IRQ 4, the i8042 and the 0xcf9 reset register.
+/// COM1 (`uart`, raising `irq`) on IRQ 4, the i8042 (keyboard on IRQ 1) and the 0xcf9 reset
+/// register.
 pub(crate) fn attach_legacy_devices(
     vm: &Vm,
     pio: &mut Bus,
@@ -146,8 +148,12 @@ pub(crate) fn attach_legacy_devices(
         u64::from(SERIAL_PORT_BASE),
         u64::from(SERIAL_PORT_COUNT),
     )?;
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_GSI)?;
+    let kbd = I8042::new(stop_request.clone())
+        .with_kbd_irq(kbd_irq.try_clone().map_err(BuildError::EventFd)?);
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(stop_request.clone()))),
+        Arc::new(Mutex::new(kbd)),
         u64::from(I8042_DATA_PORT),
         u64::from(I8042_PORT_COUNT),
     )?;
@@ -156,8 +162,9 @@ pub(crate) fn attach_legacy_devices(
         u64::from(RESET_CONTROL_PORT),
         1,
     )?;
-    // The irqfd stays registered with KVM; the device keeps its own clone of the eventfd.
+    // The irqfds stay registered with KVM; the devices keep their own clones of the eventfds.
     drop(irq);
+    drop(kbd_irq);
     Ok(uart)
 }
 

@@ -46,6 +46,35 @@ fn reference_kernel_reaches_userspace_and_reboots() {
     );
 }
 
+/// A 2 GiB guest: RAM ends exactly at the 2 GiB boundary (`initrd_addr_max + 1`), where the
+/// initrd is placed and where the kernel's early allocations land.
+#[test]
+fn a_2048_mib_guest_reaches_userspace() {
+    if !kvm_usable() {
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
+        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
+    };
+    let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
+    config.mem_mib = 2048;
+    config.initrd = Some(initrd);
+    let mut vm = build_microvm(&config).unwrap();
+    vm.start().unwrap();
+    let reached = vm.serial().wait_for(b"PVM-GUEST-USERSPACE", BOOT_TIMEOUT);
+    let event = vm.wait_event(BOOT_TIMEOUT);
+    vm.stop();
+    let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
+    assert!(
+        reached,
+        "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}"
+    );
+    assert!(
+        matches!(event, Some(VmEvent::Reset { .. })),
+        "event {event:?}; console tail:\n{tail}"
+    );
+}
+
 #[test]
 fn reference_kernel_finds_both_disks_vsock_and_rng() {
     if !kvm_usable() {
@@ -117,4 +146,28 @@ fn a_kernel_panic_is_reported_as_panic_not_reset() {
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
     assert_eq!(event, Some(VmEvent::Panic), "console tail:\n{tail}");
     assert!(tail.contains("Kernel panic"), "console tail:\n{tail}");
+}
+
+#[test]
+fn a_panic_that_does_not_reboot_stops_the_vm_at_once() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(kernel) = reference_kernel() else {
+        panic!("the reference kernel under /work/shared/guest is missing");
+    };
+    // panic=0: the kernel prints "---[ end Kernel panic" and spins forever, as it does for any
+    // panic before `panic=` is parsed. The VM must stop and say so, not wait for a timeout.
+    let mut config = VmConfig::new(kernel, "console=ttyS0 panic=0");
+    config.mem_mib = 128;
+    let mut vm = build_microvm(&config).unwrap();
+    vm.start().unwrap();
+    let event = vm.wait_event(BOOT_TIMEOUT);
+    let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
+    assert_eq!(event, Some(VmEvent::Panic), "console tail:\n{tail}");
+    assert!(
+        tail.contains("---[ end Kernel panic"),
+        "console tail:\n{tail}"
+    );
+    vm.stop();
 }

@@ -72,7 +72,8 @@ pub enum VmEvent {
     /// The guest asked for a reset (Linux `reboot`; with `panic=-1 reboot=k` also a panic that
     /// the serial log did not show).
     Reset { source: ResetSource },
-    /// The guest kernel panicked (seen on the serial console, or a crash system event).
+    /// The guest kernel panicked (seen on the serial console, or a crash system event). A
+    /// panic that does not reboot is reported as soon as its "end Kernel panic" line is out.
     Panic,
     /// The vCPU hit a triple fault (`KVM_EXIT_SHUTDOWN`).
     TripleFault { vcpu: u8 },
@@ -442,6 +443,11 @@ fn handle_exit(
             pio.write(u64::from(port), data);
             if let Some(source) = control.stop_request.take() {
                 return Step::Exit(reset_event(control, source));
+            }
+            // A panic that did not reboot (too early for `panic=`, or `panic=0`) leaves the
+            // guest spinning forever once it printed its end line: stop it now.
+            if control.serial.panic_ended() {
+                return Step::Exit(VmEvent::Panic);
             }
         }
         VcpuExit::MmioRead(addr, data) => {

@@ -31,7 +31,12 @@ pub fn host_is_pvm() -> bool {
 /// and shows the host's PCID/INVPCID, but the host refuses CR4.PCIDE (the guest takes a #GP
 /// in early boot and halts) and cannot emulate INVPCID (KVM_EXIT_INTERNAL_ERROR). Measured on
 /// kvm_pvm 6.18.44-fc: without these the reference kernel hangs, with them it boots.
-pub const PVM_GUEST_CMDLINE_QUIRKS: &[&str] = &["nopcid", "noinvpcid"];
+///
+/// `nogbpages`: the guest's native `cpuid` also shows the host's 1 GiB pages (pdpe1gb), so a
+/// guest whose RAM holds a whole 1 GiB-aligned GiB (any guest of 2048 MiB or more) maps it
+/// with a 1 GiB page, and PVM's shadow paging rejects that PUD (#PF "reserved bit violation"
+/// in sparse_init, then "Attempted to kill the idle task"). 2 MiB pages work.
+pub const PVM_GUEST_CMDLINE_QUIRKS: &[&str] = &["nopcid", "noinvpcid", "nogbpages"];
 
 /// Capabilities the VMM cannot run without, with a human name.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[

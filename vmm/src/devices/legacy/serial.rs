@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub const MAX_SERIAL_LOG_BYTES: u64 = 8 << 20;
 pub const SERIAL_TAIL_BYTES: usize = 64 << 10;
 /// What Linux prints when it panics.
 const PANIC_MARKER: &[u8] = b"Kernel panic";
+/// What Linux prints when a panic did not reboot (`panic=0`, or a panic before the `panic=`
+/// parameter was parsed): the kernel now spins forever, so the VM is over.
+const PANIC_END_MARKER: &[u8] = b"---[ end Kernel panic";
 /// Ports covered by one 8250.
 pub const SERIAL_PORT_COUNT: u16 = 8;
 
@@ -48,6 +52,7 @@ struct LogState {
     tail: Vec<u8>,
     total_bytes: u64,
     panic_seen: bool,
+    panic_ended: bool,
     first_output: Option<Instant>,
 }
 
@@ -55,6 +60,8 @@ struct LogState {
 #[derive(Debug, Default)]
 pub struct SerialLog {
     state: Mutex<LogState>,
+    /// Mirror of `LogState::panic_ended`, read by the vCPU loop after every port write.
+    panic_ended: AtomicBool,
     grew: Condvar,
 }
 
@@ -126,12 +133,13 @@ impl SerialLog {
             s.file_bytes += written;
         }
         s.tail.extend_from_slice(bytes);
-        let window_start = s
-            .tail
-            .len()
-            .saturating_sub(bytes.len() + PANIC_MARKER.len());
-        if !s.panic_seen && contains(&s.tail[window_start..], PANIC_MARKER) {
+        if !s.panic_seen && ends_with_new(&s.tail, bytes.len(), PANIC_MARKER) {
             s.panic_seen = true;
+        }
+        if !s.panic_ended && ends_with_new(&s.tail, bytes.len(), PANIC_END_MARKER) {
+            s.panic_ended = true;
+            s.panic_seen = true;
+            self.panic_ended.store(true, Ordering::Release);
         }
         if s.tail.len() > SERIAL_TAIL_BYTES {
             let excess = s.tail.len() - SERIAL_TAIL_BYTES;
@@ -149,6 +157,12 @@ impl SerialLog {
     /// Whether the guest printed "Kernel panic".
     pub fn panic_seen(&self) -> bool {
         self.lock().panic_seen
+    }
+
+    /// Whether the guest printed the end of a panic that did not reboot: it will never run
+    /// again, and the vCPU loop reports [`crate::VmEvent::Panic`].
+    pub fn panic_ended(&self) -> bool {
+        self.panic_ended.load(Ordering::Acquire)
     }
 
     /// Bytes the guest has printed so far, dropped ones included.
@@ -180,6 +194,12 @@ impl SerialLog {
                 .0;
         }
     }
+}
+
+/// Whether `needle` occurs in `tail` in a window that overlaps its last `new_bytes` bytes.
+fn ends_with_new(tail: &[u8], new_bytes: usize, needle: &[u8]) -> bool {
+    let window_start = tail.len().saturating_sub(new_bytes + needle.len());
+    contains(&tail[window_start..], needle)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -355,5 +375,27 @@ mod tests {
         assert!(log.panic_seen());
         assert!(log.wait_for(b"not syncing", Duration::from_millis(1)));
         assert!(!log.wait_for(b"absent", Duration::from_millis(1)));
+        assert!(
+            !log.panic_ended(),
+            "a panic that may still reboot is not the end"
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_panic_that_did_not_reboot_is_noticed_byte_by_byte() {
+        let log = SerialLog::in_memory();
+        log.append(b"[ 0.27] Kernel panic - not syncing: Attempted to kill the idle task!\n");
+        assert!(!log.panic_ended());
+        for b in b"[ 0.28] ---[ end Kernel panic - not syncing: Attempted".iter() {
+            log.append(&[*b]);
+        }
+        assert!(log.panic_ended());
+        assert!(log.panic_seen());
+        let other = SerialLog::in_memory();
+        other.append(b"---[ end trace 0000000000000000 ]---\n");
+        assert!(
+            !other.panic_ended(),
+            "an oops trace alone is not a dead guest"
+        );
     }
 }
