@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use capsule_agent::client::{AgentClient, ClientError};
-use capsule_agent::protocol::{
-    Command, ErrorKind, ExecRequest, Language, Op, Reply, RunCodeRequest,
-};
+use capsule_agent::protocol::{ErrorKind, ExecRequest, Language, Op, Reply, RunCodeRequest};
 use capsule_agent::server::{Agent, AgentConfig};
+use capsule_evals::timing::interleaved_samples;
 
 const DEFAULT_N: usize = 300;
 const WARMUP: usize = 20;
@@ -37,20 +36,7 @@ struct Stats {
 /// Times `n` rounds of `fs`, interleaved (one call of each per round), so a
 /// noisy shared host loads every variant alike.
 fn measure_interleaved(n: usize, fs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<Stats>> {
-    for _ in 0..WARMUP.min(n) {
-        for f in fs.iter_mut() {
-            f()?;
-        }
-    }
-    let mut samples = vec![Vec::with_capacity(n); fs.len()];
-    for _ in 0..n {
-        for (f, out) in fs.iter_mut().zip(&mut samples) {
-            let start = Instant::now();
-            f()?;
-            out.push(start.elapsed());
-        }
-    }
-    Ok(samples
+    Ok(interleaved_samples(n, WARMUP.min(n), fs)?
         .into_iter()
         .map(|mut s| {
             s.sort_unstable();
@@ -78,17 +64,6 @@ fn show(label: &str, s: &Stats) {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn argv(args: &[&str]) -> ExecRequest {
-    ExecRequest {
-        command: Command::Argv(args.iter().map(|s| s.to_string()).collect()),
-        cwd: None,
-        env: Vec::new(),
-        stdin: None,
-        background: false,
-        output_cap_bytes: None,
-    }
 }
 
 fn main() -> Result<()> {
@@ -131,7 +106,7 @@ fn main() -> Result<()> {
         Ok(())
     };
     let mut via_agent = || {
-        let out = client.exec(argv(&["/bin/true"]), TIMEOUT)?;
+        let out = client.exec(ExecRequest::argv(&["/bin/true"]), TIMEOUT)?;
         if out.status.code != Some(0) {
             bail!("agent exec /bin/true: {:?}", out.status);
         }
@@ -202,7 +177,7 @@ fn main() -> Result<()> {
             })?;
             show("(c) run_code \"1+1\" in a warm Python context", &warm);
             let cold = measure(PYTHON_N, || {
-                let out = client.exec(argv(&["python3", "-c", "1+1"]), TIMEOUT)?;
+                let out = client.exec(ExecRequest::argv(&["python3", "-c", "1+1"]), TIMEOUT)?;
                 if out.status.code != Some(0) {
                     bail!("python3 -c failed: {:?}", out.status);
                 }

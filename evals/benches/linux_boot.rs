@@ -28,9 +28,9 @@ use capsule::engine::kvm::{
     boot_config, connect_agent, serial_tail, wait_for_serial, SandboxFiles, AGENT_READY_MARKER,
     AGENT_READY_TIMEOUT, SERIAL_TAIL_LINES,
 };
-use capsule::engine::{Engine, MachineSpec};
+use capsule::engine::{Engine, EngineError, Machine, MachineSpec};
 use capsule::image::{create_writable_disk, current_image, ImageInfo};
-use capsule_agent::protocol::{Command, ExecRequest};
+use capsule_agent::protocol::ExecRequest;
 use capsule_vmm::worker::{
     error_chain, run_worker, WorkerHandle, CONTROL_FD_FLAG, WORKER_SUBCOMMAND,
 };
@@ -99,17 +99,7 @@ fn boot_once(exe: &Path, image: &ImageInfo, setup: &Setup) -> Result<Sample> {
     let to_ready_marker = ready_after.min(to_handshake);
 
     let uptime = client
-        .exec(
-            ExecRequest {
-                command: Command::Argv(vec!["cat".into(), "/proc/uptime".into()]),
-                cwd: None,
-                env: Vec::new(),
-                stdin: None,
-                background: false,
-                output_cap_bytes: None,
-            },
-            CALL_TIMEOUT,
-        )
+        .exec(ExecRequest::argv(&["cat", "/proc/uptime"]), CALL_TIMEOUT)
         .ok()
         .and_then(|out| {
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -148,7 +138,7 @@ fn engine_runs(
         disk_mib: u32::try_from(WRITABLE_DISK_MIB).unwrap_or(u32::MAX),
         env: Default::default(),
     };
-    let engine_err = |e: capsule::engine::EngineError| anyhow::anyhow!(error_chain(&e));
+    let engine_err = |e: EngineError| anyhow::anyhow!(error_chain(&e));
     let started = Instant::now();
     let mut parent = engine.create(&spec("parent".into())).map_err(engine_err)?;
     println!(
@@ -157,24 +147,24 @@ fn engine_runs(
     );
     let (mut creates, mut forks) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        let started = Instant::now();
-        let mut machine = engine
-            .create(&spec(format!("create-{run}")))
-            .map_err(engine_err)?;
-        machine.connect().map_err(engine_err)?;
-        creates.push(started.elapsed());
-        machine.kill().map_err(engine_err)?;
-
-        let started = Instant::now();
-        let mut child = parent
-            .fork(&spec(format!("fork-{run}")))
-            .map_err(engine_err)?;
-        child.connect().map_err(engine_err)?;
-        forks.push(started.elapsed());
-        child.kill().map_err(engine_err)?;
+        creates.push(time_to_agent(|| {
+            engine.create(&spec(format!("create-{run}")))
+        })?);
+        forks.push(time_to_agent(|| parent.fork(&spec(format!("fork-{run}"))))?);
     }
     parent.kill().map_err(engine_err)?;
     Ok((creates, forks))
+}
+
+/// Times `make` up to the new machine's first agent connection, then kills it.
+fn time_to_agent(make: impl FnOnce() -> Result<Box<dyn Machine>, EngineError>) -> Result<Duration> {
+    let engine_err = |e: EngineError| anyhow::anyhow!(error_chain(&e));
+    let started = Instant::now();
+    let mut machine = make().map_err(engine_err)?;
+    machine.connect().map_err(engine_err)?;
+    let elapsed = started.elapsed();
+    machine.kill().map_err(engine_err)?;
+    Ok(elapsed)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -38,7 +38,8 @@ use capsule::engine::test_engine::{TestEngine, AGENT_BIN_ENV};
 use capsule::engine::{Engine, Machine, MachineSpec};
 use capsule::image::{create_writable_disk, current_image, Flavour, ImageInfo};
 use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::{Command, ExecRequest};
+use capsule_agent::protocol::ExecRequest;
+use capsule_evals::timing::interleaved_samples;
 use capsule_vmm::doctor::Virtualization;
 use capsule_vmm::worker::{error_chain, WorkerHandle};
 use serde_json::{json, Value};
@@ -225,20 +226,10 @@ fn measure_interleaved(
     n: usize,
     variants: &mut [&mut dyn FnMut() -> Result<()>],
 ) -> Result<Vec<Latencies>> {
-    for _ in 0..WARMUP_ROUNDS {
-        for f in variants.iter_mut() {
-            f()?;
-        }
-    }
-    let mut samples = vec![Vec::with_capacity(n); variants.len()];
-    for _ in 0..n {
-        for (f, out) in variants.iter_mut().zip(&mut samples) {
-            let start = Instant::now();
-            f()?;
-            out.push(start.elapsed());
-        }
-    }
-    Ok(samples.into_iter().map(Latencies::new).collect())
+    Ok(interleaved_samples(n, WARMUP_ROUNDS, variants)?
+        .into_iter()
+        .map(Latencies::new)
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,12 +445,8 @@ fn default_spec(id: &str) -> MachineSpec {
 /// The `Exec` that capsule's `run_command` handler sends for `command`.
 fn run_command_exec(command: &str) -> ExecRequest {
     ExecRequest {
-        command: Command::Shell(command.into()),
-        cwd: None,
-        env: Vec::new(),
-        stdin: None,
-        background: false,
         output_cap_bytes: Some(DEFAULT_OUTPUT_CAP_BYTES as u64),
+        ..ExecRequest::shell(command)
     }
 }
 

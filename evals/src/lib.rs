@@ -1,1 +1,3 @@
 //! capsule-evals: benchmark harness and graded agent-task scenarios.
+
+pub mod timing;

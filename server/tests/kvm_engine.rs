@@ -15,7 +15,7 @@ use capsule::engine::kvm::KvmEngine;
 use capsule::engine::{Engine, EngineError, MachineSpec};
 use capsule::image::current_image;
 use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::{Command, Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
+use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
 
 const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -38,6 +38,14 @@ fn engine(root: PathBuf) -> Option<KvmEngine> {
     Some(KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root).expect("engine"))
 }
 
+/// A KVM engine over a fresh temporary root (dropped after the engine), or `None`
+/// when this host cannot run one (the reason is printed).
+fn engine_in_tempdir() -> Option<(tempfile::TempDir, KvmEngine)> {
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path().to_path_buf())?;
+    Some((root, engine))
+}
+
 fn spec(id: &str) -> MachineSpec {
     MachineSpec {
         id: id.into(),
@@ -49,21 +57,16 @@ fn spec(id: &str) -> MachineSpec {
     }
 }
 
-fn shell(command: &str, background: bool) -> ExecRequest {
-    ExecRequest {
-        command: Command::Shell(command.into()),
-        cwd: None,
-        env: Vec::new(),
-        stdin: None,
-        background,
-        output_cap_bytes: None,
-    }
-}
-
 /// Starts `command` in the background through the agent; returns its guest pid.
 fn spawn(client: &AgentClient, command: &str) -> u32 {
     let reply = client
-        .call_reply(Op::Exec(shell(command, true)), CALL_TIMEOUT)
+        .call_reply(
+            Op::Exec(ExecRequest {
+                background: true,
+                ..ExecRequest::shell(command)
+            }),
+            CALL_TIMEOUT,
+        )
         .unwrap_or_else(|e| panic!("background exec {command:?}: {e}"));
     match reply {
         Reply::Started { pid, .. } => pid,
@@ -152,7 +155,7 @@ const COUNT_SLEEPERS: &str = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep
 /// Runs `command` through `sh -c` and returns its stdout; fails on a non-zero exit.
 fn sh(client: &AgentClient, command: &str) -> String {
     let out = client
-        .exec(shell(command, false), CALL_TIMEOUT)
+        .exec(ExecRequest::shell(command), CALL_TIMEOUT)
         .unwrap_or_else(|e| panic!("exec {command:?}: {e}"));
     assert_eq!(
         out.status.code,
@@ -184,8 +187,7 @@ fn worker_pids_of(dir: &std::path::Path) -> usize {
 
 #[test]
 fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
     let mut machine = engine.create(&spec("kvm-a")).expect("create");
@@ -252,8 +254,7 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
 
 #[test]
 fn a_fork_copies_memory_processes_and_disk_and_then_diverges() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((_root, engine)) = engine_in_tempdir() else {
         return;
     };
     let mut parent = engine.create(&spec("kvm-parent")).expect("create");
@@ -296,8 +297,7 @@ fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
         eprintln!("SKIP: this host's KVM is not PVM; the limit only applies there");
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
     let mut two = spec("kvm-two");
@@ -319,8 +319,7 @@ fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
 
 #[test]
 fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
     let mut machine = engine.create(&spec("kvm-r")).expect("create");
@@ -349,8 +348,7 @@ fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
 
 #[test]
 fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
     let t = Instant::now();
@@ -405,8 +403,7 @@ fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
 
 #[test]
 fn python_state_and_a_background_process_survive_pause_and_resume() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((_root, engine)) = engine_in_tempdir() else {
         return;
     };
     // The first create builds (and warms) the template; the measured one restores it.
@@ -503,8 +500,7 @@ fn parent_and_forks(
 
 #[test]
 fn ten_forks_start_from_the_parents_state_and_then_diverge() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((_root, engine)) = engine_in_tempdir() else {
         return;
     };
     let (mut parent, mut children) = parent_and_forks(&engine, "kvm-d");
@@ -541,8 +537,7 @@ fn ten_forks_start_from_the_parents_state_and_then_diverge() {
 
 #[test]
 fn every_fork_has_its_own_random_numbers() {
-    let root = tempfile::tempdir().unwrap();
-    let Some(engine) = engine(root.path().to_path_buf()) else {
+    let Some((_root, engine)) = engine_in_tempdir() else {
         return;
     };
     let (mut parent, mut children) = parent_and_forks(&engine, "kvm-r");

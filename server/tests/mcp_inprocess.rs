@@ -54,7 +54,7 @@ async fn run_command_creates_the_default_sandbox_on_first_use_and_reuses_it() {
     let t = text(&r);
     let (out, err, exit) = (t.find("hello").unwrap(), t.find("oops").unwrap(), t.find("exit code 3").unwrap());
     assert!(out < err && err < exit, "stdout, then stderr, then the ending: {t}");
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
 
     let s2 = ok("run_command", &f.call("run_command", json!({"command": "true"})).await);
     assert_eq!(s2["sandbox_id"], id.as_str());
@@ -69,7 +69,7 @@ async fn run_command_creates_the_default_sandbox_on_first_use_and_reuses_it() {
 async fn run_command_passes_stdin_env_cwd_and_sandbox_env() {
     let f = Fixture::default().await;
     let created = ok("create", &f.call("create_sandbox", json!({"env": {"FROM_SANDBOX": "sb"}, "name": "envy"})).await);
-    let id = created["sandbox"]["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&created["sandbox"]);
     ok("mkdir", &f.call("run_command", json!({"command": "mkdir -p sub", "sandbox_id": id})).await);
     let s = ok(
         "run_command",
@@ -246,7 +246,7 @@ async fn bad_parameters_are_error_results_and_unknown_tools_are_protocol_errors(
 async fn an_unknown_sandbox_id_lists_the_sessions_sandboxes() {
     let f = Fixture::default().await;
     let a = ok("create", &f.call("create_sandbox", json!({"name": "alpha"})).await);
-    let a_id = a["sandbox"]["sandbox_id"].as_str().unwrap().to_string();
+    let a_id = id_of(&a["sandbox"]);
     let r = f.call("run_command", json!({"command": "true", "sandbox_id": "sb-000000000000"})).await;
     assert!(is_error(&r));
     let t = text(&r);
@@ -260,7 +260,7 @@ async fn an_unknown_sandbox_id_lists_the_sessions_sandboxes() {
 async fn sessions_see_only_their_own_sandboxes() {
     let f = Fixture::default().await;
     let mine = ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let my_id = mine["sandbox_id"].as_str().unwrap().to_string();
+    let my_id = id_of(&mine);
     let (other, _) = connect(&f.manager, Owner::new("other-session"), &f.settings).await;
     let listed = ok("list", &call(&other, "list_sandboxes", json!({})).await);
     assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0);
@@ -278,7 +278,7 @@ async fn sessions_see_only_their_own_sandboxes() {
 async fn a_paused_sandbox_resumes_transparently_on_the_next_call() {
     let f = Fixture::default().await;
     let s = ok("run", &f.call("run_command", json!({"command": "echo 1 > state.txt"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
     let paused = ok("pause", &f.call("pause", json!({})).await);
     assert_eq!(paused["sandbox"]["state"], "paused");
     let listed = ok("list", &f.call("list_sandboxes", json!({})).await);
@@ -302,11 +302,7 @@ async fn a_paused_sandbox_resumes_transparently_on_the_next_call() {
 #[tokio::test]
 async fn a_sandbox_cannot_be_paused_while_a_call_runs_in_it() {
     let f = Fixture::default().await;
-    ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let client = f.client.peer().clone();
-    let long = tokio::spawn(async move { call(&client, "run_command", json!({"command": "sleep 1.5"})).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let r = f.call("pause", json!({})).await;
+    let (r, long) = f.call_during("sleep 1.5", "pause", json!({})).await;
     assert!(is_error(&r));
     assert!(text(&r).contains("wait for them to finish"), "{}", text(&r));
     ok("long", &long.await.unwrap());
@@ -317,12 +313,11 @@ async fn a_sandbox_cannot_be_paused_while_a_call_runs_in_it() {
 async fn fork_copies_files_into_independent_sandboxes() {
     let f = Fixture::default().await;
     let s = ok("run", &f.call("run_command", json!({"command": "echo base > f.txt"})).await);
-    let parent = s["sandbox_id"].as_str().unwrap().to_string();
+    let parent = id_of(&s);
     ok("pause", &f.call("pause", json!({})).await);
     let forked = ok("fork", &f.call("fork", json!({"count": 2})).await);
     assert_eq!(forked["parent_id"], parent.as_str());
-    let kids: Vec<String> =
-        forked["sandboxes"].as_array().unwrap().iter().map(|k| k["sandbox_id"].as_str().unwrap().to_string()).collect();
+    let kids: Vec<String> = forked["sandboxes"].as_array().unwrap().iter().map(id_of).collect();
     assert_eq!(kids.len(), 2);
     assert!(forked["note"].as_str().unwrap().contains("test engine"));
     for (i, kid) in kids.iter().enumerate() {
@@ -341,7 +336,7 @@ async fn fork_copies_files_into_independent_sandboxes() {
 async fn kill_sandbox_deletes_it_and_its_id_becomes_unknown() {
     let f = Fixture::default().await;
     let s = ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
     let dir = f.dir.path().join("sandboxes").join(&id);
     assert!(dir.exists());
     let killed = ok("kill", &f.call("kill_sandbox", json!({"sandbox_id": id})).await);
@@ -413,11 +408,10 @@ async fn long_runs_send_progress_and_output_as_logging_notifications() {
 async fn a_crashed_guest_is_reported_with_state_lost() {
     let f = Fixture::default().await;
     let s = ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
-    let records = f.manager.registry().load_live().unwrap();
-    let pid = records.iter().find(|r| r.id == id).unwrap().engine_state["pid"].as_i64().unwrap();
+    let id = id_of(&s);
+    let pid = agent_pid(&f.manager, &id);
     // SAFETY: killing the agent process this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = f.call("run_command", json!({"command": "true", "sandbox_id": id})).await;
     assert!(is_error(&r));
@@ -440,7 +434,7 @@ async fn idle_sandboxes_pause_and_paused_ones_are_deleted_after_retention() {
     let f = Fixture::new(settings).await;
     let timers = capsule::sandbox::timers::spawn(f.manager.clone());
     let s = ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
     let state = |f: &Fixture| {
         let (list, _) = f.manager.list(&Owner::new("test-session"));
         list.iter().find(|s| s.sandbox_id == id).map(|s| s.state.as_str())
@@ -470,21 +464,19 @@ async fn after_a_restart_paused_sandboxes_resume_and_dead_ones_are_marked_failed
     let manager = open_manager(dir.path(), &settings);
     let (client, _) = connect(&manager, Owner::new("test-session"), &settings).await;
     let a = ok("a", &call(&client, "run_command", json!({"command": "echo kept > k.txt"})).await);
-    let a_id = a["sandbox_id"].as_str().unwrap().to_string();
+    let a_id = id_of(&a);
     let b = ok("b", &call(&client, "create_sandbox", json!({"name": "doomed"})).await);
-    let b_id = b["sandbox"]["sandbox_id"].as_str().unwrap().to_string();
+    let b_id = id_of(&b["sandbox"]);
     let c = ok("c", &call(&client, "create_sandbox", json!({"name": "left running"})).await);
-    let c_id = c["sandbox"]["sandbox_id"].as_str().unwrap().to_string();
+    let c_id = id_of(&c["sandbox"]);
     ok("pause a", &call(&client, "pause", json!({})).await);
     ok("pause b", &call(&client, "pause", json!({"sandbox_id": b_id})).await);
-    let b_pid = manager.registry().load_live().unwrap().iter().find(|r| r.id == b_id).unwrap().engine_state["pid"]
-        .as_i64()
-        .unwrap();
+    let b_pid = agent_pid(&manager, &b_id);
     // The server goes away without cleaning up; b's VM dies while it is down.
     let _ = client.cancel().await;
     drop(manager);
     // SAFETY: killing the agent process this test started.
-    unsafe { libc::kill(b_pid as i32, libc::SIGKILL) };
+    unsafe { libc::kill(b_pid, libc::SIGKILL) };
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let manager = open_manager(dir.path(), &settings);
@@ -509,8 +501,7 @@ async fn after_a_restart_paused_sandboxes_resume_and_dead_ones_are_marked_failed
 async fn run_code_keeps_state_returns_results_errors_and_plots() {
     let f = Fixture::default().await;
     let r = f.call("run_code", json!({"code": "x = 6 * 7\nx"})).await;
-    if is_error(&r) && text(&r).contains("not available in this agent build") {
-        eprintln!("SKIP: run_code: this capsule-agent build has no language contexts yet ({})", text(&r));
+    if run_code_unavailable(&r) {
         f.cleanup().await;
         return;
     }
@@ -559,25 +550,14 @@ async fn concurrent_first_calls_share_one_default_sandbox_and_creates_respect_th
     let mut settings = Settings::default();
     settings.limits.max_sandboxes = 3;
     let f = Fixture::new(settings).await;
-    let peer = f.client.peer().clone();
-    let calls: Vec<_> = (0..4)
-        .map(|_| {
-            let peer = peer.clone();
-            tokio::spawn(async move { call(&peer, "run_command", json!({"command": "true"})).await })
-        })
-        .collect();
+    let calls: Vec<_> = (0..4).map(|_| f.spawn_call("run_command", json!({"command": "true"}))).collect();
     let mut ids = std::collections::HashSet::new();
     for c in calls {
-        ids.insert(ok("run", &c.await.unwrap())["sandbox_id"].as_str().unwrap().to_string());
+        ids.insert(id_of(&ok("run", &c.await.unwrap())));
     }
     assert_eq!(ids.len(), 1, "one default sandbox, however many first calls race");
 
-    let creates: Vec<_> = (0..4)
-        .map(|_| {
-            let peer = peer.clone();
-            tokio::spawn(async move { call(&peer, "create_sandbox", json!({})).await })
-        })
-        .collect();
+    let creates: Vec<_> = (0..4).map(|_| f.spawn_call("create_sandbox", json!({}))).collect();
     let mut made = 0;
     for c in creates {
         let r = c.await.unwrap();
@@ -595,15 +575,12 @@ async fn concurrent_first_calls_share_one_default_sandbox_and_creates_respect_th
 async fn a_guest_that_dies_during_a_call_fails_the_call_with_state_lost() {
     let f = Fixture::default().await;
     let s = ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
-    let pid = f.manager.registry().load_live().unwrap().iter().find(|r| r.id == id).unwrap().engine_state["pid"]
-        .as_i64()
-        .unwrap();
-    let peer = f.client.peer().clone();
-    let running = tokio::spawn(async move { call(&peer, "run_command", json!({"command": "sleep 20"})).await });
+    let id = id_of(&s);
+    let pid = agent_pid(&f.manager, &id);
+    let running = f.spawn_call("run_command", json!({"command": "sleep 20"}));
     tokio::time::sleep(Duration::from_millis(400)).await;
     // SAFETY: killing the agent process this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     let r = tokio::time::timeout(Duration::from_secs(10), running).await.expect("the call ends").unwrap();
     assert!(is_error(&r));
     let t = text(&r);
@@ -627,11 +604,7 @@ async fn a_guest_that_dies_during_a_call_fails_the_call_with_state_lost() {
 #[tokio::test]
 async fn a_sandbox_cannot_be_forked_while_a_call_runs_in_it() {
     let f = Fixture::default().await;
-    ok("run", &f.call("run_command", json!({"command": "true"})).await);
-    let client = f.client.peer().clone();
-    let long = tokio::spawn(async move { call(&client, "run_command", json!({"command": "sleep 1.5; echo survived"})).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let r = f.call("fork", json!({})).await;
+    let (r, long) = f.call_during("sleep 1.5; echo survived", "fork", json!({})).await;
     assert!(is_error(&r), "fork must not cut off the running call");
     assert!(text(&r).contains("call(s) are running") && text(&r).contains("then fork"), "{}", text(&r));
     let survived = ok("long", &long.await.unwrap());
@@ -656,7 +629,7 @@ async fn a_pause_or_create_whose_caller_goes_away_still_completes_and_is_recorde
     let f = Fixture::default().await;
     let owner = Owner::new("test-session");
     let s = ok("run", &f.call("run_command", json!({"command": "echo 1 > state.txt"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
     // The caller's future is dropped right after its first poll, while the engine pauses the machine.
     assert!(
         pending_after_one_poll(f.manager.pause(&owner, Some(&id))),
@@ -709,7 +682,7 @@ async fn sandboxes_orphaned_by_a_restart_are_seen_by_shared_sessions_and_deleted
     // An HTTP session's owner id names the server's boot: no session after a restart has it.
     let (client, _) = connect(&manager, Owner::new("http-18f00000000-0"), &settings).await;
     let s = ok("run", &call(&client, "run_command", json!({"command": "true"})).await);
-    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let id = id_of(&s);
     let _ = client.cancel().await;
     manager.pause_all().await;
     drop(manager);
@@ -743,8 +716,7 @@ async fn sandboxes_orphaned_by_a_restart_are_seen_by_shared_sessions_and_deleted
 async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_notes() {
     let f = Fixture::new(Settings { output_cap_bytes: 4000, ..Settings::default() }).await;
     let r = f.call("run_code", json!({"code": "for i in range(10000):\n    display(i)\nprint('x' * 200000)\n'done'"})).await;
-    if is_error(&r) && text(&r).contains("not available in this agent build") {
-        eprintln!("SKIP: run_code: this capsule-agent build has no language contexts yet ({})", text(&r));
+    if run_code_unavailable(&r) {
         f.cleanup().await;
         return;
     }

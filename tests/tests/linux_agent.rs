@@ -12,7 +12,7 @@ use capsule::engine::kvm::{
     AGENT_READY_TIMEOUT, SERIAL_TAIL_LINES,
 };
 use capsule::image::{create_writable_disk, current_image};
-use capsule_agent::protocol::{Command, Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
+use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
 use capsule_vmm::worker::WorkerHandle;
 use capsule_vmm::RunState;
 
@@ -32,17 +32,6 @@ fn kvm_usable() -> Result<(), String> {
         .open("/dev/kvm")
         .map(drop)
         .map_err(|e| format!("/dev/kvm is not usable: {e}"))
-}
-
-fn exec_shell(command: &str) -> ExecRequest {
-    ExecRequest {
-        command: Command::Shell(command.to_owned()),
-        cwd: None,
-        env: Vec::new(),
-        stdin: None,
-        background: false,
-        output_cap_bytes: None,
-    }
 }
 
 fn console(log: &Path) -> String {
@@ -94,7 +83,7 @@ fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
     // A shell command, its output and exit code.
     let out = client
         .exec(
-            exec_shell("echo capsule-$((6 * 7)); uname -s; echo to-stderr >&2; exit 3"),
+            ExecRequest::shell("echo capsule-$((6 * 7)); uname -s; echo to-stderr >&2; exit 3"),
             Some(CALL_TIMEOUT),
         )
         .expect("exec");
@@ -104,7 +93,7 @@ fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
 
     // The root is the overlay the agent built from /dev/vda (read-only) and /dev/vdb.
     let mounts = client
-        .exec(exec_shell("cat /proc/mounts"), Some(CALL_TIMEOUT))
+        .exec(ExecRequest::shell("cat /proc/mounts"), Some(CALL_TIMEOUT))
         .expect("exec cat /proc/mounts");
     let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
     assert!(
@@ -126,7 +115,7 @@ fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
     );
     let wc = client
         .exec(
-            exec_shell("wc -c < /root/roundtrip/data.bin"),
+            ExecRequest::shell("wc -c < /root/roundtrip/data.bin"),
             Some(CALL_TIMEOUT),
         )
         .expect("exec wc");

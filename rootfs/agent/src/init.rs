@@ -117,15 +117,10 @@ fn mkdir_p(path: &str) -> Result<(), InitError> {
     })
 }
 
-/// Mounts `fstype` at `target` unless something is mounted there already (EBUSY).
-fn mount_api(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> Result<(), InitError> {
-    match mount(source, target, fstype, flags, data) {
+/// Treats a [`mount`] that failed because something is mounted there already
+/// (EBUSY) as done: API filesystems may have been mounted by the kernel.
+fn unless_mounted(result: Result<(), InitError>) -> Result<(), InitError> {
+    match result {
         Err(InitError::Sys { source: e, .. }) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
         other => other,
     }
@@ -133,13 +128,13 @@ fn mount_api(
 
 /// Mounts a `nosuid,nodev` tmpfs with permission bits `mode` (e.g. `"1777"`) at `target`.
 fn mount_tmpfs(target: &str, mode: &str) -> Result<(), InitError> {
-    mount_api(
+    unless_mounted(mount(
         "tmpfs",
         target,
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
         &format!("mode={mode}"),
-    )
+    ))
 }
 
 /// Makes sure fds 0, 1, 2 exist, on `/dev/console` when the kernel gave none.
@@ -179,15 +174,27 @@ fn log_step(result: Result<(), InitError>) -> bool {
 /// Returns whether the overlay root is in place.
 pub fn setup_filesystems() -> bool {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    log_step(mount_api("proc", "/proc", "proc", nosuid_nodev_noexec, ""));
-    log_step(mount_api("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, ""));
-    log_step(mount_api(
+    log_step(unless_mounted(mount(
+        "proc",
+        "/proc",
+        "proc",
+        nosuid_nodev_noexec,
+        "",
+    )));
+    log_step(unless_mounted(mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        nosuid_nodev_noexec,
+        "",
+    )));
+    log_step(unless_mounted(mount(
         "devtmpfs",
         "/dev",
         "devtmpfs",
         libc::MS_NOSUID,
         "mode=0755",
-    ));
+    )));
     ensure_console_fds();
     log_step(mount_tmpfs("/run", "0755"));
     let overlay_ok = log_step(build_overlay_root());
@@ -195,13 +202,13 @@ pub fn setup_filesystems() -> bool {
     log_step(mount_tmpfs("/run", "0755"));
     log_step(mount_tmpfs("/tmp", "1777"));
     log_step(mkdir_p("/dev/pts"));
-    log_step(mount_api(
+    log_step(unless_mounted(mount(
         "devpts",
         "/dev/pts",
         "devpts",
         libc::MS_NOSUID | libc::MS_NOEXEC,
         "mode=0620,ptmxmode=0666",
-    ));
+    )));
     log_step(mkdir_p("/dev/shm"));
     log_step(mount_tmpfs("/dev/shm", "1777"));
     overlay_ok

@@ -234,6 +234,34 @@ pub struct ExecRequest {
     pub output_cap_bytes: Option<u64>,
 }
 
+impl ExecRequest {
+    /// Runs `command` with every other field at its default: the agent's
+    /// working directory and environment, an empty stdin, in the foreground,
+    /// with the default output cap.
+    pub fn new(command: Command) -> ExecRequest {
+        ExecRequest {
+            command,
+            cwd: None,
+            env: Vec::new(),
+            stdin: None,
+            background: false,
+            output_cap_bytes: None,
+        }
+    }
+
+    /// [`ExecRequest::new`] for a `/bin/sh -c` script.
+    pub fn shell(script: &str) -> ExecRequest {
+        ExecRequest::new(Command::Shell(script.to_owned()))
+    }
+
+    /// [`ExecRequest::new`] for a program and its arguments.
+    pub fn argv(args: &[&str]) -> ExecRequest {
+        ExecRequest::new(Command::Argv(
+            args.iter().map(|a| (*a).to_owned()).collect(),
+        ))
+    }
+}
+
 /// Languages of persistent code contexts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Language {

@@ -175,12 +175,8 @@ fn exec_keeps_at_most_the_cap_per_stream_whatever_the_agent_sends() {
         while next_request(&mut guest).is_some() {}
     });
     let req = capsule_agent::protocol::ExecRequest {
-        command: capsule_agent::protocol::Command::Shell("yes".into()),
-        cwd: None,
-        env: Vec::new(),
-        stdin: None,
-        background: false,
         output_cap_bytes: Some(10),
+        ..capsule_agent::protocol::ExecRequest::shell("yes")
     };
     let out = c.exec(req, T).unwrap();
     assert_eq!(out.stdout, b"0123456789");

@@ -6,8 +6,10 @@ mod fixture;
 use std::time::{Duration, Instant};
 
 use capsule_agent::client::ClientError;
-use capsule_agent::protocol::{ErrorKind, Op, ProcessInfo, ProcessOutput, Reply, Stream};
-use fixture::{argv, eventually, process_alive, read_pid_file, shell, TestAgent};
+use capsule_agent::protocol::{
+    ErrorKind, ExecRequest, Op, ProcessInfo, ProcessOutput, Reply, Stream,
+};
+use fixture::{eventually, process_alive, read_pid_file, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -15,21 +17,23 @@ const T: Option<Duration> = Some(Duration::from_secs(30));
 fn exit_codes_and_killing_signals_are_reported() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let out = c.exec(shell("exit 3"), T).unwrap();
+    let out = c.exec(ExecRequest::shell("exit 3"), T).unwrap();
     assert_eq!(
         (out.status.code, out.status.signal, out.status.timed_out),
         (Some(3), None, false)
     );
-    let out = c.exec(shell("kill -9 $$"), T).unwrap();
+    let out = c.exec(ExecRequest::shell("kill -9 $$"), T).unwrap();
     assert_eq!((out.status.code, out.status.signal), (None, Some(9)));
-    let out = c.exec(argv(&["true"]), T).unwrap();
+    let out = c.exec(ExecRequest::argv(&["true"]), T).unwrap();
     assert_eq!(out.status.code, Some(0));
-    let err = c.exec(argv(&["/no/such/program"]), T).unwrap_err();
+    let err = c
+        .exec(ExecRequest::argv(&["/no/such/program"]), T)
+        .unwrap_err();
     assert!(
         matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::NotFound),
         "{err:?}"
     );
-    let err = c.exec(argv(&[]), T).unwrap_err();
+    let err = c.exec(ExecRequest::argv(&[]), T).unwrap_err();
     assert!(
         matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::InvalidArgument),
         "{err:?}"
@@ -40,7 +44,7 @@ fn exit_codes_and_killing_signals_are_reported() {
 fn stdin_env_and_cwd_reach_the_command() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut req = shell("cat; printf ':%s:' \"$GREETING\"; pwd >&2");
+    let mut req = ExecRequest::shell("cat; printf ':%s:' \"$GREETING\"; pwd >&2");
     req.stdin = Some(b"from stdin\0\xff".to_vec());
     req.env = vec![("GREETING".into(), "hello there".into())];
     std::fs::create_dir(agent.work.join("sub")).unwrap();
@@ -53,11 +57,11 @@ fn stdin_env_and_cwd_reach_the_command() {
     assert_eq!(out.status.stderr_bytes, out.stderr.len() as u64);
 
     // More stdin than a pipe holds, so it is written in pieces.
-    let mut big = argv(&["wc", "-c"]);
+    let mut big = ExecRequest::argv(&["wc", "-c"]);
     big.stdin = Some(vec![b'z'; 3 * 1024 * 1024 + 1]);
     assert_eq!(c.exec(big, T).unwrap().stdout, b"3145729\n");
 
-    let mut missing = shell("true");
+    let mut missing = ExecRequest::shell("true");
     missing.cwd = Some("no-such-dir".into());
     let err = c.exec(missing, T).unwrap_err();
     assert!(
@@ -74,7 +78,10 @@ fn timeout_kills_the_whole_process_group() {
     let script = format!("sleep 300 & echo $! > {}; sleep 300", pid_file.display());
     let start = Instant::now();
     let out = c
-        .exec(shell(&script), Some(Duration::from_millis(500)))
+        .exec(
+            ExecRequest::shell(&script),
+            Some(Duration::from_millis(500)),
+        )
         .unwrap();
     assert!(out.status.timed_out, "{:?}", out.status);
     assert_eq!(out.status.signal, Some(9));
@@ -97,7 +104,7 @@ fn fifty_megabytes_of_output_are_capped_and_kept_whole_in_a_file() {
     let c = agent.connect();
     let out = c
         .exec(
-            shell(&format!(
+            ExecRequest::shell(&format!(
                 "yes 0123456789abcdef | head -c {TOTAL}; echo done >&2"
             )),
             T,
@@ -132,7 +139,7 @@ fn a_foreground_overflow_file_stops_at_its_cap_with_a_marker() {
     let total = MAX_OUTPUT_FILE_BYTES + 8 * 1024 * 1024;
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut req = shell(&format!("yes | head -c {total}"));
+    let mut req = ExecRequest::shell(&format!("yes | head -c {total}"));
     req.output_cap_bytes = Some(16);
     let out = c.exec(req, T).unwrap();
     assert_eq!(out.status.stdout_bytes, total, "every byte is counted");
@@ -152,7 +159,7 @@ fn a_foreground_overflow_file_stops_at_its_cap_with_a_marker() {
 fn a_small_cap_applies_per_request() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut req = shell("printf abcdefghij; printf 0123456789 >&2");
+    let mut req = ExecRequest::shell("printf abcdefghij; printf 0123456789 >&2");
     req.output_cap_bytes = Some(4);
     let out = c.exec(req, T).unwrap();
     assert_eq!(out.stdout, b"abcd");
@@ -174,7 +181,7 @@ fn binary_output_is_byte_exact() {
     let c = agent.connect();
     let all: Vec<u8> = (0..=255u8).cycle().take(256 * 1000 + 17).collect();
     std::fs::write(agent.work.join("bytes.bin"), &all).unwrap();
-    let out = c.exec(argv(&["cat", "bytes.bin"]), T).unwrap();
+    let out = c.exec(ExecRequest::argv(&["cat", "bytes.bin"]), T).unwrap();
     assert_eq!(out.stdout, all);
 }
 
@@ -207,7 +214,9 @@ fn list(c: &capsule_agent::client::AgentClient) -> Vec<ProcessInfo> {
 fn background_process_output_is_read_by_offsets_and_it_can_be_killed() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut req = shell("echo first; echo oops >&2; read line; echo \"got $line\"; exec sleep 300");
+    let mut req = ExecRequest::shell(
+        "echo first; echo oops >&2; read line; echo \"got $line\"; exec sleep 300",
+    );
     req.background = true;
     req.stdin = Some(b"input\n".to_vec());
     let pid = match c.call_reply(Op::Exec(req), T).unwrap() {

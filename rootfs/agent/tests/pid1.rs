@@ -15,8 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use capsule_agent::client::{AgentClient, ClientError};
-use capsule_agent::protocol::{Op, Reply};
-use fixture::{eventually, shell};
+use capsule_agent::protocol::{ExecRequest, Op, Reply};
+use fixture::eventually;
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 const BOOT_DEADLINE: Duration = Duration::from_secs(20);
@@ -111,7 +111,10 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
     assert!(hello.capabilities.iter().any(|c| c == "clock-and-entropy"));
 
     let out = c
-        .exec(shell("hostname; echo $HOME; cat /proc/1/comm; pwd"), T)
+        .exec(
+            ExecRequest::shell("hostname; echo $HOME; cat /proc/1/comm; pwd"),
+            T,
+        )
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -122,7 +125,7 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
     let marker = format!("/usr/capsule-pid1-test-{agent_pid}");
     let out = c
         .exec(
-            shell(&format!(
+            ExecRequest::shell(&format!(
                 "echo hi > {marker} && cat {marker} && touch /etc/x"
             )),
             T,
@@ -141,7 +144,7 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
 
     // Orphans reparent to PID 1, which reaps them.
     let out = c
-        .exec(shell("for i in 1 2 3 4 5; do (sleep 0.05 &); done; sleep 1; grep -l '^State:.*zombie' /proc/[0-9]*/status; true"), T)
+        .exec(ExecRequest::shell("for i in 1 2 3 4 5; do (sleep 0.05 &); done; sleep 1; grep -l '^State:.*zombie' /proc/[0-9]*/status; true"), T)
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use capsule_agent::client::{AgentClient, ClientError, Incoming};
 use capsule_agent::frame::{read_frame, write_frame};
 use capsule_agent::protocol::{
-    AgentFrame, AgentMessage, ClientFrame, ClientMessage, ErrorKind, Hello, Op, Reply, Request,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    AgentFrame, AgentMessage, ClientFrame, ClientMessage, ErrorKind, ExecRequest, Hello, Op, Reply,
+    Request, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
-use fixture::{eventually, process_alive, shell, start_foreground_sleep, TestAgent};
+use fixture::{eventually, process_alive, start_foreground_sleep, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
@@ -90,7 +90,7 @@ fn fifty_concurrent_requests_on_one_connection_get_their_own_answers() {
     let mut ids = Vec::new();
     for i in 0..50u32 {
         // Later requests finish first: answers come back out of order.
-        let req = shell(&format!("sleep 0.{:02}; echo {i}", 50 - i));
+        let req = ExecRequest::shell(&format!("sleep 0.{:02}; echo {i}", 50 - i));
         let tx = tx.clone();
         let mut out = Vec::new();
         let handle = c
@@ -160,7 +160,7 @@ fn cancelling_a_long_sleep_fails_it_quickly_and_kills_it() {
 fn a_dropped_connection_cancels_its_requests_but_not_background_processes() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut bg = shell("exec sleep 300");
+    let mut bg = ExecRequest::shell("exec sleep 300");
     bg.background = true;
     let Reply::Started { pid: bg_pid } = c.call_reply(Op::Exec(bg), T).unwrap() else {
         panic!()
@@ -228,7 +228,7 @@ fn duplicate_in_flight_id_fails_with_protocol_and_closes() {
         id: 7,
         body: ClientMessage::Request(Request {
             timeout_ms: None,
-            op: Op::Exec(shell("sleep 300")),
+            op: Op::Exec(ExecRequest::shell("sleep 300")),
         }),
     };
     write_frame(&mut s, &slow).unwrap();
@@ -295,7 +295,7 @@ fn client_reports_disconnection_to_pending_and_new_requests() {
     c.start(
         Request {
             timeout_ms: None,
-            op: Op::Exec(shell("sleep 300")),
+            op: Op::Exec(ExecRequest::shell("sleep 300")),
         },
         Box::new(move |i| drop(tx.send(i))),
     )

@@ -19,7 +19,7 @@ use rmcp::RoleServer;
 
 use super::shaping::{cap_text, error_result, push_section, tool_result, truncation_note, OutputCollector};
 use super::CapsuleMcp;
-use crate::guest::{self, EventBudget, GuestCall, GuestError, Step, QUICK_OP_TIMEOUT};
+use crate::guest::{self, EventBudget, GuestCall, GuestError, Overflow, Step, QUICK_OP_TIMEOUT};
 use crate::sandbox::manager::CreateRequest;
 use crate::sandbox::{Lease, ManagerError};
 
@@ -238,6 +238,28 @@ impl CapsuleMcp {
         }
     }
 
+    /// Runs a streaming guest call (as [`GuestCall::start`] returned it) to its
+    /// end (see [`drive`]): `on_event` sees every event. Returns the final reply
+    /// and what the guest dropped over the call's budget.
+    async fn streamed(
+        &self,
+        lease: &Lease,
+        what: &str,
+        started: Result<GuestCall, GuestError>,
+        context: &RequestContext<RoleServer>,
+        on_event: impl FnMut(&Event),
+    ) -> Result<(Reply, Overflow), ToolError> {
+        let mut call = match started {
+            Ok(c) => c,
+            Err(e) => return Err(self.guest_error(lease, what, e).await),
+        };
+        let mut notifier = Notifier { context, server: self, sandbox: lease.id.clone(), started: Instant::now(), ticks: 0, logged_bytes: 0 };
+        match drive(&mut call, &mut notifier, on_event).await {
+            Ok(reply) => Ok((reply, call.overflow())),
+            Err(e) => Err(self.guest_error(lease, what, e).await),
+        }
+    }
+
     fn unexpected(lease: &Lease, what: &str, reply: Reply) -> ToolError {
         ToolError::Guest {
             what: what.into(),
@@ -271,18 +293,14 @@ impl CapsuleMcp {
             results: MAX_RESULTS_PER_CALL,
             result_bytes: MAX_RESULT_BYTES_PER_CALL,
         };
-        let mut call = match GuestCall::start(&lease.client, op, Some(timeout), budget) {
-            Ok(c) => c,
-            Err(e) => return Err(self.guest_error(&lease, "run_code", e).await),
-        };
-        let mut notifier = Notifier { context, server: self, sandbox: lease.id.clone(), started: Instant::now(), ticks: 0, logged_bytes: 0 };
         let mut output = OutputCollector::new(self.shaping.output_cap_bytes);
         let mut results = Vec::new();
         let mut images = Vec::new();
         let (mut image_bytes, mut images_dropped) = (0usize, 0usize);
         let mut error = None;
         let text_cap = self.shaping.output_cap_bytes;
-        let reply = drive(&mut call, &mut notifier, |e| {
+        let started = GuestCall::start(&lease.client, op, Some(timeout), budget);
+        let streamed = self.streamed(&lease, "run_code", started, context, |e| {
             if output.on_event(e) {
                 return;
             }
@@ -314,12 +332,11 @@ impl CapsuleMcp {
             }
         })
         .await;
+        let (reply, dropped) = streamed?;
         let outcome = match reply {
-            Ok(Reply::CodeDone(o)) => o,
-            Ok(other) => return Err(Self::unexpected(&lease, "run_code", other)),
-            Err(e) => return Err(self.guest_error(&lease, "run_code", e).await),
+            Reply::CodeDone(o) => o,
+            other => return Err(Self::unexpected(&lease, "run_code", other)),
         };
-        let dropped = call.overflow();
         output.count_dropped(dropped.stdout_bytes, dropped.stderr_bytes);
         let result = RunCodeResult {
             sandbox_id: lease.id.clone(),
@@ -418,22 +435,17 @@ impl CapsuleMcp {
             };
         }
         let budget = EventBudget { output_bytes_per_stream: self.shaping.output_cap_bytes as u64, ..EventBudget::NOTHING };
-        let mut call = match GuestCall::start(&lease.client, op, Some(timeout), budget) {
-            Ok(c) => c,
-            Err(e) => return Err(self.guest_error(&lease, "run_command", e).await),
-        };
-        let mut notifier = Notifier { context, server: self, sandbox: lease.id.clone(), started: Instant::now(), ticks: 0, logged_bytes: 0 };
         let mut output = OutputCollector::new(self.shaping.output_cap_bytes);
-        let reply = drive(&mut call, &mut notifier, |e| {
-            output.on_event(e);
-        })
-        .await;
+        let started = GuestCall::start(&lease.client, op, Some(timeout), budget);
+        let (reply, dropped) = self
+            .streamed(&lease, "run_command", started, context, |e| {
+                output.on_event(e);
+            })
+            .await?;
         let status = match reply {
-            Ok(Reply::Exit(status)) => status,
-            Ok(other) => return Err(Self::unexpected(&lease, "run_command", other)),
-            Err(e) => return Err(self.guest_error(&lease, "run_command", e).await),
+            Reply::Exit(status) => status,
+            other => return Err(Self::unexpected(&lease, "run_command", other)),
         };
-        let dropped = call.overflow();
         output.count_dropped(dropped.stdout_bytes, dropped.stderr_bytes);
         let result = RunCommandResult {
             sandbox_id: lease.id.clone(),

@@ -290,6 +290,19 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The error for an operation that `record`'s state does not allow: a failed
+/// sandbox reports why it failed; any other state is named with `what` (what
+/// cannot be done and what to do instead).
+fn unusable(slot: &Slot, record: &SandboxRecord, what: &str) -> ManagerError {
+    match record.state {
+        SandboxState::Failed => ManagerError::Failed {
+            id: slot.id.clone(),
+            reason: record.failure.clone().unwrap_or_else(|| "unknown".into()),
+        },
+        state => ManagerError::WrongState { id: slot.id.clone(), state: state.as_str(), what: what.into() },
+    }
+}
+
 /// Runs a manager operation on its own task and waits for it. The task runs
 /// to the end even if the caller's future is dropped, so an engine call and
 /// the transition recording it are never separated.
@@ -704,38 +717,39 @@ impl Manager {
         match inner.record.state {
             SandboxState::Running => {}
             SandboxState::Paused => self.resume_locked(slot, inner, "resumed by a call").await?,
-            SandboxState::Failed => {
-                return Err(ManagerError::Failed {
-                    id: slot.id.clone(),
-                    reason: inner.record.failure.clone().unwrap_or_else(|| "unknown".into()),
-                })
-            }
-            state => {
-                return Err(ManagerError::WrongState {
-                    id: slot.id.clone(),
-                    state: state.as_str(),
-                    what: "it cannot take calls".into(),
-                })
-            }
+            _ => return Err(unusable(slot, &inner.record, "it cannot take calls")),
         }
-        let Some(machine) = inner.machine.clone() else {
-            return Err(self.fail(slot, inner, "its machine is missing"));
-        };
-        match blocking(&machine, |m| m.connect()).await {
-            Ok(client) => Ok(client),
-            Err(EngineError::Dead(reason)) => Err(self.fail(slot, inner, &format!("the guest crashed ({reason})"))),
-            Err(e) => Err(ManagerError::Engine(e)),
-        }
+        self.on_machine(slot, inner, |m| m.connect(), "the guest crashed").await
     }
 
     async fn resume_locked(&self, slot: &Slot, inner: &mut SlotInner, reason: &str) -> Result<(), ManagerError> {
         self.check_capacity(0, u64::from(inner.record.memory_mib))?;
-        let Some(machine) = inner.machine.clone() else {
-            return Err(self.fail(slot, inner, "its machine is missing"));
-        };
-        match blocking(&machine, |m| m.resume()).await {
-            Ok(()) => self.transition(slot, inner, SandboxState::Running, reason),
-            Err(EngineError::Dead(why)) => Err(self.fail(slot, inner, &format!("the guest died while paused ({why})"))),
+        self.on_machine(slot, inner, |m| m.resume(), "the guest died while paused").await?;
+        self.transition(slot, inner, SandboxState::Running, reason)
+    }
+
+    /// The sandbox's machine; a sandbox that has none is failed.
+    fn machine_of(&self, slot: &Slot, inner: &mut SlotInner) -> Result<SharedMachine, ManagerError> {
+        match inner.machine.clone() {
+            Some(machine) => Ok(machine),
+            None => Err(self.fail(slot, inner, "its machine is missing")),
+        }
+    }
+
+    /// Runs one engine call on the sandbox's machine. A machine that is missing,
+    /// or found dead by the call, fails the sandbox; `died` says what happened
+    /// (the engine's reason is appended).
+    async fn on_machine<T: Send + 'static>(
+        &self,
+        slot: &Slot,
+        inner: &mut SlotInner,
+        op: impl FnOnce(&mut Box<dyn Machine>) -> Result<T, EngineError> + Send + 'static,
+        died: &str,
+    ) -> Result<T, ManagerError> {
+        let machine = self.machine_of(slot, inner)?;
+        match blocking(&machine, op).await {
+            Ok(value) => Ok(value),
+            Err(EngineError::Dead(why)) => Err(self.fail(slot, inner, &format!("{died} ({why})"))),
             Err(e) => Err(ManagerError::Engine(e)),
         }
     }
@@ -803,15 +817,7 @@ impl Manager {
         match inner.record.state {
             SandboxState::Paused => return Ok(inner.record.info()),
             SandboxState::Running => {}
-            SandboxState::Failed => {
-                return Err(ManagerError::Failed {
-                    id: slot.id.clone(),
-                    reason: inner.record.failure.clone().unwrap_or_default(),
-                })
-            }
-            state => {
-                return Err(ManagerError::WrongState { id: slot.id.clone(), state: state.as_str(), what: "it cannot be paused".into() })
-            }
+            _ => return Err(unusable(&slot, &inner.record, "it cannot be paused")),
         }
         refuse_if_busy(&slot, "pause")?;
         self.pause_locked(&slot, &mut inner, "paused on request").await?;
@@ -819,14 +825,8 @@ impl Manager {
     }
 
     async fn pause_locked(&self, slot: &Slot, inner: &mut SlotInner, reason: &str) -> Result<(), ManagerError> {
-        let Some(machine) = inner.machine.clone() else {
-            return Err(self.fail(slot, inner, "its machine is missing"));
-        };
-        match blocking(&machine, |m| m.pause()).await {
-            Ok(()) => self.transition(slot, inner, SandboxState::Paused, reason),
-            Err(EngineError::Dead(why)) => Err(self.fail(slot, inner, &format!("the guest crashed ({why})"))),
-            Err(e) => Err(ManagerError::Engine(e)),
-        }
+        self.on_machine(slot, inner, |m| m.pause(), "the guest crashed").await?;
+        self.transition(slot, inner, SandboxState::Paused, reason)
     }
 
     /// Resumes a sandbox (the default when `id` is `None`).
@@ -860,19 +860,12 @@ impl Manager {
         let mut inner = slot.inner.lock().await;
         match inner.record.state {
             SandboxState::Running | SandboxState::Paused => {}
-            SandboxState::Failed => {
-                return Err(ManagerError::Failed { id: slot.id.clone(), reason: inner.record.failure.clone().unwrap_or_default() })
-            }
-            state => {
-                return Err(ManagerError::WrongState { id: slot.id.clone(), state: state.as_str(), what: "it cannot be forked".into() })
-            }
+            _ => return Err(unusable(&slot, &inner.record, "it cannot be forked")),
         }
         refuse_if_busy(&slot, "fork")?;
         // All copies must fit; each is then admitted on its own as it is made.
         self.check_capacity(count as usize, u64::from(inner.record.memory_mib) * u64::from(count))?;
-        let Some(machine) = inner.machine.clone() else {
-            return Err(self.fail(&slot, &mut inner, "its machine is missing"));
-        };
+        let machine = self.machine_of(&slot, &mut inner)?;
         let mut children = Vec::new();
         for _ in 0..count {
             let parent = inner.record.clone();

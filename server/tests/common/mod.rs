@@ -141,6 +141,27 @@ impl Fixture {
         call(&self.client, name, args).await
     }
 
+    /// Starts a tool call on its own task, so that it runs alongside the next ones.
+    pub fn spawn_call(&self, name: &str, args: Value) -> tokio::task::JoinHandle<CallToolResult> {
+        let (peer, name) = (self.client.peer().clone(), name.to_owned());
+        tokio::spawn(async move { call(&peer, &name, args).await })
+    }
+
+    /// Runs `long_command` in the default sandbox (made first) and, half a
+    /// second into it, calls `tool` with `args`. Returns that call's result and
+    /// the long call, still running.
+    pub async fn call_during(
+        &self,
+        long_command: &str,
+        tool: &str,
+        args: Value,
+    ) -> (CallToolResult, tokio::task::JoinHandle<CallToolResult>) {
+        ok("run", &self.call("run_command", serde_json::json!({"command": "true"})).await);
+        let long = self.spawn_call("run_command", serde_json::json!({ "command": long_command }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (self.call(tool, args).await, long)
+    }
+
     /// Deletes every sandbox (so no agent process outlives the test).
     pub async fn cleanup(self) {
         self.manager.kill_all().await;
@@ -193,6 +214,29 @@ pub fn structured(result: &CallToolResult) -> Value {
 
 pub fn is_error(result: &CallToolResult) -> bool {
     result.is_error == Some(true)
+}
+
+/// The `sandbox_id` of a sandbox or of a tool's structured result.
+pub fn id_of(value: &Value) -> String {
+    value["sandbox_id"].as_str().unwrap_or_else(|| panic!("no sandbox_id in {value}")).to_string()
+}
+
+/// The pid of the agent process the test engine runs for the live sandbox `id`.
+pub fn agent_pid(manager: &Manager, id: &str) -> i32 {
+    let records = manager.registry().load_live().expect("registry");
+    let record = records.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("no live record for {id}"));
+    let pid = record.engine_state["pid"].as_i64().unwrap_or_else(|| panic!("no pid in {}", record.engine_state));
+    i32::try_from(pid).expect("pid fits in i32")
+}
+
+/// Whether `run_code` answered that this agent build has no language
+/// contexts; prints why the test skips when it did.
+pub fn run_code_unavailable(result: &CallToolResult) -> bool {
+    let unavailable = is_error(result) && text(result).contains("not available in this agent build");
+    if unavailable {
+        eprintln!("SKIP: run_code: this capsule-agent build has no language contexts yet ({})", text(result));
+    }
+    unavailable
 }
 
 /// Asserts success and returns the structured content.
