@@ -31,9 +31,7 @@ use capsule::engine::kvm::{
 use capsule::engine::{Engine, EngineError, Machine, MachineSpec};
 use capsule::image::{create_writable_disk, current_image, ImageInfo};
 use capsule_agent::protocol::ExecRequest;
-use capsule_vmm::worker::{
-    error_chain, run_worker, WorkerHandle, CONTROL_FD_FLAG, WORKER_SUBCOMMAND,
-};
+use capsule_vmm::worker::{control_fd_from_args, error_chain, worker_main, WorkerHandle};
 
 const DEFAULT_RUNS: usize = 5;
 const DEFAULT_GUEST_MEMORY_MIB: u64 = 1024;
@@ -260,11 +258,8 @@ fn bench() -> Result<()> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [sub, flag, fd] = args.as_slice() {
-        if sub == WORKER_SUBCOMMAND && flag == CONTROL_FD_FLAG {
-            let fd = fd.parse().context("control fd")?;
-            return run_worker(fd).map_err(|e| anyhow::anyhow!(error_chain(&e)));
-        }
+    if control_fd_from_args(&args).is_some() {
+        worker_main("linux_boot");
     }
     bench()
 }

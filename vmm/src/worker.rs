@@ -195,6 +195,34 @@ enum Input {
     ControllerGone,
 }
 
+/// The control fd named by a worker command line (`worker --control-fd N`, program name
+/// excluded), or `None` when the arguments are not a worker invocation.
+pub fn control_fd_from_args(args: &[String]) -> Option<RawFd> {
+    match args {
+        [sub, flag, fd] if sub == WORKER_SUBCOMMAND && flag == CONTROL_FD_FLAG => fd.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The `main` of a stand-alone worker binary (tests and benches spawn these, as production
+/// spawns `capsule worker`): logs, runs the worker on the control fd from the command line,
+/// and exits 2 on a bad command line or 1 when the worker fails.
+pub fn worker_main(program: &str) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(fd) = control_fd_from_args(&args) else {
+        eprintln!("usage: {program} {WORKER_SUBCOMMAND} {CONTROL_FD_FLAG} <fd>");
+        std::process::exit(2);
+    };
+    crate::worker_log::init();
+    match run_worker(fd) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("{program}: {}", error_chain(&e));
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Runs the worker on the control socket at `fd` until told to stop or the controller goes.
 pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     // SAFETY: F_GETFD only inspects the descriptor table.
