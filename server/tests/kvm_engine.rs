@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsule::engine::kvm::KvmEngine;
+use capsule::engine::kvm::{KvmEngine, MAX_INCREMENTAL_LAYERS};
 use capsule::engine::{Engine, EngineError, MachineSpec};
 use capsule::image::current_image;
 use capsule_agent::client::AgentClient;
@@ -236,12 +236,13 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
         "guest {guest_now} host {host_now}"
     );
 
-    // Paused twice: the second snapshot replaces the first.
+    // Paused twice: the second snapshot is a layer over the first, which stays (its parent).
     machine.pause().expect("pause again");
     assert_eq!(machine.saved_state()["snapshot_generation"], 2);
+    assert_eq!(machine.saved_state()["chain_layers"], 1);
     assert!(
-        !dir.join("snapshot-1").exists(),
-        "the older snapshot is deleted"
+        dir.join("snapshot-1").exists(),
+        "the parent of the newest snapshot is kept"
     );
     machine.resume().expect("resume again");
     assert_eq!(sh(&machine.connect().unwrap(), "echo again"), "again\n");
@@ -565,4 +566,175 @@ fn every_fork_has_its_own_random_numbers() {
         child.kill().expect("kill a child");
     }
     parent.kill().expect("kill the parent");
+}
+
+/// Bytes the file at `path` takes on disk (holes of a sparse layer take none).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .blocks()
+        * 512
+}
+
+/// The `snapshot-N` directories in the sandbox directory `dir`, sorted.
+fn snapshots_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("snapshot-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Pauses `machine` and returns how long that took, its snapshot generation and chain layers.
+fn timed_pause(machine: &mut Box<dyn capsule::engine::Machine>) -> (Duration, u64, u64) {
+    let t = Instant::now();
+    machine.pause().expect("pause");
+    let took = t.elapsed();
+    let saved = machine.saved_state();
+    let generation = saved["snapshot_generation"].as_u64().expect("a generation");
+    let layers = saved["chain_layers"].as_u64().expect("chain layers");
+    (took, generation, layers)
+}
+
+/// Resumes `machine` and checks its Python counter is `x` and its file holds `lines` lines;
+/// then adds one to both.
+fn resume_check_and_advance(machine: &mut Box<dyn capsule::engine::Machine>, x: u64, lines: u64) {
+    machine.resume().expect("resume");
+    let client = machine.connect().expect("reconnect after resume");
+    assert_eq!(py(&client, "x"), x.to_string(), "the Python context kept x");
+    assert_eq!(lines_of(&client, "/root/log"), lines, "the file kept its lines");
+    py(&client, "x += 1");
+    sh(&client, "echo more >> /root/log");
+}
+
+#[test]
+fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut machine = engine.create(&spec("kvm-i")).expect("create");
+    let dir = root.path().join("kvm-i");
+    let client = machine.connect().expect("connect");
+    py(&client, "x = 0");
+    sh(&client, "echo start > /root/log");
+
+    let (mut full, mut layered) = (Vec::new(), Vec::new());
+    let mut full_bytes = 0;
+    for round in 0..5u64 {
+        let (took, generation, layers) = timed_pause(&mut machine);
+        assert_eq!(generation, round + 1);
+        let memory = allocated_bytes(&dir.join(format!("snapshot-{generation}/memory.bin")));
+        if round == 0 {
+            // Restored from the template, which it does not own: the first pause is full.
+            assert_eq!(layers, 0, "the first pause after a template restore is full");
+            full.push(took);
+            full_bytes = memory;
+        } else {
+            assert_eq!(layers, round, "pause {round} stacks a layer");
+            assert!(
+                memory * 8 < full_bytes,
+                "layer {round} takes {memory} bytes on disk, the full snapshot {full_bytes}"
+            );
+            layered.push(took);
+        }
+        assert_eq!(
+            snapshots_in(&dir).len() as u64,
+            generation,
+            "the whole chain is kept: {:?}",
+            snapshots_in(&dir)
+        );
+        resume_check_and_advance(&mut machine, round, round + 1);
+    }
+    eprintln!(
+        "kvm engine (warmed sandbox, 512 MiB): full pause {:.1} ms ({} MiB on disk), incremental \
+         pause median {:.1} ms {layered:?}",
+        median_ms(full),
+        full_bytes >> 20,
+        median_ms(layered.clone())
+    );
+
+    // Paused in a layer, the server restarts: the chain's head is enough to come back.
+    let (_, generation, layers) = timed_pause(&mut machine);
+    assert_eq!((generation, layers), (6, 5));
+    let saved = machine.saved_state();
+    drop(machine);
+    drop(engine);
+    let engine = self::engine(root.path().to_path_buf()).expect("engine again");
+    let mut machine = engine
+        .reattach(&spec("kvm-i"), &saved, true)
+        .expect("reattach");
+    resume_check_and_advance(&mut machine, 5, 6);
+    // The reattached sandbox keeps stacking layers on the same chain.
+    let (_, generation, layers) = timed_pause(&mut machine);
+    assert_eq!((generation, layers), (7, 6));
+    resume_check_and_advance(&mut machine, 6, 7);
+
+    // Chains are bounded: once the newest snapshot has MAX_INCREMENTAL_LAYERS layers the next
+    // pause is full, and the old chain goes.
+    let (mut x, mut generation) = (7u64, 7u64);
+    for layers in 7..=MAX_INCREMENTAL_LAYERS as u64 {
+        generation += 1;
+        let (_, now, now_layers) = timed_pause(&mut machine);
+        assert_eq!((now, now_layers), (generation, layers));
+        resume_check_and_advance(&mut machine, x, x + 1);
+        x += 1;
+    }
+    let (_, last, layers) = timed_pause(&mut machine);
+    assert_eq!((last, layers), (generation + 1, 0), "past the bound the pause is full");
+    assert_eq!(snapshots_in(&dir), vec![format!("snapshot-{last}")]);
+    resume_check_and_advance(&mut machine, x, x + 1);
+
+    machine.kill().expect("kill");
+    assert!(!dir.exists(), "kill deletes the sandbox and its whole chain");
+}
+
+#[test]
+fn a_full_pause_drops_the_old_chain_and_forks_outlive_their_parents_chain() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut parent = engine.create(&spec("kvm-cp")).expect("create");
+    let dir = root.path().join("kvm-cp");
+    let client = parent.connect().expect("connect");
+    py(&client, "x = 0");
+    sh(&client, "echo start > /root/log");
+    assert_eq!(timed_pause(&mut parent).2, 0, "first pause: full");
+    resume_check_and_advance(&mut parent, 0, 1);
+    assert_eq!(timed_pause(&mut parent).2, 1, "second pause: a layer");
+
+    // Forked while paused in a layer: the child restores the parent's chain.
+    let mut on_disk_child = parent.fork(&spec("kvm-c1")).expect("fork from disk");
+    resume_check_and_advance(&mut parent, 1, 2);
+    // Forked while running: the parent's worker last saved into the child's directory, so
+    // the parent's next pause is full and its old chain goes.
+    let mut running_child = parent.fork(&spec("kvm-c2")).expect("fork while running");
+    let (_, generation, layers) = timed_pause(&mut parent);
+    assert_eq!((generation, layers), (3, 0), "a pause after a fork is full");
+    assert_eq!(
+        snapshots_in(&dir),
+        vec!["snapshot-3".to_string()],
+        "a full pause deletes the older chain"
+    );
+    parent.kill().expect("kill the parent");
+    assert!(!dir.exists());
+
+    // The children do not depend on the parent's files.
+    let client = on_disk_child.connect().expect("connect the on-disk child");
+    assert_eq!(py(&client, "x"), "1");
+    let (_, _, layers) = timed_pause(&mut on_disk_child);
+    assert_eq!(layers, 0, "a child restored from its parent's chain pauses full first");
+    resume_check_and_advance(&mut on_disk_child, 1, 2);
+
+    let client = running_child.connect().expect("connect the running child");
+    assert_eq!(py(&client, "x"), "2");
+    let (_, _, layers) = timed_pause(&mut running_child);
+    assert_eq!(layers, 1, "a child layers over its own fork snapshot");
+    resume_check_and_advance(&mut running_child, 2, 3);
+
+    on_disk_child.kill().expect("kill");
+    running_child.kill().expect("kill");
 }

@@ -11,10 +11,24 @@
 //!   instead;
 //! - connect: `CONNECT 1024` on the vsock socket and the handshake, retried until the agent
 //!   is up; after a restore or fork the host also sends `SetClock` and `AddEntropy`;
-//! - pause: pause the vCPUs, write a full snapshot to disk, stop the worker (its RAM is freed);
-//! - resume: restore that snapshot into a new worker;
-//! - fork: pause the parent, snapshot it into the child's directory, copy its writable disk
-//!   (sparse, reflinked where the filesystem can), let the parent run again, restore the child.
+//! - pause: pause the vCPUs, write a snapshot `snapshot-N` to disk, stop the worker (its RAM
+//!   is freed). The snapshot is an incremental layer (only the pages changed since the
+//!   snapshot the worker was restored from) when that snapshot is this sandbox's own and its
+//!   chain is shorter than [`MAX_INCREMENTAL_LAYERS`]; otherwise it is full, and then every
+//!   older snapshot of the sandbox is deleted;
+//! - resume: restore the newest snapshot (with the chain below it) into a new worker;
+//! - fork: pause the parent, snapshot it (full) into the child's directory, copy its writable
+//!   disk (sparse, reflinked where the filesystem can), let the parent run again, restore the
+//!   child. A parent paused to disk is forked by restoring the child from the parent's newest
+//!   snapshot.
+//!
+//! Snapshot chains never cross sandbox directories, so deleting a sandbox's directory can never
+//! break another sandbox: a sandbox restored from something it does not own (the template, or
+//! its parent's snapshot in an on-disk fork) and a parent whose worker last saved into a child's
+//! directory (an in-memory fork) write a full snapshot on their next pause. Every snapshot in a
+//! sandbox's directory is the newest one or a (transitive) parent of it. A restored worker maps
+//! the chain's files, so deleting them later (the parent of an on-disk fork pausing again, or
+//! being killed) does not disturb it.
 //!
 //! It never talks MCP, never touches the registry, and never runs KVM itself (the worker does).
 
@@ -69,6 +83,10 @@ const TEMPLATE_WARM_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_TEMPLATE_NAME_CHARS: usize = 32;
 /// Longest Unix socket path the kernel takes, in bytes.
 const MAX_UDS_PATH_BYTES: usize = 107;
+/// Most incremental layers a pause stacks over one full snapshot before it writes a full one
+/// again (each layer adds mappings to a restore; the VMM allows
+/// [`capsule_vmm::snapshot::MAX_CHAIN_DEPTH`]).
+pub const MAX_INCREMENTAL_LAYERS: usize = 16;
 /// The fork caveat of this engine, for the model.
 const FORK_NOTE: &str = "Forks copy the whole machine: memory, running processes, interpreter \
 state and files. Network connections and agent connections are not carried over.";
@@ -674,6 +692,7 @@ impl Engine for KvmEngine {
             generation,
         );
         machine.on_disk = Some(generation);
+        machine.own_chain_layers = saved.chain_layers;
         Ok(Box::new(machine))
     }
 }
@@ -685,6 +704,10 @@ struct SavedState {
     rootfs: PathBuf,
     /// The snapshot it is paused in, if it is paused to disk.
     snapshot_generation: Option<u64>,
+    /// Layers of that snapshot's chain (0: full); `None` (also in states saved before chains
+    /// existed) makes the next pause full.
+    #[serde(default)]
+    chain_layers: Option<usize>,
 }
 
 /// One sandbox's VM.
@@ -704,6 +727,10 @@ struct KvmMachine {
     on_disk: Option<u64>,
     /// The last snapshot generation used in this directory.
     generation: u64,
+    /// When the snapshot the worker's dirty tracking starts from (the one it was restored
+    /// from, or last wrote) is one of this sandbox's own, how many layers its chain has
+    /// (0: full). `None`: the next pause must be full.
+    own_chain_layers: Option<usize>,
 }
 
 impl std::fmt::Debug for KvmMachine {
@@ -736,6 +763,7 @@ impl KvmMachine {
             restored: false,
             on_disk: None,
             generation,
+            own_chain_layers: None,
         }
     }
 
@@ -826,15 +854,62 @@ impl KvmMachine {
         }
     }
 
-    /// Pauses the vCPUs and writes a full snapshot to `dir`; the VM stays paused.
+    /// Pauses the vCPUs and writes a full snapshot to `dir` (outside this sandbox's chain: a
+    /// template or a fork child); the VM stays paused.
     fn snapshot_to(&mut self, dir: &Path) -> Result<(), KvmError> {
         self.drop_client();
+        // Once the worker has saved into `dir`, its next incremental would build on `dir`,
+        // which this sandbox does not own.
+        self.own_chain_layers = None;
         let worker = self.live_worker()?;
         worker.pause().map_err(worker_err("pause the VM"))?;
         worker
             .snapshot(dir, false)
             .map_err(worker_err("write a snapshot"))?;
         Ok(())
+    }
+
+    /// Pauses the vCPUs and writes this sandbox's next snapshot `dir`: a layer over the
+    /// snapshot the worker started from when [`Self::own_chain_layers`] allows, else full
+    /// (also when the layer fails). Returns the new chain's layer count.
+    fn snapshot_own(&mut self, dir: &Path) -> Result<usize, KvmError> {
+        self.drop_client();
+        let layers = self
+            .own_chain_layers
+            .filter(|layers| *layers < MAX_INCREMENTAL_LAYERS);
+        self.own_chain_layers = None;
+        let worker = self.live_worker()?;
+        worker.pause().map_err(worker_err("pause the VM"))?;
+        if let Some(layers) = layers {
+            match worker.snapshot(dir, true) {
+                Ok(info) => {
+                    tracing::debug!(
+                        dir = %dir.display(),
+                        pages = info.pages_written,
+                        took_us = info.duration_us,
+                        layers = layers + 1,
+                        "incremental snapshot"
+                    );
+                    return Ok(layers + 1);
+                }
+                Err(e) => tracing::warn!(
+                    dir = %dir.display(),
+                    error = %error_chain(&e),
+                    "the incremental snapshot failed; writing a full one"
+                ),
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        let info = worker
+            .snapshot(dir, false)
+            .map_err(worker_err("write a snapshot"))?;
+        tracing::debug!(
+            dir = %dir.display(),
+            pages = info.pages_written,
+            took_us = info.duration_us,
+            "full snapshot"
+        );
+        Ok(0)
     }
 
     /// Restores the snapshot at `dir` into a new worker and starts it.
@@ -883,17 +958,24 @@ impl KvmMachine {
         let generation = self.generation + 1;
         let dir = self.files.snapshot(generation);
         let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = self.snapshot_to(&dir) {
-            // Leave it running as it was, when it still can.
-            if let Some(worker) = &self.worker {
-                let _ = worker.resume();
+        let layers = match self.snapshot_own(&dir) {
+            Ok(layers) => layers,
+            Err(e) => {
+                // Leave it running as it was, when it still can.
+                if let Some(worker) = &self.worker {
+                    let _ = worker.resume();
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         self.generation = generation;
         self.stop_worker();
         self.on_disk = Some(generation);
-        self.remove_snapshots_except(generation);
+        self.own_chain_layers = Some(layers);
+        // A layer needs every older snapshot here (they are its chain); a full one needs none.
+        if layers == 0 {
+            self.remove_snapshots_except(generation);
+        }
         Ok(())
     }
 
@@ -907,11 +989,20 @@ impl KvmMachine {
         let files = SandboxFiles::new(root.join(&child.id));
         files.create_dir()?;
         let snapshot = files.snapshot(0);
+        let mut machine = KvmMachine::new(
+            self.worker_exe.clone(),
+            files.clone(),
+            self.rootfs.clone(),
+            None,
+            0,
+        );
         match self.on_disk {
             Some(generation) => {
-                // Paused to disk: the child starts from the same snapshot and disk.
-                copy_dir_files(&self.files.snapshot(generation), &snapshot)?;
+                // Paused to disk: the child starts from the same snapshot (and the chain below
+                // it, which the child's worker maps; it is the parent's, so the child's first
+                // pause is full) and a copy of the disk.
                 copy_disk(&self.files.writable_disk(), &files.writable_disk())?;
+                machine.restore_from(&self.files.snapshot(generation))?;
             }
             None => {
                 let was_paused = self.paused_in_memory()?;
@@ -925,11 +1016,11 @@ impl KvmMachine {
                     }
                 }
                 taken?;
+                machine.restore_from(&snapshot)?;
+                // The child's own full snapshot: its first pause may layer over it.
+                machine.own_chain_layers = Some(0);
             }
         }
-        let mut machine =
-            KvmMachine::new(self.worker_exe.clone(), files, self.rootfs.clone(), None, 0);
-        machine.restore_from(&snapshot)?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
     }
@@ -939,18 +1030,6 @@ impl KvmMachine {
         let state = worker.status().map_err(worker_err("report its state"))?;
         Ok(state == capsule_vmm::RunState::Paused)
     }
-}
-
-/// Copies the files of snapshot directory `from` into the new directory `to` (sparse).
-fn copy_dir_files(from: &Path, to: &Path) -> Result<(), KvmError> {
-    std::fs::create_dir_all(to).map_err(io_err(format!("cannot create {}", to.display())))?;
-    let entries =
-        std::fs::read_dir(from).map_err(io_err(format!("cannot list {}", from.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io_err(format!("cannot list {}", from.display())))?;
-        copy_disk(&entry.path(), &to.join(entry.file_name()))?;
-    }
-    Ok(())
 }
 
 impl Machine for KvmMachine {
@@ -1027,6 +1106,7 @@ impl Machine for KvmMachine {
             dir: self.files.dir().to_path_buf(),
             rootfs: self.rootfs.clone(),
             snapshot_generation: self.on_disk,
+            chain_layers: self.on_disk.and(self.own_chain_layers),
         })
         .unwrap_or(serde_json::Value::Null)
     }
