@@ -41,10 +41,7 @@ fn measure_interleaved(n: usize, fs: &mut [&mut dyn FnMut() -> Result<()>]) -> R
         .map(|mut s| {
             s.sort_unstable();
             let mean = s.iter().sum::<Duration>() / n as u32;
-            Stats {
-                p50: s[n / 2],
-                mean,
-            }
+            Stats { p50: s[n / 2], mean }
         })
         .collect())
 }
@@ -55,11 +52,7 @@ fn measure(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
 }
 
 fn show(label: &str, s: &Stats) {
-    println!(
-        "{label:<48} p50 {:>9.1} µs   mean {:>9.1} µs",
-        us(s.p50),
-        us(s.mean)
-    );
+    println!("{label:<48} p50 {:>9.1} µs   mean {:>9.1} µs", us(s.p50), us(s.mean));
 }
 
 fn us(d: Duration) -> f64 {
@@ -67,21 +60,14 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let n: usize = std::env::var("AGENT_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_N);
+    let n: usize = std::env::var("AGENT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_N);
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&socket)?;
-    let agent = Agent::new(AgentConfig {
-        work_dir: dir.path().to_owned(),
-        state_dir: dir.path().join("state"),
-        pid1: false,
-    });
+    let agent =
+        Agent::new(AgentConfig { work_dir: dir.path().to_owned(), state_dir: dir.path().join("state"), pid1: false });
     std::thread::spawn(move || agent.serve(|| listener.accept().map(|(s, _)| s)));
-    let (client, _) =
-        AgentClient::connect_unix(&socket).context("connect to the in-process agent")?;
+    let (client, _) = AgentClient::connect_unix(&socket).context("connect to the in-process agent")?;
 
     println!("agent overhead, N = {n} (after {WARMUP} warm-up runs each; a, a', b interleaved)");
     let mut bare = || {
@@ -121,17 +107,11 @@ fn main() -> Result<()> {
     let ratio_mean = us(via_agent.mean) / us(bare.mean);
     println!(
         "ratio b/a: p50 {ratio_p50:.2}×, mean {ratio_mean:.2}× (target ≤ {TARGET_RATIO}×: {})",
-        if ratio_p50 <= TARGET_RATIO {
-            "met"
-        } else {
-            "NOT met"
-        }
+        if ratio_p50 <= TARGET_RATIO { "met" } else { "NOT met" }
     );
 
     // File transfer through the protocol (chunked writes and reads).
-    let payload: Vec<u8> = (0..TRANSFER_BYTES)
-        .map(|i| (i * 7 + i / 4096) as u8)
-        .collect();
+    let payload: Vec<u8> = (0..TRANSFER_BYTES).map(|i| (i * 7 + i / 4096) as u8).collect();
     let file = dir.path().join("transfer.bin");
     let file = file.to_str().context("utf-8 temp path")?;
     let start = Instant::now();
@@ -163,10 +143,7 @@ fn main() -> Result<()> {
     };
     match run_code("1+1") {
         Err(ClientError::Agent(e)) if e.kind == ErrorKind::Unsupported => {
-            println!(
-                "(c)/(d) skipped: the agent has no language contexts ({})",
-                e.message
-            );
+            println!("(c)/(d) skipped: the agent has no language contexts ({})", e.message);
         }
         Err(e) => println!("(c)/(d) skipped: run_code failed: {e:#}"),
         Ok(_) if which_python().is_none() => println!("(c)/(d) skipped: no python3 on this host"),
@@ -191,11 +168,5 @@ fn main() -> Result<()> {
 }
 
 fn which_python() -> Option<()> {
-    std::process::Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .ok()
-        .filter(|s| s.success())
-        .map(|_| ())
+    std::process::Command::new("python3").arg("-c").arg("pass").status().ok().filter(|s| s.success()).map(|_| ())
 }

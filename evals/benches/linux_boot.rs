@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use capsule::engine::kvm::KvmEngine;
 use capsule::engine::kvm::{
-    boot_config, connect_agent, serial_tail, wait_for_serial, SandboxFiles, AGENT_READY_MARKER,
-    AGENT_READY_TIMEOUT, SERIAL_TAIL_LINES,
+    boot_config, connect_agent, serial_tail, wait_for_serial, SandboxFiles, AGENT_READY_MARKER, AGENT_READY_TIMEOUT,
+    SERIAL_TAIL_LINES,
 };
 use capsule::engine::{Engine, EngineError, Machine, MachineSpec};
 use capsule::image::{create_writable_disk, current_image, ImageInfo};
@@ -72,26 +72,16 @@ fn boot_once(exe: &Path, image: &ImageInfo, setup: &Setup) -> Result<Sample> {
         let log = log.clone();
         std::thread::spawn(move || wait_for_serial(&log, AGENT_READY_MARKER, AGENT_READY_TIMEOUT))
     };
-    let client = connect_agent(
-        &files.vsock_uds(),
-        &log,
-        AGENT_READY_TIMEOUT,
-        || match worker.wait_event(Duration::ZERO) {
+    let client =
+        connect_agent(&files.vsock_uds(), &log, AGENT_READY_TIMEOUT, || match worker.wait_event(Duration::ZERO) {
             Some(event) => Err(format!("{event:?}")),
             None => Ok(()),
-        },
-    )
-    .map_err(|e| anyhow::anyhow!(error_chain(&e)))
-    .context("connect to the agent")?;
+        })
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))
+        .context("connect to the agent")?;
     let to_handshake = started.elapsed();
-    let Some(ready_after) = watcher
-        .join()
-        .map_err(|_| anyhow::anyhow!("watcher panicked"))?
-    else {
-        bail!(
-            "no `{AGENT_READY_MARKER}` on the serial console\n{}",
-            serial_tail(&log, SERIAL_TAIL_LINES)
-        );
+    let Some(ready_after) = watcher.join().map_err(|_| anyhow::anyhow!("watcher panicked"))? else {
+        bail!("no `{AGENT_READY_MARKER}` on the serial console\n{}", serial_tail(&log, SERIAL_TAIL_LINES));
     };
     // The watcher started a moment after the spawn; its clock is close enough (it polls every 2 ms).
     let to_ready_marker = ready_after.min(to_handshake);
@@ -106,28 +96,14 @@ fn boot_once(exe: &Path, image: &ImageInfo, setup: &Setup) -> Result<Sample> {
         .map(Duration::from_secs_f64);
     client.close();
     worker.stop().context("stop the worker")?;
-    Ok(Sample {
-        to_started,
-        to_ready_marker,
-        to_handshake,
-        guest_uptime_at_handshake: uptime,
-    })
+    Ok(Sample { to_started, to_ready_marker, to_handshake, guest_uptime_at_handshake: uptime })
 }
 
 /// Creates from the template and forks through the engine; returns (creates, forks).
-fn engine_runs(
-    exe: &Path,
-    image: &ImageInfo,
-    mem_mib: u64,
-    runs: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
+fn engine_runs(exe: &Path, image: &ImageInfo, mem_mib: u64, runs: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let root = tempfile::tempdir().context("temp dir")?;
-    let engine = KvmEngine::new(
-        exe.to_path_buf(),
-        image.clone(),
-        root.path().join("sandboxes"),
-    )
-    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let engine = KvmEngine::new(exe.to_path_buf(), image.clone(), root.path().join("sandboxes"))
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let spec = |id: String| MachineSpec {
         id,
         template: "bench".into(),
@@ -139,15 +115,10 @@ fn engine_runs(
     let engine_err = |e: EngineError| anyhow::anyhow!(error_chain(&e));
     let started = Instant::now();
     let mut parent = engine.create(&spec("parent".into())).map_err(engine_err)?;
-    println!(
-        "  first create (boots and saves the template): {:.1} ms",
-        ms(started.elapsed())
-    );
+    println!("  first create (boots and saves the template): {:.1} ms", ms(started.elapsed()));
     let (mut creates, mut forks) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        creates.push(time_to_agent(|| {
-            engine.create(&spec(format!("create-{run}")))
-        })?);
+        creates.push(time_to_agent(|| engine.create(&spec(format!("create-{run}"))))?);
         forks.push(time_to_agent(|| parent.fork(&spec(format!("fork-{run}"))))?);
     }
     parent.kill().map_err(engine_err)?;
@@ -184,11 +155,7 @@ fn report(label: &str, mut values: Vec<Duration>) {
 }
 
 fn bench() -> Result<()> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         println!("SKIP: /dev/kvm is not usable: {e}");
         return Ok(());
     }
@@ -224,31 +191,16 @@ fn bench() -> Result<()> {
             ms(sample.to_started),
             ms(sample.to_ready_marker),
             ms(sample.to_handshake),
-            sample
-                .guest_uptime_at_handshake
-                .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                .unwrap_or_else(|| "?".into())
+            sample.guest_uptime_at_handshake.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "?".into())
         );
         samples.push(sample);
     }
-    report(
-        "spawn -> VM built and vCPU started",
-        samples.iter().map(|s| s.to_started).collect(),
-    );
-    report(
-        "spawn -> `capsule-agent ready` on serial",
-        samples.iter().map(|s| s.to_ready_marker).collect(),
-    );
-    report(
-        "spawn -> first agent reply (handshake)",
-        samples.iter().map(|s| s.to_handshake).collect(),
-    );
+    report("spawn -> VM built and vCPU started", samples.iter().map(|s| s.to_started).collect());
+    report("spawn -> `capsule-agent ready` on serial", samples.iter().map(|s| s.to_ready_marker).collect());
+    report("spawn -> first agent reply (handshake)", samples.iter().map(|s| s.to_handshake).collect());
     report(
         "guest /proc/uptime just after the handshake",
-        samples
-            .iter()
-            .filter_map(|s| s.guest_uptime_at_handshake)
-            .collect(),
+        samples.iter().filter_map(|s| s.guest_uptime_at_handshake).collect(),
     );
     let (creates, forks) = engine_runs(&exe, &image, setup.mem_mib, runs)?;
     report("engine: create from template -> agent answers", creates);

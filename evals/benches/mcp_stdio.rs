@@ -31,8 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use capsule::config::{Limits, DEFAULT_OUTPUT_CAP_BYTES};
 use capsule::engine::kvm::{
-    boot_config, connect_agent, host_refusal, set_guest_clock, KvmEngine, SandboxFiles,
-    AGENT_READY_TIMEOUT,
+    boot_config, connect_agent, host_refusal, set_guest_clock, KvmEngine, SandboxFiles, AGENT_READY_TIMEOUT,
 };
 use capsule::engine::test_engine::{TestEngine, AGENT_BIN_ENV};
 use capsule::engine::{Engine, Machine, MachineSpec};
@@ -146,14 +145,8 @@ impl Binaries {
     /// `<target>/release/deps/`.
     fn in_target_dir(name: &str) -> Result<PathBuf> {
         let exe = std::env::current_exe().context("cannot find the bench executable")?;
-        let target = exe
-            .ancestors()
-            .nth(3)
-            .context("the bench executable is not under <target>/<profile>/deps")?;
-        let candidates = [
-            target.join("release").join(name),
-            target.join("debug").join(name),
-        ];
+        let target = exe.ancestors().nth(3).context("the bench executable is not under <target>/<profile>/deps")?;
+        let candidates = [target.join("release").join(name), target.join("debug").join(name)];
         candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
             anyhow!(
                 "no {name} binary at {} or {}: run `cargo build --release -p capsule -p capsule-agent` \
@@ -165,10 +158,7 @@ impl Binaries {
     }
 
     fn is_debug_build(&self) -> bool {
-        self.capsule
-            .parent()
-            .and_then(Path::file_name)
-            .is_some_and(|d| d == "debug")
+        self.capsule.parent().and_then(Path::file_name).is_some_and(|d| d == "debug")
     }
 }
 
@@ -205,11 +195,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn show(label: &str, l: &Latencies) {
-    println!(
-        "  {label:<62} p50 {:>9.3} ms   p99 {:>9.3} ms",
-        ms(l.p50()),
-        ms(l.p99())
-    );
+    println!("  {label:<62} p50 {:>9.3} ms   p99 {:>9.3} ms", ms(l.p50()), ms(l.p99()));
 }
 
 fn ratio(label: &str, over: &Latencies, base: &Latencies) {
@@ -222,14 +208,8 @@ fn ratio(label: &str, over: &Latencies, base: &Latencies) {
 
 /// Times `n` rounds of every variant, interleaved (one call of each per round) after
 /// [`WARMUP_ROUNDS`] untimed rounds, so a noisy shared host loads every variant alike.
-fn measure_interleaved(
-    n: usize,
-    variants: &mut [&mut dyn FnMut() -> Result<()>],
-) -> Result<Vec<Latencies>> {
-    Ok(interleaved_samples(n, WARMUP_ROUNDS, variants)?
-        .into_iter()
-        .map(Latencies::new)
-        .collect())
+fn measure_interleaved(n: usize, variants: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<Latencies>> {
+    Ok(interleaved_samples(n, WARMUP_ROUNDS, variants)?.into_iter().map(Latencies::new).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,11 +228,9 @@ impl StdioServer {
     /// Starts `capsule serve --engine ENGINE` with its state under `state_dir` and its stderr
     /// in `state_dir/server.log`, and runs the MCP handshake.
     fn start(bins: &Binaries, engine: EngineKind, state_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
         let log = state_dir.join("server.log");
-        let stderr = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
+        let stderr = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut child = std::process::Command::new(&bins.capsule)
             .args(["serve", "--transport", "stdio", "--engine", engine.name()])
             // A release build refuses the test engine without it; the kvm engine ignores it.
@@ -267,13 +245,8 @@ impl StdioServer {
             .with_context(|| format!("cannot start {}", bins.capsule.display()))?;
         let stdin = child.stdin.take().context("no stdin pipe")?;
         let stdout = child.stdout.take().context("no stdout pipe")?;
-        let mut server = StdioServer {
-            child,
-            stdin: Some(BufWriter::new(stdin)),
-            stdout: BufReader::new(stdout),
-            next_id: 1,
-            log,
-        };
+        let mut server =
+            StdioServer { child, stdin: Some(BufWriter::new(stdin)), stdout: BufReader::new(stdout), next_id: 1, log };
         let init = server.request(
             "initialize",
             json!({
@@ -290,15 +263,10 @@ impl StdioServer {
     }
 
     fn send(&mut self, message: &Value) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .context("the server's stdin is already closed")?;
+        let stdin = self.stdin.as_mut().context("the server's stdin is already closed")?;
         serde_json::to_writer(&mut *stdin, message)?;
         stdin.write_all(b"\n")?;
-        stdin
-            .flush()
-            .context("cannot write to capsule serve's stdin")?;
+        stdin.flush().context("cannot write to capsule serve's stdin")?;
         Ok(())
     }
 
@@ -312,23 +280,16 @@ impl StdioServer {
         loop {
             line.clear();
             if self.stdout.read_line(&mut line)? == 0 {
-                bail!(
-                    "capsule serve closed stdout during {method}; see {}",
-                    self.log.display()
-                );
+                bail!("capsule serve closed stdout during {method}; see {}", self.log.display());
             }
-            let message: Value = serde_json::from_str(line.trim_end()).with_context(|| {
-                format!("capsule serve wrote a line that is not JSON: {line:?}")
-            })?;
+            let message: Value = serde_json::from_str(line.trim_end())
+                .with_context(|| format!("capsule serve wrote a line that is not JSON: {line:?}"))?;
             match (message.get("id"), message.get("method")) {
                 (Some(got), None) if got.as_u64() == Some(id) => {
                     if let Some(error) = message.get("error") {
                         bail!("{method} failed: {error}");
                     }
-                    return message
-                        .get("result")
-                        .cloned()
-                        .with_context(|| format!("{method}: no result in {message}"));
+                    return message.get("result").cloned().with_context(|| format!("{method}: no result in {message}"));
                 }
                 (Some(other), Some(_)) => {
                     let refusal = json!({"jsonrpc": "2.0", "id": other,
@@ -346,10 +307,7 @@ impl StdioServer {
         if result.get("isError").and_then(Value::as_bool) == Some(true) {
             bail!("{name} returned an error result: {}", result["content"]);
         }
-        result
-            .get("structuredContent")
-            .cloned()
-            .with_context(|| format!("{name}: no structuredContent"))
+        result.get("structuredContent").cloned().with_context(|| format!("{name}: no structuredContent"))
     }
 
     /// Closes stdin (the end of the session) and waits for the server to exit, killing it after
@@ -360,10 +318,7 @@ impl StdioServer {
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
                 if !status.success() {
-                    eprintln!(
-                        "note: capsule serve ended with {status}; see {}",
-                        self.log.display()
-                    );
+                    eprintln!("note: capsule serve ended with {status}; see {}", self.log.display());
                 }
                 return Ok(());
             }
@@ -394,16 +349,11 @@ struct Target {
 }
 
 /// The engine for the direct baseline, or why the host cannot run it.
-fn direct_engine(
-    kind: EngineKind,
-    bins: &Binaries,
-    root: PathBuf,
-) -> Result<std::result::Result<Target, String>> {
+fn direct_engine(kind: EngineKind, bins: &Binaries, root: PathBuf) -> Result<std::result::Result<Target, String>> {
     match kind {
-        EngineKind::Test => Ok(Ok(Target {
-            engine: Arc::new(TestEngine::new(bins.agent.clone(), root)?),
-            image: None,
-        })),
+        EngineKind::Test => {
+            Ok(Ok(Target { engine: Arc::new(TestEngine::new(bins.agent.clone(), root)?), image: None }))
+        }
         EngineKind::Kvm => {
             let report = capsule_vmm::doctor::probe();
             if let Some(why) = host_refusal(&report) {
@@ -421,10 +371,7 @@ fn direct_engine(
                 )));
             }
             let engine = Arc::new(KvmEngine::new(bins.capsule.clone(), image.clone(), root)?);
-            Ok(Ok(Target {
-                engine,
-                image: Some(image),
-            }))
+            Ok(Ok(Target { engine, image: Some(image) }))
         }
     }
 }
@@ -444,10 +391,7 @@ fn default_spec(id: &str) -> MachineSpec {
 
 /// The `Exec` that capsule's `run_command` handler sends for `command`.
 fn run_command_exec(command: &str) -> ExecRequest {
-    ExecRequest {
-        output_cap_bytes: Some(DEFAULT_OUTPUT_CAP_BYTES as u64),
-        ..ExecRequest::shell(command)
-    }
+    ExecRequest { output_cap_bytes: Some(DEFAULT_OUTPUT_CAP_BYTES as u64), ..ExecRequest::shell(command) }
 }
 
 fn exec_true(client: &AgentClient) -> Result<()> {
@@ -474,47 +418,25 @@ impl Drop for Owned {
 
 /// Returns how long the direct sandbox's `Engine::create` took (on kvm the first create of a
 /// size builds its template).
-fn bench_round_trip(
-    kind: EngineKind,
-    bins: &Binaries,
-    engine: &Arc<dyn Engine>,
-    state_dir: &Path,
-) -> Result<Duration> {
-    let n = env_count(
-        "MCP_BENCH_N",
-        if kind == EngineKind::Kvm {
-            DEFAULT_N_KVM
-        } else {
-            DEFAULT_N_TEST
-        },
-    )?;
+fn bench_round_trip(kind: EngineKind, bins: &Binaries, engine: &Arc<dyn Engine>, state_dir: &Path) -> Result<Duration> {
+    let n = env_count("MCP_BENCH_N", if kind == EngineKind::Kvm { DEFAULT_N_KVM } else { DEFAULT_N_TEST })?;
     println!("\n1. run_command {COMMAND:?} round trip, N = {n} each after {WARMUP_ROUNDS} warm-up rounds, interleaved");
 
     let created = Instant::now();
-    let mut direct = Owned(
-        engine
-            .create(&default_spec("bench-direct"))
-            .context("create the direct sandbox")?,
-    );
+    let mut direct = Owned(engine.create(&default_spec("bench-direct")).context("create the direct sandbox")?);
     let first_create = created.elapsed();
 
     let mut server = StdioServer::start(bins, kind, &state_dir.join("serve"))?;
     // The first run_command creates the default sandbox (on kvm: builds the server's template); untimed.
     let first = server.call_tool("run_command", json!({"command": COMMAND}))?;
-    let sandbox_id = first["sandbox_id"]
-        .as_str()
-        .context("run_command returned no sandbox_id")?
-        .to_string();
+    let sandbox_id = first["sandbox_id"].as_str().context("run_command returned no sandbox_id")?.to_string();
 
     // As the manager does per call: ask the machine for its (live, reused) agent connection.
     let mut via_engine = || exec_true(&direct.0.connect()?);
     let mut via_mcp = || {
         let r = server.call_tool("run_command", json!({"command": COMMAND}))?;
         if r["exit_code"] != 0 {
-            bail!(
-                "run_command {COMMAND:?} over MCP: exit_code {}",
-                r["exit_code"]
-            );
+            bail!("run_command {COMMAND:?} over MCP: exit_code {}", r["exit_code"]);
         }
         Ok(())
     };
@@ -526,23 +448,10 @@ fn bench_round_trip(
     stopped?;
 
     let (engine_stats, mcp_stats) = (&stats[0], &stats[1]);
-    show(
-        &format!(
-            "(a) direct {} engine: Machine::connect + AgentClient::exec",
-            kind.name()
-        ),
-        engine_stats,
-    );
+    show(&format!("(a) direct {} engine: Machine::connect + AgentClient::exec", kind.name()), engine_stats);
     show("(b) MCP stdio tools/call run_command", mcp_stats);
-    ratio(
-        "ratio b/a (what MCP + manager + a process hop add)",
-        mcp_stats,
-        engine_stats,
-    );
-    println!(
-        "  difference b−a at p50: {:.3} ms",
-        ms(mcp_stats.p50()) - ms(engine_stats.p50())
-    );
+    ratio("ratio b/a (what MCP + manager + a process hop add)", mcp_stats, engine_stats);
+    println!("  difference b−a at p50: {:.3} ms", ms(mcp_stats.p50()) - ms(engine_stats.p50()));
     Ok(first_create)
 }
 
@@ -567,13 +476,8 @@ fn time_cold_boot(capsule: &Path, image: &ImageInfo, dir: &Path) -> Result<Durat
             Some(event) => Err(format!("{event:?}")),
             None => Ok(()),
         };
-        let client = connect_agent(
-            &files.vsock_uds(),
-            &files.serial_log(),
-            AGENT_READY_TIMEOUT,
-            alive,
-        )
-        .map_err(|e| anyhow!(error_chain(&e)))?;
+        let client = connect_agent(&files.vsock_uds(), &files.serial_log(), AGENT_READY_TIMEOUT, alive)
+            .map_err(|e| anyhow!(error_chain(&e)))?;
         set_guest_clock(&client).map_err(|e| anyhow!(error_chain(&e)))?;
         exec_true(&client)?;
         let elapsed = started.elapsed();
@@ -611,12 +515,7 @@ fn time_snapshot_restores(engine: &Arc<dyn Engine>, restores: usize) -> Result<L
 }
 
 /// `first_create`: section 1's first `Engine::create`, which built the template.
-fn bench_ready(
-    bins: &Binaries,
-    target: &Target,
-    scratch: &Path,
-    first_create: Duration,
-) -> Result<()> {
+fn bench_ready(bins: &Binaries, target: &Target, scratch: &Path, first_create: Duration) -> Result<()> {
     println!("\n2. sandbox ready (until `true` has answered): template against cold boot");
     let Some(image) = &target.image else {
         println!("  not measured: templates need the KVM engine (run with --engine kvm)");
@@ -625,11 +524,7 @@ fn bench_ready(
     let boots = env_count("MCP_BENCH_BOOTS", DEFAULT_BOOTS)?;
     let (mut cold, mut templated) = (Vec::with_capacity(boots), Vec::with_capacity(boots));
     for i in 0..boots {
-        cold.push(time_cold_boot(
-            &bins.capsule,
-            image,
-            &scratch.join(format!("cold-{i}")),
-        )?);
+        cold.push(time_cold_boot(&bins.capsule, image, &scratch.join(format!("cold-{i}")))?);
         templated.push(time_create(&target.engine, &format!("bench-tpl-{i}"))?);
     }
     let (cold, templated) = (Latencies::new(cold), Latencies::new(templated));
@@ -638,18 +533,9 @@ fn bench_ready(
         "  first create of this size, which built the template (cold boot + snapshot): {:.1} ms",
         ms(first_create)
     );
-    show(
-        &format!("(c) cold boot, {boots}× (interleaved with d)"),
-        &cold,
-    );
-    show(
-        &format!("(d) Engine::create from the template, {boots}×"),
-        &templated,
-    );
-    show(
-        &format!("(e) resume from own pause snapshot, {boots}×"),
-        &restored,
-    );
+    show(&format!("(c) cold boot, {boots}× (interleaved with d)"), &cold);
+    show(&format!("(d) Engine::create from the template, {boots}×"), &templated);
+    show(&format!("(e) resume from own pause snapshot, {boots}×"), &restored);
     ratio("ratio c/d (cold boot against template)", &cold, &templated);
     Ok(())
 }
@@ -664,9 +550,7 @@ fn main() -> Result<()> {
         println!("  note: capsule is a DEBUG build, the baseline is not: build with --release for fair ratios");
     }
     // Short path: agent and vsock sockets live under it and Unix socket paths are limited.
-    let state = tempfile::Builder::new()
-        .prefix("cpsb-")
-        .tempdir_in("/tmp")?;
+    let state = tempfile::Builder::new().prefix("cpsb-").tempdir_in("/tmp")?;
     let target = match direct_engine(kind, &bins, state.path().join("direct"))? {
         Ok(target) => target,
         Err(why) => {

@@ -170,8 +170,8 @@ pub struct FileTimers {
 impl FileConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
     }
 }
@@ -190,9 +190,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
         "d" => 86_400_000,
         _ => return Err(ConfigError::Duration(text.to_string())),
     };
-    n.checked_mul(ms_per)
-        .map(Duration::from_millis)
-        .ok_or_else(|| ConfigError::Duration(text.to_string()))
+    n.checked_mul(ms_per).map(Duration::from_millis).ok_or_else(|| ConfigError::Duration(text.to_string()))
 }
 
 /// The default state directory: `$XDG_STATE_HOME/capsule`, else `~/.local/state/capsule`.

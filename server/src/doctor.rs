@@ -24,10 +24,7 @@ pub enum DoctorError {
 pub fn run(args: DoctorArgs) -> Result<(), DoctorError> {
     let report = capsule_vmm::doctor::probe();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(DoctorError::Json)?
-        );
+        println!("{}", serde_json::to_string_pretty(&report).map_err(DoctorError::Json)?);
     } else {
         print!("{}", report.render_text());
     }

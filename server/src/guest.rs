@@ -116,7 +116,9 @@ impl Gate {
             }
             Event::Error(_) | Event::Truncated { .. } => {
                 let len = match event {
-                    Event::Error(e) => e.name.len() + e.value.len() + e.traceback.iter().map(String::len).sum::<usize>(),
+                    Event::Error(e) => {
+                        e.name.len() + e.value.len() + e.traceback.iter().map(String::len).sum::<usize>()
+                    }
                     Event::Truncated { path, .. } => path.len(),
                     _ => 0,
                 } as u64;
@@ -297,7 +299,12 @@ mod tests {
     /// past any cap before it ends it.
     fn flooding_agent(mut stream: UnixStream) {
         let _hello: Option<ClientFrame> = read_frame(&mut stream).expect("hello");
-        let reply = HelloReply { version: PROTOCOL_VERSION, agent_version: "hostile".into(), capabilities: vec![], pid1: false };
+        let reply = HelloReply {
+            version: PROTOCOL_VERSION,
+            agent_version: "hostile".into(),
+            capabilities: vec![],
+            pid1: false,
+        };
         write_frame(&mut stream, &AgentFrame { id: 0, body: AgentMessage::Hello(reply) }).expect("hello reply");
         let request: ClientFrame = read_frame(&mut stream).expect("request").expect("a request");
         assert!(matches!(request.body, ClientMessage::Request(_)));
@@ -307,11 +314,22 @@ mod tests {
         for _ in 0..2000 {
             send(&mut stream, Event::Output { stream: Stream::Stdout, data: vec![b'x'; 1001] });
             send(&mut stream, Event::Output { stream: Stream::Stderr, data: vec![b'y'; 10] });
-            send(&mut stream, Event::Result(RichResult { data: vec![("text/plain".into(), vec![b'r'; 90])], is_main_result: false }));
+            send(
+                &mut stream,
+                Event::Result(RichResult { data: vec![("text/plain".into(), vec![b'r'; 90])], is_main_result: false }),
+            );
             send(&mut stream, Event::Error(CodeError { name: "E".into(), value: "v".into(), traceback: vec![] }));
         }
-        let done = ExitStatus { code: Some(0), signal: None, duration_us: 1, timed_out: false, stdout_bytes: 0, stderr_bytes: 0 };
-        write_frame(&mut stream, &AgentFrame { id: request.id, body: AgentMessage::Done(Reply::Exit(done)) }).expect("done");
+        let done = ExitStatus {
+            code: Some(0),
+            signal: None,
+            duration_us: 1,
+            timed_out: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+        };
+        write_frame(&mut stream, &AgentFrame { id: request.id, body: AgentMessage::Done(Reply::Exit(done)) })
+            .expect("done");
         // Keep the stream open until the host has read everything.
         let _: Result<Option<ClientFrame>, _> = read_frame(&mut stream);
     }
@@ -350,7 +368,10 @@ mod tests {
 
     #[test]
     fn a_first_main_result_passes_the_count_cap_but_not_the_byte_cap() {
-        let mut gate = Gate { budget: EventBudget { output_bytes_per_stream: 0, results: 0, result_bytes: 10 }, ..Gate::default() };
+        let mut gate = Gate {
+            budget: EventBudget { output_bytes_per_stream: 0, results: 0, result_bytes: 10 },
+            ..Gate::default()
+        };
         let main = |n: usize| Event::Result(RichResult { data: vec![("m".into(), vec![0; n])], is_main_result: true });
         assert!(!gate.admit(&mut main(20)), "over the byte cap");
         assert!(gate.admit(&mut main(5)));

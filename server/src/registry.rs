@@ -92,10 +92,7 @@ pub struct Registry {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Registry {
@@ -178,12 +175,7 @@ impl Registry {
 
     /// Records a transition of `r` (already updated in memory) from `from`, atomically
     /// with the sandbox's new row.
-    pub fn record_transition(
-        &self,
-        r: &SandboxRecord,
-        from: SandboxState,
-        reason: &str,
-    ) -> Result<(), RegistryError> {
+    pub fn record_transition(&self, r: &SandboxRecord, from: SandboxState, reason: &str) -> Result<(), RegistryError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         tx.execute(
@@ -246,12 +238,29 @@ impl Registry {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, owner, name, state, template, vcpus, memory_mib, disk_mib, idle, env, is_default,
-                parent_id, created, updated, paused, failure, engine, engine_state) = row?;
+            let (
+                id,
+                owner,
+                name,
+                state,
+                template,
+                vcpus,
+                memory_mib,
+                disk_mib,
+                idle,
+                env,
+                is_default,
+                parent_id,
+                created,
+                updated,
+                paused,
+                failure,
+                engine,
+                engine_state,
+            ) = row?;
             let corrupt = |what: String| RegistryError::Corrupt { id: id.clone(), what };
             let state = SandboxState::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state:?}")))?;
-            let env: BTreeMap<String, String> =
-                serde_json::from_str(&env).map_err(|e| corrupt(format!("env: {e}")))?;
+            let env: BTreeMap<String, String> = serde_json::from_str(&env).map_err(|e| corrupt(format!("env: {e}")))?;
             let engine_state: serde_json::Value =
                 serde_json::from_str(&engine_state).map_err(|e| corrupt(format!("engine state: {e}")))?;
             out.push(SandboxRecord {
@@ -281,9 +290,8 @@ impl Registry {
     /// The recorded transitions of a sandbox, oldest first: `(from, to, reason)`.
     pub fn transitions(&self, id: &str) -> Result<Vec<(Option<String>, String, String)>, RegistryError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT from_state, to_state, reason FROM transitions WHERE sandbox_id = ?1 ORDER BY seq",
-        )?;
+        let mut stmt =
+            conn.prepare("SELECT from_state, to_state, reason FROM transitions WHERE sandbox_id = ?1 ORDER BY seq")?;
         let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
@@ -291,9 +299,7 @@ impl Registry {
     /// The state of one sandbox as stored, if it exists.
     pub fn stored_state(&self, id: &str) -> Result<Option<String>, RegistryError> {
         let conn = self.lock();
-        Ok(conn
-            .query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?)
+        Ok(conn.query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| r.get(0)).optional()?)
     }
 }
 

@@ -175,15 +175,20 @@ pub fn resolve(args: &ServeArgs) -> Result<Resolved, ServeError> {
     let engine = match (args.engine, file.engine.as_deref()) {
         (Some(e), _) => e,
         (None, None) => EngineChoice::Auto,
-        (None, Some(name)) => <EngineChoice as clap::ValueEnum>::from_str(name, true)
-            .map_err(|_| ServeError::NoEngine(format!("unknown engine {name:?} in the config file: use auto, kvm or test")))?,
+        (None, Some(name)) => <EngineChoice as clap::ValueEnum>::from_str(name, true).map_err(|_| {
+            ServeError::NoEngine(format!("unknown engine {name:?} in the config file: use auto, kvm or test"))
+        })?,
     };
     Ok(Resolved {
         state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(config::default_state_dir),
         engine,
         manager: ManagerConfig { limits, timers },
         shaping: Shaping {
-            output_cap_bytes: args.output_cap_bytes.or(file.output_cap_bytes).unwrap_or(config::DEFAULT_OUTPUT_CAP_BYTES).max(256),
+            output_cap_bytes: args
+                .output_cap_bytes
+                .or(file.output_cap_bytes)
+                .unwrap_or(config::DEFAULT_OUTPUT_CAP_BYTES)
+                .max(256),
         },
     })
 }
@@ -211,7 +216,11 @@ pub fn test_engine_allowed(debug_build: bool, unsafe_test_engine: bool) -> Resul
 }
 
 /// Picks the engine, or says why none can run and what would fix it.
-pub fn choose_engine(choice: EngineChoice, unsafe_test_engine: bool, state_dir: &std::path::Path) -> Result<Arc<dyn Engine>, ServeError> {
+pub fn choose_engine(
+    choice: EngineChoice,
+    unsafe_test_engine: bool,
+    state_dir: &std::path::Path,
+) -> Result<Arc<dyn Engine>, ServeError> {
     match choice {
         // Auto takes KVM, the only isolating engine, when an image is built; `--engine kvm`
         // builds a missing image first. The test engine is never picked silently.
@@ -295,10 +304,7 @@ async fn shutdown_signal() {
 
 async fn serve_stdio(manager: Manager, shaping: Shaping) -> Result<(), ServeError> {
     let handler = CapsuleMcp::new(manager, Owner::new("stdio"), shaping);
-    let service = handler
-        .serve(rmcp::transport::stdio())
-        .await
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    let service = handler.serve(rmcp::transport::stdio()).await.map_err(|e| ServeError::Transport(e.to_string()))?;
     tokio::select! {
         r = service.waiting() => { r.map_err(|e| ServeError::Transport(e.to_string()))?; }
         _ = shutdown_signal() => {}

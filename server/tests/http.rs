@@ -38,7 +38,10 @@ async fn start(manager: &capsule::sandbox::Manager, token: Option<&str>) -> Serv
     Server { addr, task }
 }
 
-async fn client(addr: std::net::SocketAddr, token: Option<&str>) -> rmcp::service::RunningService<rmcp::RoleClient, TestClient> {
+async fn client(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+) -> rmcp::service::RunningService<rmcp::RoleClient, TestClient> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}{MCP_PATH}"));
     if let Some(t) = token {
         config = config.auth_header(t);

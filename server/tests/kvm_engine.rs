@@ -20,11 +20,7 @@ use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRe
 const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 
 fn engine(root: PathBuf) -> Option<KvmEngine> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         eprintln!("SKIP: /dev/kvm is not usable: {e}");
         return None;
     }
@@ -60,13 +56,7 @@ fn spec(id: &str) -> MachineSpec {
 /// Starts `command` in the background through the agent; returns its guest pid.
 fn spawn(client: &AgentClient, command: &str) -> u32 {
     let reply = client
-        .call_reply(
-            Op::Exec(ExecRequest {
-                background: true,
-                ..ExecRequest::shell(command)
-            }),
-            CALL_TIMEOUT,
-        )
+        .call_reply(Op::Exec(ExecRequest { background: true, ..ExecRequest::shell(command) }), CALL_TIMEOUT)
         .unwrap_or_else(|e| panic!("background exec {command:?}: {e}"));
     match reply {
         Reply::Started { pid, .. } => pid,
@@ -119,10 +109,7 @@ fn ticker(file: &str) -> String {
 
 /// Lines in `file` in the guest.
 fn lines_of(client: &AgentClient, file: &str) -> u64 {
-    sh(client, &format!("wc -l < {file}"))
-        .trim()
-        .parse()
-        .expect("a line count")
+    sh(client, &format!("wc -l < {file}")).trim().parse().expect("a line count")
 }
 
 /// Asserts that the ticker `pid` is alive and `file` keeps growing.
@@ -131,10 +118,7 @@ fn assert_ticking(client: &AgentClient, pid: u32, file: &str) {
     let before = lines_of(client, file);
     let deadline = Instant::now() + Duration::from_secs(5);
     while lines_of(client, file) <= before {
-        assert!(
-            Instant::now() < deadline,
-            "{file} stopped growing at {before} lines"
-        );
+        assert!(Instant::now() < deadline, "{file} stopped growing at {before} lines");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -154,9 +138,8 @@ const COUNT_SLEEPERS: &str = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep
 
 /// Runs `command` through `sh -c` and returns its stdout; fails on a non-zero exit.
 fn sh(client: &AgentClient, command: &str) -> String {
-    let out = client
-        .exec(ExecRequest::shell(command), CALL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("exec {command:?}: {e}"));
+    let out =
+        client.exec(ExecRequest::shell(command), CALL_TIMEOUT).unwrap_or_else(|e| panic!("exec {command:?}: {e}"));
     assert_eq!(
         out.status.code,
         Some(0),
@@ -202,48 +185,27 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
     let t = Instant::now();
     machine.pause().expect("pause");
     let paused_in = t.elapsed();
-    assert!(
-        client.closed_reason().is_some(),
-        "pausing drops the agent connection"
-    );
-    assert_eq!(
-        worker_pids_of(&dir),
-        0,
-        "a paused machine has no worker (RAM freed)"
-    );
+    assert!(client.closed_reason().is_some(), "pausing drops the agent connection");
+    assert_eq!(worker_pids_of(&dir), 0, "a paused machine has no worker (RAM freed)");
     assert_eq!(machine.saved_state()["snapshot_generation"], 1);
-    machine
-        .check_alive()
-        .expect("a machine paused to disk is alive");
+    machine.check_alive().expect("a machine paused to disk is alive");
 
     let t = Instant::now();
     machine.resume().expect("resume");
     let client = machine.connect().expect("reconnect after resume");
-    eprintln!(
-        "kvm engine: pause to disk {paused_in:?}, resume + reconnect {:?}",
-        t.elapsed()
-    );
+    eprintln!("kvm engine: pause to disk {paused_in:?}, resume + reconnect {:?}", t.elapsed());
     assert_eq!(sh(&client, "cat /root/marker"), "before\n");
     assert_eq!(sh(&client, COUNT_SLEEPERS).trim(), "1", "processes survive");
     // The host set the clock after the restore: the guest's time is the host's, within a minute.
     let guest_now: u64 = sh(&client, "date +%s").trim().parse().unwrap();
-    let host_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    assert!(
-        guest_now.abs_diff(host_now) < 60,
-        "guest {guest_now} host {host_now}"
-    );
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(guest_now.abs_diff(host_now) < 60, "guest {guest_now} host {host_now}");
 
     // Paused twice: the second snapshot is a layer over the first, which stays (its parent).
     machine.pause().expect("pause again");
     assert_eq!(machine.saved_state()["snapshot_generation"], 2);
     assert_eq!(machine.saved_state()["chain_layers"], 1);
-    assert!(
-        dir.join("snapshot-1").exists(),
-        "the parent of the newest snapshot is kept"
-    );
+    assert!(dir.join("snapshot-1").exists(), "the parent of the newest snapshot is kept");
     machine.resume().expect("resume again");
     assert_eq!(sh(&machine.connect().unwrap(), "echo again"), "again\n");
 
@@ -269,16 +231,9 @@ fn a_fork_copies_memory_processes_and_disk_and_then_diverges() {
     let child_client = child.connect().expect("connect to the child");
     eprintln!("kvm engine: fork + connect {:?}", t.elapsed());
     assert_eq!(sh(&child_client, "cat /root/shared"), "parent-file\n");
-    assert_eq!(
-        sh(&child_client, COUNT_SLEEPERS).trim(),
-        "1",
-        "the child has the parent's processes"
-    );
+    assert_eq!(sh(&child_client, COUNT_SLEEPERS).trim(), "1", "the child has the parent's processes");
     // Same boot (memory copied), different futures: writes do not cross.
-    assert_eq!(
-        sh(&child_client, "cat /proc/sys/kernel/random/boot_id"),
-        parent_boot_id
-    );
+    assert_eq!(sh(&child_client, "cat /proc/sys/kernel/random/boot_id"), parent_boot_id);
     sh(&child_client, "echo child > /root/shared");
     let parent_client = parent.connect().expect("the parent runs on after the fork");
     assert_eq!(sh(&parent_client, "cat /root/shared"), "parent-file\n");
@@ -303,19 +258,11 @@ fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
     };
     let mut two = spec("kvm-two");
     two.vcpus = 2;
-    let Err(err) = engine.create(&two) else {
-        panic!("2 vCPUs must be refused on PVM")
-    };
+    let Err(err) = engine.create(&two) else { panic!("2 vCPUs must be refused on PVM") };
     assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
     let text = err.to_string();
-    assert!(
-        text.contains("PVM") && text.contains("at most 1 vCPU"),
-        "{text}"
-    );
-    assert!(
-        !root.path().join("kvm-two").exists(),
-        "nothing is left behind"
-    );
+    assert!(text.contains("PVM") && text.contains("at most 1 vCPU"), "{text}");
+    assert!(!root.path().join("kvm-two").exists(), "nothing is left behind");
 }
 
 #[test]
@@ -336,12 +283,8 @@ fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
         panic!("a machine recorded running cannot come back")
     };
     assert!(matches!(err, EngineError::Dead(_)), "{err}");
-    let mut machine = engine
-        .reattach(&spec("kvm-r"), &saved, true)
-        .expect("reattach");
-    machine
-        .check_alive()
-        .expect("paused to disk counts as alive");
+    let mut machine = engine.reattach(&spec("kvm-r"), &saved, true).expect("reattach");
+    machine.check_alive().expect("paused to disk counts as alive");
     machine.resume().expect("resume from the saved snapshot");
     assert_eq!(sh(&machine.connect().unwrap(), "cat /root/kept"), "kept\n");
     machine.kill().expect("kill");
@@ -358,33 +301,18 @@ fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
     let t = Instant::now();
     let mut second = engine.create(&spec("kvm-t2")).expect("create the second");
     let second_in = t.elapsed();
-    eprintln!(
-        "kvm engine: create with template build {first_in:?}, create from template {second_in:?}"
-    );
+    eprintln!("kvm engine: create with template build {first_in:?}, create from template {second_in:?}");
 
-    let templates: Vec<_> = std::fs::read_dir(root.path().join(".templates"))
-        .expect("templates dir")
-        .flatten()
-        .collect();
-    assert_eq!(
-        templates.len(),
-        1,
-        "one template for one size: {templates:?}"
-    );
+    let templates: Vec<_> =
+        std::fs::read_dir(root.path().join(".templates")).expect("templates dir").flatten().collect();
+    assert_eq!(templates.len(), 1, "one template for one size: {templates:?}");
     // Neither booted: their consoles never saw the agent start (the template's did).
     for id in ["kvm-t1", "kvm-t2"] {
-        let console =
-            std::fs::read_to_string(root.path().join(id).join("serial.log")).unwrap_or_default();
-        assert!(
-            !console.contains("capsule-agent: init ok"),
-            "{id} booted:\n{console}"
-        );
+        let console = std::fs::read_to_string(root.path().join(id).join("serial.log")).unwrap_or_default();
+        assert!(!console.contains("capsule-agent: init ok"), "{id} booted:\n{console}");
     }
     let template_console = std::fs::read_to_string(templates[0].path().join("serial.log")).unwrap();
-    assert!(
-        template_console.contains("capsule-agent ready"),
-        "{template_console}"
-    );
+    assert!(template_console.contains("capsule-agent ready"), "{template_console}");
     // Their own files and RNG.
     let (a, b) = (first.connect().unwrap(), second.connect().unwrap());
     sh(&a, "echo first > /root/who");
@@ -396,10 +324,7 @@ fn sandboxes_of_one_size_restore_one_template_and_stay_independent() {
 
     first.kill().expect("kill");
     second.kill().expect("kill");
-    assert!(
-        root.path().join(".templates").read_dir().unwrap().count() == 1,
-        "killing sandboxes keeps the template"
-    );
+    assert!(root.path().join(".templates").read_dir().unwrap().count() == 1, "killing sandboxes keeps the template");
 }
 
 #[test]
@@ -408,11 +333,7 @@ fn python_state_and_a_background_process_survive_pause_and_resume() {
         return;
     };
     // The first create builds (and warms) the template; the measured one restores it.
-    engine
-        .create(&spec("kvm-w0"))
-        .expect("build the template")
-        .kill()
-        .expect("kill");
+    engine.create(&spec("kvm-w0")).expect("build the template").kill().expect("kill");
     let t = Instant::now();
     let mut machine = engine.create(&spec("kvm-w")).expect("create");
     let client = machine.connect().expect("connect");
@@ -471,13 +392,8 @@ const FORKS: usize = 10;
 fn parent_and_forks(
     engine: &KvmEngine,
     prefix: &str,
-) -> (
-    Box<dyn capsule::engine::Machine>,
-    Vec<Box<dyn capsule::engine::Machine>>,
-) {
-    let mut parent = engine
-        .create(&spec(&format!("{prefix}-p")))
-        .expect("create");
+) -> (Box<dyn capsule::engine::Machine>, Vec<Box<dyn capsule::engine::Machine>>) {
+    let mut parent = engine.create(&spec(&format!("{prefix}-p"))).expect("create");
     let client = parent.connect().expect("connect");
     py(&client, "import os\nx = 41");
     sh(&client, "echo parent > /root/who");
@@ -485,17 +401,12 @@ fn parent_and_forks(
     let children: Vec<_> = (0..FORKS)
         .map(|i| {
             let t = Instant::now();
-            let child = parent
-                .fork(&spec(&format!("{prefix}-{i}")))
-                .unwrap_or_else(|e| panic!("fork {i}: {e}"));
+            let child = parent.fork(&spec(&format!("{prefix}-{i}"))).unwrap_or_else(|e| panic!("fork {i}: {e}"));
             took.push(t.elapsed());
             child
         })
         .collect();
-    eprintln!(
-        "kvm engine: fork median {:.1} ms over {FORKS} forks",
-        median_ms(took)
-    );
+    eprintln!("kvm engine: fork median {:.1} ms over {FORKS} forks", median_ms(took));
     (parent, children)
 }
 
@@ -508,28 +419,16 @@ fn ten_forks_start_from_the_parents_state_and_then_diverge() {
     for (i, child) in children.iter_mut().enumerate() {
         let c = child.connect().expect("connect to a child");
         assert_eq!(py(&c, "x"), "41", "child {i} sees the parent's variable");
-        assert_eq!(
-            sh(&c, "cat /root/who"),
-            "parent\n",
-            "child {i} has the parent's files"
-        );
+        assert_eq!(sh(&c, "cat /root/who"), "parent\n", "child {i} has the parent's files");
         py(&c, &format!("x = {}", 100 + i));
         sh(&c, &format!("echo child-{i} > /root/who"));
     }
     let p = parent.connect().expect("the parent runs on");
-    assert_eq!(
-        py(&p, "x"),
-        "41",
-        "children's writes do not reach the parent"
-    );
+    assert_eq!(py(&p, "x"), "41", "children's writes do not reach the parent");
     assert_eq!(sh(&p, "cat /root/who"), "parent\n");
     for (i, child) in children.iter_mut().enumerate() {
         let c = child.connect().expect("connect to a child");
-        assert_eq!(
-            py(&c, "x"),
-            (100 + i).to_string(),
-            "child {i} kept its own value"
-        );
+        assert_eq!(py(&c, "x"), (100 + i).to_string(), "child {i} kept its own value");
         assert_eq!(sh(&c, "cat /root/who"), format!("child-{i}\n"));
         child.kill().expect("kill a child");
     }
@@ -546,22 +445,11 @@ fn every_fork_has_its_own_random_numbers() {
     let mut python = std::collections::BTreeSet::new();
     for machine in std::iter::once(&mut parent).chain(children.iter_mut()) {
         let c = machine.connect().expect("connect");
-        kernel.insert(sh(
-            &c,
-            "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
-        ));
+        kernel.insert(sh(&c, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"));
         python.insert(py(&c, "os.urandom(16).hex()"));
     }
-    assert_eq!(
-        kernel.len(),
-        FORKS + 1,
-        "/dev/urandom repeats across forks: {kernel:?}"
-    );
-    assert_eq!(
-        python.len(),
-        FORKS + 1,
-        "os.urandom repeats across forks: {python:?}"
-    );
+    assert_eq!(kernel.len(), FORKS + 1, "/dev/urandom repeats across forks: {kernel:?}");
+    assert_eq!(python.len(), FORKS + 1, "os.urandom repeats across forks: {python:?}");
     for child in &mut children {
         child.kill().expect("kill a child");
     }
@@ -571,10 +459,7 @@ fn every_fork_has_its_own_random_numbers() {
 /// Bytes the file at `path` takes on disk (holes of a sparse layer take none).
 fn allocated_bytes(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .blocks()
-        * 512
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).blocks() * 512
 }
 
 /// The `snapshot-N` directories in the sandbox directory `dir`, sorted.
@@ -641,12 +526,7 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
             );
             layered.push(took);
         }
-        assert_eq!(
-            snapshots_in(&dir).len() as u64,
-            generation,
-            "the whole chain is kept: {:?}",
-            snapshots_in(&dir)
-        );
+        assert_eq!(snapshots_in(&dir).len() as u64, generation, "the whole chain is kept: {:?}", snapshots_in(&dir));
         resume_check_and_advance(&mut machine, round, round + 1);
     }
     eprintln!(
@@ -664,9 +544,7 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
     drop(machine);
     drop(engine);
     let engine = self::engine(root.path().to_path_buf()).expect("engine again");
-    let mut machine = engine
-        .reattach(&spec("kvm-i"), &saved, true)
-        .expect("reattach");
+    let mut machine = engine.reattach(&spec("kvm-i"), &saved, true).expect("reattach");
     resume_check_and_advance(&mut machine, 5, 6);
     // The reattached sandbox keeps stacking layers on the same chain.
     let (_, generation, layers) = timed_pause(&mut machine);
@@ -714,11 +592,7 @@ fn a_full_pause_drops_the_old_chain_and_forks_outlive_their_parents_chain() {
     let mut running_child = parent.fork(&spec("kvm-c2")).expect("fork while running");
     let (_, generation, layers) = timed_pause(&mut parent);
     assert_eq!((generation, layers), (3, 0), "a pause after a fork is full");
-    assert_eq!(
-        snapshots_in(&dir),
-        vec!["snapshot-3".to_string()],
-        "a full pause deletes the older chain"
-    );
+    assert_eq!(snapshots_in(&dir), vec!["snapshot-3".to_string()], "a full pause deletes the older chain");
     parent.kill().expect("kill the parent");
     assert!(!dir.exists());
 

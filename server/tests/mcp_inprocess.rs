@@ -15,7 +15,8 @@ use common::*;
 use rmcp::model::{CallToolRequestParams, NumberOrString, ProgressToken, RequestMetaObject};
 use serde_json::json;
 
-const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
+const PNG_1X1: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
 
 #[tokio::test]
 async fn tools_list_is_the_checked_in_contract() {
@@ -124,7 +125,8 @@ async fn background_processes_are_read_incrementally_and_killed() {
     let f = Fixture::default().await;
     let started = ok(
         "bg",
-        &f.call("run_command", json!({"command": "echo one; sleep 0.3; echo two >&2; exit 4", "background": true})).await,
+        &f.call("run_command", json!({"command": "echo one; sleep 0.3; echo two >&2; exit 4", "background": true}))
+            .await,
     );
     let pid = started["pid"].as_u64().unwrap();
     let mut out = String::new();
@@ -186,7 +188,10 @@ async fn files_round_trip_as_text_base64_and_images() {
     assert_eq!(p["next_offset"], 5);
     assert!(text(&piece).contains("offset=5"), "{}", text(&piece));
 
-    ok("script", &f.call("write_file", json!({"path": "run.sh", "content": "#!/bin/sh\necho ran\n", "mode": "755"})).await);
+    ok(
+        "script",
+        &f.call("write_file", json!({"path": "run.sh", "content": "#!/bin/sh\necho ran\n", "mode": "755"})).await,
+    );
     let ran = ok("exec", &f.call("run_command", json!({"command": "./run.sh"})).await);
     assert_eq!(ran["stdout"], "ran\n");
 
@@ -321,7 +326,10 @@ async fn fork_copies_files_into_independent_sandboxes() {
     assert_eq!(kids.len(), 2);
     assert!(forked["note"].as_str().unwrap().contains("test engine"));
     for (i, kid) in kids.iter().enumerate() {
-        let r = ok("kid", &f.call("run_command", json!({"command": format!("cat f.txt; echo {i} > f.txt"), "sandbox_id": kid})).await);
+        let r = ok(
+            "kid",
+            &f.call("run_command", json!({"command": format!("cat f.txt; echo {i} > f.txt"), "sandbox_id": kid})).await,
+        );
         assert_eq!(r["stdout"], "base\n");
     }
     let p = ok("parent", &f.call("run_command", json!({"command": "cat f.txt"})).await);
@@ -359,7 +367,11 @@ async fn limits_are_enforced_with_explanations() {
     ok("one", &f.call("create_sandbox", json!({"memory_mib": 1024})).await);
     let r = f.call("create_sandbox", json!({"memory_mib": 1024})).await;
     assert!(is_error(&r));
-    assert!(text(&r).contains("memory budget") && text(&r).contains("with pause or delete one with kill_sandbox"), "{}", text(&r));
+    assert!(
+        text(&r).contains("memory budget") && text(&r).contains("with pause or delete one with kill_sandbox"),
+        "{}",
+        text(&r)
+    );
     ok("two", &f.call("create_sandbox", json!({"memory_mib": 256})).await);
     let r = f.call("create_sandbox", json!({"memory_mib": 256})).await;
     assert!(text(&r).contains("at most 2 sandboxes") && text(&r).contains("kill_sandbox"), "{}", text(&r));
@@ -482,13 +494,17 @@ async fn after_a_restart_paused_sandboxes_resume_and_dead_ones_are_marked_failed
     let manager = open_manager(dir.path(), &settings);
     let (client, _) = connect(&manager, Owner::new("test-session"), &settings).await;
     let listed = ok("list", &call(&client, "list_sandboxes", json!({})).await);
-    let find = |id: &str| listed["sandboxes"].as_array().unwrap().iter().find(|s| s["sandbox_id"] == id).unwrap().clone();
+    let find =
+        |id: &str| listed["sandboxes"].as_array().unwrap().iter().find(|s| s["sandbox_id"] == id).unwrap().clone();
     assert_eq!(find(&a_id)["state"], "paused");
     assert_eq!(listed["default_sandbox_id"], a_id.as_str(), "the default sandbox survives the restart");
     assert_eq!(find(&b_id)["state"], "failed");
     assert!(find(&b_id)["failure"].as_str().unwrap().contains("lost while the server was down"));
     assert_eq!(find(&c_id)["state"], "running", "a running sandbox whose VM lived on is adopted again");
-    let rc = ok("c after restart", &call(&client, "run_command", json!({"command": "echo still", "sandbox_id": c_id})).await);
+    let rc = ok(
+        "c after restart",
+        &call(&client, "run_command", json!({"command": "echo still", "sandbox_id": c_id})).await,
+    );
     assert_eq!(rc["stdout"], "still\n");
     let r = ok("resume by call", &call(&client, "run_command", json!({"command": "cat k.txt"})).await);
     assert_eq!(r["stdout"], "kept\n");
@@ -715,7 +731,9 @@ async fn sandboxes_orphaned_by_a_restart_are_seen_by_shared_sessions_and_deleted
 #[tokio::test]
 async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_notes() {
     let f = Fixture::new(Settings { output_cap_bytes: 4000, ..Settings::default() }).await;
-    let r = f.call("run_code", json!({"code": "for i in range(10000):\n    display(i)\nprint('x' * 200000)\n'done'"})).await;
+    let r = f
+        .call("run_code", json!({"code": "for i in range(10000):\n    display(i)\nprint('x' * 200000)\n'done'"}))
+        .await;
     if run_code_unavailable(&r) {
         f.cleanup().await;
         return;
@@ -734,6 +752,10 @@ async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_n
 
     let big = f.call("run_code", json!({"code": "'y' * 100000"})).await;
     let value = structured(&big)["results"][0]["text"].as_str().unwrap().to_string();
-    assert!(value.len() < 4200 && value.contains("[text/plain cut: 4000 of 100002 bytes shown"), "{}", &value[value.len() - 200..]);
+    assert!(
+        value.len() < 4200 && value.contains("[text/plain cut: 4000 of 100002 bytes shown"),
+        "{}",
+        &value[value.len() - 200..]
+    );
     f.cleanup().await;
 }

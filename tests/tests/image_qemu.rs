@@ -35,23 +35,14 @@ impl Drop for Qemu {
 
 /// The accelerator for this image on this host, or why it cannot run here.
 fn accelerator(info: &ImageInfo) -> Result<&'static [&'static str], String> {
-    let kvm_usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     let pvm_host = Path::new("/sys/module/kvm_pvm").exists();
     match info.flavour {
         // qemu 7.2 fails to set IA32_ARCH_CAPABILITIES (MSR 0x10a) on this PVM
         // host and aborts, so that feature is masked.
-        Flavour::Pvm if kvm_usable && pvm_host => Ok(&[
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-smp",
-            "1",
-        ]),
+        Flavour::Pvm if kvm_usable && pvm_host => {
+            Ok(&["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "1"])
+        }
         Flavour::Pvm => Err("the pvm image needs a PVM host with /dev/kvm".to_owned()),
         // A standard kernel runs at speed under hardware KVM; on a PVM host KVM
         // would only emulate it, and TCG is much faster than that.
@@ -70,11 +61,7 @@ fn image_boots_under_qemu_microvm_to_agent_init_ok() {
             return;
         }
     };
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
         eprintln!("SKIP: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
         return;
     }
@@ -95,29 +82,17 @@ fn image_boots_under_qemu_microvm_to_agent_init_ok() {
         // acpi=off: only then does qemu declare its virtio-mmio devices on the
         // kernel command line, as our VMM does (the kernel has no ACPI).
         .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
         .args(["-m", &GUEST_MEMORY_MIB.to_string()])
         .args(accel)
         .arg("-kernel")
         .arg(&info.kernel)
         .args(["-append", &info.cmdline])
         .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none,readonly=on",
-            info.rootfs.display()
-        ))
+        .arg(format!("id=root,file={},format=raw,if=none,readonly=on", info.rootfs.display()))
         .args(["-device", "virtio-blk-device,drive=root"])
         .arg("-drive")
-        .arg(format!(
-            "id=rw,file={},format=raw,if=none",
-            rw_disk.display()
-        ))
+        .arg(format!("id=rw,file={},format=raw,if=none", rw_disk.display()))
         .args(["-device", "virtio-blk-device,drive=rw", "-no-reboot"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -176,8 +151,5 @@ fn image_boots_under_qemu_microvm_to_agent_init_ok() {
         info.version,
         info.flavour
     );
-    eprintln!(
-        "image {} ({}) reached `{INIT_OK}` under qemu {accel:?} in {boot_time:.2?}",
-        info.version, info.flavour
-    );
+    eprintln!("image {} ({}) reached `{INIT_OK}` under qemu {accel:?} in {boot_time:.2?}", info.version, info.flavour);
 }

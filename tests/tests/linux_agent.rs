@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capsule::engine::kvm::{
-    boot_config, connect_agent, serial_tail, wait_for_serial, SandboxFiles, AGENT_READY_MARKER,
-    AGENT_READY_TIMEOUT, SERIAL_TAIL_LINES,
+    boot_config, connect_agent, serial_tail, wait_for_serial, SandboxFiles, AGENT_READY_MARKER, AGENT_READY_TIMEOUT,
+    SERIAL_TAIL_LINES,
 };
 use capsule::image::{create_writable_disk, current_image};
 use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
@@ -71,58 +71,34 @@ fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
     );
     let to_ready = started.elapsed();
 
-    let client = connect_agent(&files.vsock_uds(), &log, CONNECT_TIMEOUT, || {
-        match worker.wait_event(Duration::ZERO) {
-            Some(event) => Err(format!("{event:?}")),
-            None => Ok(()),
-        }
+    let client = connect_agent(&files.vsock_uds(), &log, CONNECT_TIMEOUT, || match worker.wait_event(Duration::ZERO) {
+        Some(event) => Err(format!("{event:?}")),
+        None => Ok(()),
     })
     .unwrap_or_else(|e| panic!("handshake over vsock: {e}"));
     let to_handshake = started.elapsed();
 
     // A shell command, its output and exit code.
     let out = client
-        .exec(
-            ExecRequest::shell("echo capsule-$((6 * 7)); uname -s; echo to-stderr >&2; exit 3"),
-            Some(CALL_TIMEOUT),
-        )
+        .exec(ExecRequest::shell("echo capsule-$((6 * 7)); uname -s; echo to-stderr >&2; exit 3"), Some(CALL_TIMEOUT))
         .expect("exec");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "capsule-42\nLinux\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
     assert_eq!(out.status.code, Some(3), "{:?}", out.status);
 
     // The root is the overlay the agent built from /dev/vda (read-only) and /dev/vdb.
-    let mounts = client
-        .exec(ExecRequest::shell("cat /proc/mounts"), Some(CALL_TIMEOUT))
-        .expect("exec cat /proc/mounts");
+    let mounts =
+        client.exec(ExecRequest::shell("cat /proc/mounts"), Some(CALL_TIMEOUT)).expect("exec cat /proc/mounts");
     let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
-    assert!(
-        mounts.lines().any(|l| l.starts_with("overlay / overlay ")),
-        "the root is not an overlay:\n{mounts}"
-    );
+    assert!(mounts.lines().any(|l| l.starts_with("overlay / overlay ")), "the root is not an overlay:\n{mounts}");
 
     // A file round trip through the overlay root, seen by the guest's own tools too.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let written = client
-        .write_file("/root/roundtrip/data.bin", &data, Some(0o600))
-        .expect("write_file");
+    let written = client.write_file("/root/roundtrip/data.bin", &data, Some(0o600)).expect("write_file");
     assert_eq!(written, data.len() as u64);
-    assert_eq!(
-        client
-            .read_file("/root/roundtrip/data.bin")
-            .expect("read_file"),
-        data
-    );
-    let wc = client
-        .exec(
-            ExecRequest::shell("wc -c < /root/roundtrip/data.bin"),
-            Some(CALL_TIMEOUT),
-        )
-        .expect("exec wc");
-    assert_eq!(
-        String::from_utf8_lossy(&wc.stdout).trim(),
-        data.len().to_string()
-    );
+    assert_eq!(client.read_file("/root/roundtrip/data.bin").expect("read_file"), data);
+    let wc = client.exec(ExecRequest::shell("wc -c < /root/roundtrip/data.bin"), Some(CALL_TIMEOUT)).expect("exec wc");
+    assert_eq!(String::from_utf8_lossy(&wc.stdout).trim(), data.len().to_string());
 
     // A Python cell: the value of the last expression comes back.
     let (events, reply) = client

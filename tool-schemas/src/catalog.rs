@@ -81,10 +81,7 @@ fn input_schema_of<T: JsonSchema>() -> Value {
 }
 
 fn output_schema_of<T: JsonSchema>() -> Value {
-    let schema = SchemaSettings::draft2020_12()
-        .for_serialize()
-        .into_generator()
-        .into_root_schema_for::<T>();
+    let schema = SchemaSettings::draft2020_12().for_serialize().into_generator().into_root_schema_for::<T>();
     schema.to_value()
 }
 
@@ -220,18 +217,14 @@ fn type_name(prop: &Value) -> String {
         return r.rsplit('/').next().unwrap_or(r).to_string();
     }
     if let Some(any) = prop.get("anyOf").and_then(Value::as_array) {
-        let names: Vec<String> =
-            any.iter().map(type_name).filter(|n| n != "null").collect();
+        let names: Vec<String> = any.iter().map(type_name).filter(|n| n != "null").collect();
         return names.join(" or ");
     }
     match prop.get("type") {
         Some(Value::String(t)) => t.clone(),
-        Some(Value::Array(ts)) => ts
-            .iter()
-            .filter_map(Value::as_str)
-            .filter(|t| *t != "null")
-            .collect::<Vec<_>>()
-            .join(" or "),
+        Some(Value::Array(ts)) => {
+            ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join(" or ")
+        }
         _ => "any".to_string(),
     }
 }

@@ -62,11 +62,7 @@ fn every_tool_has_a_description_annotations_and_object_schemas() {
         let props = tool.input_schema();
         let props = props.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
         for (name, prop) in props {
-            assert!(
-                prop.get("description").is_some(),
-                "{}.{name} has no description",
-                tool.name
-            );
+            assert!(prop.get("description").is_some(), "{}.{name} has no description", tool.name);
         }
     }
 }

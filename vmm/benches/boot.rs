@@ -44,17 +44,13 @@ fn main() {
         let t0 = Instant::now();
         let mut vm = build_microvm(&config).expect("build tiny VM");
         vm.start().expect("start tiny VM");
-        assert!(
-            vm.serial().wait_for(b"!", TIMEOUT),
-            "tiny guest printed nothing"
-        );
+        assert!(vm.serial().wait_for(b"!", TIMEOUT), "tiny guest printed nothing");
         let first = vm.serial().first_output().expect("first output time");
         tiny.push((first - t0).as_secs_f64() * 1e3);
     }
     summary("tiny guest: create -> first port-I/O exit", tiny);
 
-    let (Some(kernel), Some(initrd)) = (common::reference_kernel(), common::reference_initramfs())
-    else {
+    let (Some(kernel), Some(initrd)) = (common::reference_kernel(), common::reference_initramfs()) else {
         println!("SKIP Linux boot: reference kernel/initramfs missing");
         return;
     };
@@ -66,16 +62,10 @@ fn main() {
         let t0 = Instant::now();
         let mut vm = build_microvm(&linux).expect("build Linux VM");
         vm.start().expect("start Linux VM");
-        assert!(
-            vm.serial().wait_for(b"PVM-GUEST-USERSPACE", TIMEOUT),
-            "no userspace"
-        );
+        assert!(vm.serial().wait_for(b"PVM-GUEST-USERSPACE", TIMEOUT), "no userspace");
         in_process.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    summary(
-        "PVM Linux in-process: create -> PVM-GUEST-USERSPACE",
-        in_process,
-    );
+    summary("PVM Linux in-process: create -> PVM-GUEST-USERSPACE", in_process);
 
     let worker_exe = Path::new(env!("CARGO_BIN_EXE_capsule-vmm-worker"));
     let dir = tempfile::tempdir().expect("temp dir");
@@ -97,8 +87,5 @@ fn main() {
         }
         via_worker.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    summary(
-        "PVM Linux via worker process: spawn -> PVM-GUEST-USERSPACE",
-        via_worker,
-    );
+    summary("PVM Linux via worker process: spawn -> PVM-GUEST-USERSPACE", via_worker);
 }

@@ -101,10 +101,7 @@ fn bench_restore(payload: &Path, dir: &Path, mem_mib: u64) {
         vm.start().expect("start");
         boots.push(first_output_ms(&vm, t0));
     }
-    let boot = summary(
-        &format!("  baseline, {mem_mib} MiB: cold boot -> first instruction (port I/O)"),
-        &boots,
-    );
+    let boot = summary(&format!("  baseline, {mem_mib} MiB: cold boot -> first instruction (port I/O)"), &boots);
 
     let mut vm = build_microvm(&config).expect("build");
     vm.start().expect("start");
@@ -120,10 +117,8 @@ fn bench_restore(payload: &Path, dir: &Path, mem_mib: u64) {
         vm.start().expect("start");
         restores.push(first_output_ms(&vm, t0));
     }
-    let restore = summary(
-        &format!("  restore, {mem_mib} MiB: open snapshot -> first instruction (port I/O)"),
-        &restores,
-    );
+    let restore =
+        summary(&format!("  restore, {mem_mib} MiB: open snapshot -> first instruction (port I/O)"), &restores);
     println!(
         "  restore/boot ratio {:.3}; target <= 5 ms: {}",
         restore / boot,
@@ -136,17 +131,13 @@ fn bench_pause(dir: &Path) {
     let payload = common::elf_payload(&fill_then_touch(PAUSE_FILL_BYTES, pages as u32));
     let mut vm = build_microvm(&tiny_config(payload.path(), PAUSE_GUEST_MIB)).expect("build");
     vm.start().expect("start");
-    assert!(
-        vm.serial().wait_for(b"F", TIMEOUT),
-        "the guest never filled its memory"
-    );
+    assert!(vm.serial().wait_for(b"F", TIMEOUT), "the guest never filled its memory");
     let mut fulls = Vec::new();
     let mut parent: Option<SnapshotRef> = None;
     for run in 0..FULL_DUMP_RUNS {
         vm.pause().expect("pause");
         let t0 = Instant::now();
-        let (info, snap) =
-            save_snapshot(&mut vm, &dir.join(format!("full-{run}")), None).expect("full");
+        let (info, snap) = save_snapshot(&mut vm, &dir.join(format!("full-{run}")), None).expect("full");
         fulls.push(t0.elapsed().as_secs_f64() * 1e3);
         println!("    full dump {run}: {} pages written", info.pages_written);
         parent = Some(snap);
@@ -157,24 +148,16 @@ fn bench_pause(dir: &Path) {
     for run in 0..INCREMENTAL_RUNS {
         vm.pause().expect("pause");
         let t0 = Instant::now();
-        let (info, snap) = save_snapshot(&mut vm, &dir.join(format!("inc-{run}")), parent.as_ref())
-            .expect("incremental");
+        let (info, snap) =
+            save_snapshot(&mut vm, &dir.join(format!("inc-{run}")), parent.as_ref()).expect("incremental");
         incs.push(t0.elapsed().as_secs_f64() * 1e3);
-        println!(
-            "    incremental {run}: {} pages written ({pages} touched by the guest)",
-            info.pages_written
-        );
+        println!("    incremental {run}: {} pages written ({pages} touched by the guest)", info.pages_written);
         parent = Some(snap);
         vm.resume().expect("resume");
         std::thread::sleep(DIRTY_TIME);
     }
-    let full = summary(
-        &format!(
-            "  full dump, {PAUSE_GUEST_MIB} MiB guest, ~{} MiB non-zero",
-            PAUSE_FILL_BYTES >> 20
-        ),
-        &fulls,
-    );
+    let full =
+        summary(&format!("  full dump, {PAUSE_GUEST_MIB} MiB guest, ~{} MiB non-zero", PAUSE_FILL_BYTES >> 20), &fulls);
     let inc = summary("  incremental pause, 1% of pages dirty", &incs);
     println!(
         "  incremental/full ratio {:.4}; target <= 0.10: {}",
@@ -207,16 +190,12 @@ fn bench_forks(dir: &Path) {
         spawns.push(t0.elapsed().as_secs_f64() * 1e3);
         worker.stop().expect("stop");
     }
-    let spawn = summary(
-        "  baseline: one worker process booting the guest (spawn + start)",
-        &spawns,
-    );
+    let spawn = summary("  baseline: one worker process booting the guest (spawn + start)", &spawns);
 
     let t0 = Instant::now();
     let forks: Vec<WorkerHandle> = (0..FORKS)
         .map(|_| {
-            let worker =
-                WorkerHandle::restore(exe, &snap, RestoreOverrides::default()).expect("restore");
+            let worker = WorkerHandle::restore(exe, &snap, RestoreOverrides::default()).expect("restore");
             worker.start().expect("start");
             worker
         })

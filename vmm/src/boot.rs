@@ -14,9 +14,7 @@ use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::arch::x86_64::layout::{
-    CMDLINE_MAX_BYTES, CMDLINE_START, EBDA_START, HIGH_MEMORY_START, ZERO_PAGE_START,
-};
+use crate::arch::x86_64::layout::{CMDLINE_MAX_BYTES, CMDLINE_START, EBDA_START, HIGH_MEMORY_START, ZERO_PAGE_START};
 use crate::vstate::memory::GuestMemoryMmap;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -45,11 +43,7 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     #[error("the initrd ({bytes} bytes) does not fit between the kernel end {kernel_end:#x} and {ram_end:#x}")]
-    InitrdTooBig {
-        bytes: u64,
-        kernel_end: u64,
-        ram_end: u64,
-    },
+    InitrdTooBig { bytes: u64, kernel_end: u64, ram_end: u64 },
     #[error("reading the initrd into guest memory")]
     LoadInitrd(#[source] vm_memory::GuestMemoryError),
     #[error("kernel command line is {got} bytes; at most {max} fit", max = CMDLINE_MAX_BYTES - 1)]
@@ -69,25 +63,11 @@ pub struct LoadedKernel {
 
 /// Loads the ELF kernel at `path` into guest memory.
 pub fn load_kernel(memory: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::Open {
-        what: "kernel",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let result = Elf::load(
-        memory,
-        None,
-        &mut file,
-        Some(GuestAddress(HIGH_MEMORY_START)),
-    )
-    .map_err(|source| BootError::LoadKernel {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(LoadedKernel {
-        entry: result.kernel_load,
-        kernel_end: result.kernel_end,
-    })
+    let mut file =
+        File::open(path).map_err(|source| BootError::Open { what: "kernel", path: path.to_path_buf(), source })?;
+    let result = Elf::load(memory, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
+        .map_err(|source| BootError::LoadKernel { path: path.to_path_buf(), source })?;
+    Ok(LoadedKernel { entry: result.kernel_load, kernel_end: result.kernel_end })
 }
 
 /// Where the initrd went.
@@ -98,16 +78,8 @@ pub struct LoadedInitrd {
 }
 
 /// Loads the initrd at the top of low RAM (page aligned), above the kernel.
-pub fn load_initrd(
-    memory: &GuestMemoryMmap,
-    path: &Path,
-    kernel_end: u64,
-) -> Result<LoadedInitrd, BootError> {
-    let open_err = |source| BootError::Open {
-        what: "initrd",
-        path: path.to_path_buf(),
-        source,
-    };
+pub fn load_initrd(memory: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<LoadedInitrd, BootError> {
+    let open_err = |source| BootError::Open { what: "initrd", path: path.to_path_buf(), source };
     let mut file = File::open(path).map_err(open_err)?;
     let bytes = file.metadata().map_err(open_err)?.len();
     // The kernel only takes an initrd that ends at or below initrd_addr_max.
@@ -116,45 +88,24 @@ pub fn load_initrd(
         .checked_sub(bytes)
         .map(|s| s & !(PAGE_BYTES - 1))
         .filter(|s| *s >= kernel_end)
-        .ok_or(BootError::InitrdTooBig {
-            bytes,
-            kernel_end,
-            ram_end,
-        })?;
-    memory
-        .read_exact_volatile_from(GuestAddress(start), &mut file, bytes as usize)
-        .map_err(BootError::LoadInitrd)?;
-    Ok(LoadedInitrd {
-        address: GuestAddress(start),
-        bytes,
-    })
+        .ok_or(BootError::InitrdTooBig { bytes, kernel_end, ram_end })?;
+    memory.read_exact_volatile_from(GuestAddress(start), &mut file, bytes as usize).map_err(BootError::LoadInitrd)?;
+    Ok(LoadedInitrd { address: GuestAddress(start), bytes })
 }
 
 /// End of the RAM region that starts at 0 (everything Linux needs at boot lives there).
 fn low_ram_end(memory: &GuestMemoryMmap) -> u64 {
-    memory
-        .iter()
-        .find(|r| r.start_addr().raw_value() == 0)
-        .map(|r| r.len())
-        .unwrap_or(0)
+    memory.iter().find(|r| r.start_addr().raw_value() == 0).map(|r| r.len()).unwrap_or(0)
 }
 
 /// The e820 RAM map: low memory below the EBDA, then from 1 MiB on, region by region.
 pub fn e820_entries(memory: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
-    let mut entries = vec![boot_e820_entry {
-        addr: 0,
-        size: EBDA_START,
-        r#type: E820_RAM,
-    }];
+    let mut entries = vec![boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM }];
     for region in memory.iter() {
         let start = region.start_addr().raw_value().max(HIGH_MEMORY_START);
         let end = region.start_addr().raw_value() + region.len();
         if end > start {
-            entries.push(boot_e820_entry {
-                addr: start,
-                size: end - start,
-                r#type: E820_RAM,
-            });
+            entries.push(boot_e820_entry { addr: start, size: end - start, r#type: E820_RAM });
         }
     }
     entries
@@ -171,9 +122,7 @@ pub fn write_boot_params(
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    memory
-        .write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(BootError::WriteCmdline)?;
+    memory.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(BootError::WriteCmdline)?;
 
     let mut params = boot_params::default();
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
@@ -217,10 +166,7 @@ mod tests {
         let loaded = load_initrd(&big.memory, initrd.path(), 0x200_0000).unwrap();
         assert!(loaded.address.raw_value() + 5000 <= u64::from(INITRD_ADDR_MAX) + 1);
         let too_high_kernel = load_initrd(&small.memory, initrd.path(), (64 << 20) - 4096);
-        assert!(matches!(
-            too_high_kernel,
-            Err(BootError::InitrdTooBig { .. })
-        ));
+        assert!(matches!(too_high_kernel, Err(BootError::InitrdTooBig { .. })));
     }
 
     #[test]

@@ -11,8 +11,7 @@ use crate::boot::{self, LoadedKernel};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{
-    ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT,
-    RESET_CONTROL_PORT,
+    ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT, RESET_CONTROL_PORT,
 };
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIAL_PORT_COUNT};
 use crate::microvm::{MicroVm, MicroVmParts};
@@ -92,14 +91,7 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
     if host_is_pvm() {
         append_missing_params(&mut cmdline, PVM_GUEST_CMDLINE_QUIRKS);
     }
-    let virtio = virtio_wiring::attach_virtio_devices(
-        &vm,
-        &memory.memory,
-        config,
-        &mut mmio,
-        &mut cmdline,
-        None,
-    )?;
+    let virtio = virtio_wiring::attach_virtio_devices(&vm, &memory.memory, config, &mut mmio, &mut cmdline, None)?;
 
     boot::write_boot_params(&memory.memory, &cmdline, initrd)?;
     regs::write_boot_tables(&memory.memory)?;
@@ -143,25 +135,12 @@ pub(crate) fn attach_legacy_devices(
 ) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     vm.register_irqfd(&irq, SERIAL_GSI)?;
     let uart = Arc::new(Mutex::new(uart));
-    pio.insert(
-        uart.clone(),
-        u64::from(SERIAL_PORT_BASE),
-        u64::from(SERIAL_PORT_COUNT),
-    )?;
+    pio.insert(uart.clone(), u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_COUNT))?;
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&kbd_irq, I8042_KBD_GSI)?;
-    let kbd = I8042::new(stop_request.clone())
-        .with_kbd_irq(kbd_irq.try_clone().map_err(BuildError::EventFd)?);
-    pio.insert(
-        Arc::new(Mutex::new(kbd)),
-        u64::from(I8042_DATA_PORT),
-        u64::from(I8042_PORT_COUNT),
-    )?;
-    pio.insert(
-        Arc::new(Mutex::new(ResetControl::new(stop_request.clone()))),
-        u64::from(RESET_CONTROL_PORT),
-        1,
-    )?;
+    let kbd = I8042::new(stop_request.clone()).with_kbd_irq(kbd_irq.try_clone().map_err(BuildError::EventFd)?);
+    pio.insert(Arc::new(Mutex::new(kbd)), u64::from(I8042_DATA_PORT), u64::from(I8042_PORT_COUNT))?;
+    pio.insert(Arc::new(Mutex::new(ResetControl::new(stop_request.clone()))), u64::from(RESET_CONTROL_PORT), 1)?;
     // The irqfds stay registered with KVM; the devices keep their own clones of the eventfds.
     drop(irq);
     drop(kbd_irq);
@@ -169,24 +148,12 @@ pub(crate) fn attach_legacy_devices(
 }
 
 /// Creates and configures `count` vCPUs entering at the kernel entry point.
-fn create_vcpus(
-    vm: &Vm,
-    count: u8,
-    kernel: LoadedKernel,
-    options: BootOptions,
-) -> Result<Vec<Vcpu>, BuildError> {
+fn create_vcpus(vm: &Vm, count: u8, kernel: LoadedKernel, options: BootOptions) -> Result<Vec<Vcpu>, BuildError> {
     let supported = vm.supported_cpuid()?;
     (0..count)
         .map(|index| {
             let fd = vm.create_vcpu(index)?;
-            Ok(Vcpu::configure(
-                fd,
-                index,
-                count,
-                &supported,
-                kernel.entry.0,
-                options.all_vcpus_at_entry,
-            )?)
+            Ok(Vcpu::configure(fd, index, count, &supported, kernel.entry.0, options.all_vcpus_at_entry)?)
         })
         .collect()
 }

@@ -87,9 +87,7 @@ impl VmConfig {
             return Err(ConfigError::MemMib { got: self.mem_mib });
         }
         if self.cmdline.len() > MAX_CMDLINE_BYTES {
-            return Err(ConfigError::CmdlineTooLong {
-                got: self.cmdline.len(),
-            });
+            return Err(ConfigError::CmdlineTooLong { got: self.cmdline.len() });
         }
         if self.cmdline.bytes().any(|b| b == 0 || !b.is_ascii()) {
             return Err(ConfigError::CmdlineNotAscii);
@@ -99,24 +97,12 @@ impl VmConfig {
             require_file("initrd", initrd)?;
         }
         for (i, disk) in self.disks.iter().enumerate() {
-            require_file(
-                if i == 0 {
-                    "disks[0].path"
-                } else {
-                    "disks[].path"
-                },
-                &disk.path,
-            )
-            .map_err(|_| ConfigError::MissingDisk {
-                index: i,
-                path: disk.path.clone(),
-            })?;
+            require_file(if i == 0 { "disks[0].path" } else { "disks[].path" }, &disk.path)
+                .map_err(|_| ConfigError::MissingDisk { index: i, path: disk.path.clone() })?;
         }
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < MIN_GUEST_CID {
-                return Err(ConfigError::GuestCid {
-                    got: vsock.guest_cid,
-                });
+                return Err(ConfigError::GuestCid { got: vsock.guest_cid });
             }
             let len = vsock.uds_path.as_os_str().len();
             if len == 0 || len > MAX_UDS_PATH_BYTES {
@@ -124,9 +110,7 @@ impl VmConfig {
             }
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices {
-                got: self.virtio_device_count(),
-            });
+            return Err(ConfigError::TooManyDevices { got: self.virtio_device_count() });
         }
         Ok(())
     }
@@ -136,10 +120,7 @@ fn require_file(field: &'static str, path: &std::path::Path) -> Result<(), Confi
     if path.is_file() {
         Ok(())
     } else {
-        Err(ConfigError::MissingFile {
-            field,
-            path: path.to_path_buf(),
-        })
+        Err(ConfigError::MissingFile { field, path: path.to_path_buf() })
     }
 }
 
@@ -181,48 +162,25 @@ mod tests {
         let (_k, mut c) = valid();
         c.validate().unwrap();
         c.vcpus = 0;
-        assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "vcpus must be 1..=32, got 0"
-        );
+        assert_eq!(c.validate().unwrap_err().to_string(), "vcpus must be 1..=32, got 0");
         c.vcpus = 33;
         assert!(c.validate().is_err());
         c.vcpus = 2;
         c.mem_mib = 63;
-        assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "mem_mib must be 64..=65536, got 63"
-        );
+        assert_eq!(c.validate().unwrap_err().to_string(), "mem_mib must be 64..=65536, got 63");
         c.mem_mib = 128;
         c.cmdline = "x".repeat(MAX_CMDLINE_BYTES + 1);
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::CmdlineTooLong { .. })
-        ));
+        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
         c.cmdline = "a\0b".into();
         assert_eq!(c.validate(), Err(ConfigError::CmdlineNotAscii));
         c.cmdline.clear();
-        c.vsock = Some(VsockConfig {
-            guest_cid: 2,
-            uds_path: "/tmp/v.sock".into(),
-        });
+        c.vsock = Some(VsockConfig { guest_cid: 2, uds_path: "/tmp/v.sock".into() });
         assert_eq!(c.validate(), Err(ConfigError::GuestCid { got: 2 }));
         c.vsock = None;
-        c.disks.push(DiskConfig {
-            path: "/nonexistent/disk".into(),
-            read_only: true,
-        });
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .starts_with("disks[0].path"));
+        c.disks.push(DiskConfig { path: "/nonexistent/disk".into(), read_only: true });
+        assert!(c.validate().unwrap_err().to_string().starts_with("disks[0].path"));
         c.disks.clear();
         c.kernel = "/nonexistent/vmlinux".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .starts_with("kernel: /nonexistent"));
+        assert!(c.validate().unwrap_err().to_string().starts_with("kernel: /nonexistent"));
     }
 }

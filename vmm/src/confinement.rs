@@ -12,8 +12,7 @@ pub const WORKER_MAX_FILE_BYTES: u64 = 128 << 30;
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// System calls a running worker may make with any arguments. Found with `strace -f` over the
@@ -122,22 +121,11 @@ pub enum ConfinementError {
     },
 }
 
-fn set_rlimit(
-    resource: libc::__rlimit_resource_t,
-    name: &'static str,
-    value: u64,
-) -> Result<(), ConfinementError> {
-    let limit = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
+fn set_rlimit(resource: libc::__rlimit_resource_t, name: &'static str, value: u64) -> Result<(), ConfinementError> {
+    let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
     // SAFETY: setrlimit reads the struct we pass and has no other memory effects.
     if unsafe { libc::setrlimit(resource, &limit) } != 0 {
-        return Err(ConfinementError::Rlimit {
-            name,
-            value,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(ConfinementError::Rlimit { name, value, source: std::io::Error::last_os_error() });
     }
     Ok(())
 }
@@ -155,13 +143,10 @@ pub fn apply_rlimits() -> Result<(), ConfinementError> {
 /// `ALLOWED_IOCTLS`, `socket` only for [`ALLOWED_SOCKET_FAMILY`]; anything else kills the
 /// process.
 pub fn worker_filter() -> Result<BpfProgram, ConfinementError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED_SYSCALLS
-        .iter()
-        .map(|&nr| (nr, Vec::new()))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED_SYSCALLS.iter().map(|&nr| (nr, Vec::new())).collect();
     let arg_rule = |arg, op, value| -> Result<SeccompRule, ConfinementError> {
-        let condition = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
-            .map_err(ConfinementError::Filter)?;
+        let condition =
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(ConfinementError::Filter)?;
         SeccompRule::new(vec![condition]).map_err(ConfinementError::Filter)
     };
     let mut ioctl = vec![arg_rule(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?];
@@ -169,17 +154,9 @@ pub fn worker_filter() -> Result<BpfProgram, ConfinementError> {
         ioctl.push(arg_rule(1, SeccompCmpOp::Eq, request)?);
     }
     rules.insert(libc::SYS_ioctl, ioctl);
-    rules.insert(
-        libc::SYS_socket,
-        vec![arg_rule(0, SeccompCmpOp::Eq, ALLOWED_SOCKET_FAMILY)?],
-    );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(ConfinementError::Filter)?;
+    rules.insert(libc::SYS_socket, vec![arg_rule(0, SeccompCmpOp::Eq, ALLOWED_SOCKET_FAMILY)?]);
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(ConfinementError::Filter)?;
     filter.try_into().map_err(ConfinementError::Filter)
 }
 

@@ -9,9 +9,7 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use crate::arch::x86_64::msr::{read_msr, MSR_PVM_IDENTIFY, PVM_SIGNATURE};
-use crate::vstate::vm::{
-    host_is_pvm, KVM_API_VERSION, OPTIONAL_CAPS, PVM_GUEST_CMDLINE_QUIRKS, REQUIRED_CAPS,
-};
+use crate::vstate::vm::{host_is_pvm, KVM_API_VERSION, OPTIONAL_CAPS, PVM_GUEST_CMDLINE_QUIRKS, REQUIRED_CAPS};
 
 /// The KVM device.
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -69,10 +67,7 @@ pub struct HostReport {
 pub fn probe() -> HostReport {
     let cpu_flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flag = |name: &str| {
-        cpu_flags
-            .lines()
-            .filter(|l| l.starts_with("flags"))
-            .any(|l| l.split_whitespace().any(|f| f == name))
+        cpu_flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == name))
     };
     let (has_vmx, has_svm) = (flag("vmx"), flag("svm"));
     let kvm_pvm_module = host_is_pvm();
@@ -105,16 +100,10 @@ pub fn probe() -> HostReport {
     report.kvm_accessible = true;
     let version = kvm.get_api_version();
     report.api_version = Some(version);
-    for (cap, name, required) in REQUIRED_CAPS
-        .iter()
-        .map(|(c, n)| (*c, *n, true))
-        .chain(OPTIONAL_CAPS.iter().map(|(c, n)| (*c, *n, false)))
+    for (cap, name, required) in
+        REQUIRED_CAPS.iter().map(|(c, n)| (*c, *n, true)).chain(OPTIONAL_CAPS.iter().map(|(c, n)| (*c, *n, false)))
     {
-        report.capabilities.push(CapabilityCheck {
-            name,
-            required,
-            present: kvm.check_extension(cap),
-        });
+        report.capabilities.push(CapabilityCheck { name, required, present: kvm.check_extension(cap) });
     }
     report.pvm_msr_signature = probe_pvm_msr(&kvm);
     let pvm = kvm_pvm_module || report.pvm_msr_signature == Some(true);
@@ -127,23 +116,13 @@ pub fn probe() -> HostReport {
     } else {
         Virtualization::Unknown
     };
-    let missing: Vec<&str> = report
-        .capabilities
-        .iter()
-        .filter(|c| c.required && !c.present)
-        .map(|c| c.name)
-        .collect();
+    let missing: Vec<&str> = report.capabilities.iter().filter(|c| c.required && !c.present).map(|c| c.name).collect();
     report.can_run_vms = version == KVM_API_VERSION && missing.is_empty();
     if version != KVM_API_VERSION {
-        report.advice.push(format!(
-            "KVM API version {version} is not the expected {KVM_API_VERSION}"
-        ));
+        report.advice.push(format!("KVM API version {version} is not the expected {KVM_API_VERSION}"));
     }
     if !missing.is_empty() {
-        report.advice.push(format!(
-            "KVM lacks required capabilities: {}",
-            missing.join(", ")
-        ));
+        report.advice.push(format!("KVM lacks required capabilities: {}", missing.join(", ")));
     }
     match report.virtualization {
         Virtualization::Pvm => {
@@ -170,9 +149,9 @@ pub fn probe() -> HostReport {
                     .into(),
             );
         }
-        Virtualization::Unknown => report.advice.push(
-            "could not tell how KVM virtualizes here (no vmx/svm flag, no kvm_pvm module)".into(),
-        ),
+        Virtualization::Unknown => {
+            report.advice.push("could not tell how KVM virtualizes here (no vmx/svm flag, no kvm_pvm module)".into())
+        }
     }
     report
 }
@@ -197,11 +176,7 @@ impl HostReport {
     pub fn render_text(&self) -> String {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         let mut out = String::new();
-        out.push_str(&format!(
-            "KVM device      {} (accessible: {})\n",
-            self.kvm_device,
-            yes_no(self.kvm_accessible)
-        ));
+        out.push_str(&format!("KVM device      {} (accessible: {})\n", self.kvm_device, yes_no(self.kvm_accessible)));
         if let Some(e) = &self.kvm_error {
             out.push_str(&format!("  error         {e}\n"));
         }
@@ -247,10 +222,7 @@ mod tests {
         assert_eq!(report.kvm_accessible, Kvm::new().is_ok());
         if report.kvm_accessible {
             assert_eq!(report.api_version, Some(KVM_API_VERSION));
-            assert!(report
-                .capabilities
-                .iter()
-                .any(|c| c.name == "irqfd" && c.required));
+            assert!(report.capabilities.iter().any(|c| c.name == "irqfd" && c.required));
         }
         if report.virtualization == Virtualization::Pvm {
             assert_eq!(report.vcpu_warning(1), None);

@@ -17,8 +17,8 @@ use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialLog}
 use crate::virtio_wiring::{VirtioDeviceState, VirtioDevices};
 use crate::vstate::memory::{take_device_dirty, BackingKind, GuestMemoryBacking, GuestMemoryMmap};
 use crate::vstate::vcpu::{
-    complete_pending_io, saved_msr_indices, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError,
-    VcpuState, VcpuStateError, VmEvent,
+    complete_pending_io, saved_msr_indices, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VcpuState,
+    VcpuStateError, VmEvent,
 };
 use crate::vstate::vm::{Vm, VmError, VmState};
 
@@ -113,12 +113,8 @@ impl MicroVm {
     /// vCPU control to the event stream, for boot and restore alike.
     pub fn from_parts(parts: MicroVmParts) -> Self {
         let (events_tx, events) = channel();
-        let control = Arc::new(VcpuControl::new(
-            parts.vcpus.len(),
-            events_tx,
-            parts.stop_request,
-            parts.serial.clone(),
-        ));
+        let control =
+            Arc::new(VcpuControl::new(parts.vcpus.len(), events_tx, parts.stop_request, parts.serial.clone()));
         Self {
             control,
             threads: Vec::new(),
@@ -144,13 +140,8 @@ impl MicroVm {
             return Err(MicroVmError::AlreadyStarted);
         }
         for vcpu in self.pending.drain(..) {
-            let handle = spawn_vcpu(
-                vcpu,
-                self.control.clone(),
-                self.pio.clone(),
-                self.mmio.clone(),
-            )
-            .map_err(MicroVmError::Vcpu)?;
+            let handle = spawn_vcpu(vcpu, self.control.clone(), self.pio.clone(), self.mmio.clone())
+                .map_err(MicroVmError::Vcpu)?;
             self.threads.push(handle);
         }
         Ok(())
@@ -223,8 +214,7 @@ impl MicroVm {
         if !self.is_saveable() {
             return Err(MicroVmError::NotPaused(self.state()));
         }
-        let msr_indices =
-            Arc::new(saved_msr_indices(self.vm.kvm()).map_err(MicroVmError::VcpuState)?);
+        let msr_indices = Arc::new(saved_msr_indices(self.vm.kvm()).map_err(MicroVmError::VcpuState)?);
         let mut vcpus = Vec::new();
         if self.threads.is_empty() {
             for vcpu in &self.pending {
@@ -245,34 +235,19 @@ impl MicroVm {
             drop(tx);
             let mut got: Vec<Option<VcpuState>> = (0..count).map(|_| None).collect();
             for _ in 0..count {
-                let (index, state) = rx
-                    .recv_timeout(PAUSE_TIMEOUT)
-                    .map_err(|_| MicroVmError::SaveTimeout)?;
+                let (index, state) = rx.recv_timeout(PAUSE_TIMEOUT).map_err(|_| MicroVmError::SaveTimeout)?;
                 let state = state.map_err(MicroVmError::VcpuState)?;
                 if let Some(slot) = got.get_mut(usize::from(index)) {
                     *slot = Some(state);
                 }
             }
             for (index, state) in got.into_iter().enumerate() {
-                vcpus.push(
-                    state.ok_or(MicroVmError::VcpuState(VcpuStateError::ThreadGone {
-                        index: index as u8,
-                    }))?,
-                );
+                vcpus.push(state.ok_or(MicroVmError::VcpuState(VcpuStateError::ThreadGone { index: index as u8 }))?);
             }
         }
         let vm = self.vm.save_state().map_err(MicroVmError::VmState)?;
-        let serial = self
-            .serial_device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save();
-        Ok(MachineState {
-            vcpus,
-            vm,
-            serial,
-            virtio: self.virtio.save(),
-        })
+        let serial = self.serial_device.lock().unwrap_or_else(|p| p.into_inner()).save();
+        Ok(MachineState { vcpus, vm, serial, virtio: self.virtio.save() })
     }
 
     /// Starts (or restarts) tracking which pages change: KVM dirty logging on every slot for
@@ -316,10 +291,7 @@ impl MicroVm {
     /// is the pages the guest or devices wrote since the restore, plus the data of the snapshot
     /// files mapped under it (`base_pages`: the base file's data extents and layer runs, which
     /// the caller derives from [`MicroVm::restored_backing`]). Consumes the dirty log.
-    pub fn restored_nonzero_candidates(
-        &mut self,
-        base_pages: &[Vec<u64>],
-    ) -> Result<Vec<Vec<u64>>, VmError> {
+    pub fn restored_nonzero_candidates(&mut self, base_pages: &[Vec<u64>]) -> Result<Vec<Vec<u64>>, VmError> {
         self.take_dirty_pages()?;
         let mut pages = self.written_since_restore.clone();
         if pages.is_empty() {

@@ -12,9 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{
-    MMIO_DEVICES_FIRST_GSI, MMIO_DEVICES_START, MMIO_DEVICE_WINDOW_BYTES,
-};
+use crate::arch::x86_64::layout::{MMIO_DEVICES_FIRST_GSI, MMIO_DEVICES_START, MMIO_DEVICE_WINDOW_BYTES};
 use crate::config::VmConfig;
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
@@ -71,11 +69,7 @@ pub enum VirtioWiringError {
     #[error("the snapshot has {saved} virtio devices but the VM config describes {configured}")]
     DeviceCount { saved: usize, configured: usize },
     #[error("virtio device {index} is {configured:?} but the snapshot saved {saved:?}")]
-    DeviceMismatch {
-        index: usize,
-        saved: VirtioDeviceKind,
-        configured: VirtioDeviceKind,
-    },
+    DeviceMismatch { index: usize, saved: VirtioDeviceKind, configured: VirtioDeviceKind },
     #[error("restoring the MMIO transport of virtio device {index}")]
     RestoreTransport {
         index: usize,
@@ -151,10 +145,7 @@ impl BusDevice for MmioBusDevice {
 
 /// The guest address and GSI of virtio device `index`.
 pub fn device_slot(index: usize) -> (u64, u32) {
-    (
-        MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_WINDOW_BYTES,
-        MMIO_DEVICES_FIRST_GSI + index as u32,
-    )
+    (MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_WINDOW_BYTES, MMIO_DEVICES_FIRST_GSI + index as u32)
 }
 
 /// Creates the devices `config` asks for, maps them and appends them to `cmdline`; with `saved`
@@ -177,29 +168,15 @@ pub fn attach_virtio_devices(
             read_only: disk.read_only,
             disk_id: format!("capsule-vd{}", char::from(b'a' + (index % 26) as u8)),
         })
-        .map_err(|source| VirtioWiringError::Disk {
-            index,
-            path: disk.path.clone(),
-            source,
-        })?;
-        kinds.push(VirtioDeviceKind::Block {
-            bytes: block.capacity_sectors() * 512,
-            read_only: disk.read_only,
-        });
+        .map_err(|source| VirtioWiringError::Disk { index, path: disk.path.clone(), source })?;
+        kinds.push(VirtioDeviceKind::Block { bytes: block.capacity_sectors() * 512, read_only: disk.read_only });
         devices.push(Arc::new(Mutex::new(block)));
     }
     if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(VsockDeviceConfig {
-            guest_cid: u64::from(vsock.guest_cid),
-            uds_path: vsock.uds_path.clone(),
-        })
-        .map_err(|source| VirtioWiringError::Vsock {
-            path: vsock.uds_path.clone(),
-            source,
-        })?;
-        kinds.push(VirtioDeviceKind::Vsock {
-            guest_cid: u64::from(vsock.guest_cid),
-        });
+        let device =
+            Vsock::new(VsockDeviceConfig { guest_cid: u64::from(vsock.guest_cid), uds_path: vsock.uds_path.clone() })
+                .map_err(|source| VirtioWiringError::Vsock { path: vsock.uds_path.clone(), source })?;
+        kinds.push(VirtioDeviceKind::Vsock { guest_cid: u64::from(vsock.guest_cid) });
         let device = Arc::new(Mutex::new(device));
         vsock_device = Some(device.clone());
         devices.push(device);
@@ -218,15 +195,11 @@ pub fn attach_virtio_devices(
     let mut attached = Vec::with_capacity(devices.len());
     for (index, (device, kind)) in devices.iter().zip(kinds).enumerate() {
         let (base, gsi) = device_slot(index);
-        let irq = EventFd::new(EFD_NONBLOCK)
-            .map_err(|source| VirtioWiringError::EventFd { index, source })?;
-        vm.register_irqfd(&irq, gsi)
-            .map_err(|source| VirtioWiringError::Irqfd { index, source })?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VirtioWiringError::EventFd { index, source })?;
+        vm.register_irqfd(&irq, gsi).map_err(|source| VirtioWiringError::Irqfd { index, source })?;
         let transport = match saved.and_then(|s| s.get(index)) {
-            Some(state) => {
-                MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
-                    .map_err(|source| VirtioWiringError::RestoreTransport { index, source })?
-            }
+            Some(state) => MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
+                .map_err(|source| VirtioWiringError::RestoreTransport { index, source })?,
             None => MmioTransport::new(memory.clone(), device.clone(), irq)
                 .map_err(|source| VirtioWiringError::Transport { index, source })?,
         };
@@ -241,36 +214,20 @@ pub fn attach_virtio_devices(
     }
     if let (Some(_), Some(vsock)) = (saved, vsock_device) {
         // Host-side connections did not survive the process change: tell the guest.
-        vsock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send_transport_reset();
+        vsock.lock().unwrap_or_else(|p| p.into_inner()).send_transport_reset();
     }
     let event_loop = DeviceEventLoop::start(devices).map_err(VirtioWiringError::EventLoop)?;
-    Ok(VirtioDevices {
-        devices: attached,
-        event_loop: Some(event_loop),
-    })
+    Ok(VirtioDevices { devices: attached, event_loop: Some(event_loop) })
 }
 
 /// The configured devices must be the saved ones, in order (disk paths may differ, sizes not).
-fn check_saved_devices(
-    saved: &[VirtioDeviceState],
-    configured: &[VirtioDeviceKind],
-) -> Result<(), VirtioWiringError> {
+fn check_saved_devices(saved: &[VirtioDeviceState], configured: &[VirtioDeviceKind]) -> Result<(), VirtioWiringError> {
     if saved.len() != configured.len() {
-        return Err(VirtioWiringError::DeviceCount {
-            saved: saved.len(),
-            configured: configured.len(),
-        });
+        return Err(VirtioWiringError::DeviceCount { saved: saved.len(), configured: configured.len() });
     }
     for (index, (s, c)) in saved.iter().zip(configured).enumerate() {
         if s.kind != *c {
-            return Err(VirtioWiringError::DeviceMismatch {
-                index,
-                saved: s.kind.clone(),
-                configured: c.clone(),
-            });
+            return Err(VirtioWiringError::DeviceMismatch { index, saved: s.kind.clone(), configured: c.clone() });
         }
     }
     Ok(())

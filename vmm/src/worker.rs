@@ -36,9 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::builder::build_microvm;
 use crate::config::VmConfig;
 use crate::microvm::MicroVm;
-use crate::snapshot::{
-    restore_microvm, save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef,
-};
+use crate::snapshot::{restore_microvm, save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef};
 use crate::vstate::vcpu::{RunState, VmEvent};
 use crate::worker_log::{open_worker_log, worker_log_path};
 
@@ -150,23 +148,16 @@ pub enum WorkerError {
 }
 
 /// Reads one bounded JSON line; `Ok(None)` on EOF.
-fn read_message<T: for<'de> Deserialize<'de>>(
-    reader: &mut impl BufRead,
-) -> Result<Option<T>, WorkerError> {
+fn read_message<T: for<'de> Deserialize<'de>>(reader: &mut impl BufRead) -> Result<Option<T>, WorkerError> {
     let mut line = Vec::new();
-    let read = reader
-        .take(MAX_LINE_BYTES as u64 + 1)
-        .read_until(b'\n', &mut line)
-        .map_err(WorkerError::Read)?;
+    let read = reader.take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line).map_err(WorkerError::Read)?;
     if read == 0 {
         return Ok(None);
     }
     if line.len() > MAX_LINE_BYTES {
         return Err(WorkerError::LineTooLong);
     }
-    serde_json::from_slice(&line)
-        .map(Some)
-        .map_err(|e| WorkerError::Protocol(e.to_string()))
+    serde_json::from_slice(&line).map(Some).map_err(|e| WorkerError::Protocol(e.to_string()))
 }
 
 fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> Result<(), WorkerError> {
@@ -238,43 +229,23 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
     let mut writer = socket;
 
     let built = match read_message::<ToWorker>(&mut reader)? {
-        Some(ToWorker::Configure(config)) => build_microvm(&config)
-            .map(|vm| (vm, None))
-            .map_err(|e| error_chain(&e)),
-        Some(ToWorker::Restore { dir, overrides }) => restore_microvm(&dir, &overrides)
-            .map(|(vm, parent)| (vm, Some(parent)))
-            .map_err(|e| error_chain(&e)),
-        Some(other) => {
-            return Err(WorkerError::Protocol(format!(
-                "expected Configure or Restore, got {other:?}"
-            )))
+        Some(ToWorker::Configure(config)) => build_microvm(&config).map(|vm| (vm, None)).map_err(|e| error_chain(&e)),
+        Some(ToWorker::Restore { dir, overrides }) => {
+            restore_microvm(&dir, &overrides).map(|(vm, parent)| (vm, Some(parent))).map_err(|e| error_chain(&e))
         }
+        Some(other) => return Err(WorkerError::Protocol(format!("expected Configure or Restore, got {other:?}"))),
         None => return Ok(()),
     };
-    let built = built.and_then(|vm| {
-        crate::confinement::confine_worker()
-            .map(|()| vm)
-            .map_err(|e| error_chain(&e))
-    });
+    let built = built.and_then(|vm| crate::confinement::confine_worker().map(|()| vm).map_err(|e| error_chain(&e)));
     let (mut vm, mut last_snapshot) = match built {
         Ok(vm) => vm,
         Err(error) => {
             tracing::error!(%error, "worker: could not build the VM");
-            write_message(
-                &mut writer,
-                &FromWorker::Failed {
-                    error: error.clone(),
-                },
-            )?;
+            write_message(&mut writer, &FromWorker::Failed { error: error.clone() })?;
             return Err(WorkerError::BuildFailed(error));
         }
     };
-    write_message(
-        &mut writer,
-        &FromWorker::Ready {
-            pid: std::process::id(),
-        },
-    )?;
+    write_message(&mut writer, &FromWorker::Ready { pid: std::process::id() })?;
 
     let (tx, rx) = channel::<Input>();
     if let Some(events) = vm.take_events() {
@@ -313,11 +284,7 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
                 let stopping = op == Op::Stop;
                 let (result, snapshot) = apply(&mut vm, &mut last_snapshot, op);
                 let ok = result.is_ok();
-                let reply = FromWorker::Reply {
-                    id,
-                    result,
-                    snapshot,
-                };
+                let reply = FromWorker::Reply { id, result, snapshot };
                 if write_message(&mut writer, &reply).is_err() || (stopping && ok) {
                     break;
                 }
@@ -343,12 +310,7 @@ fn apply(
         let parent = if incremental {
             match last_snapshot.as_ref() {
                 Some(parent) => Some(parent.clone()),
-                None => {
-                    return (
-                        Err(error_chain(&crate::snapshot::SnapshotError::NoParent)),
-                        None,
-                    )
-                }
+                None => return (Err(error_chain(&crate::snapshot::SnapshotError::NoParent)), None),
             }
         } else {
             None
@@ -362,10 +324,7 @@ fn apply(
                 // Past the checks, the dirty log may be half consumed: the next snapshot must
                 // be a full one.
                 use crate::snapshot::SnapshotError as E;
-                if !matches!(
-                    e,
-                    E::Exists(_) | E::NoParent | E::ChainTooDeep { .. } | E::Save(_)
-                ) {
+                if !matches!(e, E::Exists(_) | E::NoParent | E::ChainTooDeep { .. } | E::Save(_)) {
                     *last_snapshot = None;
                 }
                 (Err(error_chain(&e)), None)
@@ -448,9 +407,7 @@ pub struct WorkerHandle {
 
 impl std::fmt::Debug for WorkerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerHandle")
-            .field("pid", &self.shared.pid)
-            .finish_non_exhaustive()
+        f.debug_struct("WorkerHandle").field("pid", &self.shared.pid).finish_non_exhaustive()
     }
 }
 
@@ -463,18 +420,8 @@ impl WorkerHandle {
     /// Starts a worker that builds its VM from the snapshot at `dir` (not yet started:
     /// [`WorkerHandle::start`] resumes the guest). A fork passes its own vsock socket, serial
     /// log and copies of writable disks in `overrides`.
-    pub fn restore(
-        exe: &Path,
-        dir: &Path,
-        overrides: RestoreOverrides,
-    ) -> Result<WorkerHandle, WorkerError> {
-        Self::spawn_with(
-            exe,
-            ToWorker::Restore {
-                dir: dir.to_path_buf(),
-                overrides,
-            },
-        )
+    pub fn restore(exe: &Path, dir: &Path, overrides: RestoreOverrides) -> Result<WorkerHandle, WorkerError> {
+        Self::spawn_with(exe, ToWorker::Restore { dir: dir.to_path_buf(), overrides })
     }
 
     fn spawn_with(exe: &Path, first: ToWorker) -> Result<WorkerHandle, WorkerError> {
@@ -497,9 +444,7 @@ impl WorkerHandle {
             command.pre_exec(move || {
                 if theirs_fd == WORKER_CONTROL_FD {
                     let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
-                    if flags < 0
-                        || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                    {
+                    if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 } else if libc::dup2(theirs_fd, WORKER_CONTROL_FD) < 0 {
@@ -513,10 +458,7 @@ impl WorkerHandle {
         let (ready_tx, ready_rx) = channel::<Result<(), String>>();
         let (reply_tx, replies) = channel();
         let (event_tx, events) = channel();
-        let child = command.spawn().map_err(|source| WorkerError::Spawn {
-            exe: exe.to_path_buf(),
-            source,
-        })?;
+        let child = command.spawn().map_err(|source| WorkerError::Spawn { exe: exe.to_path_buf(), source })?;
         drop(theirs);
         let pid = child.id();
         // From here on the handle owns the child: any early return drops it, which kills and
@@ -533,27 +475,18 @@ impl WorkerHandle {
             events: Mutex::new(Some(events)),
             next_id: AtomicU64::new(1),
         };
-        write_message(
-            &mut *handle.writer.lock().unwrap_or_else(|p| p.into_inner()),
-            &first,
-        )?;
+        write_message(&mut *handle.writer.lock().unwrap_or_else(|p| p.into_inner()), &first)?;
 
         let reader_shared = handle.shared.clone();
         std::thread::Builder::new()
             .name(format!("worker-{pid}-reader"))
             .spawn(move || read_worker(ours, reader_shared, ready_tx, reply_tx, event_tx))
-            .map_err(|source| WorkerError::Spawn {
-                exe: exe.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| WorkerError::Spawn { exe: exe.to_path_buf(), source })?;
 
         match ready_rx.recv_timeout(BUILD_TIMEOUT) {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(error)) => Err(WorkerError::BuildFailed(error)),
-            Err(RecvTimeoutError::Timeout) => Err(WorkerError::Timeout {
-                pid,
-                timeout: BUILD_TIMEOUT,
-            }),
+            Err(RecvTimeoutError::Timeout) => Err(WorkerError::Timeout { pid, timeout: BUILD_TIMEOUT }),
             Err(RecvTimeoutError::Disconnected) => Err(handle.died()),
         }
     }
@@ -564,22 +497,14 @@ impl WorkerHandle {
     }
 
     fn died(&self) -> WorkerError {
-        WorkerError::WorkerDied {
-            pid: self.shared.pid,
-            status: self.shared.reap(),
-        }
+        WorkerError::WorkerDied { pid: self.shared.pid, status: self.shared.reap() }
     }
 
     fn request(&self, op: Op) -> Result<RunState, WorkerError> {
-        self.request_with(op, REQUEST_TIMEOUT)
-            .map(|(state, _)| state)
+        self.request_with(op, REQUEST_TIMEOUT).map(|(state, _)| state)
     }
 
-    fn request_with(
-        &self,
-        op: Op,
-        timeout: Duration,
-    ) -> Result<(RunState, Option<SnapshotInfo>), WorkerError> {
+    fn request_with(&self, op: Op, timeout: Duration) -> Result<(RunState, Option<SnapshotInfo>), WorkerError> {
         let replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
@@ -598,12 +523,7 @@ impl WorkerHandle {
                 }
                 // A reply to an earlier request that timed out: skip it.
                 Ok(_) => continue,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(WorkerError::Timeout {
-                        pid: self.shared.pid,
-                        timeout,
-                    })
-                }
+                Err(RecvTimeoutError::Timeout) => return Err(WorkerError::Timeout { pid: self.shared.pid, timeout }),
                 Err(RecvTimeoutError::Disconnected) => return Err(self.died()),
             }
         }
@@ -612,15 +532,10 @@ impl WorkerHandle {
     /// Saves the paused (or not yet started) VM into the new directory `dir`. `incremental`
     /// writes only the pages changed since this worker's previous snapshot or its restore.
     pub fn snapshot(&self, dir: &Path, incremental: bool) -> Result<SnapshotInfo, WorkerError> {
-        let op = Op::Snapshot {
-            dir: dir.to_path_buf(),
-            incremental,
-        };
+        let op = Op::Snapshot { dir: dir.to_path_buf(), incremental };
         match self.request_with(op.clone(), SNAPSHOT_TIMEOUT)? {
             (_, Some(info)) => Ok(info),
-            (_, None) => Err(WorkerError::Protocol(format!(
-                "the worker answered {op:?} without snapshot details"
-            ))),
+            (_, None) => Err(WorkerError::Protocol(format!("the worker answered {op:?} without snapshot details"))),
         }
     }
 
@@ -667,12 +582,7 @@ impl WorkerHandle {
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
-        let already_gone = self
-            .shared
-            .death
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let already_gone = self.shared.death.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         if !already_gone {
             self.shared.stopping.store(true, Ordering::SeqCst);
             let mut child = self.shared.child.lock().unwrap_or_else(|p| p.into_inner());
@@ -700,11 +610,7 @@ fn read_worker(
             Ok(Some(FromWorker::Failed { error })) => {
                 let _ = ready.send(Err(error));
             }
-            Ok(Some(FromWorker::Reply {
-                id,
-                result,
-                snapshot,
-            })) => {
+            Ok(Some(FromWorker::Reply { id, result, snapshot })) => {
                 let _ = replies.send((id, result, snapshot));
             }
             Ok(Some(FromWorker::Event(event))) => {
@@ -749,19 +655,9 @@ mod tests {
         assert!(matches!(err, WorkerError::Protocol(_)), "{err}");
         assert!(read_message::<ToWorker>(&mut &b""[..]).unwrap().is_none());
         let mut buf = Vec::new();
-        write_message(
-            &mut buf,
-            &ToWorker::Request {
-                id: 7,
-                op: Op::Pause,
-            },
-        )
-        .unwrap();
+        write_message(&mut buf, &ToWorker::Request { id: 7, op: Op::Pause }).unwrap();
         match read_message::<ToWorker>(&mut &buf[..]).unwrap() {
-            Some(ToWorker::Request {
-                id: 7,
-                op: Op::Pause,
-            }) => {}
+            Some(ToWorker::Request { id: 7, op: Op::Pause }) => {}
             other => panic!("round trip gave {other:?}"),
         }
     }

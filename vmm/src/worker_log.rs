@@ -62,11 +62,7 @@ impl Write for BoundedStderr {
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_WORKER_LOG_FILTER));
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| BoundedStderr)
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_writer(|| BoundedStderr).with_env_filter(filter).with_ansi(false).try_init();
 }
 
 #[cfg(test)]
@@ -75,14 +71,8 @@ mod tests {
 
     #[test]
     fn worker_log_sits_beside_the_serial_log() {
-        assert_eq!(
-            worker_log_path(Path::new("/vm/7/serial.log")),
-            Path::new("/vm/7/serial.worker.log")
-        );
-        assert_eq!(
-            worker_log_path(Path::new("/vm/7/console")),
-            Path::new("/vm/7/console.worker.log")
-        );
+        assert_eq!(worker_log_path(Path::new("/vm/7/serial.log")), Path::new("/vm/7/serial.worker.log"));
+        assert_eq!(worker_log_path(Path::new("/vm/7/console")), Path::new("/vm/7/console.worker.log"));
     }
 
     #[test]
@@ -95,10 +85,7 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
         // A small one is appended to.
         drop(f);
-        open_worker_log(&path)
-            .unwrap()
-            .write_all(b"more\n")
-            .unwrap();
+        open_worker_log(&path).unwrap().write_all(b"more\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new\nmore\n");
     }
 }

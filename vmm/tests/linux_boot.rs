@@ -9,8 +9,7 @@ use capsule_vmm::{build_microvm, DiskConfig, VmConfig, VmEvent, VsockConfig};
 use common::{kvm_usable, reference_initramfs, reference_kernel};
 
 /// Kernel command line of the reference boot.
-pub const REFERENCE_CMDLINE: &str =
-    "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
+pub const REFERENCE_CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
@@ -32,18 +31,9 @@ fn reference_kernel_reaches_userspace_and_reboots() {
     let event = vm.wait_event(BOOT_TIMEOUT);
     vm.stop();
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
-    assert!(
-        reached,
-        "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}"
-    );
-    assert!(
-        matches!(event, Some(VmEvent::Reset { .. })),
-        "event {event:?}; console tail:\n{tail}"
-    );
-    eprintln!(
-        "boot to PVM-GUEST-USERSPACE: {} ms",
-        to_userspace.as_millis()
-    );
+    assert!(reached, "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}");
+    assert!(matches!(event, Some(VmEvent::Reset { .. })), "event {event:?}; console tail:\n{tail}");
+    eprintln!("boot to PVM-GUEST-USERSPACE: {} ms", to_userspace.as_millis());
 }
 
 /// A 2 GiB guest: RAM ends exactly at the 2 GiB boundary (`initrd_addr_max + 1`), where the
@@ -65,14 +55,8 @@ fn a_2048_mib_guest_reaches_userspace() {
     let event = vm.wait_event(BOOT_TIMEOUT);
     vm.stop();
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
-    assert!(
-        reached,
-        "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}"
-    );
-    assert!(
-        matches!(event, Some(VmEvent::Reset { .. })),
-        "event {event:?}; console tail:\n{tail}"
-    );
+    assert!(reached, "no PVM-GUEST-USERSPACE on serial; console tail:\n{tail}");
+    assert!(matches!(event, Some(VmEvent::Reset { .. })), "event {event:?}; console tail:\n{tail}");
 }
 
 #[test]
@@ -91,20 +75,8 @@ fn reference_kernel_finds_both_disks_vsock_and_rng() {
     let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
     config.mem_mib = 256;
     config.initrd = Some(initrd);
-    config.disks = vec![
-        DiskConfig {
-            path: root,
-            read_only: true,
-        },
-        DiskConfig {
-            path: scratch,
-            read_only: false,
-        },
-    ];
-    config.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.path().join("vsock.sock"),
-    });
+    config.disks = vec![DiskConfig { path: root, read_only: true }, DiskConfig { path: scratch, read_only: false }];
+    config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.path().join("vsock.sock") });
     config.rng = true;
     let mut vm = build_microvm(&config).unwrap();
     vm.start().unwrap();
@@ -113,18 +85,9 @@ fn reference_kernel_finds_both_disks_vsock_and_rng() {
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
     assert!(reached, "console tail:\n{tail}");
     // 4 MiB = 8192 sectors, read-only; 8 MiB = 16384 sectors.
-    assert!(
-        tail.contains("[vda] 8192 512-byte logical blocks"),
-        "console tail:\n{tail}"
-    );
-    assert!(
-        tail.contains("[vdb] 16384 512-byte logical blocks"),
-        "console tail:\n{tail}"
-    );
-    assert!(
-        dir.path().join("vsock.sock").exists(),
-        "vsock host socket not bound"
-    );
+    assert!(tail.contains("[vda] 8192 512-byte logical blocks"), "console tail:\n{tail}");
+    assert!(tail.contains("[vdb] 16384 512-byte logical blocks"), "console tail:\n{tail}");
+    assert!(dir.path().join("vsock.sock").exists(), "vsock host socket not bound");
 }
 
 #[test]
@@ -165,9 +128,6 @@ fn a_panic_that_does_not_reboot_stops_the_vm_at_once() {
     let event = vm.wait_event(BOOT_TIMEOUT);
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
     assert_eq!(event, Some(VmEvent::Panic), "console tail:\n{tail}");
-    assert!(
-        tail.contains("---[ end Kernel panic"),
-        "console tail:\n{tail}"
-    );
+    assert!(tail.contains("---[ end Kernel panic"), "console tail:\n{tail}");
     vm.stop();
 }

@@ -50,21 +50,14 @@ fn linux_config(dir: &Path, vsock: Option<PathBuf>) -> Option<(VmConfig, PathBuf
     config.mem_mib = 256;
     config.initrd = Some(initrd);
     config.serial_log = Some(log.clone());
-    config.vsock = vsock.map(|uds_path| VsockConfig {
-        guest_cid: 3,
-        uds_path,
-    });
+    config.vsock = vsock.map(|uds_path| VsockConfig { guest_cid: 3, uds_path });
     Some((config, log))
 }
 
 /// Boots, pauses as soon as userspace prints, snapshots into `dir/snap` and stops the parent.
 fn boot_and_snapshot(config: VmConfig, log: &Path, dir: &Path) -> PathBuf {
     let parent = start_worker(config);
-    assert!(
-        wait_for_console(log, USERSPACE_MARKER, BOOT_TIMEOUT),
-        "guest never reached userspace:\n{}",
-        console(log)
-    );
+    assert!(wait_for_console(log, USERSPACE_MARKER, BOOT_TIMEOUT), "guest never reached userspace:\n{}", console(log));
     parent.pause().unwrap();
     let snap = dir.join("snap");
     parent.snapshot(&snap, false).unwrap();
@@ -89,23 +82,14 @@ fn restored_linux_guest_keeps_running_to_its_reboot() {
     );
 
     let restored_log = tmp.path().join("restored.log");
-    let overrides = RestoreOverrides {
-        serial_log: Some(restored_log.clone()),
-        ..Default::default()
-    };
+    let overrides = RestoreOverrides { serial_log: Some(restored_log.clone()), ..Default::default() };
     // kvm-clock continues from the saved value, not from the host time that passed meanwhile.
     std::thread::sleep(PAUSED_TIME);
     let restored = WorkerHandle::restore(Path::new(WORKER_EXE), &snap, overrides).unwrap();
     let at_restore = tmp.path().join("at_restore");
     restored.snapshot(&at_restore, false).unwrap();
     let saved_ns = load_snapshot(&snap).unwrap().state.machine.vm.clock.clock;
-    let restored_ns = load_snapshot(&at_restore)
-        .unwrap()
-        .state
-        .machine
-        .vm
-        .clock
-        .clock;
+    let restored_ns = load_snapshot(&at_restore).unwrap().state.machine.vm.clock.clock;
     let advanced = Duration::from_nanos(restored_ns.saturating_sub(saved_ns));
     assert!(
         restored_ns >= saved_ns && advanced < PAUSED_TIME / 2,
@@ -116,9 +100,7 @@ fn restored_linux_guest_keeps_running_to_its_reboot() {
     let after = console(&restored_log);
     assert_eq!(
         event,
-        Some(WorkerEvent::Vm(VmEvent::Reset {
-            source: ResetSource::I8042
-        })),
+        Some(WorkerEvent::Vm(VmEvent::Reset { source: ResetSource::I8042 })),
         "parent console:\n{parent_console}\nrestored console:\n{after}"
     );
     assert!(
@@ -153,10 +135,7 @@ fn vsock_guest_gets_a_transport_reset_and_host_reconnects_after_restore() {
     parent.stop().unwrap();
     let saved = load_snapshot(&snap).unwrap();
     let saved_events = saved.state.machine.virtio[0].transport.queues[VSOCK_EVENT_QUEUE];
-    assert!(
-        saved_events.ready,
-        "the guest driver set up the event queue"
-    );
+    assert!(saved_events.ready, "the guest driver set up the event queue");
 
     let restored_uds = tmp.path().join("restored.sock");
     let restored_log = tmp.path().join("restored.log");

@@ -49,20 +49,14 @@ fn corrupt_truncated_wrong_version_and_mismatched_snapshots_are_refused() {
 
     let corrupt = tmp.path().join("corrupt");
     copy_snapshot(&good, &corrupt);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(corrupt.join(STATE_FILE))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(corrupt.join(STATE_FILE)).unwrap();
     f.write_all_at(&[0xa5; 16], state_len / 2).unwrap();
     let message = restore_error(&corrupt);
     assert!(message.contains("checksum mismatch"), "{message}");
 
     let truncated = tmp.path().join("truncated");
     copy_snapshot(&good, &truncated);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(truncated.join(STATE_FILE))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(truncated.join(STATE_FILE)).unwrap();
     f.set_len(state_len - 100).unwrap();
     let message = restore_error(&truncated);
     assert!(message.contains("truncated"), "{message}");
@@ -72,10 +66,7 @@ fn corrupt_truncated_wrong_version_and_mismatched_snapshots_are_refused() {
 
     let version = tmp.path().join("version");
     copy_snapshot(&good, &version);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(version.join(STATE_FILE))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(version.join(STATE_FILE)).unwrap();
     f.write_all_at(&99u32.to_le_bytes(), 8).unwrap();
     let message = restore_error(&version);
     assert!(message.contains("format version 99"), "{message}");
@@ -88,17 +79,9 @@ fn corrupt_truncated_wrong_version_and_mismatched_snapshots_are_refused() {
 
     let short_memory = tmp.path().join("short_memory");
     copy_snapshot(&good, &short_memory);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(short_memory.join(MEMORY_FILE))
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(short_memory.join(MEMORY_FILE)).unwrap().set_len(1 << 20).unwrap();
     let message = restore_error(&short_memory);
-    assert!(
-        message.contains("memory file") && message.contains("1048576"),
-        "{message}"
-    );
+    assert!(message.contains("memory file") && message.contains("1048576"), "{message}");
 
     let message = restore_error(&tmp.path().join("missing"));
     assert!(message.contains("opening snapshot state file"), "{message}");
@@ -106,16 +89,10 @@ fn corrupt_truncated_wrong_version_and_mismatched_snapshots_are_refused() {
     // A replacement disk of the wrong size (the snapshot has no disk: count mismatch).
     let disk = tmp.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    let overrides = RestoreOverrides {
-        disks: vec![disk],
-        ..Default::default()
-    };
+    let overrides = RestoreOverrides { disks: vec![disk], ..Default::default() };
     match WorkerHandle::restore(Path::new(WORKER_EXE), &good, overrides) {
         Err(WorkerError::BuildFailed(message)) => {
-            assert!(
-                message.contains("1 disks but the snapshot has 0"),
-                "{message}"
-            )
+            assert!(message.contains("1 disks but the snapshot has 0"), "{message}")
         }
         other => panic!("mismatched disks accepted: {other:?}"),
     }
@@ -139,10 +116,7 @@ fn a_worker_killed_mid_snapshot_leaves_the_previous_snapshot_valid() {
     let worker = start_worker(config);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read(&log).unwrap_or_default() != b"F" {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never filled its memory"
-        );
+        assert!(Instant::now() < deadline, "the guest never filled its memory");
         std::thread::sleep(Duration::from_millis(5));
     }
     worker.pause().unwrap();
@@ -162,47 +136,25 @@ fn a_worker_killed_mid_snapshot_leaves_the_previous_snapshot_valid() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let written = std::fs::metadata(partial.join(MEMORY_FILE))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let written = std::fs::metadata(partial.join(MEMORY_FILE)).map(|m| m.len()).unwrap_or(0);
         if written > 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the second snapshot never started"
-        );
+        assert!(Instant::now() < deadline, "the second snapshot never started");
         std::thread::sleep(Duration::from_micros(200));
     }
     // The worker is this test's child and not yet reaped, so the pid is still its own.
-    let killed = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(killed.success());
     let result = requester.join().unwrap();
-    assert!(
-        matches!(result, Err(WorkerError::WorkerDied { .. })),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(WorkerError::WorkerDied { .. })), "{result:?}");
 
     // The interrupted snapshot never appears under its name, and its partial directory is
     // refused; the previous one still restores with its saved counter.
-    assert!(
-        !doomed.exists(),
-        "a partial snapshot was renamed into place"
-    );
+    assert!(!doomed.exists(), "a partial snapshot was renamed into place");
     let message = restore_error(&partial);
-    assert!(
-        message.contains("state file"),
-        "partial snapshot not refused clearly: {message}"
-    );
-    let restored = WorkerHandle::restore(
-        Path::new(WORKER_EXE),
-        &previous,
-        RestoreOverrides::default(),
-    )
-    .unwrap();
+    assert!(message.contains("state file"), "partial snapshot not refused clearly: {message}");
+    let restored = WorkerHandle::restore(Path::new(WORKER_EXE), &previous, RestoreOverrides::default()).unwrap();
     let again = tmp.path().join("again");
     restored.snapshot(&again, false).unwrap();
     assert_eq!(snapshot_u64(&again, COUNTER_ADDR), previous_counter);
@@ -220,10 +172,7 @@ fn a_fork_gets_its_own_disk_copy_only_if_it_has_the_saved_size() {
     std::fs::write(&disk, vec![7u8; DISK_BYTES as usize]).unwrap();
     let payload = elf_payload(&COUNTER_AND_TSC);
     let mut config = tiny_config(payload.path(), 64);
-    config.disks.push(capsule_vmm::DiskConfig {
-        path: disk.clone(),
-        read_only: false,
-    });
+    config.disks.push(capsule_vmm::DiskConfig { path: disk.clone(), read_only: false });
     let worker = start_worker(config);
     run_for(&worker, Duration::from_millis(20));
     let snap = tmp.path().join("snap");
@@ -232,10 +181,7 @@ fn a_fork_gets_its_own_disk_copy_only_if_it_has_the_saved_size() {
 
     let wrong = tmp.path().join("wrong.img");
     std::fs::write(&wrong, vec![7u8; 2 * DISK_BYTES as usize]).unwrap();
-    let overrides = RestoreOverrides {
-        disks: vec![wrong],
-        ..Default::default()
-    };
+    let overrides = RestoreOverrides { disks: vec![wrong], ..Default::default() };
     match WorkerHandle::restore(Path::new(WORKER_EXE), &snap, overrides) {
         Err(WorkerError::BuildFailed(message)) => assert!(
             message.contains(&format!("bytes: {}", 2 * DISK_BYTES))
@@ -247,10 +193,7 @@ fn a_fork_gets_its_own_disk_copy_only_if_it_has_the_saved_size() {
 
     let copy = tmp.path().join("copy.img");
     std::fs::copy(&disk, &copy).unwrap();
-    let overrides = RestoreOverrides {
-        disks: vec![copy],
-        ..Default::default()
-    };
+    let overrides = RestoreOverrides { disks: vec![copy], ..Default::default() };
     let fork = WorkerHandle::restore(Path::new(WORKER_EXE), &snap, overrides).unwrap();
     fork.start().unwrap();
     fork.stop().unwrap();

@@ -14,8 +14,7 @@ use snapshot_common::*;
 const RUN_TIME: Duration = Duration::from_millis(100);
 
 fn restore(dir: &Path) -> WorkerHandle {
-    WorkerHandle::restore(Path::new(WORKER_EXE), dir, RestoreOverrides::default())
-        .expect("restore worker")
+    WorkerHandle::restore(Path::new(WORKER_EXE), dir, RestoreOverrides::default()).expect("restore worker")
 }
 
 #[test]
@@ -57,10 +56,7 @@ fn restored_counter_continues_from_the_saved_value_with_equal_memory() {
     let later = tmp.path().join("later");
     restored.snapshot(&later, false).unwrap();
     let continued = snapshot_u64(&later, COUNTER_ADDR);
-    assert!(
-        continued > saved,
-        "counter went from {saved} to {continued} after restore"
-    );
+    assert!(continued > saved, "counter went from {saved} to {continued} after restore");
     // Resumable after a snapshot.
     assert_eq!(restored.resume().unwrap(), RunState::Running);
     restored.stop().unwrap();
@@ -102,11 +98,7 @@ fn ten_forks_of_one_snapshot_are_isolated_and_leave_the_parent_unchanged() {
     let mut distinct = tscs.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    assert_eq!(
-        distinct.len(),
-        FORKS,
-        "forks wrote the same values: {tscs:?}"
-    );
+    assert_eq!(distinct.len(), FORKS, "forks wrote the same values: {tscs:?}");
     assert!(!tscs.contains(&saved_tsc));
     assert!(
         std::fs::read(base.join("memory.bin")).unwrap() == parent_memory,
@@ -192,10 +184,8 @@ fn a_confined_worker_clears_stale_partial_snapshots_of_dead_workers() {
     // Under its seccomp filter: a forbidden syscall here would kill the worker.
     worker.snapshot(&tmp.path().join("snap"), false).unwrap();
     assert!(!stale.exists(), "stale partial snapshot survived");
-    let names: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["snap".to_string()]);
     worker.stop().unwrap();
 }

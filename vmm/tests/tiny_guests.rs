@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use capsule_vmm::devices::legacy::i8042::ResetSource;
 use capsule_vmm::snapshot::{save_snapshot, SnapshotError};
-use capsule_vmm::{
-    build_microvm, build_microvm_with, BootOptions, MicroVmError, RunState, VmConfig, VmEvent,
-};
+use capsule_vmm::{build_microvm, build_microvm_with, BootOptions, MicroVmError, RunState, VmConfig, VmEvent};
 use common::{asm, elf_payload, kvm_usable, COUNTER_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -40,12 +38,7 @@ fn guest_in_long_mode_writes_serial_reads_zero_page_and_resets() {
     let mut vm = build_microvm(&config).unwrap();
     vm.start().unwrap();
     let event = vm.wait_event(EVENT_TIMEOUT);
-    assert_eq!(
-        event,
-        Some(VmEvent::Reset {
-            source: ResetSource::I8042
-        })
-    );
+    assert_eq!(event, Some(VmEvent::Reset { source: ResetSource::I8042 }));
     assert_eq!(vm.state(), RunState::Stopped);
     vm.stop();
     assert_eq!(vm.serial().tail(), b"Hi\x55");
@@ -64,10 +57,7 @@ fn unmapped_mmio_reads_all_ones() {
     let payload = elf_payload(&code);
     let mut vm = build_microvm(&config_for(payload.path())).unwrap();
     vm.start().unwrap();
-    assert!(matches!(
-        vm.wait_event(EVENT_TIMEOUT),
-        Some(VmEvent::Reset { .. })
-    ));
+    assert!(matches!(vm.wait_event(EVENT_TIMEOUT), Some(VmEvent::Reset { .. })));
     assert_eq!(vm.serial().tail(), [0xff]);
 }
 
@@ -88,15 +78,8 @@ fn mmio_read_reaches_the_virtio_transport_on_the_bus() {
     config.rng = true;
     let mut vm = build_microvm(&config).unwrap();
     vm.start().unwrap();
-    assert!(matches!(
-        vm.wait_event(EVENT_TIMEOUT),
-        Some(VmEvent::Reset { .. })
-    ));
-    assert_eq!(
-        vm.serial().tail(),
-        0x7472_6976u32.to_le_bytes(),
-        "virtio-mmio magic \"virt\""
-    );
+    assert!(matches!(vm.wait_event(EVENT_TIMEOUT), Some(VmEvent::Reset { .. })));
+    assert_eq!(vm.serial().tail(), 0x7472_6976u32.to_le_bytes(), "virtio-mmio magic \"virt\"");
 }
 
 #[test]
@@ -107,16 +90,11 @@ fn ud2_without_idt_is_a_triple_fault() {
     let payload = elf_payload(&[0x0f, 0x0b]);
     let mut vm = build_microvm(&config_for(payload.path())).unwrap();
     vm.start().unwrap();
-    assert_eq!(
-        vm.wait_event(EVENT_TIMEOUT),
-        Some(VmEvent::TripleFault { vcpu: 0 })
-    );
+    assert_eq!(vm.wait_event(EVENT_TIMEOUT), Some(VmEvent::TripleFault { vcpu: 0 }));
 }
 
 fn read_counter(vm: &capsule_vmm::MicroVm) -> u64 {
-    vm.memory()
-        .read_obj::<u64>(GuestAddress(COUNTER_ADDR))
-        .unwrap()
+    vm.memory().read_obj::<u64>(GuestAddress(COUNTER_ADDR)).unwrap()
 }
 
 /// Waits (up to the event timeout, the host may be busy) until the counter exceeds `floor`.
@@ -158,10 +136,7 @@ fn paused_guest_counter_stands_still_and_resumes() {
     assert_eq!(read_counter(&vm), paused_at, "counter moved while paused");
     vm.resume().unwrap();
     assert_eq!(vm.state(), RunState::Running);
-    assert!(
-        counter_passes(&vm, paused_at),
-        "counter did not move after resume"
-    );
+    assert!(counter_passes(&vm, paused_at), "counter did not move after resume");
     vm.stop();
     assert_eq!(vm.state(), RunState::Stopped);
     assert!(vm.pause().is_err());
@@ -186,26 +161,16 @@ fn a_pause_that_times_out_resumes_the_guest_and_refuses_to_save() {
         }
     }
     assert!(timed_out, "a zero-time pause never timed out");
-    assert!(
-        !vm.is_saveable(),
-        "a VM whose pause timed out counts as saveable"
-    );
+    assert!(!vm.is_saveable(), "a VM whose pause timed out counts as saveable");
     assert_eq!(vm.state(), RunState::Running);
     let at = read_counter(&vm);
-    assert!(
-        counter_passes(&vm, at),
-        "the guest stayed parked after its pause failed"
-    );
+    assert!(counter_passes(&vm, at), "the guest stayed parked after its pause failed");
     let tmp = tempfile::tempdir().unwrap();
     match save_snapshot(&mut vm, &tmp.path().join("snap"), None) {
         Err(SnapshotError::Save(MicroVmError::NotPaused(RunState::Running))) => {}
         other => panic!("saving after a failed pause gave {other:?}"),
     }
-    assert_eq!(
-        std::fs::read_dir(tmp.path()).unwrap().count(),
-        0,
-        "a refused save left files behind"
-    );
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "a refused save left files behind");
     // A pause with time to finish makes it saveable again.
     vm.pause().unwrap();
     assert!(vm.is_saveable());
@@ -218,22 +183,14 @@ fn every_vcpu_runs_with_its_own_apic_id_and_pauses() {
         return;
     }
     // mov eax, 1; cpuid; shr ebx, 24; lea eax, [rbx + '0']; mov dx, 0x3f8; out dx, al; hlt
-    let mut code = vec![
-        0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0xc1, 0xeb, 0x18, 0x8d, 0x43, 0x30,
-    ];
+    let mut code = vec![0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0xc1, 0xeb, 0x18, 0x8d, 0x43, 0x30];
     code.extend(asm::DX_COM1);
     code.push(asm::OUT_DX_AL);
     code.extend(asm::HALT_FOREVER);
     let payload = elf_payload(&code);
     let mut config = config_for(payload.path());
     config.vcpus = 4;
-    let mut vm = build_microvm_with(
-        &config,
-        BootOptions {
-            all_vcpus_at_entry: true,
-        },
-    )
-    .unwrap();
+    let mut vm = build_microvm_with(&config, BootOptions { all_vcpus_at_entry: true }).unwrap();
     vm.start().unwrap();
     let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
     loop {
@@ -242,20 +199,12 @@ fn every_vcpu_runs_with_its_own_apic_id_and_pauses() {
         if seen == b"0123" {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "serial shows {:?}",
-            String::from_utf8_lossy(&seen)
-        );
+        assert!(std::time::Instant::now() < deadline, "serial shows {:?}", String::from_utf8_lossy(&seen));
         std::thread::sleep(Duration::from_millis(10));
     }
     // All four are halted inside KVM_RUN now: pausing must still pull each one out.
     vm.pause().unwrap();
     vm.resume().unwrap();
     vm.stop();
-    assert_eq!(
-        vm.wait_event(Duration::from_millis(10)),
-        None,
-        "no guest exit happened"
-    );
+    assert_eq!(vm.wait_event(Duration::from_millis(10)), None, "no guest exit happened");
 }

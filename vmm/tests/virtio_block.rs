@@ -6,13 +6,11 @@ mod virtio_common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
-use capsule_vmm::devices::virtio::block::{
-    Block, BlockConfig, MAX_DATA_SEGMENTS, MAX_SEGMENT_BYTES, SECTOR_BYTES,
-};
+use capsule_vmm::devices::virtio::block::{Block, BlockConfig, MAX_DATA_SEGMENTS, MAX_SEGMENT_BYTES, SECTOR_BYTES};
 use capsule_vmm::devices::virtio::device::VirtioDevice;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use virtio_common::*;
 
@@ -34,20 +32,15 @@ fn disk() -> Disk {
     let mut f = std::fs::File::create(&path).expect("create disk");
     f.set_len(DISK_SECTORS * SECTOR_BYTES).expect("size disk");
     for n in 0..8u8 {
-        f.seek(SeekFrom::Start(u64::from(n) * SECTOR_BYTES))
-            .expect("seek");
+        f.seek(SeekFrom::Start(u64::from(n) * SECTOR_BYTES)).expect("seek");
         f.write_all(&[n; SECTOR_BYTES as usize]).expect("fill");
     }
     Disk { _dir: dir, path }
 }
 
 fn block(disk: &Disk, read_only: bool) -> Block<Mem> {
-    Block::new(BlockConfig {
-        path: disk.path.clone(),
-        read_only,
-        disk_id: "capsule-disk-0".into(),
-    })
-    .expect("block device")
+    Block::new(BlockConfig { path: disk.path.clone(), read_only, disk_id: "capsule-disk-0".into() })
+        .expect("block device")
 }
 
 fn header(mem: &Mem, request_type: u32, sector: u64) {
@@ -92,11 +85,7 @@ fn write_lands_in_backing_file() {
     header(&mem, VIRTIO_BLK_T_OUT, 10);
     write_bytes(&mem, DATA, &[0xab; 512]);
     write_bytes(&mem, DATA + 0x800, &[0xcd; 512]);
-    let (len, status) = run(
-        &mut dev,
-        &mem,
-        &[r(HDR, 16), r(DATA, 512), r(DATA + 0x800, 512), w(STATUS, 1)],
-    );
+    let (len, status) = run(&mut dev, &mem, &[r(HDR, 16), r(DATA, 512), r(DATA + 0x800, 512), w(STATUS, 1)]);
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
     assert_eq!(len, 1);
     let mut f = std::fs::File::open(&d.path).expect("open");
@@ -161,10 +150,7 @@ fn write_to_read_only_disk_is_ioerr_and_file_unchanged() {
     let d = disk();
     let mem = guest_memory();
     let mut dev = block(&d, true);
-    assert_ne!(
-        dev.avail_features() & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO),
-        0
-    );
+    assert_ne!(dev.avail_features() & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO), 0);
     header(&mem, VIRTIO_BLK_T_OUT, 0);
     write_bytes(&mem, DATA, &[0xff; 512]);
     let (len, status) = run(&mut dev, &mem, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]);
@@ -213,10 +199,7 @@ fn assert_rejected(chain: &[Desc]) {
     let mut dev = block(&d, false);
     header(&mem, VIRTIO_BLK_T_IN, 0);
     let (len, status) = run(&mut dev, &mem, chain);
-    assert_eq!(
-        len, 0,
-        "malformed chain {chain:?} must be used with length 0"
-    );
+    assert_eq!(len, 0, "malformed chain {chain:?} must be used with length 0");
     assert_eq!(status, STATUS_UNTOUCHED, "no status written for {chain:?}");
 }
 
@@ -286,22 +269,11 @@ fn a_data_descriptor_larger_than_size_max_is_ioerr() {
     let mut dev = block(&d, false);
     let too_big = MAX_SEGMENT_BYTES + SECTOR_BYTES as u32;
     header(&mem, VIRTIO_BLK_T_IN, 0);
-    let (len, status) = run(
-        &mut dev,
-        &mem,
-        &[r(HDR, 16), w(DATA, too_big), w(STATUS, 1)],
-    );
+    let (len, status) = run(&mut dev, &mem, &[r(HDR, 16), w(DATA, too_big), w(STATUS, 1)]);
     assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR as u8));
     // Exactly size_max is served.
     let mut dev = block(&d, false);
     header(&mem, VIRTIO_BLK_T_IN, 0);
-    let (len, status) = run(
-        &mut dev,
-        &mem,
-        &[r(HDR, 16), w(DATA, MAX_SEGMENT_BYTES), w(STATUS, 1)],
-    );
-    assert_eq!(
-        (len, status),
-        (MAX_SEGMENT_BYTES + 1, VIRTIO_BLK_S_OK as u8)
-    );
+    let (len, status) = run(&mut dev, &mem, &[r(HDR, 16), w(DATA, MAX_SEGMENT_BYTES), w(STATUS, 1)]);
+    assert_eq!((len, status), (MAX_SEGMENT_BYTES + 1, VIRTIO_BLK_S_OK as u8));
 }

@@ -41,11 +41,7 @@ fn chain_input(rng: &mut Prng, payload: &[u8], writable_last: bool) -> Vec<u8> {
     for i in 0..count {
         let last = i + 1 == count;
         let wild = rng.below(8) == 0;
-        let a = if wild && rng.below(2) == 0 {
-            rng.next()
-        } else {
-            addr
-        };
+        let a = if wild && rng.below(2) == 0 { rng.next() } else { addr };
         let len = match rng.below(8) {
             0 if wild => rng.next() as u32,
             0 => 1,
@@ -63,11 +59,7 @@ fn chain_input(rng: &mut Prng, payload: &[u8], writable_last: bool) -> Vec<u8> {
         if wild && rng.below(4) == 0 {
             flags |= 4; // VRING_DESC_F_INDIRECT
         }
-        let next = if wild {
-            rng.next() as u16
-        } else {
-            u16::from(i) + 1
-        };
+        let next = if wild { rng.next() as u16 } else { u16::from(i) + 1 };
         out.extend_from_slice(&a.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&flags.to_le_bytes());
@@ -95,20 +87,9 @@ impl Tally {
     }
 
     fn assert_reached_parsers(&self, target: &str) {
-        eprintln!(
-            "{target}: {} accepted, {} rejected",
-            self.accepted, self.rejected
-        );
-        assert!(
-            self.accepted >= 20,
-            "{target}: only {} inputs accepted",
-            self.accepted
-        );
-        assert!(
-            self.rejected >= 20,
-            "{target}: only {} inputs rejected",
-            self.rejected
-        );
+        eprintln!("{target}: {} accepted, {} rejected", self.accepted, self.rejected);
+        assert!(self.accepted >= 20, "{target}: only {} inputs accepted", self.accepted);
+        assert!(self.rejected >= 20, "{target}: only {} inputs rejected", self.rejected);
     }
 }
 
@@ -144,26 +125,14 @@ fn vsock_packet_target_survives_pseudo_random_inputs() {
             rng.bytes(n)
         } else {
             let op = rng.below(9) as u16;
-            let len = if rng.below(4) == 0 {
-                rng.next() as u32
-            } else {
-                rng.below(128) as u32
-            };
+            let len = if rng.below(4) == 0 { rng.next() as u32 } else { rng.below(128) as u32 };
             let h = Header {
                 src_cid: if rng.below(8) == 0 { rng.next() } else { 3 },
-                dst_cid: if rng.below(8) == 0 {
-                    rng.next()
-                } else {
-                    HOST_CID
-                },
+                dst_cid: if rng.below(8) == 0 { rng.next() } else { HOST_CID },
                 src_port: rng.below(4) as u32,
                 dst_port: rng.below(4) as u32 + 1_000_000,
                 len,
-                type_: if rng.below(8) == 0 {
-                    rng.next() as u16
-                } else {
-                    TYPE_STREAM
-                },
+                type_: if rng.below(8) == 0 { rng.next() as u16 } else { TYPE_STREAM },
                 op: if op == 0 { Op::Rw as u16 } else { op },
                 flags: rng.below(4) as u32,
                 buf_alloc: rng.next() as u32,

@@ -28,16 +28,11 @@ fn linux_probes_virtio_blk_disk_with_its_capacity() {
         panic!("the reference kernel/initramfs under /work/shared/guest are missing");
     };
     let disk = tempfile::NamedTempFile::new().expect("disk file");
-    disk.as_file()
-        .set_len(DISK_SECTORS * 512)
-        .expect("size disk");
+    disk.as_file().set_len(DISK_SECTORS * 512).expect("size disk");
     let mut config = VmConfig::new(kernel, CMDLINE);
     config.mem_mib = 256;
     config.initrd = Some(initrd);
-    config.disks.push(DiskConfig {
-        path: disk.path().to_path_buf(),
-        read_only: true,
-    });
+    config.disks.push(DiskConfig { path: disk.path().to_path_buf(), read_only: true });
     config.rng = true;
     let mut vm = build_microvm(&config).expect("build VM");
     vm.start().expect("start VM");
@@ -50,14 +45,8 @@ fn linux_probes_virtio_blk_disk_with_its_capacity() {
         tail.contains(&format!("[vda] {DISK_SECTORS} 512-byte logical blocks")),
         "wrong disk size; console tail:\n{tail}"
     );
-    assert!(
-        !tail.contains("virtio_mmio: probe of"),
-        "a virtio-mmio probe failed:\n{tail}"
-    );
-    assert!(
-        matches!(event, Some(VmEvent::Reset { .. })),
-        "event {event:?}; console tail:\n{tail}"
-    );
+    assert!(!tail.contains("virtio_mmio: probe of"), "a virtio-mmio probe failed:\n{tail}");
+    assert!(matches!(event, Some(VmEvent::Reset { .. })), "event {event:?}; console tail:\n{tail}");
 }
 
 #[test]
@@ -73,10 +62,7 @@ fn linux_guest_refuses_host_connect_to_closed_vsock_port() {
     let mut config = VmConfig::new(kernel, CMDLINE);
     config.mem_mib = 256;
     config.initrd = Some(initrd);
-    config.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-    });
+    config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: uds.clone() });
     let mut vm = build_microvm(&config).expect("build VM");
     // The listener exists before the guest runs; the REQUEST waits for the driver.
     let mut host = UnixStream::connect(&uds).expect("connect to vsock socket");
@@ -99,17 +85,7 @@ fn linux_guest_refuses_host_connect_to_closed_vsock_port() {
     let event = vm.wait_event(BOOT_TIMEOUT);
     vm.stop();
     let tail = String::from_utf8_lossy(&vm.serial().tail()).into_owned();
-    assert!(
-        read.is_ok(),
-        "no answer from the guest ({read:?}); console tail:\n{tail}"
-    );
-    assert!(
-        reply.is_empty(),
-        "guest accepted a port nobody listens on: {:?}",
-        String::from_utf8_lossy(&reply)
-    );
-    assert!(
-        matches!(event, Some(VmEvent::Reset { .. })),
-        "event {event:?}; console tail:\n{tail}"
-    );
+    assert!(read.is_ok(), "no answer from the guest ({read:?}); console tail:\n{tail}");
+    assert!(reply.is_empty(), "guest accepted a port nobody listens on: {:?}", String::from_utf8_lossy(&reply));
+    assert!(matches!(event, Some(VmEvent::Reset { .. })), "event {event:?}; console tail:\n{tail}");
 }

@@ -11,9 +11,8 @@ use capsule_vmm::devices::virtio::device::SharedDevice;
 use capsule_vmm::devices::virtio::mmio::{kernel_cmdline_entry, MmioState, MmioTransport};
 use capsule_vmm::devices::virtio::rng::Rng;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
-    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
 };
 use virtio_common::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -50,12 +49,8 @@ struct Bench {
 fn bench() -> Bench {
     let mem = guest_memory();
     let dev: SharedDevice<Mem> = Arc::new(Mutex::new(Rng::<Mem>::new()));
-    let t = MmioTransport::new(
-        mem.clone(),
-        dev.clone(),
-        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    )
-    .expect("transport");
+    let t =
+        MmioTransport::new(mem.clone(), dev.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd")).expect("transport");
     Bench { mem, dev, t }
 }
 
@@ -105,10 +100,7 @@ fn identification_registers_read_back() {
     assert_eq!(rd(&mut b.t, VERSION), 2);
     assert_eq!(rd(&mut b.t, DEVICE_ID), 4);
     assert_eq!(rd(&mut b.t, CONFIG_GENERATION), 0);
-    assert_eq!(
-        kernel_cmdline_entry(0xd000_0000, 5),
-        "virtio_mmio.device=4K@0xd0000000:5"
-    );
+    assert_eq!(kernel_cmdline_entry(0xd000_0000, 5), "virtio_mmio.device=4K@0xd0000000:5");
 }
 
 #[test]
@@ -214,11 +206,7 @@ fn queue_outside_guest_memory_is_not_made_ready() {
     wr(&mut b.t, STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     assert_ne!(rd(&mut b.t, STATUS) & NEEDS_RESET, 0);
     assert!(!b.dev.lock().expect("lock").is_activated());
-    assert_eq!(
-        rd(&mut b.t, INTERRUPT_STATUS) & 2,
-        2,
-        "config-change interrupt"
-    );
+    assert_eq!(rd(&mut b.t, INTERRUPT_STATUS) & 2, 2, "config-change interrupt");
 }
 
 #[test]
@@ -291,20 +279,12 @@ fn snapshot_round_trip_resumes_queue_where_it_left_off() {
     let mut t = MmioTransport::restore(b.mem.clone(), dev.clone(), irq, &state).expect("restore");
     assert_eq!(rd(&mut t, STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     assert!(dev.lock().expect("lock").is_activated());
-    assert_eq!(
-        rd(&mut t, INTERRUPT_STATUS),
-        1,
-        "pending interrupt survives"
-    );
+    assert_eq!(rd(&mut t, INTERRUPT_STATUS), 1, "pending interrupt survives");
     assert_eq!(t.interrupt().irq_fd().read().expect("re-raised"), 1);
 
     let head = driver.add_chain(&[w(DATA_BASE + 0x100, 24)]);
     wr(&mut t, QUEUE_NOTIFY, 0);
-    assert_eq!(
-        driver.used_idx(),
-        2,
-        "the restored queue continues, not restarts"
-    );
+    assert_eq!(driver.used_idx(), 2, "the restored queue continues, not restarts");
     assert_eq!(driver.used(1), (u32::from(head), 24));
 }
 
@@ -341,10 +321,7 @@ fn a_guest_hammering_bad_registers_cannot_flood_the_host_log() {
     use capsule_vmm::devices::guest_log::GUEST_WARN_BURST;
     let captured = Captured::default();
     let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let mut b = bench();
     tracing::subscriber::with_default(subscriber, || {
         let mut two = [0u8; 2];
@@ -355,8 +332,5 @@ fn a_guest_hammering_bad_registers_cannot_flood_the_host_log() {
     });
     let log = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8");
     let lines = log.lines().filter(|l| l.contains("virtio-mmio")).count();
-    assert!(
-        lines >= 1 && lines <= GUEST_WARN_BURST as usize,
-        "{lines} warning lines for 10000 bad reads:\n{log}"
-    );
+    assert!(lines >= 1 && lines <= GUEST_WARN_BURST as usize, "{lines} warning lines for 10000 bad reads:\n{log}");
 }

@@ -48,11 +48,7 @@ impl<'a> Guest<'a> {
         let dir = tempfile::tempdir().expect("tempdir");
         let uds = dir.path().join("vsock.sock");
         let dev = Arc::new(Mutex::new(
-            Vsock::new(VsockConfig {
-                guest_cid: GUEST_CID,
-                uds_path: uds.clone(),
-            })
-            .expect("vsock device"),
+            Vsock::new(VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }).expect("vsock device"),
         ));
         let mut rx = Driver::new(mem, 0x0);
         let tx = Driver::new(mem, 0x4000);
@@ -70,19 +66,7 @@ impl<'a> Guest<'a> {
         }
         let shared: SharedDevice<Mem> = dev.clone();
         let events = DeviceEventLoop::start(vec![shared]).expect("event loop");
-        Self {
-            mem,
-            dev,
-            rx,
-            tx,
-            ev,
-            rx_seen: 0,
-            rx_addr,
-            tx_next: TX_BUF_BASE,
-            uds,
-            _events: events,
-            _dir: dir,
-        }
+        Self { mem, dev, rx, tx, ev, rx_seen: 0, rx_addr, tx_next: TX_BUF_BASE, uds, _events: events, _dir: dir }
     }
 
     /// Posts a raw TX chain and notifies the TX queue.
@@ -100,10 +84,7 @@ impl<'a> Guest<'a> {
         if payload.is_empty() {
             self.send_raw(&[r(addr, HEADER_BYTES as u32)]);
         } else {
-            self.send_raw(&[
-                r(addr, HEADER_BYTES as u32),
-                r(addr + HEADER_BYTES as u64, payload.len() as u32),
-            ]);
+            self.send_raw(&[r(addr, HEADER_BYTES as u32), r(addr + HEADER_BYTES as u64, payload.len() as u32)]);
         }
     }
 
@@ -121,11 +102,7 @@ impl<'a> Guest<'a> {
         assert!(len as usize >= HEADER_BYTES, "RX packet of {len} bytes");
         let bytes = read_bytes(self.mem, addr, len as usize);
         let h = Header::from_bytes(bytes[..HEADER_BYTES].try_into().expect("header"));
-        assert_eq!(
-            h.len as usize,
-            len as usize - HEADER_BYTES,
-            "len matches used length"
-        );
+        assert_eq!(h.len as usize, len as usize - HEADER_BYTES, "len matches used length");
         Some((h, bytes[HEADER_BYTES..].to_vec()))
     }
 
@@ -136,10 +113,7 @@ impl<'a> Guest<'a> {
     fn recv_op(&mut self, op: Op) -> (Header, Vec<u8>) {
         let (h, p) = self.recv();
         assert_eq!(h.op, op as u16, "expected {op:?}, got header {h:?}");
-        assert_eq!(
-            (h.src_cid, h.dst_cid, h.type_),
-            (HOST_CID, GUEST_CID, TYPE_STREAM)
-        );
+        assert_eq!((h.src_cid, h.dst_cid, h.type_), (HOST_CID, GUEST_CID, TYPE_STREAM));
         (h, p)
     }
 
@@ -174,10 +148,7 @@ fn pkt(op: Op, src_port: u32, dst_port: u32) -> Header {
 }
 
 fn rw(src_port: u32, dst_port: u32, len: usize) -> Header {
-    Header {
-        len: len as u32,
-        ..pkt(Op::Rw, src_port, dst_port)
-    }
+    Header { len: len as u32, ..pkt(Op::Rw, src_port, dst_port) }
 }
 
 fn read_exact_timeout(s: &mut UnixStream, n: usize) -> Vec<u8> {
@@ -200,17 +171,14 @@ fn assert_eof(s: &mut UnixStream) {
 /// Host connects with `CONNECT <port>`, guest accepts; returns (host stream, local port).
 fn host_connect(g: &mut Guest, guest_port: u32) -> (UnixStream, u32) {
     let mut host = UnixStream::connect(&g.uds).expect("connect uds");
-    host.write_all(format!("CONNECT {guest_port}\n").as_bytes())
-        .expect("CONNECT");
+    host.write_all(format!("CONNECT {guest_port}\n").as_bytes()).expect("CONNECT");
     let (req, _) = g.recv_op(Op::Request);
     assert_eq!(req.dst_port, guest_port);
     let local = req.src_port;
     g.send(pkt(Op::Response, guest_port, local), &[]);
     host.set_read_timeout(Some(WAIT)).expect("timeout");
     let mut line = String::new();
-    BufReader::new(&mut host)
-        .read_line(&mut line)
-        .expect("OK line");
+    BufReader::new(&mut host).read_line(&mut line).expect("OK line");
     assert_eq!(line, format!("OK {local}\n"));
     (host, local)
 }
@@ -331,16 +299,9 @@ fn guest_full_shutdown_closes_host_stream_and_gets_rst() {
     let listener = UnixListener::bind(g.port_path(5002)).expect("bind");
     let mut host = guest_connect(&mut g, &listener, 901, 5002);
     g.send(rw(901, 5002, 3), b"bye");
-    let shutdown = Header {
-        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
-        ..pkt(Op::Shutdown, 901, 5002)
-    };
+    let shutdown = Header { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..pkt(Op::Shutdown, 901, 5002) };
     g.send(shutdown, &[]);
-    assert_eq!(
-        read_exact_timeout(&mut host, 3),
-        b"bye",
-        "data before shutdown is delivered"
-    );
+    assert_eq!(read_exact_timeout(&mut host, 3), b"bye", "data before shutdown is delivered");
     assert_eof(&mut host);
     let (h, _) = g.recv_op(Op::Rst);
     assert_eq!((h.src_port, h.dst_port), (5002, 901));
@@ -353,13 +314,7 @@ fn host_to_guest_data_respects_guest_credit() {
     let mut g = Guest::new(&mem);
     let listener = UnixListener::bind(g.port_path(5003)).expect("bind");
     // The guest offers an 8-byte receive buffer.
-    g.send(
-        Header {
-            buf_alloc: 8,
-            ..pkt(Op::Request, 902, 5003)
-        },
-        &[],
-    );
+    g.send(Header { buf_alloc: 8, ..pkt(Op::Request, 902, 5003) }, &[]);
     let _ = g.recv_op(Op::Response);
     let (mut host, _) = listener.accept().expect("accept");
     host.write_all(b"0123456789abcdefghij").expect("host write");
@@ -371,23 +326,13 @@ fn host_to_guest_data_respects_guest_credit() {
         match Op::from_raw(h.op) {
             Some(Op::Rw) => {
                 let in_flight = got.len() as u32 + payload.len() as u32 - fwd;
-                assert!(
-                    in_flight <= 8,
-                    "device sent {in_flight} bytes past an 8-byte credit"
-                );
+                assert!(in_flight <= 8, "device sent {in_flight} bytes past an 8-byte credit");
                 got.extend_from_slice(&payload);
             }
             Some(Op::CreditRequest) => {
                 // The guest consumed everything: announce it.
                 fwd = got.len() as u32;
-                g.send(
-                    Header {
-                        buf_alloc: 8,
-                        fwd_cnt: fwd,
-                        ..pkt(Op::CreditUpdate, 902, 5003)
-                    },
-                    &[],
-                );
+                g.send(Header { buf_alloc: 8, fwd_cnt: fwd, ..pkt(Op::CreditUpdate, 902, 5003) }, &[]);
             }
             other => panic!("unexpected op {other:?}"),
         }
@@ -432,10 +377,7 @@ fn guest_overrunning_credit_is_reset() {
             break;
         }
     }
-    assert!(
-        reset,
-        "a guest sending past {CONN_TX_BUF_BYTES} buffered bytes must be reset"
-    );
+    assert!(reset, "a guest sending past {CONN_TX_BUF_BYTES} buffered bytes must be reset");
     assert_eq!(g.connections(), 0);
 }
 
@@ -483,10 +425,7 @@ fn malformed_packets_are_dropped() {
     assert_eq!(g.tx.used_idx(), 10, "every TX chain is consumed");
     g.assert_quiet();
     assert_eq!(g.connections(), 0);
-    assert!(
-        listener.accept().is_err(),
-        "no host connection from a malformed request"
-    );
+    assert!(listener.accept().is_err(), "no host connection from a malformed request");
 
     // The device is not wedged: a valid request still connects.
     listener.set_nonblocking(false).expect("blocking");
@@ -497,11 +436,8 @@ fn malformed_packets_are_dropped() {
 fn malformed_rx_buffers_are_skipped() {
     let mem = guest_memory();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut dev: Vsock<Mem> = Vsock::new(VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: dir.path().join("v.sock"),
-    })
-    .expect("vsock");
+    let mut dev: Vsock<Mem> =
+        Vsock::new(VsockConfig { guest_cid: GUEST_CID, uds_path: dir.path().join("v.sock") }).expect("vsock");
     let mut rx = Driver::new(&mem, 0x0);
     let mut tx = Driver::new(&mem, 0x4000);
     let ev = Driver::new(&mem, 0x8000);
@@ -563,19 +499,12 @@ fn guest_connect_to_full_listener_gets_rst_instead_of_blocking() {
 fn dropping_the_device_removes_its_socket_and_refuses_reserved_cids() {
     let dir = tempfile::tempdir().expect("tempdir");
     let uds = dir.path().join("v.sock");
-    let dev: Vsock<Mem> = Vsock::new(VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: uds.clone(),
-    })
-    .expect("vsock");
+    let dev: Vsock<Mem> = Vsock::new(VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() }).expect("vsock");
     assert!(uds.exists());
     drop(dev);
     assert!(!uds.exists(), "socket file left behind");
     for cid in [0, 1, 2, u64::from(u32::MAX)] {
-        let res = Vsock::<Mem>::new(VsockConfig {
-            guest_cid: cid,
-            uds_path: uds.clone(),
-        });
+        let res = Vsock::<Mem>::new(VsockConfig { guest_cid: cid, uds_path: uds.clone() });
         assert!(res.is_err(), "CID {cid} accepted");
     }
 }

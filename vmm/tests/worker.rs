@@ -11,8 +11,7 @@ use capsule_vmm::{RunState, VmConfig, VmEvent};
 use common::{elf_payload, kvm_usable, reference_initramfs, reference_kernel};
 
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_capsule-vmm-worker");
-const REFERENCE_CMDLINE: &str =
-    "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
+const REFERENCE_CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// `loop: inc qword [0x5000]; jmp loop`
 const COUNTER_LOOP: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
@@ -47,23 +46,11 @@ fn worker_boots_the_reference_kernel_and_reports_the_reboot() {
     let event = worker.wait_event(BOOT_TIMEOUT);
     let elapsed = started.elapsed();
     let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
-    assert_eq!(
-        event,
-        Some(WorkerEvent::Vm(VmEvent::Reset {
-            source: ResetSource::I8042
-        })),
-        "console:\n{console}"
-    );
-    assert!(
-        console.contains("PVM-GUEST-USERSPACE"),
-        "console:\n{console}"
-    );
+    assert_eq!(event, Some(WorkerEvent::Vm(VmEvent::Reset { source: ResetSource::I8042 })), "console:\n{console}");
+    assert!(console.contains("PVM-GUEST-USERSPACE"), "console:\n{console}");
     assert_eq!(worker.status().unwrap(), RunState::Stopped);
     worker.stop().unwrap();
-    assert_eq!(
-        worker.wait_event(Duration::from_secs(5)),
-        Some(WorkerEvent::Exited { pid: worker.pid() })
-    );
+    assert_eq!(worker.wait_event(Duration::from_secs(5)), Some(WorkerEvent::Exited { pid: worker.pid() }));
     assert!(!process_exists(worker.pid()));
     eprintln!("worker: spawn to guest reboot {} ms", elapsed.as_millis());
 }
@@ -74,10 +61,8 @@ fn a_killed_worker_is_reported_and_reaped_and_others_keep_running() {
         return;
     }
     let payload = elf_payload(&COUNTER_LOOP);
-    let doomed =
-        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
-    let survivor =
-        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    let doomed = WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    let survivor = WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
     doomed.start().unwrap();
     survivor.start().unwrap();
     let pid = doomed.pid();
@@ -86,10 +71,7 @@ fn a_killed_worker_is_reported_and_reaped_and_others_keep_running() {
     match doomed.wait_event(Duration::from_secs(5)) {
         Some(WorkerEvent::Died { pid: died, status }) => {
             assert_eq!(died, pid);
-            assert!(
-                status.contains("SIGKILL") || status.contains('9'),
-                "status {status}"
-            );
+            assert!(status.contains("SIGKILL") || status.contains('9'), "status {status}");
         }
         other => panic!("expected Died, got {other:?}"),
     }
@@ -108,8 +90,7 @@ fn dropping_the_handle_kills_the_worker() {
         return;
     }
     let payload = elf_payload(&COUNTER_LOOP);
-    let worker =
-        WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
+    let worker = WorkerHandle::spawn(Path::new(WORKER_EXE), counter_config(payload.path())).unwrap();
     worker.start().unwrap();
     let pid = worker.pid();
     assert!(process_exists(pid));
@@ -146,10 +127,7 @@ fn a_worker_exits_when_its_controller_goes_away() {
     let mut writer = ours.try_clone().unwrap();
     let configure = capsule_vmm::worker::ToWorker::Configure(counter_config(payload.path()));
     writeln!(writer, "{}", serde_json::to_string(&configure).unwrap()).unwrap();
-    let start = capsule_vmm::worker::ToWorker::Request {
-        id: 1,
-        op: capsule_vmm::worker::Op::Start,
-    };
+    let start = capsule_vmm::worker::ToWorker::Request { id: 1, op: capsule_vmm::worker::Op::Start };
     writeln!(writer, "{}", serde_json::to_string(&start).unwrap()).unwrap();
     let mut reader = BufReader::new(ours.try_clone().unwrap());
     let mut ready = String::new();
@@ -165,10 +143,7 @@ fn a_worker_exits_when_its_controller_goes_away() {
             assert!(status.success(), "worker ended with {status}");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "worker kept running without a controller"
-        );
+        assert!(Instant::now() < deadline, "worker kept running without a controller");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -198,9 +173,7 @@ fn zombie_children(comm: &str) -> Vec<u32> {
                 return false;
             };
             let fields: Vec<&str> = tail.split_whitespace().collect();
-            head.ends_with(&format!("({comm}"))
-                && fields.first() == Some(&"Z")
-                && fields.get(1) == Some(&me.as_str())
+            head.ends_with(&format!("({comm}")) && fields.first() == Some(&"Z") && fields.get(1) == Some(&me.as_str())
         })
         .collect()
 }
@@ -230,10 +203,7 @@ fn a_workers_log_lands_in_a_file_beside_its_serial_log() {
     assert!(matches!(err, WorkerError::BuildFailed(_)), "{err}");
     // The worker logs the failure before it reports it, so the line is there by now.
     let log_path = capsule_vmm::worker_log::worker_log_path(&serial);
-    let log = std::fs::read_to_string(&log_path)
-        .unwrap_or_else(|e| panic!("no worker log at {}: {e}", log_path.display()));
-    assert!(
-        log.contains("could not build the VM") && log.contains("/nonexistent/vmlinux"),
-        "worker log:\n{log}"
-    );
+    let log =
+        std::fs::read_to_string(&log_path).unwrap_or_else(|e| panic!("no worker log at {}: {e}", log_path.display()));
+    assert!(log.contains("could not build the VM") && log.contains("/nonexistent/vmlinux"), "worker log:\n{log}");
 }

@@ -33,33 +33,22 @@ fn a_running_worker_has_its_seccomp_filter_and_rlimits() {
     let worker = WorkerHandle::spawn(Path::new(WORKER_EXE), config).unwrap();
     worker.start().unwrap();
     let pid = worker.pid();
-    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(tasks.len() >= 3, "worker threads: {tasks:?}");
     for task in &tasks {
         let status = std::fs::read_to_string(task.join("status")).unwrap();
         // 2 = SECCOMP_MODE_FILTER.
         assert!(
-            status
-                .lines()
-                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
             "thread {} is not filtered:\n{status}",
             task.display()
         );
     }
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limit_line(&limits, "Max core file size");
-    assert!(
-        core.split_whitespace().filter(|w| *w == "0").count() == 2,
-        "{core}"
-    );
+    assert!(core.split_whitespace().filter(|w| *w == "0").count() == 2, "{core}");
     let files = limit_line(&limits, "Max open files");
-    assert!(
-        files.contains(&WORKER_MAX_OPEN_FILES.to_string()),
-        "{files}"
-    );
+    assert!(files.contains(&WORKER_MAX_OPEN_FILES.to_string()), "{files}");
     // Still fully working under the filter: pause, resume, stop.
     worker.pause().unwrap();
     worker.resume().unwrap();

@@ -82,10 +82,7 @@ impl CancelToken {
         };
         let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         // The guard must be released before `stop_reason` locks again.
-        drop(
-            cvar.wait_timeout_while(guard, wait_for, |s| !s.cancelled)
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        drop(cvar.wait_timeout_while(guard, wait_for, |s| !s.cancelled).unwrap_or_else(|e| e.into_inner()));
         self.stop_reason()
     }
 }

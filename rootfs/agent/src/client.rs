@@ -51,9 +51,9 @@ use std::time::{Duration, Instant};
 use crate::frame::{encode_frame, error_chain, read_frame, read_full, write_frame, FrameError};
 use crate::lock::lock;
 use crate::protocol::{
-    AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExecRequest,
-    ExitStatus, Hello, HelloReply, Op, Reply, Request, RequestId, Stream, WriteFileRequest,
-    WritePosition, DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
+    AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExecRequest, ExitStatus, Hello,
+    HelloReply, Op, Reply, Request, RequestId, Stream, WriteFileRequest, WritePosition, DEFAULT_OUTPUT_CAP_BYTES,
+    MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 
 /// How long the handshake (and a hybrid-vsock `CONNECT`) may take.
@@ -149,9 +149,7 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self {
-            write_timeout: WRITE_TIMEOUT,
-        }
+        Self { write_timeout: WRITE_TIMEOUT }
     }
 }
 
@@ -240,9 +238,7 @@ pub struct AgentClient {
 
 impl std::fmt::Debug for AgentClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentClient")
-            .field("closed", &self.closed_reason())
-            .finish()
+        f.debug_struct("AgentClient").field("closed", &self.closed_reason()).finish()
     }
 }
 
@@ -268,37 +264,25 @@ impl RequestHandle {
 impl AgentClient {
     /// Connects to an agent listening on a Unix socket and shakes hands.
     pub fn connect_unix(path: &Path) -> Result<(AgentClient, HelloReply), ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         Self::handshake(stream, "capsule")
     }
 
     /// Connects through a Firecracker-style hybrid vsock: the VMM's Unix socket
     /// at `uds_path`, then `CONNECT <port>\n`, answered by `OK <n>\n`; after
     /// that the stream is a plain byte stream to the guest's port.
-    pub fn connect_hybrid_vsock(
-        uds_path: &Path,
-        port: u32,
-    ) -> Result<(AgentClient, HelloReply), ClientError> {
-        let mut stream = UnixStream::connect(uds_path).map_err(|source| ClientError::Connect {
-            path: uds_path.display().to_string(),
-            source,
-        })?;
+    pub fn connect_hybrid_vsock(uds_path: &Path, port: u32) -> Result<(AgentClient, HelloReply), ClientError> {
+        let mut stream = UnixStream::connect(uds_path)
+            .map_err(|source| ClientError::Connect { path: uds_path.display().to_string(), source })?;
         set_handshake_timeouts(&stream)?;
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(ClientError::Io)?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(ClientError::Io)?;
         // Read the reply byte by byte so nothing past the newline is consumed.
         let mut line = Vec::new();
         let mut reader = BufReader::with_capacity(1, (&stream).take(MAX_CONNECT_REPLY_BYTES));
         reader
             .read_until(b'\n', &mut line)
-            .map_err(|e| ClientError::HybridVsock {
-                port,
-                reason: format!("reading the reply failed: {e}"),
-            })?;
+            .map_err(|e| ClientError::HybridVsock { port, reason: format!("reading the reply failed: {e}") })?;
         let text = String::from_utf8_lossy(&line);
         if !line.ends_with(b"\n") || !text.starts_with("OK ") {
             return Err(ClientError::HybridVsock {
@@ -310,10 +294,7 @@ impl AgentClient {
     }
 
     /// Shakes hands over an already connected stream and starts the reader thread.
-    pub fn handshake(
-        stream: UnixStream,
-        client_name: &str,
-    ) -> Result<(AgentClient, HelloReply), ClientError> {
+    pub fn handshake(stream: UnixStream, client_name: &str) -> Result<(AgentClient, HelloReply), ClientError> {
         Self::handshake_with(stream, client_name, ClientOptions::default())
     }
 
@@ -327,10 +308,7 @@ impl AgentClient {
         let mut writer = stream.try_clone().map_err(ClientError::Io)?;
         let hello = ClientFrame {
             id: 0,
-            body: ClientMessage::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                client: client_name.to_owned(),
-            }),
+            body: ClientMessage::Hello(Hello { version: PROTOCOL_VERSION, client: client_name.to_owned() }),
         };
         write_frame(&mut writer, &hello).map_err(ClientError::Frame)?;
         let mut reader = stream;
@@ -340,25 +318,12 @@ impl AgentClient {
             Err(e) => return Err(ClientError::Frame(e)),
         };
         let hello_reply = match reply {
-            AgentFrame {
-                id: 0,
-                body: AgentMessage::Hello(h),
-            } => h,
-            AgentFrame {
-                id: 0,
-                body: AgentMessage::Failed(e),
-            } => return Err(ClientError::Handshake(e.to_string())),
-            other => {
-                return Err(ClientError::Handshake(format!(
-                    "expected a Hello reply, got {other:?}"
-                )))
-            }
+            AgentFrame { id: 0, body: AgentMessage::Hello(h) } => h,
+            AgentFrame { id: 0, body: AgentMessage::Failed(e) } => return Err(ClientError::Handshake(e.to_string())),
+            other => return Err(ClientError::Handshake(format!("expected a Hello reply, got {other:?}"))),
         };
         if hello_reply.version != PROTOCOL_VERSION {
-            return Err(ClientError::VersionMismatch {
-                agent: hello_reply.version,
-                host: PROTOCOL_VERSION,
-            });
+            return Err(ClientError::VersionMismatch { agent: hello_reply.version, host: PROTOCOL_VERSION });
         }
         reader.set_read_timeout(None).map_err(ClientError::Io)?;
         let control = reader.try_clone().map_err(ClientError::Io)?;
@@ -394,26 +359,17 @@ impl AgentClient {
             }
             pending.sinks.insert(id, sink);
         }
-        let frame = ClientFrame {
-            id,
-            body: ClientMessage::Request(request),
-        };
+        let frame = ClientFrame { id, body: ClientMessage::Request(request) };
         if let Err(e) = self.send(&frame) {
             lock(&self.inner.pending).sinks.remove(&id);
             return Err(e);
         }
-        Ok(RequestHandle {
-            id,
-            client: self.clone(),
-        })
+        Ok(RequestHandle { id, client: self.clone() })
     }
 
     /// Asks the agent to cancel request `id`.
     pub fn cancel(&self, id: RequestId) -> Result<(), ClientError> {
-        self.send(&ClientFrame {
-            id,
-            body: ClientMessage::Cancel,
-        })
+        self.send(&ClientFrame { id, body: ClientMessage::Cancel })
     }
 
     /// Ends the connection: the agent cancels this connection's requests
@@ -450,9 +406,7 @@ impl AgentClient {
             format!("write failed: {e}")
         };
         self.inner.disconnect(reason.clone());
-        Err(ClientError::Disconnected(
-            self.closed_reason().unwrap_or(reason),
-        ))
+        Err(ClientError::Disconnected(self.closed_reason().unwrap_or(reason)))
     }
 
     /// Runs one request to its end and returns its events and reply.
@@ -461,11 +415,7 @@ impl AgentClient {
     ///
     /// At most [`MAX_COLLECTED_EVENT_BYTES`] of events are collected; past
     /// that the request is cancelled and the call fails with `TooLarge`.
-    pub fn call(
-        &self,
-        op: Op,
-        timeout: Option<Duration>,
-    ) -> Result<(Vec<Event>, Reply), ClientError> {
+    pub fn call(&self, op: Op, timeout: Option<Duration>) -> Result<(Vec<Event>, Reply), ClientError> {
         let mut events = Vec::new();
         let mut collected_bytes = 0usize;
         let reply = self.call_each(op, timeout, &mut |event| {
@@ -492,10 +442,7 @@ impl AgentClient {
         on_event: &mut dyn FnMut(Event) -> Result<(), ClientError>,
     ) -> Result<Reply, ClientError> {
         let (tx, rx) = mpsc::channel();
-        let request = Request {
-            timeout_ms: timeout.map(|t| t.as_millis() as u64),
-            op,
-        };
+        let request = Request { timeout_ms: timeout.map(|t| t.as_millis() as u64), op };
         let handle = self.start(request, Box::new(move |i| drop(tx.send(i))))?;
         let wait_limit = timeout.map(|t| t + REPLY_GRACE);
         loop {
@@ -510,9 +457,7 @@ impl AgentClient {
                         return Err(ClientError::Disconnected("reply channel closed".into()))
                     }
                 },
-                None => rx
-                    .recv()
-                    .map_err(|_| ClientError::Disconnected("reply channel closed".into()))?,
+                None => rx.recv().map_err(|_| ClientError::Disconnected("reply channel closed".into()))?,
             };
             match incoming {
                 Incoming::Event(e) => {
@@ -540,15 +485,8 @@ impl AgentClient {
     /// [`MAX_COLLECTED_EVENT_BYTES`] before the request is sent; whatever an
     /// agent streams past it is dropped here (and the stream is listed as
     /// truncated with an empty path).
-    pub fn exec(
-        &self,
-        mut req: ExecRequest,
-        timeout: Option<Duration>,
-    ) -> Result<ExecOutput, ClientError> {
-        let cap_bytes = req
-            .output_cap_bytes
-            .unwrap_or(DEFAULT_OUTPUT_CAP_BYTES)
-            .min(MAX_COLLECTED_EVENT_BYTES as u64);
+    pub fn exec(&self, mut req: ExecRequest, timeout: Option<Duration>) -> Result<ExecOutput, ClientError> {
+        let cap_bytes = req.output_cap_bytes.unwrap_or(DEFAULT_OUTPUT_CAP_BYTES).min(MAX_COLLECTED_EVENT_BYTES as u64);
         req.output_cap_bytes = Some(cap_bytes);
         let cap = cap_bytes as usize; // at most MAX_COLLECTED_EVENT_BYTES
         let mut stdout = Vec::new();
@@ -567,48 +505,29 @@ impl AgentClient {
                         truncated.push((stream, String::new()));
                     }
                 }
-                Event::Truncated { stream, path, .. } => {
-                    match truncated.iter_mut().find(|(s, _)| *s == stream) {
-                        Some(entry) if entry.1.is_empty() => entry.1 = path,
-                        Some(_) => {}
-                        None => truncated.push((stream, path)),
-                    }
-                }
+                Event::Truncated { stream, path, .. } => match truncated.iter_mut().find(|(s, _)| *s == stream) {
+                    Some(entry) if entry.1.is_empty() => entry.1 = path,
+                    Some(_) => {}
+                    None => truncated.push((stream, path)),
+                },
                 Event::Result(_) | Event::Error(_) => {}
             }
             Ok(())
         })?;
         let Reply::Exit(status) = reply else {
-            return Err(ClientError::UnexpectedReply(format!(
-                "{reply:?} to a foreground Exec"
-            )));
+            return Err(ClientError::UnexpectedReply(format!("{reply:?} to a foreground Exec")));
         };
-        Ok(ExecOutput {
-            stdout,
-            stderr,
-            truncated,
-            status,
-        })
+        Ok(ExecOutput { stdout, stderr, truncated, status })
     }
 
     /// Writes `data` to `path` (created or truncated), in chunks of at most
     /// [`MAX_FILE_CHUNK_BYTES`], creating parent directories. Returns the bytes written.
-    pub fn write_file(
-        &self,
-        path: &str,
-        data: &[u8],
-        mode: Option<u32>,
-    ) -> Result<u64, ClientError> {
+    pub fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<u64, ClientError> {
         self.write_file_from(path, data, mode)
     }
 
     /// Like [`write_file`](Self::write_file), reading the data from `source`.
-    pub fn write_file_from<R: Read>(
-        &self,
-        path: &str,
-        mut source: R,
-        mode: Option<u32>,
-    ) -> Result<u64, ClientError> {
+    pub fn write_file_from<R: Read>(&self, path: &str, mut source: R, mode: Option<u32>) -> Result<u64, ClientError> {
         let mut offset = 0u64;
         let mut chunk = vec![0u8; MAX_FILE_CHUNK_BYTES];
         loop {
@@ -616,11 +535,7 @@ impl AgentClient {
             if n == 0 && offset > 0 {
                 return Ok(offset);
             }
-            let position = if offset == 0 {
-                WritePosition::Truncate
-            } else {
-                WritePosition::At(offset)
-            };
+            let position = if offset == 0 { WritePosition::Truncate } else { WritePosition::At(offset) };
             let op = Op::WriteFile(WriteFileRequest {
                 path: path.to_owned(),
                 position,
@@ -652,11 +567,8 @@ impl AgentClient {
         };
         let mut out = Vec::new();
         loop {
-            let op = Op::ReadFile {
-                path: path.to_owned(),
-                offset: out.len() as u64,
-                length: MAX_FILE_CHUNK_BYTES as u64,
-            };
+            let op =
+                Op::ReadFile { path: path.to_owned(), offset: out.len() as u64, length: MAX_FILE_CHUNK_BYTES as u64 };
             match self.call_reply(op, None)? {
                 Reply::FileData { data, size } => {
                     let total = out.len() as u64 + data.len() as u64;
@@ -668,11 +580,7 @@ impl AgentClient {
                         return Ok(out);
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply(format!(
-                        "{other:?} to ReadFile"
-                    )))
-                }
+                other => return Err(ClientError::UnexpectedReply(format!("{other:?} to ReadFile"))),
             }
         }
     }
@@ -682,9 +590,7 @@ impl AgentClient {
 fn expect_unit(reply: Reply) -> Result<(), ClientError> {
     match reply {
         Reply::Unit => Ok(()),
-        other => Err(ClientError::UnexpectedReply(format!(
-            "{other:?} where Unit was expected"
-        ))),
+        other => Err(ClientError::UnexpectedReply(format!("{other:?} where Unit was expected"))),
     }
 }
 
@@ -701,14 +607,8 @@ fn event_bytes(event: &Event) -> usize {
     match event {
         Event::Output { data, .. } => data.len(),
         Event::Truncated { path, .. } => path.len(),
-        Event::Result(r) => r
-            .data
-            .iter()
-            .map(|(mime, data)| mime.len() + data.len())
-            .sum(),
-        Event::Error(e) => {
-            e.name.len() + e.value.len() + e.traceback.iter().map(String::len).sum::<usize>()
-        }
+        Event::Result(r) => r.data.iter().map(|(mime, data)| mime.len() + data.len()).sum(),
+        Event::Error(e) => e.name.len() + e.value.len() + e.traceback.iter().map(String::len).sum::<usize>(),
     }
 }
 
@@ -726,9 +626,7 @@ fn write_all_within(stream: &UnixStream, mut buf: &[u8], limit: Duration) -> io:
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(io::ErrorKind::TimedOut.into())
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
             Err(e) => return Err(e),
         }
     }

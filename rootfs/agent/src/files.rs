@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::oserror::{agent_error, error};
 use crate::protocol::{
-    AgentError, DirEntry, ErrorKind, FileKind, FileStat, WriteFileRequest, WritePosition,
-    MAX_FILE_CHUNK_BYTES,
+    AgentError, DirEntry, ErrorKind, FileKind, FileStat, WriteFileRequest, WritePosition, MAX_FILE_CHUNK_BYTES,
 };
 
 /// Most entries one `ListDir` returns; deeper or wider trees fail with `TooLarge`.
@@ -47,10 +46,7 @@ fn check_mode(mode: Option<u32>, default: u32) -> Result<u32, AgentError> {
     match mode {
         None => Ok(default),
         Some(m) if m <= 0o7777 => Ok(m),
-        Some(m) => Err(error(
-            ErrorKind::InvalidArgument,
-            format!("mode {m:#o} has bits beyond 0o7777"),
-        )),
+        Some(m) => Err(error(ErrorKind::InvalidArgument, format!("mode {m:#o} has bits beyond 0o7777"))),
     }
 }
 
@@ -64,24 +60,15 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), AgentError> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| agent_error(&describe("open", path), &e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| agent_error(&describe("stat", path), &e))?;
+    let meta = file.metadata().map_err(|e| agent_error(&describe("stat", path), &e))?;
     let ft = meta.file_type();
     if ft.is_dir() {
-        return Err(error(
-            ErrorKind::IsADirectory,
-            format!("{} is a directory", path.display()),
-        ));
+        return Err(error(ErrorKind::IsADirectory, format!("{} is a directory", path.display())));
     }
     if !ft.is_file() {
         return Err(error(
             ErrorKind::InvalidArgument,
-            format!(
-                "{} is a {}, not a regular file",
-                path.display(),
-                special_file_type(&ft)
-            ),
+            format!("{} is a {}, not a regular file", path.display(), special_file_type(&ft)),
         ));
     }
     clear_nonblocking(&file).map_err(|e| agent_error(&describe("fcntl", path), &e))?;
@@ -132,13 +119,8 @@ pub fn file_stat(path: &Path, meta: &fs::Metadata) -> FileStat {
     } else {
         FileKind::Other
     };
-    let symlink_target = if ft.is_symlink() {
-        fs::read_link(path)
-            .ok()
-            .map(|t| t.to_string_lossy().into_owned())
-    } else {
-        None
-    };
+    let symlink_target =
+        if ft.is_symlink() { fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned()) } else { None };
     FileStat {
         kind,
         size: meta.len(),
@@ -151,9 +133,7 @@ pub fn file_stat(path: &Path, meta: &fs::Metadata) -> FileStat {
 impl Files {
     /// File operations whose relative paths resolve against `work_dir`.
     pub fn new(work_dir: &Path) -> Self {
-        Self {
-            work_dir: work_dir.to_owned(),
-        }
+        Self { work_dir: work_dir.to_owned() }
     }
 
     /// Resolves a request path; empty paths are refused.
@@ -162,10 +142,7 @@ impl Files {
             return Err(error(ErrorKind::InvalidArgument, "path is empty"));
         }
         if path.contains('\0') {
-            return Err(error(
-                ErrorKind::InvalidArgument,
-                "path contains a NUL byte",
-            ));
+            return Err(error(ErrorKind::InvalidArgument, "path contains a NUL byte"));
         }
         Ok(self.work_dir.join(path))
     }
@@ -175,18 +152,14 @@ impl Files {
         if req.data.len() > MAX_FILE_CHUNK_BYTES {
             return Err(error(
                 ErrorKind::TooLarge,
-                format!(
-                    "write chunk of {} bytes exceeds the limit of {MAX_FILE_CHUNK_BYTES} bytes",
-                    req.data.len()
-                ),
+                format!("write chunk of {} bytes exceeds the limit of {MAX_FILE_CHUNK_BYTES} bytes", req.data.len()),
             ));
         }
         let path = self.resolve(&req.path)?;
         let mode = check_mode(req.mode, DEFAULT_FILE_MODE)?;
         if req.create_parents {
             if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| agent_error(&describe("create parents of", &path), &e))?;
+                fs::create_dir_all(parent).map_err(|e| agent_error(&describe("create parents of", &path), &e))?;
             }
         }
         let mut opts = OpenOptions::new();
@@ -197,20 +170,16 @@ impl Files {
             WritePosition::Append => opts.create(true).append(true),
         };
         let existed = fs::symlink_metadata(&path).is_ok();
-        let mut file = opts
-            .open(&path)
-            .map_err(|e| agent_error(&describe("open", &path), &e))?;
+        let mut file = opts.open(&path).map_err(|e| agent_error(&describe("open", &path), &e))?;
         if !existed && req.mode.is_some() {
             // The umask narrowed the mode at creation; the host asked for exactly this one.
             file.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|e| agent_error(&describe("chmod", &path), &e))?;
         }
         if let WritePosition::At(offset) = req.position {
-            file.seek(SeekFrom::Start(offset))
-                .map_err(|e| agent_error(&describe("seek", &path), &e))?;
+            file.seek(SeekFrom::Start(offset)).map_err(|e| agent_error(&describe("seek", &path), &e))?;
         }
-        file.write_all(&req.data)
-            .map_err(|e| agent_error(&describe("write", &path), &e))
+        file.write_all(&req.data).map_err(|e| agent_error(&describe("write", &path), &e))
     }
 
     /// Reads up to `length` bytes (capped at [`MAX_FILE_CHUNK_BYTES`]) from
@@ -219,21 +188,16 @@ impl Files {
         let path = self.resolve(path)?;
         let (mut file, meta) = open_regular(&path)?;
         let length = length.min(MAX_FILE_CHUNK_BYTES as u64);
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|e| agent_error(&describe("seek", &path), &e))?;
+        file.seek(SeekFrom::Start(offset)).map_err(|e| agent_error(&describe("seek", &path), &e))?;
         let mut data = Vec::new();
-        (&mut file)
-            .take(length)
-            .read_to_end(&mut data)
-            .map_err(|e| agent_error(&describe("read", &path), &e))?;
+        (&mut file).take(length).read_to_end(&mut data).map_err(|e| agent_error(&describe("read", &path), &e))?;
         Ok((data, meta.len()))
     }
 
     /// Describes a path without following a final symlink.
     pub fn stat(&self, path: &str) -> Result<FileStat, AgentError> {
         let path = self.resolve(path)?;
-        let meta =
-            fs::symlink_metadata(&path).map_err(|e| agent_error(&describe("stat", &path), &e))?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| agent_error(&describe("stat", &path), &e))?;
         Ok(file_stat(&path, &meta))
     }
 
@@ -248,10 +212,7 @@ impl Files {
         let root = self.resolve(path)?;
         let meta = fs::metadata(&root).map_err(|e| agent_error(&describe("list", &root), &e))?;
         if !meta.is_dir() {
-            return Err(error(
-                ErrorKind::NotADirectory,
-                format!("{} is not a directory", root.display()),
-            ));
+            return Err(error(ErrorKind::NotADirectory, format!("{} is not a directory", root.display())));
         }
         let mut out = Vec::new();
         list_into(&root, "", depth, &mut out)?;
@@ -271,10 +232,7 @@ impl Files {
         // create_dir_all succeeds on an existing non-directory in some races; be exact.
         match fs::metadata(&path) {
             Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(error(
-                ErrorKind::AlreadyExists,
-                format!("{} exists and is not a directory", path.display()),
-            )),
+            Ok(_) => Err(error(ErrorKind::AlreadyExists, format!("{} exists and is not a directory", path.display()))),
             Err(e) => Err(agent_error(&describe("mkdir", &path), &e)),
         }
     }
@@ -282,8 +240,7 @@ impl Files {
     /// Removes a file or symlink, an empty directory, or (with `recursive`) a tree.
     pub fn remove(&self, path: &str, recursive: bool) -> Result<(), AgentError> {
         let path = self.resolve(path)?;
-        let meta =
-            fs::symlink_metadata(&path).map_err(|e| agent_error(&describe("remove", &path), &e))?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| agent_error(&describe("remove", &path), &e))?;
         let result = if !meta.is_dir() {
             fs::remove_file(&path)
         } else if recursive {
@@ -298,31 +255,17 @@ impl Files {
     pub fn rename(&self, from: &str, to: &str) -> Result<(), AgentError> {
         let from = self.resolve(from)?;
         let to = self.resolve(to)?;
-        fs::rename(&from, &to).map_err(|e| {
-            agent_error(
-                &format!("rename {} to {}", from.display(), to.display()),
-                &e,
-            )
-        })
+        fs::rename(&from, &to).map_err(|e| agent_error(&format!("rename {} to {}", from.display(), to.display()), &e))
     }
 }
 
 /// Appends the entries of `dir` (shown under `prefix`) down to `depth` levels.
-fn list_into(
-    dir: &Path,
-    prefix: &str,
-    depth: u32,
-    out: &mut Vec<DirEntry>,
-) -> Result<(), AgentError> {
+fn list_into(dir: &Path, prefix: &str, depth: u32, out: &mut Vec<DirEntry>) -> Result<(), AgentError> {
     let read = fs::read_dir(dir).map_err(|e| agent_error(&describe("list", dir), &e))?;
     for entry in read {
         let entry = entry.map_err(|e| agent_error(&describe("list", dir), &e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let shown = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
+        let shown = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
         let path = entry.path();
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -337,10 +280,7 @@ fn list_into(
             ));
         }
         let is_dir = meta.is_dir();
-        out.push(DirEntry {
-            path: shown.clone(),
-            stat: file_stat(&path, &meta),
-        });
+        out.push(DirEntry { path: shown.clone(), stat: file_stat(&path, &meta) });
         if is_dir && depth > 1 {
             list_into(&path, &shown, depth - 1, out)?;
         }

@@ -94,10 +94,7 @@ fn payload_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, FrameError> {
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     match postcard::take_from_bytes::<T>(payload) {
         Ok((msg, [])) => Ok(msg),
-        Ok(_) => Err(FrameError::Malformed {
-            len: payload.len(),
-            source: postcard::Error::DeserializeBadEncoding,
-        }),
+        Ok(_) => Err(FrameError::Malformed { len: payload.len(), source: postcard::Error::DeserializeBadEncoding }),
         Err(source) => Err(FrameError::Malformed { len: payload.len(), source }),
     }
 }
@@ -248,7 +245,9 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.push(&((MAX_FRAME_BYTES as u32) + 1).to_le_bytes());
         let err = dec.next_frame::<ClientFrame>().unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len, max } if len == MAX_FRAME_BYTES + 1 && max == MAX_FRAME_BYTES));
+        assert!(
+            matches!(err, FrameError::TooLarge { len, max } if len == MAX_FRAME_BYTES + 1 && max == MAX_FRAME_BYTES)
+        );
         let mut r: &[u8] = &u32::MAX.to_le_bytes();
         assert!(matches!(read_frame::<ClientFrame, _>(&mut r), Err(FrameError::TooLarge { .. })));
     }

@@ -30,10 +30,7 @@ pub const INIT_OK_LINE: &str = "capsule-agent: init ok";
 const SERVER_RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// Default environment of the guest.
 const GUEST_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
     ("TERM", "dumb"),
@@ -54,10 +51,7 @@ pub enum InitError {
 }
 
 fn sys(what: impl Into<String>) -> InitError {
-    InitError::Sys {
-        what: what.into(),
-        source: io::Error::last_os_error(),
-    }
+    InitError::Sys { what: what.into(), source: io::Error::last_os_error() }
 }
 
 /// Writes one line to the console (stdout, which the kernel ties to the console).
@@ -73,35 +67,16 @@ fn cstring(s: &str) -> CString {
 }
 
 /// mount(2) with string arguments.
-fn mount(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> Result<(), InitError> {
-    let (s, t, f, d) = (
-        cstring(source),
-        cstring(target),
-        cstring(fstype),
-        cstring(data),
-    );
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), InitError> {
+    let (s, t, f, d) = (cstring(source), cstring(target), cstring(fstype), cstring(data));
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
             s.as_ptr(),
             t.as_ptr(),
-            if fstype.is_empty() {
-                std::ptr::null()
-            } else {
-                f.as_ptr()
-            },
+            if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() },
             flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                d.as_ptr().cast()
-            },
+            if data.is_empty() { std::ptr::null() } else { d.as_ptr().cast() },
         )
     };
     if rc != 0 {
@@ -111,10 +86,7 @@ fn mount(
 }
 
 fn mkdir_p(path: &str) -> Result<(), InitError> {
-    std::fs::create_dir_all(path).map_err(|source| InitError::Sys {
-        what: format!("mkdir {path}"),
-        source,
-    })
+    std::fs::create_dir_all(path).map_err(|source| InitError::Sys { what: format!("mkdir {path}"), source })
 }
 
 /// Treats a [`mount`] that failed because something is mounted there already
@@ -128,13 +100,7 @@ fn unless_mounted(result: Result<(), InitError>) -> Result<(), InitError> {
 
 /// Mounts a `nosuid,nodev` tmpfs with permission bits `mode` (e.g. `"1777"`) at `target`.
 fn mount_tmpfs(target: &str, mode: &str) -> Result<(), InitError> {
-    unless_mounted(mount(
-        "tmpfs",
-        target,
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        &format!("mode={mode}"),
-    ))
+    unless_mounted(mount("tmpfs", target, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, &format!("mode={mode}")))
 }
 
 /// Makes sure fds 0, 1, 2 exist, on `/dev/console` when the kernel gave none.
@@ -161,9 +127,7 @@ fn log_step(result: Result<(), InitError>) -> bool {
     match result {
         Ok(()) => true,
         Err(e) => {
-            let cause = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
+            let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
             console(&format!("capsule-agent: {e}{cause}"));
             false
         }
@@ -174,27 +138,9 @@ fn log_step(result: Result<(), InitError>) -> bool {
 /// Returns whether the overlay root is in place.
 pub fn setup_filesystems() -> bool {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    log_step(unless_mounted(mount(
-        "proc",
-        "/proc",
-        "proc",
-        nosuid_nodev_noexec,
-        "",
-    )));
-    log_step(unless_mounted(mount(
-        "sysfs",
-        "/sys",
-        "sysfs",
-        nosuid_nodev_noexec,
-        "",
-    )));
-    log_step(unless_mounted(mount(
-        "devtmpfs",
-        "/dev",
-        "devtmpfs",
-        libc::MS_NOSUID,
-        "mode=0755",
-    )));
+    log_step(unless_mounted(mount("proc", "/proc", "proc", nosuid_nodev_noexec, "")));
+    log_step(unless_mounted(mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "")));
+    log_step(unless_mounted(mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")));
     ensure_console_fds();
     log_step(mount_tmpfs("/run", "0755"));
     let overlay_ok = log_step(build_overlay_root());
@@ -225,9 +171,7 @@ fn build_overlay_root() -> Result<(), InitError> {
     if Path::new(WRITABLE_DISK).exists() {
         mount(WRITABLE_DISK, &rw, "ext4", libc::MS_NOATIME, "")?;
     } else {
-        console(&format!(
-            "capsule-agent: no {WRITABLE_DISK}; the writable layer is a tmpfs"
-        ));
+        console(&format!("capsule-agent: no {WRITABLE_DISK}; the writable layer is a tmpfs"));
         mount("tmpfs", &rw, "tmpfs", 0, "mode=0755")?;
     }
     mkdir_p(&format!("{rw}/upper"))?;
@@ -243,10 +187,7 @@ fn build_overlay_root() -> Result<(), InitError> {
     }
     // pivot_root: the overlay becomes `/`, the old root lands on its `/run`,
     // from where it is detached (the overlay keeps its layers alive).
-    std::env::set_current_dir(&root).map_err(|source| InitError::Sys {
-        what: format!("chdir {root}"),
-        source,
-    })?;
+    std::env::set_current_dir(&root).map_err(|source| InitError::Sys { what: format!("chdir {root}"), source })?;
     mkdir_p("run")?;
     let (new_root, put_old) = (cstring("."), cstring("run"));
     // SAFETY: valid NUL-terminated paths; pivot_root changes only mount state.
@@ -254,10 +195,7 @@ fn build_overlay_root() -> Result<(), InitError> {
     if rc != 0 {
         return Err(sys("pivot_root"));
     }
-    std::env::set_current_dir("/").map_err(|source| InitError::Sys {
-        what: "chdir /".into(),
-        source,
-    })?;
+    std::env::set_current_dir("/").map_err(|source| InitError::Sys { what: "chdir /".into(), source })?;
     let old = cstring("/run");
     // SAFETY: a valid path; MNT_DETACH lazily detaches the old root tree.
     if unsafe { libc::umount2(old.as_ptr(), libc::MNT_DETACH) } != 0 {
@@ -314,9 +252,7 @@ fn reap_until_exit(server: libc::pid_t) {
         // SAFETY: `status` is a valid out-pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid == server {
-            console(&format!(
-                "capsule-agent: the agent server exited (wait status {status}); restarting"
-            ));
+            console(&format!("capsule-agent: the agent server exited (wait status {status}); restarting"));
             return;
         }
         if pid < 0 {

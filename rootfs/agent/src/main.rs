@@ -47,11 +47,7 @@ fn parse_args(strict: bool) -> Result<Args, String> {
     let mut args = Args::default();
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .map(PathBuf::from)
-                .ok_or(format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| it.next().map(PathBuf::from).ok_or(format!("{name} needs a value"));
         match arg.to_str() {
             Some("--listen-unix") => args.listen_unix = Some(value("--listen-unix")?),
             Some("--work-dir") => args.work_dir = Some(value("--work-dir")?),
@@ -89,20 +85,10 @@ fn host_main(args: Args) {
         eprintln!("capsule-agent: --listen-unix is required outside a guest\n{USAGE}");
         std::process::exit(2);
     };
-    let work_dir = args
-        .work_dir
-        .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
-    let state_dir = args.state_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("capsule-agent-{}", std::process::id()))
-    });
-    serve_unix(
-        Agent::new(AgentConfig {
-            work_dir,
-            state_dir,
-            pid1: false,
-        }),
-        &path,
-    )
+    let work_dir = args.work_dir.unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
+    let state_dir =
+        args.state_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("capsule-agent-{}", std::process::id())));
+    serve_unix(Agent::new(AgentConfig { work_dir, state_dir, pid1: false }), &path)
 }
 
 fn pid1_main(args: Args) -> ! {
@@ -115,19 +101,11 @@ fn pid1_main(args: Args) -> ! {
     }
     init::setup_identity();
     let work_dir = args.work_dir.unwrap_or_else(|| GUEST_WORK_DIR.into());
-    let default_state_dir = if overlay_ok {
-        GUEST_STATE_DIR
-    } else {
-        GUEST_FALLBACK_STATE_DIR
-    };
+    let default_state_dir = if overlay_ok { GUEST_STATE_DIR } else { GUEST_FALLBACK_STATE_DIR };
     let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir.into());
     let listen_unix = args.listen_unix;
     init::init_loop(move || {
-        let agent = Agent::new(AgentConfig {
-            work_dir: work_dir.clone(),
-            state_dir: state_dir.clone(),
-            pid1: true,
-        });
+        let agent = Agent::new(AgentConfig { work_dir: work_dir.clone(), state_dir: state_dir.clone(), pid1: true });
         match &listen_unix {
             // Tests of PID 1 mode in a namespace reach it through /proc/<pid>/root/<path>.
             Some(path) => serve_unix(agent, path),

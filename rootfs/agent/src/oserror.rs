@@ -17,9 +17,7 @@ pub fn kind_of(e: &io::Error) -> ErrorKind {
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => ErrorKind::PermissionDenied,
         Some(libc::EEXIST) => ErrorKind::AlreadyExists,
         Some(libc::ENOTEMPTY) => ErrorKind::DirectoryNotEmpty,
-        Some(libc::EINVAL) | Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => {
-            ErrorKind::InvalidArgument
-        }
+        Some(libc::EINVAL) | Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => ErrorKind::InvalidArgument,
         Some(libc::EFBIG) | Some(libc::E2BIG) => ErrorKind::TooLarge,
         Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
         _ => match e.kind() {
@@ -34,18 +32,12 @@ pub fn kind_of(e: &io::Error) -> ErrorKind {
 
 /// An [`AgentError`] for `what` (e.g. "open /a/b") failing with `e`.
 pub fn agent_error(what: &str, e: &io::Error) -> AgentError {
-    AgentError {
-        kind: kind_of(e),
-        message: format!("{what}: {e}"),
-    }
+    AgentError { kind: kind_of(e), message: format!("{what}: {e}") }
 }
 
 /// An [`AgentError`] of `kind` with `message`.
 pub fn error(kind: ErrorKind, message: impl Into<String>) -> AgentError {
-    AgentError {
-        kind,
-        message: message.into(),
-    }
+    AgentError { kind, message: message.into() }
 }
 
 #[cfg(test)]
@@ -65,11 +57,7 @@ mod tests {
             (libc::EIO, ErrorKind::Io),
         ];
         for (errno, kind) in cases {
-            assert_eq!(
-                kind_of(&io::Error::from_raw_os_error(errno)),
-                kind,
-                "errno {errno}"
-            );
+            assert_eq!(kind_of(&io::Error::from_raw_os_error(errno)), kind, "errno {errno}");
         }
         let e = agent_error("open /x", &io::Error::from_raw_os_error(libc::ENOENT));
         assert!(e.message.starts_with("open /x: "), "{}", e.message);

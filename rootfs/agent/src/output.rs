@@ -53,12 +53,7 @@ pub struct CappedFile {
 impl CappedFile {
     /// Wraps an open, empty `file` (named `path` in logs).
     pub fn new(file: File, path: &Path, cap_bytes: u64) -> Self {
-        Self {
-            file: Some(file),
-            path: path.to_owned(),
-            stored_bytes: 0,
-            cap_bytes,
-        }
+        Self { file: Some(file), path: path.to_owned(), stored_bytes: 0, cap_bytes }
     }
 
     /// Appends what fits under the cap; the first byte past it adds the marker.
@@ -73,10 +68,7 @@ impl CappedFile {
             result = file.write_all(truncation_marker(self.cap_bytes).as_bytes());
         }
         if let Err(e) = &result {
-            eprintln!(
-                "capsule-agent: writing {} failed, output dropped: {e}",
-                self.path.display()
-            );
+            eprintln!("capsule-agent: writing {} failed, output dropped: {e}", self.path.display());
         }
         if full || result.is_err() {
             self.file = None;
@@ -104,11 +96,7 @@ pub struct OverflowLimits {
 
 impl Default for OverflowLimits {
     fn default() -> Self {
-        Self {
-            file_bytes: MAX_OUTPUT_FILE_BYTES,
-            dir_files: MAX_OVERFLOW_FILES,
-            dir_bytes: MAX_OVERFLOW_DIR_BYTES,
-        }
+        Self { file_bytes: MAX_OUTPUT_FILE_BYTES, dir_files: MAX_OVERFLOW_FILES, dir_bytes: MAX_OVERFLOW_DIR_BYTES }
     }
 }
 
@@ -154,13 +142,7 @@ impl CappedOutput {
     /// A cap of `cap_bytes` per stream; overflow files go to `dir/<tag>-<stream>.log`,
     /// bounded by the default [`OverflowLimits`].
     pub fn new(cap_bytes: u64, dir: &Path, tag: String) -> Self {
-        Self {
-            cap_bytes,
-            dir: dir.to_owned(),
-            tag,
-            limits: OverflowLimits::default(),
-            streams: Default::default(),
-        }
+        Self { cap_bytes, dir: dir.to_owned(), tag, limits: OverflowLimits::default(), streams: Default::default() }
     }
 
     /// The same with other bounds on the overflow files.
@@ -176,8 +158,7 @@ impl CappedOutput {
 
     /// The file that keeps `stream`, once it overflowed.
     pub fn overflow_path(&self, stream: Stream) -> PathBuf {
-        self.dir
-            .join(format!("{}-{}.log", self.tag, stream_name(stream)))
+        self.dir.join(format!("{}-{}.log", self.tag, stream_name(stream)))
     }
 
     /// Takes one event; forwards what should reach the host, in order.
@@ -209,10 +190,7 @@ impl CappedOutput {
         // This chunk crosses the cap: stream up to the cap, then switch to the file.
         let head = room as usize;
         if head > 0 {
-            forward(Event::Output {
-                stream,
-                data: data[..head].to_vec(),
-            });
+            forward(Event::Output { stream, data: data[..head].to_vec() });
         }
         state.overflowed = true;
         let streamed = std::mem::take(&mut state.streamed);
@@ -221,16 +199,8 @@ impl CappedOutput {
             file.write(&streamed);
             file.write(&data);
         }
-        let shown_path = if state.file.is_some() {
-            path.display().to_string()
-        } else {
-            String::new()
-        };
-        forward(Event::Truncated {
-            stream,
-            cap_bytes: cap,
-            path: shown_path,
-        });
+        let shown_path = if state.file.is_some() { path.display().to_string() } else { String::new() };
+        forward(Event::Truncated { stream, cap_bytes: cap, path: shown_path });
     }
 
     /// Flushes overflow files (call when the producer is done).
@@ -250,21 +220,14 @@ fn open_overflow_file(path: &Path, limits: OverflowLimits) -> Option<CappedFile>
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
             // Room for the new file: one slot and its worst-case size.
-            prune_dir(
-                dir,
-                limits.dir_files.saturating_sub(1),
-                limits.dir_bytes.saturating_sub(limits.file_bytes),
-            );
+            prune_dir(dir, limits.dir_files.saturating_sub(1), limits.dir_bytes.saturating_sub(limits.file_bytes));
         }
         File::create(path)
     })();
     match result {
         Ok(file) => Some(CappedFile::new(file, path, limits.file_bytes)),
         Err(e) => {
-            eprintln!(
-                "capsule-agent: cannot keep overflowing output in {}: {e}",
-                path.display()
-            );
+            eprintln!("capsule-agent: cannot keep overflowing output in {}: {e}", path.display());
             None
         }
     }
@@ -302,19 +265,14 @@ mod tests {
     use super::*;
 
     fn names_in(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
 
     fn out(stream: Stream, data: &[u8]) -> Event {
-        Event::Output {
-            stream,
-            data: data.to_vec(),
-        }
+        Event::Output { stream, data: data.to_vec() }
     }
 
     #[test]
@@ -324,17 +282,8 @@ mod tests {
         let mut got = Vec::new();
         capped.push(out(Stream::Stdout, b"hello"), &mut |e| got.push(e));
         capped.push(out(Stream::Stderr, b"0123456789"), &mut |e| got.push(e));
-        assert_eq!(
-            got,
-            vec![
-                out(Stream::Stdout, b"hello"),
-                out(Stream::Stderr, b"0123456789")
-            ]
-        );
-        assert!(
-            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
-            "no file below the cap"
-        );
+        assert_eq!(got, vec![out(Stream::Stdout, b"hello"), out(Stream::Stderr, b"0123456789")]);
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no file below the cap");
     }
 
     #[test]
@@ -353,11 +302,7 @@ mod tests {
             vec![
                 out(Stream::Stdout, b"abcde"),
                 out(Stream::Stdout, b"fgh"),
-                Event::Truncated {
-                    stream: Stream::Stdout,
-                    cap_bytes: 8,
-                    path: path.display().to_string()
-                },
+                Event::Truncated { stream: Stream::Stdout, cap_bytes: 8, path: path.display().to_string() },
                 out(Stream::Stderr, b"err"),
             ]
         );
@@ -373,28 +318,15 @@ mod tests {
         let mut got = Vec::new();
         capped.push(out(Stream::Stderr, b"xy"), &mut |e| got.push(e));
         assert_eq!(got.len(), 1);
-        assert!(matches!(
-            got[0],
-            Event::Truncated {
-                stream: Stream::Stderr,
-                cap_bytes: 0,
-                ..
-            }
-        ));
+        assert!(matches!(got[0], Event::Truncated { stream: Stream::Stderr, cap_bytes: 0, .. }));
         capped.finish();
-        assert_eq!(
-            std::fs::read(dir.path().join("z-stderr.log")).unwrap(),
-            b"xy"
-        );
+        assert_eq!(std::fs::read(dir.path().join("z-stderr.log")).unwrap(), b"xy");
     }
 
     #[test]
     fn overflow_files_keep_at_most_the_file_cap_then_a_marker() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = OverflowLimits {
-            file_bytes: 10,
-            ..OverflowLimits::default()
-        };
+        let limits = OverflowLimits { file_bytes: 10, ..OverflowLimits::default() };
         let mut capped = CappedOutput::new(4, dir.path(), "y".into()).with_limits(limits);
         let mut got = Vec::new();
         for _ in 0..1000 {
@@ -404,13 +336,8 @@ mod tests {
         assert_eq!(capped.total_bytes(Stream::Stdout), 2000);
         let mut want = b"y\ny\ny\ny\ny\n".to_vec();
         want.extend_from_slice(truncation_marker(10).as_bytes());
-        assert_eq!(
-            std::fs::read(dir.path().join("y-stdout.log")).unwrap(),
-            want
-        );
-        assert!(got
-            .iter()
-            .any(|e| matches!(e, Event::Truncated { path, .. } if path.ends_with("y-stdout.log"))));
+        assert_eq!(std::fs::read(dir.path().join("y-stdout.log")).unwrap(), want);
+        assert!(got.iter().any(|e| matches!(e, Event::Truncated { path, .. } if path.ends_with("y-stdout.log"))));
     }
 
     #[test]
@@ -419,14 +346,9 @@ mod tests {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for (i, name) in ["a.log", "b.log", "c.log"].iter().enumerate() {
             let f = File::create(dir.path().join(name)).unwrap();
-            f.set_modified(old + std::time::Duration::from_secs(i as u64))
-                .unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64)).unwrap();
         }
-        let limits = OverflowLimits {
-            file_bytes: 10,
-            dir_files: 2,
-            dir_bytes: 1000,
-        };
+        let limits = OverflowLimits { file_bytes: 10, dir_files: 2, dir_bytes: 1000 };
         let mut capped = CappedOutput::new(0, dir.path(), "new".into()).with_limits(limits);
         capped.push(out(Stream::Stdout, b"x"), &mut |_| {});
         capped.finish();
@@ -440,8 +362,7 @@ mod tests {
         for (i, name) in ["old", "mid", "new"].iter().enumerate() {
             let f = File::create(dir.path().join(name)).unwrap();
             f.set_len(100).unwrap();
-            f.set_modified(now - std::time::Duration::from_secs(10 - i as u64))
-                .unwrap();
+            f.set_modified(now - std::time::Duration::from_secs(10 - i as u64)).unwrap();
         }
         prune_dir(dir.path(), 10, 250);
         assert_eq!(names_in(dir.path()), vec!["mid", "new"]);

@@ -40,8 +40,8 @@ use crate::lock::lock;
 use crate::oserror::{agent_error, error};
 use crate::output::{CappedFile, CappedOutput, MAX_OUTPUT_FILE_BYTES};
 use crate::protocol::{
-    AgentError, Command, ErrorKind, Event, ExecRequest, ExitStatus, ProcessInfo, ProcessOutput,
-    Stream, DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES,
+    AgentError, Command, ErrorKind, Event, ExecRequest, ExitStatus, ProcessInfo, ProcessOutput, Stream,
+    DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES,
 };
 
 /// Most bytes kept per stream of a background process; past it a marker line
@@ -102,10 +102,7 @@ struct Spawned {
 }
 
 fn unix_ms_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A pollable handle on a child's exit (Linux ≥ 5.3); `None` where unsupported.
@@ -177,11 +174,7 @@ fn has_exited(pid: u32, block: bool) -> io::Result<bool> {
 /// Reaps an exited child under the table lock, marking its entry reaped, so
 /// [`Processes::signal`] (which signals under the same lock) never sends a
 /// group signal to a pid that may have been reused.
-fn reap(
-    table: &Mutex<HashMap<u32, Entry>>,
-    pid: u32,
-    child: &mut Child,
-) -> io::Result<std::process::ExitStatus> {
+fn reap(table: &Mutex<HashMap<u32, Entry>>, pid: u32, child: &mut Child) -> io::Result<std::process::ExitStatus> {
     let mut table = lock(table);
     if let Some(entry) = table.get_mut(&pid) {
         entry.reaped = true;
@@ -251,12 +244,7 @@ impl Processes {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn spawn(
-        &self,
-        req: &ExecRequest,
-        stdout: Stdio,
-        stderr: Stdio,
-    ) -> Result<Spawned, AgentError> {
+    fn spawn(&self, req: &ExecRequest, stdout: Stdio, stderr: Stdio) -> Result<Spawned, AgentError> {
         let mut cmd = match &req.command {
             Command::Shell(script) => {
                 let mut c = std::process::Command::new("/bin/sh");
@@ -279,44 +267,27 @@ impl Processes {
         match std::fs::metadata(&cwd) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(error(
-                    ErrorKind::NotADirectory,
-                    format!("exec cwd {} is not a directory", cwd.display()),
-                ))
+                return Err(error(ErrorKind::NotADirectory, format!("exec cwd {} is not a directory", cwd.display())))
             }
             Err(e) => return Err(agent_error(&format!("exec cwd {}", cwd.display()), &e)),
         }
         cmd.current_dir(&cwd)
             .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if req.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if req.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0);
         let seq = self.next_seq();
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| {
-            agent_error(
-                &format!("cannot run {:?}", display_command(&req.command)),
-                &e,
-            )
-        })?;
-        let background_stdin = if req.background {
-            child.stdin.take()
-        } else {
-            None
-        };
+        let mut child =
+            cmd.spawn().map_err(|e| agent_error(&format!("cannot run {:?}", display_command(&req.command)), &e))?;
+        let background_stdin = if req.background { child.stdin.take() } else { None };
         if let (Some(data), Some(mut stdin)) = (req.stdin.clone(), background_stdin) {
             // A thread, so a command that does not read its stdin cannot block us.
             // (Foreground commands get their stdin from the poll loop.)
-            let _ = std::thread::Builder::new()
-                .name("exec-stdin".into())
-                .spawn(move || {
-                    let _ = stdin.write_all(&data);
-                });
+            let _ = std::thread::Builder::new().name("exec-stdin".into()).spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
         }
         let pid = child.id();
         lock(&self.table).insert(
@@ -334,13 +305,7 @@ impl Processes {
                 reaped: false,
             },
         );
-        Ok(Spawned {
-            child,
-            pid,
-            started,
-            seq,
-            reaped: false,
-        })
+        Ok(Spawned { child, pid, started, seq, reaped: false })
     }
 
     /// Runs a foreground command: output streams through `emit` (capped), and
@@ -377,28 +342,17 @@ impl Processes {
         emit: &dyn Fn(Event),
     ) -> Result<ExitStatus, AgentError> {
         let cap = req.output_cap_bytes.unwrap_or(DEFAULT_OUTPUT_CAP_BYTES);
-        let mut capped =
-            CappedOutput::new(cap, &self.output_dir(), format!("exec-{}", spawned.seq));
+        let mut capped = CappedOutput::new(cap, &self.output_dir(), format!("exec-{}", spawned.seq));
         let mut forward = |e: Event| emit(e);
         let io_err = |what: &str, e: io::Error| agent_error(what, &e);
         let mut pipes: [(Stream, Option<OwnedFd>); 2] = [
-            (
-                Stream::Stdout,
-                spawned.child.stdout.take().map(OwnedFd::from),
-            ),
-            (
-                Stream::Stderr,
-                spawned.child.stderr.take().map(OwnedFd::from),
-            ),
+            (Stream::Stdout, spawned.child.stdout.take().map(OwnedFd::from)),
+            (Stream::Stderr, spawned.child.stderr.take().map(OwnedFd::from)),
         ];
         let mut stdin: Option<OwnedFd> = spawned.child.stdin.take().map(OwnedFd::from);
         let stdin_data = req.stdin.as_deref().unwrap_or_default();
         let mut stdin_written = 0usize;
-        for fd in pipes
-            .iter()
-            .filter_map(|(_, fd)| fd.as_ref())
-            .chain(stdin.as_ref())
-        {
+        for fd in pipes.iter().filter_map(|(_, fd)| fd.as_ref()).chain(stdin.as_ref()) {
             set_nonblocking(fd).map_err(|e| io_err("set a pipe non-blocking", e))?;
         }
         if stdin_data.is_empty() {
@@ -411,35 +365,21 @@ impl Processes {
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let pipes_open = pipes.iter().any(|(_, fd)| fd.is_some());
-            if exited.is_some()
-                && (!pipes_open || drain_deadline.is_some_and(|d| Instant::now() >= d))
-            {
+            if exited.is_some() && (!pipes_open || drain_deadline.is_some_and(|d| Instant::now() >= d)) {
                 break;
             }
             // Build the poll set: [pipes…, stdin?, pidfd?].
             let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
             for (_, fd) in &pipes {
                 if let Some(fd) = fd {
-                    fds.push(libc::pollfd {
-                        fd: fd.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    });
+                    fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
                 }
             }
             if let Some(fd) = &stdin {
-                fds.push(libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
             }
             if let (Some(fd), None) = (&pidfd, &exited) {
-                fds.push(libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             let timeout_ms = CANCEL_POLL_INTERVAL.as_millis() as libc::c_int;
             // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
@@ -463,13 +403,7 @@ impl Processes {
                             *slot = None;
                             break;
                         }
-                        Ok(n) => capped.push(
-                            Event::Output {
-                                stream: *stream,
-                                data: buf[..n].to_vec(),
-                            },
-                            &mut forward,
-                        ),
+                        Ok(n) => capped.push(Event::Output { stream: *stream, data: buf[..n].to_vec() }, &mut forward),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(_) => {
@@ -502,8 +436,7 @@ impl Processes {
                 if stopped.is_some() {
                     kill_group(spawned.pid);
                 }
-                let status =
-                    reap(&self.table, spawned.pid, &mut spawned.child).map_err(wait_err)?;
+                let status = reap(&self.table, spawned.pid, &mut spawned.child).map_err(wait_err)?;
                 exited = Some(status);
                 spawned.reaped = true;
                 drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
@@ -518,18 +451,10 @@ impl Processes {
         }
         capped.finish();
         if stopped == Some(StopReason::Cancelled) {
-            return Err(error(
-                ErrorKind::Cancelled,
-                "the request was cancelled; the command was killed",
-            ));
+            return Err(error(ErrorKind::Cancelled, "the request was cancelled; the command was killed"));
         }
-        let status =
-            exited.ok_or_else(|| error(ErrorKind::Internal, "the command's status was lost"))?;
-        let mut exit = exit_status(
-            status,
-            spawned.started,
-            stopped == Some(StopReason::TimedOut),
-        );
+        let status = exited.ok_or_else(|| error(ErrorKind::Internal, "the command's status was lost"))?;
+        let mut exit = exit_status(status, spawned.started, stopped == Some(StopReason::TimedOut));
         exit.stdout_bytes = capped.total_bytes(Stream::Stdout);
         exit.stderr_bytes = capped.total_bytes(Stream::Stderr);
         Ok(exit)
@@ -538,8 +463,7 @@ impl Processes {
     /// Starts a background command; its output goes to files. Returns its pid.
     pub fn start_background(&self, req: &ExecRequest) -> Result<u32, AgentError> {
         let dir = self.state_dir.join("processes");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| agent_error(&format!("create {}", dir.display()), &e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| agent_error(&format!("create {}", dir.display()), &e))?;
         let mut spawned = self.spawn(req, Stdio::piped(), Stdio::piped())?;
         let pid = spawned.pid;
         let paths = (
@@ -549,24 +473,8 @@ impl Processes {
         let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let mut pumps = Vec::new();
         let pipes: [(usize, Option<BoxedPipe>, &PathBuf); 2] = [
-            (
-                0,
-                spawned
-                    .child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as BoxedPipe),
-                &paths.0,
-            ),
-            (
-                1,
-                spawned
-                    .child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as BoxedPipe),
-                &paths.1,
-            ),
+            (0, spawned.child.stdout.take().map(|p| Box::new(p) as BoxedPipe), &paths.0),
+            (1, spawned.child.stderr.take().map(|p| Box::new(p) as BoxedPipe), &paths.1),
         ];
         for (i, pipe, path) in pipes {
             let file = File::create(path);
@@ -574,20 +482,15 @@ impl Processes {
                 kill_group(pid);
                 let _ = spawned.child.wait();
                 self.forget(pid);
-                return Err(error(
-                    ErrorKind::Io,
-                    format!("cannot create {}", path.display()),
-                ));
+                return Err(error(ErrorKind::Io, format!("cannot create {}", path.display())));
             };
             let file = CappedFile::new(file, path, MAX_BACKGROUND_OUTPUT_FILE_BYTES);
             let counts = Arc::clone(&counts);
             let (done_tx, done_rx) = mpsc::channel::<()>();
-            let pump = std::thread::Builder::new()
-                .name("bg-output".into())
-                .spawn(move || {
-                    pump_to_file(pipe, file, &counts[i]);
-                    let _ = done_tx.send(());
-                });
+            let pump = std::thread::Builder::new().name("bg-output".into()).spawn(move || {
+                pump_to_file(pipe, file, &counts[i]);
+                let _ = done_tx.send(());
+            });
             if pump.is_ok() {
                 pumps.push(done_rx);
             }
@@ -606,8 +509,7 @@ impl Processes {
                 // Let the pumps catch up so the published exit follows all output.
                 let drain_deadline = Instant::now() + OUTPUT_DRAIN_GRACE;
                 for done in pumps {
-                    let _ =
-                        done.recv_timeout(drain_deadline.saturating_duration_since(Instant::now()));
+                    let _ = done.recv_timeout(drain_deadline.saturating_duration_since(Instant::now()));
                 }
                 let mut exit = match status {
                     Ok(status) => exit_status(status, started, false),
@@ -629,18 +531,9 @@ impl Processes {
                 if let Some(entry) = table.get_mut(&pid) {
                     entry.info.exit = Some(exit);
                 }
-                prune_finished(
-                    &mut table,
-                    MAX_FINISHED_PROCESSES,
-                    MAX_FINISHED_OUTPUT_BYTES,
-                );
+                prune_finished(&mut table, MAX_FINISHED_PROCESSES, MAX_FINISHED_OUTPUT_BYTES);
             })
-            .map_err(|e| {
-                error(
-                    ErrorKind::Internal,
-                    format!("cannot start a waiter thread: {e}"),
-                )
-            })?;
+            .map_err(|e| error(ErrorKind::Internal, format!("cannot start a waiter thread: {e}")))?;
         Ok(pid)
     }
 
@@ -666,12 +559,10 @@ impl Processes {
                 format!("signal {signal} is out of range 0..={MAX_SIGNAL_NUMBER}"),
             ));
         }
-        let target = i32::try_from(pid).ok().filter(|p| *p > 1).ok_or_else(|| {
-            error(
-                ErrorKind::InvalidArgument,
-                format!("pid {pid} cannot be signalled"),
-            )
-        })?;
+        let target = i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 1)
+            .ok_or_else(|| error(ErrorKind::InvalidArgument, format!("pid {pid} cannot be signalled")))?;
         // The lock is held across kill(2): no reap can slip in between.
         let table = lock(&self.table);
         let ours_unreaped = table.get(&pid).is_some_and(|e| !e.reaped);
@@ -680,10 +571,7 @@ impl Processes {
         let rc = unsafe { libc::kill(target, signal) };
         drop(table);
         if rc != 0 {
-            return Err(agent_error(
-                &format!("signal {signal} to pid {pid}"),
-                &io::Error::last_os_error(),
-            ));
+            return Err(agent_error(&format!("signal {signal} to pid {pid}"), &io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -698,18 +586,13 @@ impl Processes {
     ) -> Result<ProcessOutput, AgentError> {
         let (files, exit) = {
             let table = lock(&self.table);
-            let entry = table.get(&pid).ok_or_else(|| {
-                error(
-                    ErrorKind::NotFound,
-                    format!("no background process with pid {pid}"),
-                )
-            })?;
-            let files = entry.files.clone().ok_or_else(|| {
-                error(
-                    ErrorKind::InvalidArgument,
-                    format!("pid {pid} is a foreground process"),
-                )
-            })?;
+            let entry = table
+                .get(&pid)
+                .ok_or_else(|| error(ErrorKind::NotFound, format!("no background process with pid {pid}")))?;
+            let files = entry
+                .files
+                .clone()
+                .ok_or_else(|| error(ErrorKind::InvalidArgument, format!("pid {pid} is a foreground process")))?;
             (files, entry.info.exit.clone())
         };
         let max = max_bytes.min(MAX_FILE_CHUNK_BYTES as u64);
@@ -728,11 +611,8 @@ impl Processes {
 /// Forgets the oldest finished processes (and deletes their files) until at
 /// most `max_count` of them with at most `max_bytes` of output files are left.
 fn prune_finished(table: &mut HashMap<u32, Entry>, max_count: usize, max_bytes: u64) {
-    let mut finished: Vec<(u64, u32, u64)> = table
-        .values()
-        .filter(|e| e.info.exit.is_some())
-        .map(|e| (e.seq, e.info.pid, output_file_bytes(e)))
-        .collect();
+    let mut finished: Vec<(u64, u32, u64)> =
+        table.values().filter(|e| e.info.exit.is_some()).map(|e| (e.seq, e.info.pid, output_file_bytes(e))).collect();
     // Newest first; keep while both bounds hold.
     finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
     let mut kept_bytes = 0u64;
@@ -741,11 +621,7 @@ fn prune_finished(table: &mut HashMap<u32, Entry>, max_count: usize, max_bytes: 
         if n < max_count && kept_bytes <= max_bytes {
             continue;
         }
-        if let Some(Entry {
-            files: Some((out, err)),
-            ..
-        }) = table.remove(&pid)
-        {
+        if let Some(Entry { files: Some((out, err)), .. }) = table.remove(&pid) {
             let _ = std::fs::remove_file(out);
             let _ = std::fs::remove_file(err);
         }
@@ -757,11 +633,7 @@ fn output_file_bytes(entry: &Entry) -> u64 {
     let Some((out, err)) = &entry.files else {
         return 0;
     };
-    [out, err]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
+    [out, err].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
 }
 
 /// Copies a pipe into a [`CappedFile`] (which stops storing at its cap), and
@@ -786,12 +658,9 @@ fn pump_to_file(mut pipe: BoxedPipe, mut file: CappedFile, count: &AtomicU64) {
 fn read_range(path: &Path, offset: u64, max: u64) -> Result<Vec<u8>, AgentError> {
     let what = || format!("read {}", path.display());
     let mut file = File::open(path).map_err(|e| agent_error(&what(), &e))?;
-    file.seek(SeekFrom::Start(offset))
-        .map_err(|e| agent_error(&what(), &e))?;
+    file.seek(SeekFrom::Start(offset)).map_err(|e| agent_error(&what(), &e))?;
     let mut out = Vec::new();
-    file.take(max)
-        .read_to_end(&mut out)
-        .map_err(|e| agent_error(&what(), &e))?;
+    file.take(max).read_to_end(&mut out).map_err(|e| agent_error(&what(), &e))?;
     Ok(out)
 }
 
@@ -833,17 +702,10 @@ mod tests {
         assert!(has_exited(pid, false).unwrap(), "still there to be seen");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
-        assert_eq!(
-            state,
-            Some("Z"),
-            "a zombie holds the pid until it is reaped"
-        );
+        assert_eq!(state, Some("Z"), "a zombie holds the pid until it is reaped");
         let table = Mutex::new(HashMap::new());
         assert!(reap(&table, pid, &mut child).unwrap().success());
-        assert!(
-            has_exited(pid, false).is_err(),
-            "reaped: no longer our child"
-        );
+        assert!(has_exited(pid, false).is_err(), "reaped: no longer our child");
     }
 
     #[test]
@@ -861,24 +723,13 @@ mod tests {
         prune_finished(&mut table, 3, 10_000);
         let mut left: Vec<u32> = table.keys().copied().collect();
         left.sort();
-        assert_eq!(
-            left,
-            vec![11, 12, 13, 20],
-            "the oldest finished one goes first"
-        );
-        assert!(
-            !dir.path().join("10-stdout.log").exists(),
-            "its files go with it"
-        );
+        assert_eq!(left, vec![11, 12, 13, 20], "the oldest finished one goes first");
+        assert!(!dir.path().join("10-stdout.log").exists(), "its files go with it");
 
         prune_finished(&mut table, 3, 250);
         let mut left: Vec<u32> = table.keys().copied().collect();
         left.sort();
-        assert_eq!(
-            left,
-            vec![12, 13, 20],
-            "only the newest 250 bytes of output stay"
-        );
+        assert_eq!(left, vec![12, 13, 20], "only the newest 250 bytes of output stay");
         assert!(!dir.path().join("11-stdout.log").exists());
         assert!(dir.path().join("12-stdout.log").exists());
     }

@@ -239,14 +239,7 @@ impl ExecRequest {
     /// working directory and environment, an empty stdin, in the foreground,
     /// with the default output cap.
     pub fn new(command: Command) -> ExecRequest {
-        ExecRequest {
-            command,
-            cwd: None,
-            env: Vec::new(),
-            stdin: None,
-            background: false,
-            output_cap_bytes: None,
-        }
+        ExecRequest { command, cwd: None, env: Vec::new(), stdin: None, background: false, output_cap_bytes: None }
     }
 
     /// [`ExecRequest::new`] for a `/bin/sh -c` script.
@@ -256,9 +249,7 @@ impl ExecRequest {
 
     /// [`ExecRequest::new`] for a program and its arguments.
     pub fn argv(args: &[&str]) -> ExecRequest {
-        ExecRequest::new(Command::Argv(
-            args.iter().map(|a| (*a).to_owned()).collect(),
-        ))
+        ExecRequest::new(Command::Argv(args.iter().map(|a| (*a).to_owned()).collect()))
     }
 }
 

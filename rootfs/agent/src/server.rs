@@ -31,9 +31,8 @@ use crate::oserror::error;
 use crate::output::CappedOutput;
 use crate::process::Processes;
 use crate::protocol::{
-    capability, AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, CodeError,
-    ErrorKind, Event, HelloReply, Op, Reply, Request, RequestId, DEFAULT_OUTPUT_CAP_BYTES,
-    PROTOCOL_VERSION,
+    capability, AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, CodeError, ErrorKind, Event,
+    HelloReply, Op, Reply, Request, RequestId, DEFAULT_OUTPUT_CAP_BYTES, PROTOCOL_VERSION,
 };
 use crate::system;
 use crate::workers::WorkerPool;
@@ -63,9 +62,7 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("Agent").field("config", &self.config).finish()
     }
 }
 
@@ -86,12 +83,8 @@ impl ConnWriter {
             Ok(()) => {}
             Err(FrameError::TooLarge { len, max }) => {
                 // Only a bug can build such a frame; tell the host rather than drop it silently.
-                eprintln!(
-                    "capsule-agent: refusing to send a {len}-byte frame (cap {max}) for request {}",
-                    frame.id
-                );
-                let message =
-                    format!("a message of {len} bytes exceeds the frame cap of {max} bytes");
+                eprintln!("capsule-agent: refusing to send a {len}-byte frame (cap {max}) for request {}", frame.id);
+                let message = format!("a message of {len} bytes exceeds the frame cap of {max} bytes");
                 // An event is replaced by an error event (the request goes on);
                 // a final frame by a failure (it stays the one final frame).
                 let body = match frame.body {
@@ -125,10 +118,7 @@ struct Responder {
 
 impl Responder {
     fn event(&self, event: Event) {
-        self.writer.send(&AgentFrame {
-            id: self.id,
-            body: AgentMessage::Event(event),
-        });
+        self.writer.send(&AgentFrame { id: self.id, body: AgentMessage::Event(event) });
     }
 
     fn finish(&self, result: Result<Reply, AgentError>) {
@@ -171,9 +161,7 @@ impl Agent {
     /// What the handshake answers.
     pub fn hello_reply(&self) -> HelloReply {
         let mut capabilities = vec![capability::EXEC.to_owned(), capability::FILES.to_owned()];
-        capabilities.extend(
-            [capability::PYTHON, capability::JAVASCRIPT, capability::BASH].map(str::to_owned),
-        );
+        capabilities.extend([capability::PYTHON, capability::JAVASCRIPT, capability::BASH].map(str::to_owned));
         if self.config.pid1 {
             capabilities.push(capability::CLOCK_AND_ENTROPY.to_owned());
         }
@@ -209,10 +197,7 @@ impl Agent {
     /// Serves one connection until it ends; never panics.
     pub fn serve_connection(self: &Arc<Self>, stream: UnixStream) {
         let writer = match stream.try_clone() {
-            Ok(w) => Arc::new(ConnWriter {
-                stream: Mutex::new(w),
-                dead: AtomicBool::new(false),
-            }),
+            Ok(w) => Arc::new(ConnWriter { stream: Mutex::new(w), dead: AtomicBool::new(false) }),
             Err(e) => {
                 eprintln!("capsule-agent: cannot clone a connection: {e}");
                 return;
@@ -236,20 +221,14 @@ impl Agent {
         in_flight: &Arc<Mutex<HashMap<RequestId, CancelToken>>>,
     ) -> ConnEnd {
         let protocol_failure = |id: RequestId, message: String| {
-            writer.send(&AgentFrame {
-                id,
-                body: AgentMessage::Failed(error(ErrorKind::Protocol, message.clone())),
-            });
+            writer.send(&AgentFrame { id, body: AgentMessage::Failed(error(ErrorKind::Protocol, message.clone())) });
             ConnEnd::Violation(message)
         };
         // The handshake.
         match read_frame::<ClientFrame, _>(&mut stream) {
             Ok(None) => return ConnEnd::PeerClosed,
             Err(e) => return ConnEnd::Violation(error_chain(&e)),
-            Ok(Some(ClientFrame {
-                id: 0,
-                body: ClientMessage::Hello(hello),
-            })) => {
+            Ok(Some(ClientFrame { id: 0, body: ClientMessage::Hello(hello) })) => {
                 if hello.version != PROTOCOL_VERSION {
                     return protocol_failure(
                         0,
@@ -259,14 +238,9 @@ impl Agent {
                         ),
                     );
                 }
-                writer.send(&AgentFrame {
-                    id: 0,
-                    body: AgentMessage::Hello(self.hello_reply()),
-                });
+                writer.send(&AgentFrame { id: 0, body: AgentMessage::Hello(self.hello_reply()) });
             }
-            Ok(Some(other)) => {
-                return protocol_failure(other.id, "the first frame must be Hello with id 0".into())
-            }
+            Ok(Some(other)) => return protocol_failure(other.id, "the first frame must be Hello with id 0".into()),
         }
         loop {
             let frame = match read_frame::<ClientFrame, _>(&mut stream) {
@@ -285,43 +259,26 @@ impl Agent {
                 }
                 ClientMessage::Request(request) => {
                     if frame.id == 0 {
-                        return protocol_failure(
-                            0,
-                            "request id 0 is reserved for the handshake".into(),
-                        );
+                        return protocol_failure(0, "request id 0 is reserved for the handshake".into());
                     }
-                    let token =
-                        CancelToken::with_timeout(request.timeout_ms.map(Duration::from_millis));
+                    let token = CancelToken::with_timeout(request.timeout_ms.map(Duration::from_millis));
                     {
                         let mut map = lock(in_flight);
                         if map.contains_key(&frame.id) {
                             drop(map);
-                            return protocol_failure(
-                                frame.id,
-                                format!("request id {} is already in flight", frame.id),
-                            );
+                            return protocol_failure(frame.id, format!("request id {} is already in flight", frame.id));
                         }
                         map.insert(frame.id, token.clone());
                     }
-                    let responder = Responder {
-                        id: frame.id,
-                        writer: Arc::clone(writer),
-                    };
+                    let responder = Responder { id: frame.id, writer: Arc::clone(writer) };
                     let agent = Arc::clone(self);
                     let in_flight_w = Arc::clone(in_flight);
-                    let spawned = self.workers.execute(move || {
-                        agent.run_request(request, &token, &responder, &in_flight_w)
-                    });
+                    let spawned =
+                        self.workers.execute(move || agent.run_request(request, &token, &responder, &in_flight_w));
                     if let Err(e) = spawned {
                         lock(in_flight).remove(&frame.id);
-                        Responder {
-                            id: frame.id,
-                            writer: Arc::clone(writer),
-                        }
-                        .finish(Err(error(
-                            ErrorKind::Internal,
-                            format!("cannot start a worker thread: {e}"),
-                        )));
+                        Responder { id: frame.id, writer: Arc::clone(writer) }
+                            .finish(Err(error(ErrorKind::Internal, format!("cannot start a worker thread: {e}"))));
                     }
                 }
             }
@@ -340,15 +297,8 @@ impl Agent {
             Op::Shutdown { reboot } => Some(*reboot),
             _ => None,
         };
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.handle(request.op, token, responder)
-        }))
-        .unwrap_or_else(|_| {
-            Err(error(
-                ErrorKind::Internal,
-                "the agent hit a bug handling this request",
-            ))
-        });
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request.op, token, responder)))
+            .unwrap_or_else(|_| Err(error(ErrorKind::Internal, "the agent hit a bug handling this request")));
         let ok = result.is_ok();
         lock(in_flight).remove(&responder.id);
         responder.finish(result);
@@ -360,75 +310,43 @@ impl Agent {
     }
 
     /// Performs one operation.
-    fn handle(
-        &self,
-        op: Op,
-        token: &CancelToken,
-        responder: &Responder,
-    ) -> Result<Reply, AgentError> {
+    fn handle(&self, op: Op, token: &CancelToken, responder: &Responder) -> Result<Reply, AgentError> {
         if let Some(reason) = token.stop_reason() {
             return Err(stop_error(reason));
         }
         match op {
             Op::Ping => Ok(Reply::Pong),
-            Op::Exec(req) if req.background => self
-                .processes
-                .start_background(&req)
-                .map(|pid| Reply::Started { pid }),
-            Op::Exec(req) => self
-                .processes
-                .run_foreground(&req, token, &|e| responder.event(e))
-                .map(Reply::Exit),
+            Op::Exec(req) if req.background => self.processes.start_background(&req).map(|pid| Reply::Started { pid }),
+            Op::Exec(req) => self.processes.run_foreground(&req, token, &|e| responder.event(e)).map(Reply::Exit),
             Op::Signal { pid, signal } => self.processes.signal(pid, signal).map(|()| Reply::Unit),
             Op::ListProcesses => Ok(Reply::Processes(self.processes.list())),
-            Op::ReadProcessOutput {
-                pid,
-                stdout_offset,
-                stderr_offset,
-                max_bytes,
-            } => self
-                .processes
-                .read_output(pid, stdout_offset, stderr_offset, max_bytes)
-                .map(Reply::ProcessOutput),
+            Op::ReadProcessOutput { pid, stdout_offset, stderr_offset, max_bytes } => {
+                self.processes.read_output(pid, stdout_offset, stderr_offset, max_bytes).map(Reply::ProcessOutput)
+            }
             Op::RunCode(req) => {
                 let cap = req.output_cap_bytes.unwrap_or(DEFAULT_OUTPUT_CAP_BYTES);
                 let tag = format!("code-{}", self.processes.next_seq());
                 let mut capped = CappedOutput::new(cap, &self.processes.output_dir(), tag);
                 let mut forward = |e: Event| responder.event(e);
-                let outcome = self
-                    .contexts
-                    .run_code(&req, token, &mut |e| capped.push(e, &mut forward));
+                let outcome = self.contexts.run_code(&req, token, &mut |e| capped.push(e, &mut forward));
                 capped.finish();
                 outcome.map(Reply::CodeDone)
             }
-            Op::CreateContext { name, language } => {
-                self.contexts.create(&name, language).map(|()| Reply::Unit)
-            }
+            Op::CreateContext { name, language } => self.contexts.create(&name, language).map(|()| Reply::Unit),
             Op::ResetContext { name } => self.contexts.reset(&name).map(|()| Reply::Unit),
             Op::RemoveContext { name } => self.contexts.remove(&name).map(|()| Reply::Unit),
             Op::ListContexts => Ok(Reply::Contexts(self.contexts.list())),
             Op::WriteFile(req) => self.files.write(&req).map(|()| Reply::Unit),
-            Op::ReadFile {
-                path,
-                offset,
-                length,
-            } => self
-                .files
-                .read(&path, offset, length)
-                .map(|(data, size)| Reply::FileData { data, size }),
+            Op::ReadFile { path, offset, length } => {
+                self.files.read(&path, offset, length).map(|(data, size)| Reply::FileData { data, size })
+            }
             Op::ListDir { path, depth } => self.files.list(&path, depth).map(Reply::Entries),
             Op::Stat { path } => self.files.stat(&path).map(Reply::Stat),
             Op::MakeDir { path, mode } => self.files.make_dir(&path, mode).map(|()| Reply::Unit),
-            Op::Remove { path, recursive } => {
-                self.files.remove(&path, recursive).map(|()| Reply::Unit)
-            }
+            Op::Remove { path, recursive } => self.files.remove(&path, recursive).map(|()| Reply::Unit),
             Op::Rename { from, to } => self.files.rename(&from, &to).map(|()| Reply::Unit),
-            Op::SetClock { unix_time_ns } => {
-                system::set_clock(self.config.pid1, unix_time_ns).map(|()| Reply::Unit)
-            }
-            Op::AddEntropy { bytes } => {
-                system::add_entropy(self.config.pid1, &bytes).map(|()| Reply::Unit)
-            }
+            Op::SetClock { unix_time_ns } => system::set_clock(self.config.pid1, unix_time_ns).map(|()| Reply::Unit),
+            Op::AddEntropy { bytes } => system::add_entropy(self.config.pid1, &bytes).map(|()| Reply::Unit),
             Op::Shutdown { .. } => system::check_shutdown(self.config.pid1).map(|()| Reply::Unit),
         }
     }

@@ -23,10 +23,7 @@ fn refuse_on_host(pid1: bool, what: &str) -> Result<(), AgentError> {
     if pid1 {
         Ok(())
     } else {
-        Err(error(
-            ErrorKind::Unsupported,
-            format!("{what} is only done by the agent as PID 1 of a guest"),
-        ))
+        Err(error(ErrorKind::Unsupported, format!("{what} is only done by the agent as PID 1 of a guest")))
     }
 }
 
@@ -40,10 +37,7 @@ pub fn set_clock(pid1: bool, unix_time_ns: u64) -> Result<(), AgentError> {
     // SAFETY: `ts` is a valid timespec that outlives the call.
     let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
     if rc != 0 {
-        return Err(agent_error(
-            "clock_settime(CLOCK_REALTIME)",
-            &std::io::Error::last_os_error(),
-        ));
+        return Err(agent_error("clock_settime(CLOCK_REALTIME)", &std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -54,16 +48,11 @@ pub fn add_entropy(pid1: bool, bytes: &[u8]) -> Result<(), AgentError> {
     if bytes.len() > MAX_ENTROPY_BYTES {
         return Err(error(
             ErrorKind::TooLarge,
-            format!(
-                "{} entropy bytes exceed the limit of {MAX_ENTROPY_BYTES}",
-                bytes.len()
-            ),
+            format!("{} entropy bytes exceed the limit of {MAX_ENTROPY_BYTES}", bytes.len()),
         ));
     }
-    let urandom = OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")
-        .map_err(|e| agent_error("open /dev/urandom", &e))?;
+    let urandom =
+        OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| agent_error("open /dev/urandom", &e))?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let words = bytes.len().div_ceil(4);
     let mut info = vec![0u32; 2 + words];
@@ -78,18 +67,12 @@ pub fn add_entropy(pid1: bool, bytes: &[u8]) -> Result<(), AgentError> {
     // of payload after the header, and lives for the duration of the call.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
     if rc != 0 {
-        return Err(agent_error(
-            "ioctl(RNDADDENTROPY)",
-            &std::io::Error::last_os_error(),
-        ));
+        return Err(agent_error("ioctl(RNDADDENTROPY)", &std::io::Error::last_os_error()));
     }
     // SAFETY: RNDRESEEDCRNG takes no argument.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
     if rc != 0 {
-        return Err(agent_error(
-            "ioctl(RNDRESEEDCRNG)",
-            &std::io::Error::last_os_error(),
-        ));
+        return Err(agent_error("ioctl(RNDRESEEDCRNG)", &std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -109,11 +92,8 @@ const ACPI_SYSFS_DIR: &str = "/sys/firmware/acpi";
 /// power-off is a reset instead (`reboot=k`: the i8042 reset line), which the
 /// VMM treats as the guest stopping, as Firecracker does.
 pub fn shutdown_now(reboot: bool) -> AgentError {
-    let cmd = if reboot || !std::path::Path::new(ACPI_SYSFS_DIR).exists() {
-        libc::RB_AUTOBOOT
-    } else {
-        libc::RB_POWER_OFF
-    };
+    let cmd =
+        if reboot || !std::path::Path::new(ACPI_SYSFS_DIR).exists() { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF };
     // SAFETY: kill(-1) signals every process but init and ourselves; sync and
     // reboot take plain integers.
     unsafe {
@@ -130,17 +110,8 @@ mod tests {
 
     #[test]
     fn host_mode_refuses_machine_wide_operations() {
-        assert_eq!(
-            set_clock(false, 0).unwrap_err().kind,
-            ErrorKind::Unsupported
-        );
-        assert_eq!(
-            add_entropy(false, &[1, 2, 3]).unwrap_err().kind,
-            ErrorKind::Unsupported
-        );
-        assert_eq!(
-            check_shutdown(false).unwrap_err().kind,
-            ErrorKind::Unsupported
-        );
+        assert_eq!(set_clock(false, 0).unwrap_err().kind, ErrorKind::Unsupported);
+        assert_eq!(add_entropy(false, &[1, 2, 3]).unwrap_err().kind, ErrorKind::Unsupported);
+        assert_eq!(check_shutdown(false).unwrap_err().kind, ErrorKind::Unsupported);
     }
 }

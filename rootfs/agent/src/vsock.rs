@@ -24,8 +24,7 @@ impl VsockListener {
     /// kernel has no vsock transport.
     pub fn bind(port: u32) -> io::Result<Self> {
         // SAFETY: socket(2) takes plain integers.
-        let raw =
-            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -59,12 +58,7 @@ impl VsockListener {
         loop {
             // SAFETY: accept4(2) with null address pointers is allowed; the fd is ours.
             let raw = unsafe {
-                libc::accept4(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
+                libc::accept4(self.fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
             };
             if raw >= 0 {
                 // SAFETY: `raw` is a fresh connected stream socket that nothing else owns.

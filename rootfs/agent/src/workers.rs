@@ -39,9 +39,7 @@ pub struct WorkerPool {
 
 impl std::fmt::Debug for WorkerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerPool")
-            .field("idle", &lock(&self.shared.state).idle)
-            .finish()
+        f.debug_struct("WorkerPool").field("idle", &lock(&self.shared.state).idle).finish()
     }
 }
 
@@ -63,12 +61,10 @@ impl WorkerPool {
             }
         }
         let shared = Arc::clone(&self.shared);
-        std::thread::Builder::new()
-            .name("agent-request".into())
-            .spawn(move || {
-                job();
-                worker_loop(&shared);
-            })?;
+        std::thread::Builder::new().name("agent-request".into()).spawn(move || {
+            job();
+            worker_loop(&shared);
+        })?;
         Ok(())
     }
 }
@@ -84,10 +80,8 @@ fn worker_loop(shared: &Shared) {
                     state.idle -= 1;
                     break job;
                 }
-                let (next, wait) = shared
-                    .work
-                    .wait_timeout(state, IDLE_WORKER_EXIT_AFTER)
-                    .unwrap_or_else(|e| e.into_inner());
+                let (next, wait) =
+                    shared.work.wait_timeout(state, IDLE_WORKER_EXIT_AFTER).unwrap_or_else(|e| e.into_inner());
                 state = next;
                 if wait.timed_out() && state.jobs.is_empty() {
                     state.idle -= 1;
@@ -118,21 +112,15 @@ mod tests {
             })
             .unwrap();
         }
-        let first: Vec<_> = (0..2)
-            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
-            .collect();
+        let first: Vec<_> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
         // Wait until both threads are idle, then a new job reuses one of them.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while lock(&pool.shared.state).idle < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "workers never became idle"
-            );
+            assert!(std::time::Instant::now() < deadline, "workers never became idle");
             std::thread::sleep(Duration::from_millis(1));
         }
         let tx2 = tx.clone();
-        pool.execute(move || tx2.send(std::thread::current().id()).unwrap())
-            .unwrap();
+        pool.execute(move || tx2.send(std::thread::current().id()).unwrap()).unwrap();
         let reused = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(first.contains(&reused), "an idle pooled thread ran the job");
     }

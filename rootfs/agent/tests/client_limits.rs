@@ -8,13 +8,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use capsule_agent::client::{
-    AgentClient, ClientError, ClientOptions, Incoming, MAX_COLLECTED_EVENT_BYTES,
-};
+use capsule_agent::client::{AgentClient, ClientError, ClientOptions, Incoming, MAX_COLLECTED_EVENT_BYTES};
 use capsule_agent::frame::{read_frame, write_frame};
 use capsule_agent::protocol::{
-    AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExitStatus, HelloReply, Op, Reply,
-    Request, Stream, PROTOCOL_VERSION,
+    AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExitStatus, HelloReply, Op, Reply, Request, Stream,
+    PROTOCOL_VERSION,
 };
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
@@ -48,10 +46,7 @@ fn hostile_agent(
 fn next_request(guest: &mut UnixStream) -> Option<(u64, Op)> {
     loop {
         match read_frame::<ClientFrame, _>(guest).ok()?? {
-            ClientFrame {
-                id,
-                body: ClientMessage::Request(Request { op, .. }),
-            } => return Some((id, op)),
+            ClientFrame { id, body: ClientMessage::Request(Request { op, .. }) } => return Some((id, op)),
             _ => continue,
         }
     }
@@ -72,23 +67,13 @@ fn an_agent_that_stops_reading_fails_writes_within_the_write_timeout() {
     });
     // A request that is pending when the connection dies.
     let (tx, rx) = mpsc::channel();
-    c.start(
-        Request {
-            timeout_ms: None,
-            op: Op::Ping,
-        },
-        Box::new(move |i| drop(tx.send(i))),
-    )
-    .unwrap();
+    c.start(Request { timeout_ms: None, op: Op::Ping }, Box::new(move |i| drop(tx.send(i)))).unwrap();
 
     let data = vec![0x5a; 32 * 1024 * 1024];
     let started = Instant::now();
     let result = c.write_file("/big", &data, None);
     let took = started.elapsed();
-    assert!(
-        took < write_timeout + Duration::from_secs(2),
-        "write_file took {took:?}"
-    );
+    assert!(took < write_timeout + Duration::from_secs(2), "write_file took {took:?}");
     match result {
         Err(ClientError::Disconnected(reason)) => {
             assert!(reason.contains("stopped reading for 500ms"), "{reason}")
@@ -108,9 +93,7 @@ fn an_agent_that_stops_reading_fails_writes_within_the_write_timeout() {
         other => panic!("expected Disconnected, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_millis(100));
-    assert!(c
-        .closed_reason()
-        .is_some_and(|r| r.contains("stopped reading")));
+    assert!(c.closed_reason().is_some_and(|r| r.contains("stopped reading")));
     stop_tx.send(()).unwrap();
     peer.join().unwrap();
 }
@@ -122,10 +105,7 @@ fn call_stops_collecting_events_past_its_limit() {
     let (c, peer) = hostile_agent(ClientOptions::default(), move |mut guest| {
         let (id, _) = next_request(&mut guest).unwrap();
         for _ in 0..chunks {
-            let event = Event::Output {
-                stream: Stream::Stdout,
-                data: vec![b'y'; chunk],
-            };
+            let event = Event::Output { stream: Stream::Stdout, data: vec![b'y'; chunk] };
             if !send(&mut guest, id, AgentMessage::Event(event)) {
                 return;
             }
@@ -152,16 +132,10 @@ fn exec_keeps_at_most_the_cap_per_stream_whatever_the_agent_sends() {
         let Op::Exec(req) = op else { panic!("{op:?}") };
         assert_eq!(req.output_cap_bytes, Some(10));
         for _ in 0..5 {
-            let event = Event::Output {
-                stream: Stream::Stdout,
-                data: b"0123456789".to_vec(),
-            };
+            let event = Event::Output { stream: Stream::Stdout, data: b"0123456789".to_vec() };
             send(&mut guest, id, AgentMessage::Event(event));
         }
-        let event = Event::Output {
-            stream: Stream::Stderr,
-            data: b"err".to_vec(),
-        };
+        let event = Event::Output { stream: Stream::Stderr, data: b"err".to_vec() };
         send(&mut guest, id, AgentMessage::Event(event));
         let status = ExitStatus {
             code: Some(0),
@@ -191,17 +165,11 @@ fn read_file_never_trusts_the_size_the_agent_claims() {
     let (c, peer) = hostile_agent(ClientOptions::default(), move |mut guest| {
         // First read: claims an enormous file.
         let (id, _) = next_request(&mut guest).unwrap();
-        let reply = Reply::FileData {
-            data: vec![1; 16],
-            size: u64::MAX,
-        };
+        let reply = Reply::FileData { data: vec![1; 16], size: u64::MAX };
         send(&mut guest, id, AgentMessage::Done(reply));
         // Second read: claims a small file but never stops sending data.
         while let Some((id, _)) = next_request(&mut guest) {
-            let reply = Reply::FileData {
-                data: vec![2; 1024 * 1024],
-                size: 2 * 1024 * 1024,
-            };
+            let reply = Reply::FileData { data: vec![2; 1024 * 1024], size: 2 * 1024 * 1024 };
             if !send(&mut guest, id, AgentMessage::Done(reply)) {
                 return;
             }
@@ -216,10 +184,7 @@ fn read_file_never_trusts_the_size_the_agent_claims() {
     match c.read_file_capped("/liar", 3 * 1024 * 1024) {
         // 2 MiB claimed: the client stops once it has that much.
         Ok(data) => assert_eq!(data.len(), 2 * 1024 * 1024),
-        other => panic!(
-            "expected the claimed 2 MiB, got {:?}",
-            other.map(|v| v.len())
-        ),
+        other => panic!("expected the claimed 2 MiB, got {:?}", other.map(|v| v.len())),
     }
     match c.read_file_capped("/liar", 1024 * 1024 + 1) {
         Err(ClientError::TooLarge { limit_bytes, .. }) => assert_eq!(limit_bytes, 1024 * 1024 + 1),

@@ -5,8 +5,8 @@
 
 use capsule_agent::frame::{encode_frame, FrameDecoder, FRAME_HEADER_BYTES};
 use capsule_agent::protocol::{
-    ClientFrame, ClientMessage, Command, ExecRequest, Hello, Language, Op, Request, RunCodeRequest,
-    WriteFileRequest, WritePosition, MAX_FRAME_BYTES,
+    ClientFrame, ClientMessage, Command, ExecRequest, Hello, Language, Op, Request, RunCodeRequest, WriteFileRequest,
+    WritePosition, MAX_FRAME_BYTES,
 };
 
 /// xorshift64: reproducible without a dependency.
@@ -48,35 +48,16 @@ fn valid_frames() -> Vec<ClientFrame> {
             mode: Some(0o644),
             create_parents: true,
         }),
-        Op::ReadProcessOutput {
-            pid: 7,
-            stdout_offset: 1 << 40,
-            stderr_offset: 3,
-            max_bytes: 5,
-        },
+        Op::ReadProcessOutput { pid: 7, stdout_offset: 1 << 40, stderr_offset: 3, max_bytes: 5 },
         Op::AddEntropy { bytes: vec![9; 64] },
     ];
     let mut frames = vec![
-        ClientFrame {
-            id: 0,
-            body: ClientMessage::Hello(Hello {
-                version: 1,
-                client: "fuzz".into(),
-            }),
-        },
-        ClientFrame {
-            id: 3,
-            body: ClientMessage::Cancel,
-        },
+        ClientFrame { id: 0, body: ClientMessage::Hello(Hello { version: 1, client: "fuzz".into() }) },
+        ClientFrame { id: 3, body: ClientMessage::Cancel },
     ];
     for (i, op) in ops.into_iter().enumerate() {
-        frames.push(ClientFrame {
-            id: i as u64 + 1,
-            body: ClientMessage::Request(Request {
-                timeout_ms: Some(5),
-                op,
-            }),
-        });
+        frames
+            .push(ClientFrame { id: i as u64 + 1, body: ClientMessage::Request(Request { timeout_ms: Some(5), op }) });
     }
     frames
 }
@@ -124,11 +105,7 @@ fn mutated_valid_frames_never_panic_the_decoder() {
         encode_frame(f, &mut wire).unwrap();
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    assert_eq!(
-        feed(&wire, &mut rng),
-        frames.len(),
-        "unmutated stream decodes whole"
-    );
+    assert_eq!(feed(&wire, &mut rng), frames.len(), "unmutated stream decodes whole");
     for _ in 0..5000 {
         let mut bytes = wire.clone();
         for _ in 0..1 + rng.below(8) {

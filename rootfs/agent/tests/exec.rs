@@ -6,9 +6,7 @@ mod fixture;
 use std::time::{Duration, Instant};
 
 use capsule_agent::client::ClientError;
-use capsule_agent::protocol::{
-    ErrorKind, ExecRequest, Op, ProcessInfo, ProcessOutput, Reply, Stream,
-};
+use capsule_agent::protocol::{ErrorKind, ExecRequest, Op, ProcessInfo, ProcessOutput, Reply, Stream};
 use fixture::{eventually, process_alive, read_pid_file, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
@@ -18,26 +16,15 @@ fn exit_codes_and_killing_signals_are_reported() {
     let agent = TestAgent::start();
     let c = agent.connect();
     let out = c.exec(ExecRequest::shell("exit 3"), T).unwrap();
-    assert_eq!(
-        (out.status.code, out.status.signal, out.status.timed_out),
-        (Some(3), None, false)
-    );
+    assert_eq!((out.status.code, out.status.signal, out.status.timed_out), (Some(3), None, false));
     let out = c.exec(ExecRequest::shell("kill -9 $$"), T).unwrap();
     assert_eq!((out.status.code, out.status.signal), (None, Some(9)));
     let out = c.exec(ExecRequest::argv(&["true"]), T).unwrap();
     assert_eq!(out.status.code, Some(0));
-    let err = c
-        .exec(ExecRequest::argv(&["/no/such/program"]), T)
-        .unwrap_err();
-    assert!(
-        matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::NotFound),
-        "{err:?}"
-    );
+    let err = c.exec(ExecRequest::argv(&["/no/such/program"]), T).unwrap_err();
+    assert!(matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::NotFound), "{err:?}");
     let err = c.exec(ExecRequest::argv(&[]), T).unwrap_err();
-    assert!(
-        matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::InvalidArgument),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::InvalidArgument), "{err:?}");
 }
 
 #[test]
@@ -64,10 +51,7 @@ fn stdin_env_and_cwd_reach_the_command() {
     let mut missing = ExecRequest::shell("true");
     missing.cwd = Some("no-such-dir".into());
     let err = c.exec(missing, T).unwrap_err();
-    assert!(
-        matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::NotFound),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Agent(ref e) if e.kind == ErrorKind::NotFound), "{err:?}");
 }
 
 #[test]
@@ -77,19 +61,10 @@ fn timeout_kills_the_whole_process_group() {
     let pid_file = agent.work.join("child.pid");
     let script = format!("sleep 300 & echo $! > {}; sleep 300", pid_file.display());
     let start = Instant::now();
-    let out = c
-        .exec(
-            ExecRequest::shell(&script),
-            Some(Duration::from_millis(500)),
-        )
-        .unwrap();
+    let out = c.exec(ExecRequest::shell(&script), Some(Duration::from_millis(500))).unwrap();
     assert!(out.status.timed_out, "{:?}", out.status);
     assert_eq!(out.status.signal, Some(9));
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     let child = read_pid_file(&pid_file);
     assert!(
         eventually(Duration::from_secs(5), || !process_alive(child)),
@@ -102,14 +77,7 @@ fn fifty_megabytes_of_output_are_capped_and_kept_whole_in_a_file() {
     const TOTAL: usize = 50 * 1024 * 1024;
     let agent = TestAgent::start();
     let c = agent.connect();
-    let out = c
-        .exec(
-            ExecRequest::shell(&format!(
-                "yes 0123456789abcdef | head -c {TOTAL}; echo done >&2"
-            )),
-            T,
-        )
-        .unwrap();
+    let out = c.exec(ExecRequest::shell(&format!("yes 0123456789abcdef | head -c {TOTAL}; echo done >&2")), T).unwrap();
     let cap = capsule_agent::protocol::DEFAULT_OUTPUT_CAP_BYTES as usize;
     assert_eq!(out.status.code, Some(0));
     assert_eq!(out.status.stdout_bytes, TOTAL as u64);
@@ -118,19 +86,12 @@ fn fifty_megabytes_of_output_are_capped_and_kept_whole_in_a_file() {
     assert_eq!(out.truncated.len(), 1);
     let (stream, path) = &out.truncated[0];
     assert_eq!(*stream, Stream::Stdout);
-    assert!(
-        path.starts_with(&agent.state.display().to_string()),
-        "{path}"
-    );
+    assert!(path.starts_with(&agent.state.display().to_string()), "{path}");
     let kept = std::fs::read(path).unwrap();
     assert_eq!(kept.len(), TOTAL, "the file holds the whole stream");
     assert_eq!(&kept[..cap], &out.stdout[..]);
     let pattern = b"0123456789abcdef\n";
-    assert!(
-        kept.chunks(pattern.len())
-            .all(|ch| ch == &pattern[..ch.len()]),
-        "file content is exact"
-    );
+    assert!(kept.chunks(pattern.len()).all(|ch| ch == &pattern[..ch.len()]), "file content is exact");
 }
 
 #[test]
@@ -147,10 +108,7 @@ fn a_foreground_overflow_file_stops_at_its_cap_with_a_marker() {
     let (_, path) = &out.truncated[0];
     let kept = std::fs::read(path).unwrap();
     let marker = truncation_marker(MAX_OUTPUT_FILE_BYTES);
-    assert_eq!(
-        kept.len() as u64,
-        MAX_OUTPUT_FILE_BYTES + marker.len() as u64
-    );
+    assert_eq!(kept.len() as u64, MAX_OUTPUT_FILE_BYTES + marker.len() as u64);
     assert!(kept.ends_with(marker.as_bytes()));
     assert!(kept[..16].starts_with(b"y\ny\n"));
 }
@@ -166,11 +124,7 @@ fn a_small_cap_applies_per_request() {
     assert_eq!(out.stderr, b"0123");
     assert_eq!(out.truncated.len(), 2);
     for (stream, path) in &out.truncated {
-        let want: &[u8] = if *stream == Stream::Stdout {
-            b"abcdefghij"
-        } else {
-            b"0123456789"
-        };
+        let want: &[u8] = if *stream == Stream::Stdout { b"abcdefghij" } else { b"0123456789" };
         assert_eq!(std::fs::read(path).unwrap(), want);
     }
 }
@@ -185,18 +139,8 @@ fn binary_output_is_byte_exact() {
     assert_eq!(out.stdout, all);
 }
 
-fn read_output(
-    c: &capsule_agent::client::AgentClient,
-    pid: u32,
-    so: u64,
-    se: u64,
-) -> ProcessOutput {
-    let op = Op::ReadProcessOutput {
-        pid,
-        stdout_offset: so,
-        stderr_offset: se,
-        max_bytes: 1 << 20,
-    };
+fn read_output(c: &capsule_agent::client::AgentClient, pid: u32, so: u64, se: u64) -> ProcessOutput {
+    let op = Op::ReadProcessOutput { pid, stdout_offset: so, stderr_offset: se, max_bytes: 1 << 20 };
     match c.call_reply(op, T).unwrap() {
         Reply::ProcessOutput(o) => o,
         other => panic!("unexpected {other:?}"),
@@ -214,20 +158,14 @@ fn list(c: &capsule_agent::client::AgentClient) -> Vec<ProcessInfo> {
 fn background_process_output_is_read_by_offsets_and_it_can_be_killed() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    let mut req = ExecRequest::shell(
-        "echo first; echo oops >&2; read line; echo \"got $line\"; exec sleep 300",
-    );
+    let mut req = ExecRequest::shell("echo first; echo oops >&2; read line; echo \"got $line\"; exec sleep 300");
     req.background = true;
     req.stdin = Some(b"input\n".to_vec());
     let pid = match c.call_reply(Op::Exec(req), T).unwrap() {
         Reply::Started { pid } => pid,
         other => panic!("unexpected {other:?}"),
     };
-    assert!(eventually(Duration::from_secs(10), || read_output(
-        &c, pid, 0, 0
-    )
-    .stdout
-        == b"first\ngot input\n"));
+    assert!(eventually(Duration::from_secs(10), || read_output(&c, pid, 0, 0).stdout == b"first\ngot input\n"));
     let out = read_output(&c, pid, 6, 0);
     assert_eq!(out.stdout, b"got input\n");
     assert_eq!(out.stderr, b"oops\n");
@@ -244,50 +182,27 @@ fn background_process_output_is_read_by_offsets_and_it_can_be_killed() {
     assert!(me.background && me.exit.is_none());
 
     c.call_reply(Op::Signal { pid, signal: 9 }, T).unwrap();
-    assert!(eventually(Duration::from_secs(10), || read_output(
-        &c, pid, 0, 0
-    )
-    .exit
-    .is_some()));
+    assert!(eventually(Duration::from_secs(10), || read_output(&c, pid, 0, 0).exit.is_some()));
     let exit = read_output(&c, pid, 0, 0).exit.unwrap();
     assert_eq!(exit.signal, Some(9));
     assert_eq!(exit.stdout_bytes, 16);
     assert!(!process_alive(pid));
 
-    let err = c.call_reply(
-        Op::ReadProcessOutput {
-            pid: u32::MAX,
-            stdout_offset: 0,
-            stderr_offset: 0,
-            max_bytes: 1,
-        },
-        T,
-    );
-    assert!(
-        matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::NotFound),
-        "{err:?}"
-    );
+    let err =
+        c.call_reply(Op::ReadProcessOutput { pid: u32::MAX, stdout_offset: 0, stderr_offset: 0, max_bytes: 1 }, T);
+    assert!(matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::NotFound), "{err:?}");
     let err = c.call_reply(Op::Signal { pid, signal: 1000 }, T);
-    assert!(
-        matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::InvalidArgument),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::InvalidArgument), "{err:?}");
 }
 
 #[test]
 fn machine_wide_operations_are_refused_on_a_host() {
     let agent = TestAgent::start();
     let c = agent.connect();
-    for op in [
-        Op::SetClock { unix_time_ns: 0 },
-        Op::AddEntropy { bytes: vec![1; 32] },
-        Op::Shutdown { reboot: false },
-    ] {
+    for op in [Op::SetClock { unix_time_ns: 0 }, Op::AddEntropy { bytes: vec![1; 32] }, Op::Shutdown { reboot: false }]
+    {
         let err = c.call_reply(op, T);
-        assert!(
-            matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::Unsupported),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(ClientError::Agent(ref e)) if e.kind == ErrorKind::Unsupported), "{err:?}");
     }
     assert_eq!(c.call_reply(Op::Ping, T).unwrap(), Reply::Pong);
 }

@@ -36,15 +36,7 @@ fn unshare_usable() -> Result<(), String> {
         return Err("not root: cannot create mount and pid namespaces".into());
     }
     let ok = Command::new("unshare")
-        .args([
-            "--pid",
-            "--mount",
-            "--uts",
-            "--fork",
-            "--propagation",
-            "private",
-            "true",
-        ])
+        .args(["--pid", "--mount", "--uts", "--fork", "--propagation", "private", "true"])
         .status()
         .map_err(|e| format!("unshare not runnable: {e}"))?;
     if !ok.success() {
@@ -60,14 +52,7 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
         return;
     }
     let mut child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--mount",
-            "--uts",
-            "--kill-child",
-            "--propagation",
-            "private",
-        ])
+        .args(["--pid", "--mount", "--uts", "--kill-child", "--propagation", "private"])
         .arg(env!("CARGO_BIN_EXE_capsule-agent"))
         .args(["--listen-unix", "/run/agent.sock"])
         .stdout(Stdio::piped())
@@ -96,61 +81,32 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
     let init_ok = console.iter().position(|l| l == "capsule-agent: init ok");
     assert!(init_ok.is_some(), "console: {console:#?}");
 
-    let children =
-        std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
-            .unwrap();
-    let agent_pid: u32 = children
-        .split_whitespace()
-        .next()
-        .expect("agent pid")
-        .parse()
-        .unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children")).unwrap();
+    let agent_pid: u32 = children.split_whitespace().next().expect("agent pid").parse().unwrap();
     let socket = PathBuf::from(format!("/proc/{agent_pid}/root/run/agent.sock"));
     let (c, hello) = AgentClient::connect_unix(&socket).expect("connect into the namespace");
     assert!(hello.pid1);
     assert!(hello.capabilities.iter().any(|c| c == "clock-and-entropy"));
 
-    let out = c
-        .exec(
-            ExecRequest::shell("hostname; echo $HOME; cat /proc/1/comm; pwd"),
-            T,
-        )
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "capsule\n/root\ncapsule-agent\n/root\n"
-    );
+    let out = c.exec(ExecRequest::shell("hostname; echo $HOME; cat /proc/1/comm; pwd"), T).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "capsule\n/root\ncapsule-agent\n/root\n");
 
     // `/` is writable (the overlay), and writes never reach the lower layer.
     let marker = format!("/usr/capsule-pid1-test-{agent_pid}");
-    let out = c
-        .exec(
-            ExecRequest::shell(&format!(
-                "echo hi > {marker} && cat {marker} && touch /etc/x"
-            )),
-            T,
-        )
-        .unwrap();
+    let out = c.exec(ExecRequest::shell(&format!("echo hi > {marker} && cat {marker} && touch /etc/x")), T).unwrap();
     assert_eq!(
         (out.status.code, &out.stdout[..]),
         (Some(0), &b"hi\n"[..]),
         "{:?}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !std::path::Path::new(&marker).exists(),
-        "a guest write leaked into the lower layer"
-    );
+    assert!(!std::path::Path::new(&marker).exists(), "a guest write leaked into the lower layer");
 
     // Orphans reparent to PID 1, which reaps them.
     let out = c
         .exec(ExecRequest::shell("for i in 1 2 3 4 5; do (sleep 0.05 &); done; sleep 1; grep -l '^State:.*zombie' /proc/[0-9]*/status; true"), T)
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "",
-        "zombies left unreaped"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "zombies left unreaped");
 
     // Power-off: in a child pid namespace reboot(2) ends the namespace's init.
     match c.call_reply(Op::Shutdown { reboot: false }, T) {
@@ -158,10 +114,7 @@ fn pid1_mode_builds_a_writable_overlay_root_reaps_orphans_and_shuts_down() {
         other => panic!("unexpected {other:?}"),
     }
     assert!(
-        eventually(Duration::from_secs(10), || matches!(
-            ns.0.try_wait(),
-            Ok(Some(_))
-        )),
+        eventually(Duration::from_secs(10), || matches!(ns.0.try_wait(), Ok(Some(_)))),
         "the namespace's init did not end after Shutdown"
     );
 }

@@ -12,31 +12,19 @@ use std::time::{Duration, Instant};
 use capsule_agent::client::{AgentClient, ClientError, Incoming};
 use capsule_agent::frame::{read_frame, write_frame};
 use capsule_agent::protocol::{
-    AgentFrame, AgentMessage, ClientFrame, ClientMessage, ErrorKind, ExecRequest, Hello, Op, Reply,
-    Request, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    AgentFrame, AgentMessage, ClientFrame, ClientMessage, ErrorKind, ExecRequest, Hello, Op, Reply, Request,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use fixture::{eventually, process_alive, start_foreground_sleep, TestAgent};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 
 fn hello(version: u32) -> ClientFrame {
-    ClientFrame {
-        id: 0,
-        body: ClientMessage::Hello(Hello {
-            version,
-            client: "test".into(),
-        }),
-    }
+    ClientFrame { id: 0, body: ClientMessage::Hello(Hello { version, client: "test".into() }) }
 }
 
 fn ping(id: u64) -> ClientFrame {
-    ClientFrame {
-        id,
-        body: ClientMessage::Request(Request {
-            timeout_ms: None,
-            op: Op::Ping,
-        }),
-    }
+    ClientFrame { id, body: ClientMessage::Request(Request { timeout_ms: None, op: Op::Ping }) }
 }
 
 /// A raw connection that has shaken hands.
@@ -45,9 +33,7 @@ fn raw_handshaken(agent: &TestAgent) -> UnixStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write_frame(&mut s, &hello(PROTOCOL_VERSION)).unwrap();
     let reply: AgentFrame = read_frame(&mut s).unwrap().unwrap();
-    assert!(
-        matches!(reply.body, AgentMessage::Hello(ref h) if h.version == PROTOCOL_VERSION && !h.pid1)
-    );
+    assert!(matches!(reply.body, AgentMessage::Hello(ref h) if h.version == PROTOCOL_VERSION && !h.pid1));
     s
 }
 
@@ -76,10 +62,7 @@ fn handshake_reports_version_and_capabilities() {
     assert!(!hello.pid1);
     assert!(hello.capabilities.iter().any(|c| c == "exec"));
     assert!(hello.capabilities.iter().any(|c| c == "files"));
-    assert!(
-        !hello.capabilities.iter().any(|c| c == "clock-and-entropy"),
-        "not as a host process"
-    );
+    assert!(!hello.capabilities.iter().any(|c| c == "clock-and-entropy"), "not as a host process");
 }
 
 #[test]
@@ -95,17 +78,12 @@ fn fifty_concurrent_requests_on_one_connection_get_their_own_answers() {
         let mut out = Vec::new();
         let handle = c
             .start(
-                Request {
-                    timeout_ms: Some(30_000),
-                    op: Op::Exec(req),
-                },
+                Request { timeout_ms: Some(30_000), op: Op::Exec(req) },
                 Box::new(move |incoming| match incoming {
                     Incoming::Event(capsule_agent::protocol::Event::Output { data, .. }) => {
                         out.extend_from_slice(&data)
                     }
-                    Incoming::Done(Reply::Exit(s)) => {
-                        drop(tx.send((i, s.code, std::mem::take(&mut out))))
-                    }
+                    Incoming::Done(Reply::Exit(s)) => drop(tx.send((i, s.code, std::mem::take(&mut out)))),
                     other => panic!("request {i}: unexpected {other:?}"),
                 }),
             )
@@ -114,15 +92,9 @@ fn fifty_concurrent_requests_on_one_connection_get_their_own_answers() {
     }
     let mut seen = std::collections::HashSet::new();
     for _ in 0..50 {
-        let (i, code, out) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("all answered");
+        let (i, code, out) = rx.recv_timeout(Duration::from_secs(30)).expect("all answered");
         assert_eq!(code, Some(0));
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            format!("{i}\n"),
-            "request {i} got another's output"
-        );
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{i}\n"), "request {i} got another's output");
         assert!(seen.insert(i));
     }
     ids.sort_unstable();
@@ -138,22 +110,10 @@ fn cancelling_a_long_sleep_fails_it_quickly_and_kills_it() {
     assert!(process_alive(pid));
     let start = Instant::now();
     handle.cancel().unwrap();
-    let incoming = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a final frame");
-    assert!(
-        matches!(incoming, Incoming::Failed(ref e) if e.kind == ErrorKind::Cancelled),
-        "{incoming:?}"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(1),
-        "cancel took {:?}",
-        start.elapsed()
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || !process_alive(pid)),
-        "sleep {pid} survived the cancel"
-    );
+    let incoming = rx.recv_timeout(Duration::from_secs(5)).expect("a final frame");
+    assert!(matches!(incoming, Incoming::Failed(ref e) if e.kind == ErrorKind::Cancelled), "{incoming:?}");
+    assert!(start.elapsed() < Duration::from_secs(1), "cancel took {:?}", start.elapsed());
+    assert!(eventually(Duration::from_secs(5), || !process_alive(pid)), "sleep {pid} survived the cancel");
 }
 
 #[test]
@@ -162,33 +122,15 @@ fn a_dropped_connection_cancels_its_requests_but_not_background_processes() {
     let c = agent.connect();
     let mut bg = ExecRequest::shell("exec sleep 300");
     bg.background = true;
-    let Reply::Started { pid: bg_pid } = c.call_reply(Op::Exec(bg), T).unwrap() else {
-        panic!()
-    };
+    let Reply::Started { pid: bg_pid } = c.call_reply(Op::Exec(bg), T).unwrap() else { panic!() };
     let (_handle, rx, fg_pid) = start_foreground_sleep(&agent, &c, "fg.pid");
     c.close();
     let incoming = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(
-        matches!(incoming, Incoming::Disconnected(_)),
-        "{incoming:?}"
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || !process_alive(fg_pid)),
-        "foreground survived its connection"
-    );
-    assert!(
-        process_alive(bg_pid),
-        "background process died with the connection"
-    );
+    assert!(matches!(incoming, Incoming::Disconnected(_)), "{incoming:?}");
+    assert!(eventually(Duration::from_secs(5), || !process_alive(fg_pid)), "foreground survived its connection");
+    assert!(process_alive(bg_pid), "background process died with the connection");
     let c2 = agent.connect();
-    c2.call_reply(
-        Op::Signal {
-            pid: bg_pid,
-            signal: 9,
-        },
-        T,
-    )
-    .unwrap();
+    c2.call_reply(Op::Signal { pid: bg_pid, signal: 9 }, T).unwrap();
 }
 
 #[test]
@@ -207,8 +149,7 @@ fn malformed_frame_closes_only_that_connection() {
 fn oversized_frame_header_closes_the_connection_before_any_payload() {
     let agent = TestAgent::start();
     let mut s = raw_handshaken(&agent);
-    s.write_all(&((MAX_FRAME_BYTES as u32) + 1).to_le_bytes())
-        .unwrap();
+    s.write_all(&((MAX_FRAME_BYTES as u32) + 1).to_le_bytes()).unwrap();
     assert!(frames_until_closed(&mut s).is_empty());
     // Also before the handshake.
     let mut s = agent.raw();
@@ -226,17 +167,15 @@ fn duplicate_in_flight_id_fails_with_protocol_and_closes() {
     let mut s = raw_handshaken(&agent);
     let slow = ClientFrame {
         id: 7,
-        body: ClientMessage::Request(Request {
-            timeout_ms: None,
-            op: Op::Exec(ExecRequest::shell("sleep 300")),
-        }),
+        body: ClientMessage::Request(Request { timeout_ms: None, op: Op::Exec(ExecRequest::shell("sleep 300")) }),
     };
     write_frame(&mut s, &slow).unwrap();
     write_frame(&mut s, &slow).unwrap();
     let frames = frames_until_closed(&mut s);
     assert!(
-        frames.iter().any(|f| f.id == 7
-            && matches!(f.body, AgentMessage::Failed(ref e) if e.kind == ErrorKind::Protocol)),
+        frames
+            .iter()
+            .any(|f| f.id == 7 && matches!(f.body, AgentMessage::Failed(ref e) if e.kind == ErrorKind::Protocol)),
         "{frames:?}"
     );
     still_serves(&agent);
@@ -293,26 +232,15 @@ fn client_reports_disconnection_to_pending_and_new_requests() {
     let c = agent.connect();
     let (tx, rx) = mpsc::channel();
     c.start(
-        Request {
-            timeout_ms: None,
-            op: Op::Exec(ExecRequest::shell("sleep 300")),
-        },
+        Request { timeout_ms: None, op: Op::Exec(ExecRequest::shell("sleep 300")) },
         Box::new(move |i| drop(tx.send(i))),
     )
     .unwrap();
     drop(std::mem::replace(&mut agent, TestAgent::start())); // kills the first agent
     let incoming = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(
-        matches!(incoming, Incoming::Disconnected(_)),
-        "{incoming:?}"
-    );
-    assert!(eventually(Duration::from_secs(5), || c
-        .closed_reason()
-        .is_some()));
-    assert!(matches!(
-        c.call_reply(Op::Ping, T),
-        Err(ClientError::Disconnected(_))
-    ));
+    assert!(matches!(incoming, Incoming::Disconnected(_)), "{incoming:?}");
+    assert!(eventually(Duration::from_secs(5), || c.closed_reason().is_some()));
+    assert!(matches!(c.call_reply(Op::Ping, T), Err(ClientError::Disconnected(_))));
 }
 
 #[test]
@@ -350,8 +278,5 @@ fn hybrid_vsock_connect_preamble_is_spoken() {
         let _ = s.write_all(b"FAILURE\n");
     });
     let err = AgentClient::connect_hybrid_vsock(&bad_path, 1024).unwrap_err();
-    assert!(
-        matches!(err, ClientError::HybridVsock { port: 1024, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::HybridVsock { port: 1024, .. }), "{err:?}");
 }

@@ -48,8 +48,8 @@ use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
 
 use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
 use crate::image::{
-    create_writable_disk, current_image, ensure_image, BuildOptions, Flavour, ImageError,
-    ImageInfo, StderrProgress, KERNEL_PATCHES_ENV,
+    create_writable_disk, current_image, ensure_image, BuildOptions, Flavour, ImageError, ImageInfo, StderrProgress,
+    KERNEL_PATCHES_ENV,
 };
 
 /// What the agent prints on the serial console once it serves on vsock.
@@ -150,10 +150,9 @@ impl From<KvmError> for EngineError {
         match e {
             KvmError::Host(why) => EngineError::Unavailable(why),
             KvmError::Gone(why) => EngineError::Dead(why),
-            KvmError::Worker {
-                source: WorkerError::WorkerDied { pid, status },
-                ..
-            } => EngineError::Dead(format!("worker {pid} died ({status})")),
+            KvmError::Worker { source: WorkerError::WorkerDied { pid, status }, .. } => {
+                EngineError::Dead(format!("worker {pid} died ({status})"))
+            }
             KvmError::BadSavedState(why) => EngineError::BadSavedState(why),
             other => EngineError::Start(error_chain(&other)),
         }
@@ -215,8 +214,7 @@ impl SandboxFiles {
                 uds.display()
             )));
         }
-        std::fs::create_dir_all(&self.dir)
-            .map_err(io_err(format!("cannot create {}", self.dir.display())))
+        std::fs::create_dir_all(&self.dir).map_err(io_err(format!("cannot create {}", self.dir.display())))
     }
 }
 
@@ -228,19 +226,10 @@ pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: 
     config.vcpus = vcpus;
     config.mem_mib = mem_mib;
     config.disks = vec![
-        DiskConfig {
-            path: image.rootfs.clone(),
-            read_only: true,
-        },
-        DiskConfig {
-            path: files.writable_disk(),
-            read_only: false,
-        },
+        DiskConfig { path: image.rootfs.clone(), read_only: true },
+        DiskConfig { path: files.writable_disk(), read_only: false },
     ];
-    config.vsock = Some(VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: files.vsock_uds(),
-    });
+    config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: files.vsock_uds() });
     config.serial_log = Some(files.serial_log());
     config.rng = true;
     config
@@ -312,18 +301,12 @@ pub fn connect_agent(
 /// Tells the guest the host's wall-clock time (after a fresh boot the RTC-less guest starts at
 /// the epoch; after a restore its clock stands where it was saved).
 pub fn set_guest_clock(client: &AgentClient) -> Result<(), KvmError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
     let unix_time_ns = u64::try_from(now).unwrap_or(u64::MAX);
     client
         .call_reply(Op::SetClock { unix_time_ns }, Some(GUEST_SYNC_TIMEOUT))
         .map(drop)
-        .map_err(|source| KvmError::Agent {
-            what: "SetClock",
-            source,
-        })
+        .map_err(|source| KvmError::Agent { what: "SetClock", source })
 }
 
 /// Tells a restored or forked guest the host's time and mixes in fresh entropy, so its clock
@@ -337,10 +320,7 @@ pub fn sync_restored_guest(client: &AgentClient) -> Result<(), KvmError> {
     client
         .call_reply(Op::AddEntropy { bytes }, Some(GUEST_SYNC_TIMEOUT))
         .map(drop)
-        .map_err(|source| KvmError::Agent {
-            what: "AddEntropy",
-            source,
-        })
+        .map_err(|source| KvmError::Agent { what: "AddEntropy", source })
 }
 
 /// Runs [`TEMPLATE_WARM_CELL`] in the default Python context. A failure only costs speed (the
@@ -398,14 +378,8 @@ pub fn host_refusal(report: &HostReport) -> Option<String> {
     if report.can_run_vms {
         return None;
     }
-    let advice = if report.advice.is_empty() {
-        "KVM is not usable".to_owned()
-    } else {
-        report.advice.join("; ")
-    };
-    Some(format!(
-        "this host cannot run microVMs ({advice}); run `capsule doctor` for details"
-    ))
+    let advice = if report.advice.is_empty() { "KVM is not usable".to_owned() } else { report.advice.join("; ") };
+    Some(format!("this host cannot run microVMs ({advice}); run `capsule doctor` for details"))
 }
 
 /// The KVM engine for `capsule serve`: checks the host (as `capsule doctor` does), finds the
@@ -494,16 +468,9 @@ impl KvmEngine {
                 worker_exe.display()
             )));
         }
-        std::fs::create_dir_all(&root).map_err(|source| EngineError::Io {
-            what: format!("cannot create {}", root.display()),
-            source,
-        })?;
-        let engine = Self {
-            worker_exe,
-            image,
-            root,
-            templates: Mutex::new(()),
-        };
+        std::fs::create_dir_all(&root)
+            .map_err(|source| EngineError::Io { what: format!("cannot create {}", root.display()), source })?;
+        let engine = Self { worker_exe, image, root, templates: Mutex::new(()) };
         engine.remove_stale_templates();
         Ok(engine)
     }
@@ -528,24 +495,12 @@ impl KvmEngine {
     }
 
     /// Boots a fresh guest with its files in `files`, and waits for its agent.
-    fn boot_in(
-        &self,
-        files: SandboxFiles,
-        spec: &MachineSpec,
-        vcpus: u8,
-    ) -> Result<KvmMachine, KvmError> {
+    fn boot_in(&self, files: SandboxFiles, spec: &MachineSpec, vcpus: u8) -> Result<KvmMachine, KvmError> {
         files.create_dir()?;
-        create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib))
-            .map_err(KvmError::Image)?;
+        create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
         let config = boot_config(&self.image, &files, vcpus, u64::from(spec.memory_mib));
         let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
-        let mut machine = KvmMachine::new(
-            self.worker_exe.clone(),
-            files,
-            self.image.rootfs.clone(),
-            Some(worker),
-            0,
-        );
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, self.image.rootfs.clone(), Some(worker), 0);
         machine.start_worker()?;
         let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
         set_guest_clock(&client)?;
@@ -561,27 +516,23 @@ impl KvmEngine {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .take(MAX_TEMPLATE_NAME_CHARS)
             .collect();
-        let key = format!(
-            "{name}-{}-{TEMPLATE_RECIPE}-{}m-{}d-{vcpus}c",
-            self.image.version, spec.memory_mib, spec.disk_mib
-        );
+        let key =
+            format!("{name}-{}-{TEMPLATE_RECIPE}-{}m-{}d-{vcpus}c", self.image.version, spec.memory_mib, spec.disk_mib);
         let files = SandboxFiles::new(self.root.join(TEMPLATES_DIR).join(key));
         let _building = self.templates.lock().unwrap_or_else(|p| p.into_inner());
         if files.snapshot(0).is_dir() {
             return Ok(files);
         }
         let _ = std::fs::remove_dir_all(files.dir());
-        let built = self
-            .boot_in(files.clone(), spec, vcpus)
-            .and_then(|mut machine| {
-                if let Some(client) = &machine.client {
-                    warm_python(client);
-                }
-                // The snapshot appears whole or not at all (the VMM renames it into place).
-                let saved = machine.snapshot_to(&files.snapshot(0));
-                machine.stop_worker();
-                saved
-            });
+        let built = self.boot_in(files.clone(), spec, vcpus).and_then(|mut machine| {
+            if let Some(client) = &machine.client {
+                warm_python(client);
+            }
+            // The snapshot appears whole or not at all (the VMM renames it into place).
+            let saved = machine.snapshot_to(&files.snapshot(0));
+            machine.stop_worker();
+            saved
+        });
         match built {
             Ok(()) => Ok(files),
             Err(e) => {
@@ -592,21 +543,11 @@ impl KvmEngine {
     }
 
     /// A new machine restored from `template`, with its own copy of the template's disk.
-    fn restore_template(
-        &self,
-        spec: &MachineSpec,
-        template: &SandboxFiles,
-    ) -> Result<KvmMachine, KvmError> {
+    fn restore_template(&self, spec: &MachineSpec, template: &SandboxFiles) -> Result<KvmMachine, KvmError> {
         let files = SandboxFiles::new(self.root.join(&spec.id));
         files.create_dir()?;
         copy_disk(&template.writable_disk(), &files.writable_disk())?;
-        let mut machine = KvmMachine::new(
-            self.worker_exe.clone(),
-            files,
-            self.image.rootfs.clone(),
-            None,
-            0,
-        );
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, self.image.rootfs.clone(), None, 0);
         machine.restore_from(&template.snapshot(0))?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
@@ -662,8 +603,8 @@ impl Engine for KvmEngine {
         saved: &serde_json::Value,
         paused: bool,
     ) -> Result<Box<dyn Machine>, EngineError> {
-        let saved: SavedState = serde_json::from_value(saved.clone())
-            .map_err(|e| EngineError::BadSavedState(format!("{e}: {saved}")))?;
+        let saved: SavedState =
+            serde_json::from_value(saved.clone()).map_err(|e| EngineError::BadSavedState(format!("{e}: {saved}")))?;
         let files = SandboxFiles::new(&saved.dir);
         if !paused {
             return Err(EngineError::Dead(format!(
@@ -684,13 +625,7 @@ impl Engine for KvmEngine {
                 files.snapshot(generation).display()
             )));
         }
-        let mut machine = KvmMachine::new(
-            self.worker_exe.clone(),
-            files,
-            saved.rootfs,
-            None,
-            generation,
-        );
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, saved.rootfs, None, generation);
         machine.on_disk = Some(generation);
         machine.own_chain_layers = saved.chain_layers;
         Ok(Box::new(machine))
@@ -779,9 +714,7 @@ impl KvmMachine {
         if let Some(why) = &self.death {
             return Err(KvmError::Gone(why.clone()));
         }
-        self.worker
-            .as_ref()
-            .ok_or_else(|| KvmError::Gone("the VM is paused to disk and has no worker".into()))
+        self.worker.as_ref().ok_or_else(|| KvmError::Gone("the VM is paused to disk and has no worker".into()))
     }
 
     /// Records an end of the VM reported by its worker.
@@ -796,8 +729,7 @@ impl KvmMachine {
                     ));
                 }
                 Ok(WorkerEvent::Died { pid, status }) => {
-                    self.death
-                        .get_or_insert_with(|| format!("the VM worker {pid} died ({status})"));
+                    self.death.get_or_insert_with(|| format!("the VM worker {pid} died ({status})"));
                 }
                 Ok(WorkerEvent::Exited { .. }) => {}
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -830,10 +762,9 @@ impl KvmMachine {
                     Ok(()) => self.restored = false,
                     // The VMM resets the guest's vsock transport on restore; the guest may act on
                     // that after this connection was made, and drop it. Connect again.
-                    Err(KvmError::Agent {
-                        source: ClientError::Disconnected(_),
-                        ..
-                    }) if started.elapsed() < timeout => {
+                    Err(KvmError::Agent { source: ClientError::Disconnected(_), .. })
+                        if started.elapsed() < timeout =>
+                    {
                         tracing::debug!(
                             dir = %self.files.dir().display(),
                             "the restored guest dropped the new agent connection; reconnecting"
@@ -863,9 +794,7 @@ impl KvmMachine {
         self.own_chain_layers = None;
         let worker = self.live_worker()?;
         worker.pause().map_err(worker_err("pause the VM"))?;
-        worker
-            .snapshot(dir, false)
-            .map_err(worker_err("write a snapshot"))?;
+        worker.snapshot(dir, false).map_err(worker_err("write a snapshot"))?;
         Ok(())
     }
 
@@ -874,9 +803,7 @@ impl KvmMachine {
     /// (also when the layer fails). Returns the new chain's layer count.
     fn snapshot_own(&mut self, dir: &Path) -> Result<usize, KvmError> {
         self.drop_client();
-        let layers = self
-            .own_chain_layers
-            .filter(|layers| *layers < MAX_INCREMENTAL_LAYERS);
+        let layers = self.own_chain_layers.filter(|layers| *layers < MAX_INCREMENTAL_LAYERS);
         self.own_chain_layers = None;
         let worker = self.live_worker()?;
         worker.pause().map_err(worker_err("pause the VM"))?;
@@ -900,9 +827,7 @@ impl KvmMachine {
             }
         }
         let _ = std::fs::remove_dir_all(dir);
-        let info = worker
-            .snapshot(dir, false)
-            .map_err(worker_err("write a snapshot"))?;
+        let info = worker.snapshot(dir, false).map_err(worker_err("write a snapshot"))?;
         tracing::debug!(
             dir = %dir.display(),
             pages = info.pages_written,
@@ -919,8 +844,8 @@ impl KvmMachine {
             serial_log: Some(self.files.serial_log()),
             disks: vec![self.rootfs.clone(), self.files.writable_disk()],
         };
-        let worker = WorkerHandle::restore(&self.worker_exe, dir, overrides)
-            .map_err(worker_err("restore the snapshot"))?;
+        let worker =
+            WorkerHandle::restore(&self.worker_exe, dir, overrides).map_err(worker_err("restore the snapshot"))?;
         self.events = worker.take_events();
         self.worker = Some(worker);
         self.death = None;
@@ -944,10 +869,7 @@ impl KvmMachine {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let is_snapshot = entry
-                .file_name()
-                .to_str()
-                .is_some_and(|name| name.starts_with("snapshot-"));
+            let is_snapshot = entry.file_name().to_str().is_some_and(|name| name.starts_with("snapshot-"));
             if is_snapshot && path != keep {
                 let _ = std::fs::remove_dir_all(path);
             }
@@ -981,21 +903,12 @@ impl KvmMachine {
 
     fn fork_into(&mut self, child: &MachineSpec) -> Result<KvmMachine, KvmError> {
         check_vcpus(child.vcpus)?;
-        let root = self
-            .files
-            .dir()
-            .parent()
-            .ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
+        let root =
+            self.files.dir().parent().ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
         let files = SandboxFiles::new(root.join(&child.id));
         files.create_dir()?;
         let snapshot = files.snapshot(0);
-        let mut machine = KvmMachine::new(
-            self.worker_exe.clone(),
-            files.clone(),
-            self.rootfs.clone(),
-            None,
-            0,
-        );
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), files.clone(), self.rootfs.clone(), None, 0);
         match self.on_disk {
             Some(generation) => {
                 // Paused to disk: the child starts from the same snapshot (and the chain below
@@ -1035,9 +948,7 @@ impl KvmMachine {
 impl Machine for KvmMachine {
     fn connect(&mut self) -> Result<AgentClient, EngineError> {
         if self.on_disk.is_some() {
-            return Err(EngineError::Start(
-                "the sandbox is paused to disk; resume it before connecting".into(),
-            ));
+            return Err(EngineError::Start("the sandbox is paused to disk; resume it before connecting".into()));
         }
         Ok(self.connect_within(AGENT_RESTORED_TIMEOUT)?)
     }
@@ -1082,10 +993,9 @@ impl Machine for KvmMachine {
         match std::fs::remove_dir_all(self.files.dir()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(EngineError::Io {
-                what: format!("cannot delete {}", self.files.dir().display()),
-                source,
-            }),
+            Err(source) => {
+                Err(EngineError::Io { what: format!("cannot delete {}", self.files.dir().display()), source })
+            }
         }
     }
 
@@ -1154,10 +1064,7 @@ mod tests {
             return;
         }
         let err = check_vcpus(2).unwrap_err().to_string();
-        assert!(
-            err.contains("PVM") && err.contains("at most 1 vCPU"),
-            "{err}"
-        );
+        assert!(err.contains("PVM") && err.contains("at most 1 vCPU"), "{err}");
         assert_eq!(check_vcpus(1).unwrap(), 1);
     }
 

@@ -51,10 +51,8 @@ pub fn locate_agent_binary() -> Result<PathBuf, EngineError> {
             path.display()
         )));
     }
-    let exe = std::env::current_exe().map_err(|source| EngineError::Io {
-        what: "cannot find the running executable".into(),
-        source,
-    })?;
+    let exe = std::env::current_exe()
+        .map_err(|source| EngineError::Io { what: "cannot find the running executable".into(), source })?;
     let mut dir = exe.parent();
     for _ in 0..2 {
         if let Some(d) = dir {
@@ -82,14 +80,16 @@ pub struct TestEngine {
 impl TestEngine {
     /// An engine whose sandboxes live under `root` (one directory each).
     pub fn new(agent_bin: PathBuf, root: PathBuf) -> Result<TestEngine, EngineError> {
-        std::fs::create_dir_all(&root).map_err(|source| EngineError::Io {
-            what: format!("cannot create {}", root.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&root)
+            .map_err(|source| EngineError::Io { what: format!("cannot create {}", root.display()), source })?;
         Ok(TestEngine { agent_bin, root })
     }
 
-    fn spawn_agent(&self, dir: &Path, env: &std::collections::BTreeMap<String, String>) -> Result<AgentProcess, EngineError> {
+    fn spawn_agent(
+        &self,
+        dir: &Path,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<AgentProcess, EngineError> {
         let socket = dir.join("agent.sock");
         if socket.as_os_str().len() > MAX_UNIX_SOCKET_PATH_BYTES {
             return Err(EngineError::Start(format!(
@@ -109,7 +109,8 @@ impl TestEngine {
             .append(true)
             .open(dir.join("agent.log"))
             .map_err(|source| EngineError::Io { what: "cannot open the agent log".into(), source })?;
-        let log2 = log.try_clone().map_err(|source| EngineError::Io { what: "cannot dup the agent log".into(), source })?;
+        let log2 =
+            log.try_clone().map_err(|source| EngineError::Io { what: "cannot dup the agent log".into(), source })?;
         let mut cmd = Command::new(&self.agent_bin);
         cmd.arg("--listen-unix")
             .arg(&socket)
@@ -136,10 +137,9 @@ impl TestEngine {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| EngineError::Io {
-            what: format!("cannot start {}", self.agent_bin.display()),
-            source,
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| EngineError::Io { what: format!("cannot start {}", self.agent_bin.display()), source })?;
         let pid = child.id();
         let exited = Arc::new(AtomicBool::new(false));
         let flag = exited.clone();
@@ -198,7 +198,8 @@ impl Engine for TestEngine {
             .and_then(serde_json::Value::as_str)
             .map(PathBuf::from)
             .ok_or_else(|| EngineError::BadSavedState(format!("no dir in {saved}")))?;
-        let mut machine = AgentProcess { pid, dir, agent_bin: self.agent_bin.clone(), client: None, paused, exited: None };
+        let mut machine =
+            AgentProcess { pid, dir, agent_bin: self.agent_bin.clone(), client: None, paused, exited: None };
         machine.check_alive().map_err(EngineError::Dead)?;
         Ok(Box::new(machine))
     }
@@ -340,10 +341,8 @@ impl Machine for AgentProcess {
     fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
         let root = self.dir.parent().ok_or_else(|| EngineError::Start("sandbox dir has no parent".into()))?;
         let dir = root.join(&child.id);
-        std::fs::create_dir_all(&dir).map_err(|source| EngineError::Io {
-            what: format!("cannot create {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| EngineError::Io { what: format!("cannot create {}", dir.display()), source })?;
         let status = Command::new("cp")
             .arg("-a")
             .arg(self.dir.join("work"))

@@ -72,14 +72,8 @@ pub struct AgentBinary {
 /// Finds the agent: `explicit` (from `--agent`), else `$CAPSULE_AGENT_BIN`, else a
 /// static `capsule-agent` next to the running executable, else a fresh build from
 /// the source checkout this binary was compiled from.
-pub fn locate(
-    explicit: Option<&Path>,
-    cache: &Cache,
-    progress: &dyn Progress,
-) -> Result<AgentBinary, AgentError> {
-    let from_env = std::env::var_os(AGENT_BIN_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
+pub fn locate(explicit: Option<&Path>, cache: &Cache, progress: &dyn Progress) -> Result<AgentBinary, AgentError> {
+    let from_env = std::env::var_os(AGENT_BIN_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
     let given = match (explicit, from_env) {
         (Some(path), _) => Some((path.to_path_buf(), "--agent")),
         (None, Some(path)) => Some((path, AGENT_BIN_ENV)),
@@ -109,36 +103,18 @@ pub fn locate(
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
         .current_dir(&workspace)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            AGENT_TARGET,
-            "-p",
-            "capsule-agent",
-        ])
+        .args(["build", "--release", "--target", AGENT_TARGET, "-p", "capsule-agent"])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env("CARGO_TARGET_DIR", &target_dir);
-    run_logged(progress, "agent", &mut cargo, &cache.log("agent-build"))
-        .map_err(AgentError::Build)?;
-    verified(
-        target_dir
-            .join(AGENT_TARGET)
-            .join("release")
-            .join(AGENT_FILE_NAME),
-    )
+    run_logged(progress, "agent", &mut cargo, &cache.log("agent-build")).map_err(AgentError::Build)?;
+    verified(target_dir.join(AGENT_TARGET).join("release").join(AGENT_FILE_NAME))
 }
 
 /// The workspace root of the source checkout this binary was built from, if it still exists.
 fn source_workspace() -> Option<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    workspace
-        .join("rootfs/agent/Cargo.toml")
-        .is_file()
-        .then_some(workspace)
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    workspace.join("rootfs/agent/Cargo.toml").is_file().then_some(workspace)
 }
 
 fn verified(path: PathBuf) -> Result<AgentBinary, AgentError> {
@@ -154,12 +130,7 @@ pub fn check_static(path: &Path) -> Result<(), AgentError> {
         path: path.to_path_buf(),
         source,
     })?;
-    static_elf_problem(&bytes).map_or(Ok(()), |reason| {
-        Err(AgentError::NotStatic {
-            path: path.to_path_buf(),
-            reason,
-        })
-    })
+    static_elf_problem(&bytes).map_or(Ok(()), |reason| Err(AgentError::NotStatic { path: path.to_path_buf(), reason }))
 }
 
 /// What keeps `bytes` from being a static x86-64 ELF executable, if anything.
@@ -184,13 +155,9 @@ fn static_elf_problem(bytes: &[u8]) -> Option<String> {
         return Some("no program headers (not an executable)".to_owned());
     }
     if phentsize < ELF64_PHDR_BYTES {
-        return Some(format!(
-            "program header size {phentsize} is below {ELF64_PHDR_BYTES}"
-        ));
+        return Some(format!("program header size {phentsize} is below {ELF64_PHDR_BYTES}"));
     }
-    let table_end = usize::try_from(phoff)
-        .ok()
-        .and_then(|start| phentsize.checked_mul(phnum)?.checked_add(start));
+    let table_end = usize::try_from(phoff).ok().and_then(|start| phentsize.checked_mul(phnum)?.checked_add(start));
     let Some(table_end) = table_end.filter(|end| *end <= bytes.len()) else {
         return Some("program header table lies outside the file".to_owned());
     };
@@ -226,10 +193,7 @@ mod tests {
     #[test]
     fn static_elf_passes_and_dynamic_elf_is_named() {
         const PT_LOAD: u32 = 1;
-        assert_eq!(
-            static_elf_problem(&elf_with_program_headers(&[PT_LOAD])),
-            None
-        );
+        assert_eq!(static_elf_problem(&elf_with_program_headers(&[PT_LOAD])), None);
         let problem = static_elf_problem(&elf_with_program_headers(&[PT_LOAD, PT_INTERP]));
         assert!(problem.unwrap().contains("PT_INTERP"));
     }
@@ -239,10 +203,7 @@ mod tests {
         assert!(static_elf_problem(b"#!/bin/sh\n").is_some());
         let mut elf = elf_with_program_headers(&[1, 1]);
         elf.truncate(ELF64_EHDR_BYTES + 10);
-        assert_eq!(
-            static_elf_problem(&elf).as_deref(),
-            Some("program header table lies outside the file")
-        );
+        assert_eq!(static_elf_problem(&elf).as_deref(), Some("program header table lies outside the file"));
         let mut huge = elf_with_program_headers(&[1]);
         huge[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(static_elf_problem(&huge).is_some());

@@ -139,10 +139,7 @@ impl Cache {
 
     /// A fresh, empty work path under `tmp/` (removed first if a crashed build left it).
     pub fn fresh_tmp(&self, name: &str) -> Result<PathBuf, CacheError> {
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{name}-{}", std::process::id()));
+        let path = self.root.join("tmp").join(format!("{name}-{}", std::process::id()));
         remove_any(&path)?;
         Ok(path)
     }
@@ -157,10 +154,7 @@ impl Cache {
             .open(&path)
             .map_err(io_error("cannot open lock file", &path))?;
         if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
-            progress.line(&format!(
-                "waiting for another `capsule image build` to finish (lock {})",
-                path.display()
-            ));
+            progress.line(&format!("waiting for another `capsule image build` to finish (lock {})", path.display()));
             flock(&file, libc::LOCK_EX).map_err(io_error("cannot lock", &path))?;
         }
         Ok(CacheLock { _file: file })
@@ -204,18 +198,12 @@ impl Cache {
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|ext| ext == "ext4") && p != current)
             .map(|p| {
-                let modified = std::fs::metadata(&p)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
+                let modified = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
                 (modified, p)
             })
             .collect();
         images.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
-        let doomed: Vec<PathBuf> = images
-            .into_iter()
-            .skip(keep.saturating_sub(1))
-            .map(|(_, p)| p)
-            .collect();
+        let doomed: Vec<PathBuf> = images.into_iter().skip(keep.saturating_sub(1)).map(|(_, p)| p).collect();
         for path in &doomed {
             remove_any(path)?;
         }
@@ -233,10 +221,7 @@ pub fn remove_any(path: &Path) -> Result<(), CacheError> {
         Ok(meta) if meta.is_dir() => {
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
             if let Some(mount) = mount_inside(&mountinfo, path) {
-                return Err(CacheError::MountedInside {
-                    path: path.to_path_buf(),
-                    mount,
-                });
+                return Err(CacheError::MountedInside { path: path.to_path_buf(), mount });
             }
             std::fs::remove_dir_all(path)
         }
@@ -260,9 +245,8 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -288,18 +272,14 @@ pub fn publish(from: &Path, to: &Path) -> Result<(), CacheError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut file = File::create(&tmp).map_err(io_error("cannot create", &tmp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error("cannot write", &tmp))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_error("cannot write", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_error("cannot move into place", path))
 }
 
 /// Writes a serde value as pretty JSON, atomically.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), CacheError> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| CacheError::Manifest {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut bytes =
+        serde_json::to_vec_pretty(value).map_err(|source| CacheError::Manifest { path: path.to_path_buf(), source })?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
@@ -311,12 +291,7 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error("cannot read", path)(e)),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| CacheError::Manifest {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_slice(&bytes).map(Some).map_err(|source| CacheError::Manifest { path: path.to_path_buf(), source })
 }
 
 /// Accumulates the inputs of one artifact into its content key.
@@ -390,10 +365,7 @@ mod tests {
         write_json(&path, &vec![1u32, 2]).unwrap();
         assert_eq!(read_json::<Vec<u32>>(&path).unwrap(), Some(vec![1, 2]));
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(
-            read_json::<Vec<u32>>(&path),
-            Err(CacheError::Manifest { .. })
-        ));
+        assert!(matches!(read_json::<Vec<u32>>(&path), Err(CacheError::Manifest { .. })));
     }
 
     #[test]
@@ -407,8 +379,7 @@ mod tests {
         for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
             let path = cache.rootfs_image(name);
             let file = File::create(&path).unwrap();
-            file.set_modified(now - std::time::Duration::from_secs(100 * (i as u64 + 1)))
-                .unwrap();
+            file.set_modified(now - std::time::Duration::from_secs(100 * (i as u64 + 1))).unwrap();
             paths.push(path);
         }
         // "d" is the oldest but current; "a" is the newest other one.
@@ -417,10 +388,7 @@ mod tests {
         assert!(paths[0].exists() && paths[3].exists());
         std::fs::create_dir_all(dir.path().join("tmp/kernel-x-1/deep")).unwrap();
         cache.clear_tmp(&lock).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]
@@ -428,21 +396,12 @@ mod tests {
         let mountinfo = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
                          40 22 0:5 / /c/tmp/base-1/root/proc rw - proc proc rw\n\
                          41 22 0:6 / /c/with\\040space rw - tmpfs t rw\n";
-        assert_eq!(
-            mount_inside(mountinfo, Path::new("/c/tmp/base-1")),
-            Some(PathBuf::from("/c/tmp/base-1/root/proc"))
-        );
+        assert_eq!(mount_inside(mountinfo, Path::new("/c/tmp/base-1")), Some(PathBuf::from("/c/tmp/base-1/root/proc")));
         assert_eq!(mount_inside(mountinfo, Path::new("/c/tmp/base-10")), None);
-        assert_eq!(
-            mount_inside(mountinfo, Path::new("/c/with space")),
-            Some(PathBuf::from("/c/with space"))
-        );
+        assert_eq!(mount_inside(mountinfo, Path::new("/c/with space")), Some(PathBuf::from("/c/with space")));
         // The real mount table parses: `/proc` is a mount point in it.
         let real = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert_eq!(
-            mount_inside(&real, Path::new("/proc")),
-            Some(PathBuf::from("/proc"))
-        );
+        assert_eq!(mount_inside(&real, Path::new("/proc")), Some(PathBuf::from("/proc")));
     }
 
     #[test]

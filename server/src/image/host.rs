@@ -71,22 +71,18 @@ pub fn debian_mirror(suite: &str) -> String {
     if let Some(mirror) = std::env::var(MIRROR_ENV).ok().filter(|m| !m.is_empty()) {
         return mirror;
     }
-    configured_mirror(Path::new("/etc/apt"), suite)
-        .unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_owned())
+    configured_mirror(Path::new("/etc/apt"), suite).unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_owned())
 }
 
 /// Searches `sources.list` and `sources.list.d/*.{list,sources}` under `apt_dir`.
 fn configured_mirror(apt_dir: &Path, suite: &str) -> Option<String> {
-    if let Some(found) = std::fs::read_to_string(apt_dir.join("sources.list"))
-        .ok()
-        .and_then(|text| mirror_from_one_line(&text, suite))
+    if let Some(found) =
+        std::fs::read_to_string(apt_dir.join("sources.list")).ok().and_then(|text| mirror_from_one_line(&text, suite))
     {
         return Some(found);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(apt_dir.join("sources.list.d"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(apt_dir.join("sources.list.d")).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     files.sort();
     files.iter().find_map(|path| {
         let text = std::fs::read_to_string(path).ok()?;
@@ -129,9 +125,7 @@ fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
         let field = |name: &str| {
             lines.iter().find_map(|l| {
                 let (key, value) = l.split_once(':')?;
-                key.trim()
-                    .eq_ignore_ascii_case(name)
-                    .then(|| value.trim().to_owned())
+                key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
             })
         };
         if field("Enabled").is_some_and(|v| v.eq_ignore_ascii_case("no")) {
@@ -139,9 +133,7 @@ fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
         }
         let types = field("Types")?;
         let suites = field("Suites")?;
-        if !types.split_whitespace().any(|t| t == "deb")
-            || !suites.split_whitespace().any(|s| s == suite)
-        {
+        if !types.split_whitespace().any(|t| t == "deb") || !suites.split_whitespace().any(|s| s == suite) {
             return None;
         }
         let uri = field("URIs")?.split_whitespace().next()?.to_owned();
@@ -151,18 +143,13 @@ fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
 
 /// Finds `tool` on `$PATH` or in the sbin directories, or says which package provides it.
 pub fn require_tool(tool: &str, package: &'static str) -> Result<PathBuf, HostError> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
     path_dirs
         .into_iter()
         .chain(EXTRA_TOOL_DIRS.iter().map(PathBuf::from))
         .map(|dir| dir.join(tool))
         .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| HostError::MissingTool {
-            tool: tool.to_owned(),
-            package,
-        })
+        .ok_or_else(|| HostError::MissingTool { tool: tool.to_owned(), package })
 }
 
 /// Requires that a file (a header, a source tarball) exists.
@@ -170,10 +157,7 @@ pub fn require_file(path: &Path, package: &'static str) -> Result<(), HostError>
     if path.exists() {
         Ok(())
     } else {
-        Err(HostError::MissingTool {
-            tool: path.display().to_string(),
-            package,
-        })
+        Err(HostError::MissingTool { tool: path.display().to_string(), package })
     }
 }
 
@@ -214,10 +198,7 @@ mod tests {
         let text = "# comment\ndeb-src http://src.example/debian bookworm main\n\
                     deb http://sec.example/debian-security bookworm-security main\n\
                     deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian/ bookworm main\n";
-        assert_eq!(
-            mirror_from_one_line(text, "bookworm").as_deref(),
-            Some("http://mirror.example/debian")
-        );
+        assert_eq!(mirror_from_one_line(text, "bookworm").as_deref(), Some("http://mirror.example/debian"));
         assert_eq!(mirror_from_one_line(text, "trixie"), None);
     }
 
@@ -226,10 +207,7 @@ mod tests {
         let text = "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n\
                     Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\n\n\
                     Types: deb\n# a comment\nURIs: http://deb.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n";
-        assert_eq!(
-            mirror_from_deb822(text, "bookworm").as_deref(),
-            Some("http://deb.example/debian")
-        );
+        assert_eq!(mirror_from_deb822(text, "bookworm").as_deref(), Some("http://deb.example/debian"));
     }
 
     #[test]
@@ -246,10 +224,7 @@ mod tests {
             "Types: deb\nURIs: http://deb.example/debian\nSuites: bookworm\n",
         )
         .unwrap();
-        assert_eq!(
-            configured_mirror(dir.path(), "bookworm").as_deref(),
-            Some("http://deb.example/debian")
-        );
+        assert_eq!(configured_mirror(dir.path(), "bookworm").as_deref(), Some("http://deb.example/debian"));
     }
 
     #[test]

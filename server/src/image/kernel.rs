@@ -12,9 +12,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::cache::{
-    io_error, publish, read_json, remove_any, write_json, Cache, CacheError, KeyHasher,
-};
+use super::cache::{io_error, publish, read_json, remove_any, write_json, Cache, CacheError, KeyHasher};
 use super::host::{build_jobs, require_file, require_tool, HostError};
 use super::progress::{format_duration, run_logged, CommandError, Progress};
 use super::Flavour;
@@ -23,15 +21,10 @@ use super::Flavour;
 pub const LINUX_SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 const LINUX_SOURCE_PACKAGE: &str = "linux-source-6.12";
 /// The fragment both flavours use.
-const BASE_FRAGMENT: Fragment = Fragment {
-    name: "capsule.config",
-    text: include_str!("../../../rootfs/kernel/capsule.config"),
-};
+const BASE_FRAGMENT: Fragment =
+    Fragment { name: "capsule.config", text: include_str!("../../../rootfs/kernel/capsule.config") };
 /// Added for the pvm flavour.
-const PVM_FRAGMENT: Fragment = Fragment {
-    name: "pvm.config",
-    text: include_str!("../../../rootfs/kernel/pvm.config"),
-};
+const PVM_FRAGMENT: Fragment = Fragment { name: "pvm.config", text: include_str!("../../../rootfs/kernel/pvm.config") };
 /// Bumped when the build recipe changes in a way the other inputs do not show.
 const KERNEL_RECIPE_VERSION: &str = "capsule-kernel-1";
 const MAKE_ARCH: &str = "ARCH=x86_64";
@@ -140,22 +133,14 @@ fn fragments(flavour: Flavour) -> Vec<Fragment> {
 }
 
 /// Returns the cached kernel for `spec`, building it first if needed.
-pub fn ensure(
-    cache: &Cache,
-    spec: &KernelSpec,
-    progress: &dyn Progress,
-) -> Result<KernelArtifact, KernelError> {
+pub fn ensure(cache: &Cache, spec: &KernelSpec, progress: &dyn Progress) -> Result<KernelArtifact, KernelError> {
     let key = kernel_key(spec)?;
     let dir = cache.kernel_dir(&key);
     let vmlinux = dir.join("vmlinux");
     if let Some(manifest) = read_json::<KernelManifest>(&dir.join("kernel.json"))? {
         if vmlinux.is_file() {
             progress.line(&format!("kernel ({}): cached {key}", spec.flavour));
-            return Ok(KernelArtifact {
-                vmlinux,
-                build_s: manifest.build_s,
-                key,
-            });
+            return Ok(KernelArtifact { vmlinux, build_s: manifest.build_s, key });
         }
     }
     build(cache, spec, &key, progress)
@@ -165,11 +150,8 @@ fn kernel_key(spec: &KernelSpec) -> Result<String, KernelError> {
     let tarball = Path::new(LINUX_SOURCE_TARBALL);
     require_file(tarball, LINUX_SOURCE_PACKAGE)?;
     let meta = std::fs::metadata(tarball).map_err(io_error("cannot stat", tarball))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let mut key = KeyHasher::new(KERNEL_RECIPE_VERSION);
     key.field(LINUX_SOURCE_TARBALL.as_bytes())
         .field(&meta.len().to_le_bytes())
@@ -179,21 +161,14 @@ fn kernel_key(spec: &KernelSpec) -> Result<String, KernelError> {
         key.field(fragment.text.as_bytes());
     }
     for patch in &spec.patches {
-        let bytes = std::fs::read(patch).map_err(|source| KernelError::PatchUnreadable {
-            path: patch.clone(),
-            source,
-        })?;
+        let bytes =
+            std::fs::read(patch).map_err(|source| KernelError::PatchUnreadable { path: patch.clone(), source })?;
         key.field(&bytes);
     }
     Ok(key.finish())
 }
 
-fn build(
-    cache: &Cache,
-    spec: &KernelSpec,
-    key: &str,
-    progress: &dyn Progress,
-) -> Result<KernelArtifact, KernelError> {
+fn build(cache: &Cache, spec: &KernelSpec, key: &str, progress: &dyn Progress) -> Result<KernelArtifact, KernelError> {
     for (tool, package) in [
         ("make", "make"),
         ("gcc", "gcc"),
@@ -231,22 +206,11 @@ fn build_in(
     let flavour = spec.flavour;
     let log = cache.log(&format!("kernel-{flavour}-{key}"));
     remove_any(&log)?;
-    let step = |label: &str, command: &mut Command| {
-        run_logged(progress, label, command, &log).map_err(KernelError::Step)
-    };
+    let step =
+        |label: &str, command: &mut Command| run_logged(progress, label, command, &log).map_err(KernelError::Step);
 
-    progress.line(&format!(
-        "kernel ({flavour}): unpacking {LINUX_SOURCE_TARBALL} (log: {})",
-        log.display()
-    ));
-    step(
-        "kernel: unpack",
-        Command::new("tar")
-            .arg("-xf")
-            .arg(LINUX_SOURCE_TARBALL)
-            .arg("-C")
-            .arg(work),
-    )?;
+    progress.line(&format!("kernel ({flavour}): unpacking {LINUX_SOURCE_TARBALL} (log: {})", log.display()));
+    step("kernel: unpack", Command::new("tar").arg("-xf").arg(LINUX_SOURCE_TARBALL).arg("-C").arg(work))?;
     let src = source_dir(work)?;
 
     for patch in &spec.patches {
@@ -255,10 +219,7 @@ fn build_in(
         run_logged(
             progress,
             "kernel: patch",
-            Command::new("patch")
-                .current_dir(&src)
-                .args(["-p1", "--forward", "--batch", "-i"])
-                .arg(&absolute),
+            Command::new("patch").current_dir(&src).args(["-p1", "--forward", "--batch", "-i"]).arg(&absolute),
             &log,
         )
         .map_err(|source| KernelError::PatchFailed {
@@ -268,9 +229,7 @@ fn build_in(
         })?;
     }
 
-    progress.line(&format!(
-        "kernel ({flavour}): tinyconfig + rootfs/kernel fragments"
-    ));
+    progress.line(&format!("kernel ({flavour}): tinyconfig + rootfs/kernel fragments"));
     let make = || {
         let mut make = Command::new("make");
         make.current_dir(&src)
@@ -282,9 +241,7 @@ fn build_in(
     };
     step("kernel: tinyconfig", make().arg("tinyconfig"))?;
     let mut merge = Command::new("bash");
-    merge
-        .current_dir(&src)
-        .args(["scripts/kconfig/merge_config.sh", "-m", ".config"]);
+    merge.current_dir(&src).args(["scripts/kconfig/merge_config.sh", "-m", ".config"]);
     for fragment in fragments(flavour) {
         let path = work.join(fragment.name);
         std::fs::write(&path, fragment.text).map_err(io_error("cannot write", &path))?;
@@ -293,8 +250,7 @@ fn build_in(
     step("kernel: merge fragments", &mut merge)?;
     step("kernel: olddefconfig", make().arg("olddefconfig"))?;
     let config_path = src.join(".config");
-    let config =
-        std::fs::read_to_string(&config_path).map_err(io_error("cannot read", &config_path))?;
+    let config = std::fs::read_to_string(&config_path).map_err(io_error("cannot read", &config_path))?;
     let missing = missing_options(&config, &fragments(flavour));
     if !missing.is_empty() {
         return Err(KernelError::MissingOptions {
@@ -309,45 +265,27 @@ fn build_in(
     }
 
     let jobs = build_jobs();
-    progress.line(&format!(
-        "kernel ({flavour}): make -j{jobs} vmlinux (several minutes; progress every 15 s)"
-    ));
-    let took = step(
-        "kernel: make vmlinux",
-        make().arg(format!("-j{jobs}")).arg("vmlinux"),
-    )?;
+    progress.line(&format!("kernel ({flavour}): make -j{jobs} vmlinux (several minutes; progress every 15 s)"));
+    let took = step("kernel: make vmlinux", make().arg(format!("-j{jobs}")).arg("vmlinux"))?;
     let built = src.join("vmlinux");
     let head = std::fs::read(&built).map_err(io_error("cannot read", &built))?;
     if !head.starts_with(b"\x7fELF") {
         return Err(KernelError::NotElf { path: built });
     }
-    progress.line(&format!(
-        "kernel ({flavour}): vmlinux built in {}",
-        format_duration(took)
-    ));
+    progress.line(&format!("kernel ({flavour}): vmlinux built in {}", format_duration(took)));
 
     let out = cache.fresh_tmp(&format!("kernel-out-{key}"))?;
     std::fs::create_dir_all(&out).map_err(io_error("cannot create", &out))?;
     std::fs::rename(&built, out.join("vmlinux")).map_err(io_error("cannot move", &built))?;
-    std::fs::copy(&config_path, out.join("config"))
-        .map_err(io_error("cannot copy", &config_path))?;
+    std::fs::copy(&config_path, out.join("config")).map_err(io_error("cannot copy", &config_path))?;
     let build_s = took.as_secs_f64();
     write_json(
         &out.join("kernel.json"),
-        &KernelManifest {
-            flavour,
-            build_s,
-            source: LINUX_SOURCE_TARBALL.to_owned(),
-            patches: spec.patches.clone(),
-        },
+        &KernelManifest { flavour, build_s, source: LINUX_SOURCE_TARBALL.to_owned(), patches: spec.patches.clone() },
     )?;
     let dir = cache.kernel_dir(key);
     publish(&out, &dir)?;
-    Ok(KernelArtifact {
-        vmlinux: dir.join("vmlinux"),
-        build_s,
-        key: key.to_owned(),
-    })
+    Ok(KernelArtifact { vmlinux: dir.join("vmlinux"), build_s, key: key.to_owned() })
 }
 
 fn source_dir(work: &Path) -> Result<PathBuf, KernelError> {
@@ -355,24 +293,15 @@ fn source_dir(work: &Path) -> Result<PathBuf, KernelError> {
         .map_err(io_error("cannot list", work))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("linux-source"))
-        })
-        .ok_or_else(|| KernelError::NoSourceDir {
-            tarball: LINUX_SOURCE_TARBALL,
-            work: work.to_path_buf(),
-        })
+        .find(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("linux-source")))
+        .ok_or_else(|| KernelError::NoSourceDir { tarball: LINUX_SOURCE_TARBALL, work: work.to_path_buf() })
 }
 
 /// The option lines the fragments require, in order, without duplicates.
 fn required_options(fragments: &[Fragment]) -> Vec<&'static str> {
     let mut lines: Vec<&'static str> = Vec::new();
     for line in fragments.iter().flat_map(|f| f.text.lines()).map(str::trim) {
-        let is_option = line.starts_with("CONFIG_")
-            || (line.starts_with("# CONFIG_") && line.ends_with(" is not set"));
+        let is_option = line.starts_with("CONFIG_") || (line.starts_with("# CONFIG_") && line.ends_with(" is not set"));
         if is_option && !lines.contains(&line) {
             lines.push(line);
         }
@@ -435,11 +364,7 @@ mod tests {
             assert!(required.contains(&option), "{option} not required");
         }
         let pvm = required_options(&fragments(Flavour::Pvm));
-        for option in [
-            "CONFIG_PVM_GUEST=y",
-            "CONFIG_HYPERVISOR_GUEST=y",
-            "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION=y",
-        ] {
+        for option in ["CONFIG_PVM_GUEST=y", "CONFIG_HYPERVISOR_GUEST=y", "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION=y"] {
             assert!(pvm.contains(&option), "{option} not required for pvm");
             assert!(
                 option == "CONFIG_HYPERVISOR_GUEST=y" || !required.contains(&option),
@@ -452,14 +377,10 @@ mod tests {
     fn missing_options_names_each_unsatisfied_line() {
         let fragment = Fragment {
             name: "t.config",
-            text:
-                "# comment\nCONFIG_A=y\nCONFIG_B=y\n# CONFIG_M is not set\n# CONFIG_N is not set\n",
+            text: "# comment\nCONFIG_A=y\nCONFIG_B=y\n# CONFIG_M is not set\n# CONFIG_N is not set\n",
         };
         let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_N=y\n";
-        assert_eq!(
-            missing_options(config, &[fragment]),
-            vec!["CONFIG_B=y", "# CONFIG_N is not set"]
-        );
+        assert_eq!(missing_options(config, &[fragment]), vec!["CONFIG_B=y", "# CONFIG_N is not set"]);
         let satisfied = "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_M is not set\n";
         assert!(missing_options(satisfied, &[fragment]).is_empty());
     }

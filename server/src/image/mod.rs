@@ -216,8 +216,7 @@ pub fn run(command: ImageCommand) -> Result<(), ImageError> {
         ImageCommand::Info(args) => {
             let info = current_image_in(&Cache::locate(args.cache_dir.as_deref())?)?;
             if args.json {
-                let json = serde_json::to_string_pretty(&info)
-                    .map_err(|e| ImageError::Stdout(e.into()))?;
+                let json = serde_json::to_string_pretty(&info).map_err(|e| ImageError::Stdout(e.into()))?;
                 writeln!(stdout, "{json}").map_err(ImageError::Stdout)
             } else {
                 print_human(&mut stdout, &info).map_err(ImageError::Stdout)
@@ -229,18 +228,8 @@ pub fn run(command: ImageCommand) -> Result<(), ImageError> {
 fn print_human(out: &mut impl Write, info: &ImageInfo) -> std::io::Result<()> {
     writeln!(out, "version  {}", info.version)?;
     writeln!(out, "flavour  {}", info.flavour)?;
-    writeln!(
-        out,
-        "kernel   {} (make vmlinux took {:.0} s)",
-        info.kernel.display(),
-        info.kernel_build_s
-    )?;
-    writeln!(
-        out,
-        "rootfs   {} ({} MiB)",
-        info.rootfs.display(),
-        info.rootfs_bytes >> 20
-    )?;
+    writeln!(out, "kernel   {} (make vmlinux took {:.0} s)", info.kernel.display(), info.kernel_build_s)?;
+    writeln!(out, "rootfs   {} ({} MiB)", info.rootfs.display(), info.rootfs_bytes >> 20)?;
     writeln!(out, "cmdline  {}", info.cmdline)
 }
 
@@ -254,9 +243,7 @@ fn current_image_in(cache: &Cache) -> Result<ImageInfo, ImageError> {
     let info: ImageInfo = read_json(&manifest)?.ok_or(ImageError::NotBuilt { manifest })?;
     for file in [&info.kernel, &info.rootfs] {
         if !file.is_file() {
-            return Err(ImageError::Incomplete {
-                missing: file.clone(),
-            });
+            return Err(ImageError::Incomplete { missing: file.clone() });
         }
     }
     Ok(info)
@@ -283,17 +270,9 @@ pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<ImageInfo, 
     let lock = cache.lock(progress)?;
     cache.clear_tmp(&lock)?;
 
-    let spec = kernel_spec(
-        opts.flavour,
-        requested_patches(opts),
-        host::detect_virt(),
-        progress,
-    )?;
+    let spec = kernel_spec(opts.flavour, requested_patches(opts), host::detect_virt(), progress)?;
     let agent = agent::locate(opts.agent.as_deref(), &cache, progress)?;
-    let mirror = opts
-        .mirror
-        .clone()
-        .unwrap_or_else(|| host::debian_mirror(rootfs::DEBIAN_SUITE));
+    let mirror = opts.mirror.clone().unwrap_or_else(|| host::debian_mirror(rootfs::DEBIAN_SUITE));
 
     // The kernel is CPU-bound and debootstrap mostly waits on the network: overlap them.
     let (kernel, rootfs) = std::thread::scope(|scope| {
@@ -305,9 +284,7 @@ pub fn build(opts: &BuildOptions, progress: &dyn Progress) -> Result<ImageInfo, 
         let rootfs = rootfs::ensure_base(&cache, &mirror, progress)
             .and_then(|base| rootfs::ensure_packed(&cache, &base, &agent, progress))
             .inspect_err(|e| {
-                progress.line(&format!(
-                    "rootfs: FAILED (waiting for the kernel step to end): {e}"
-                ));
+                progress.line(&format!("rootfs: FAILED (waiting for the kernel step to end): {e}"));
             });
         (kernel.join(), rootfs)
     });
@@ -384,19 +361,13 @@ fn kernel_spec(
     };
     match flavour {
         Flavour::Pvm if patches.is_empty() => return Err(ImageError::PvmWithoutPatch),
-        Flavour::Pvm if virt == HostVirt::Hardware => progress.line(
-            "WARNING: the pvm kernel on a VT-x/AMD-V host stops when SMEP is on; use --flavour standard there",
-        ),
-        Flavour::Standard if !patches.is_empty() => progress.line(
-            "WARNING: kernel patches are only applied to the pvm flavour; ignoring them for the standard kernel",
-        ),
+        Flavour::Pvm if virt == HostVirt::Hardware => progress
+            .line("WARNING: the pvm kernel on a VT-x/AMD-V host stops when SMEP is on; use --flavour standard there"),
+        Flavour::Standard if !patches.is_empty() => progress
+            .line("WARNING: kernel patches are only applied to the pvm flavour; ignoring them for the standard kernel"),
         _ => {}
     }
-    let patches = if flavour == Flavour::Pvm {
-        patches
-    } else {
-        Vec::new()
-    };
+    let patches = if flavour == Flavour::Pvm { patches } else { Vec::new() };
     Ok(kernel::KernelSpec { flavour, patches })
 }
 
@@ -442,13 +413,7 @@ mod tests {
 
     #[test]
     fn explicit_pvm_without_patch_is_an_error_naming_the_flag() {
-        let err = kernel_spec(
-            Some(Flavour::Pvm),
-            paths(&[]),
-            HostVirt::Pvm,
-            &SilentProgress,
-        )
-        .unwrap_err();
+        let err = kernel_spec(Some(Flavour::Pvm), paths(&[]), HostVirt::Pvm, &SilentProgress).unwrap_err();
         assert!(err.to_string().contains(PVM_PATCH_HINT), "{err}");
     }
 
@@ -457,11 +422,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::locate(Some(dir.path())).unwrap();
         let err = current_image_in(&cache).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("no image built yet; run `capsule image build`"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("no image built yet; run `capsule image build`"), "{err}");
     }
 
     #[test]
@@ -478,26 +439,12 @@ mod tests {
         let value = serde_json::to_value(&info).unwrap();
         let mut keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
         keys.sort();
-        assert_eq!(
-            keys,
-            [
-                "cmdline",
-                "flavour",
-                "kernel",
-                "kernel_build_s",
-                "rootfs",
-                "rootfs_bytes",
-                "version"
-            ]
-        );
+        assert_eq!(keys, ["cmdline", "flavour", "kernel", "kernel_build_s", "rootfs", "rootfs_bytes", "version"]);
         assert_eq!(value["flavour"], "pvm");
         for flavour in [Flavour::Standard, Flavour::Pvm] {
             let cmdline = kernel_cmdline(flavour);
             assert!(cmdline.contains("clocksource=kvm-clock"), "{cmdline}");
-            assert!(
-                cmdline.contains("init=/usr/local/sbin/capsule-agent"),
-                "{cmdline}"
-            );
+            assert!(cmdline.contains("init=/usr/local/sbin/capsule-agent"), "{cmdline}");
         }
         assert!(kernel_cmdline(Flavour::Pvm).ends_with(" nopcid noinvpcid"));
         assert!(!kernel_cmdline(Flavour::Standard).contains("nopcid"));

@@ -40,9 +40,7 @@ pub struct StderrProgress {
 impl StderrProgress {
     /// A reporter whose clock starts now.
     pub fn new() -> Self {
-        Self {
-            started: Instant::now(),
-        }
+        Self { started: Instant::now() }
     }
 }
 
@@ -55,11 +53,7 @@ impl Default for StderrProgress {
 impl Progress for StderrProgress {
     fn line(&self, text: &str) {
         // Progress is best effort: a closed stderr must not stop (or panic) the build.
-        let _ = writeln!(
-            std::io::stderr(),
-            "[capsule image {}] {text}",
-            format_duration(self.started.elapsed())
-        );
+        let _ = writeln!(std::io::stderr(), "[capsule image {}] {text}", format_duration(self.started.elapsed()));
     }
 }
 
@@ -104,9 +98,7 @@ pub enum CommandError {
         source: std::io::Error,
     },
     /// The command ran and failed.
-    #[error(
-        "step `{label}` failed ({status}); full log: {log}\n--- last lines of the log ---\n{tail}"
-    )]
+    #[error("step `{label}` failed ({status}); full log: {log}\n--- last lines of the log ---\n{tail}")]
     Failed {
         /// The step.
         label: String,
@@ -127,15 +119,8 @@ pub fn run_logged(
     command: &mut Command,
     log: &Path,
 ) -> Result<Duration, CommandError> {
-    let log_error = |source| CommandError::Log {
-        path: log.to_path_buf(),
-        source,
-    };
-    let mut out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(log_error)?;
+    let log_error = |source| CommandError::Log { path: log.to_path_buf(), source };
+    let mut out = OpenOptions::new().create(true).append(true).open(log).map_err(log_error)?;
     // Best effort: the header only helps a human reading the log.
     let _ = writeln!(out, "\n{COMMAND_HEADER_PREFIX}{command:?}");
     let err = out.try_clone().map_err(log_error)?;
@@ -146,11 +131,7 @@ pub fn run_logged(
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map_err(|source| CommandError::Spawn {
-            label: label.to_owned(),
-            program,
-            source,
-        })?;
+        .map_err(|source| CommandError::Spawn { label: label.to_owned(), program, source })?;
     let mut next_heartbeat = started + HEARTBEAT_INTERVAL;
     let status = loop {
         match child.try_wait() {
@@ -159,21 +140,14 @@ pub fn run_logged(
             Err(source) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(CommandError::Wait {
-                    label: label.to_owned(),
-                    source,
-                });
+                return Err(CommandError::Wait { label: label.to_owned(), source });
             }
         }
         if Instant::now() >= next_heartbeat {
             next_heartbeat += HEARTBEAT_INTERVAL;
             let last = log_tail(log, 1);
             // The last line is our own command header until the command prints something.
-            let last = if last.starts_with(COMMAND_HEADER_PREFIX) {
-                "(no output yet)"
-            } else {
-                last.trim()
-            };
+            let last = if last.starts_with(COMMAND_HEADER_PREFIX) { "(no output yet)" } else { last.trim() };
             progress.line(&format!(
                 "{label}: running for {} | {}",
                 format_duration(started.elapsed()),
@@ -199,10 +173,7 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
         return String::new();
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if file
-        .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
-        .is_err()
-    {
+    if file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES))).is_err() {
         return String::new();
     }
     let mut bytes = Vec::new();
@@ -256,13 +227,7 @@ mod tests {
     fn successful_command_output_lands_in_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("step.log");
-        run_logged(
-            &SilentProgress,
-            "demo",
-            Command::new("sh").args(["-c", "echo hello-log"]),
-            &log,
-        )
-        .unwrap();
+        run_logged(&SilentProgress, "demo", Command::new("sh").args(["-c", "echo hello-log"]), &log).unwrap();
         assert_eq!(log_tail(&log, 1), "hello-log");
     }
 

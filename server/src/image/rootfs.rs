@@ -16,9 +16,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use super::agent::AgentBinary;
-use super::cache::{
-    io_error, publish, read_json, remove_any, write_json, Cache, CacheError, KeyHasher,
-};
+use super::cache::{io_error, publish, read_json, remove_any, write_json, Cache, CacheError, KeyHasher};
 use super::host::{require_root, require_tool, HostError};
 use super::progress::{format_duration, run_logged, CommandError, Progress};
 
@@ -29,14 +27,7 @@ pub const AGENT_GUEST_PATH: &str = "usr/local/sbin/capsule-agent";
 /// The guest's host name.
 pub const GUEST_HOSTNAME: &str = "capsule";
 /// What the guest runs code with. bash and coreutils are essential, so always there.
-const PACKAGES: &[&str] = &[
-    "python3",
-    "python3-numpy",
-    "python3-pandas",
-    "python3-matplotlib",
-    "nodejs",
-    "procps",
-];
+const PACKAGES: &[&str] = &["python3", "python3-numpy", "python3-pandas", "python3-matplotlib", "nodejs", "procps"];
 /// Installed first so that apt takes them for `a | b` dependencies instead of
 /// the heavy first alternatives: python3-fonttools depends on
 /// `python3-scipy | python3-munkres`, and scipy drags in gcc, g++ and boost (~700 MB).
@@ -57,13 +48,7 @@ pub const MIN_WRITABLE_DISK_MIB: u64 = 16;
 /// Bounds of a writable disk.
 pub const MAX_WRITABLE_DISK_MIB: u64 = 1 << 20;
 /// `apt-get` arguments (no pty: the chroot has no /dev/pts).
-const APT_INSTALL_ARGS: &[&str] = &[
-    "-o",
-    "Dpkg::Use-Pty=0",
-    "install",
-    "-y",
-    "--no-install-recommends",
-];
+const APT_INSTALL_ARGS: &[&str] = &["-o", "Dpkg::Use-Pty=0", "install", "-y", "--no-install-recommends"];
 /// PATH inside the chroot.
 const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -80,7 +65,9 @@ pub enum RootfsError {
     #[error("root filesystem build step failed")]
     Step(#[source] CommandError),
     /// A writable disk size out of range.
-    #[error("writable disk size {size_mib} MiB is out of range ({MIN_WRITABLE_DISK_MIB}..={MAX_WRITABLE_DISK_MIB} MiB)")]
+    #[error(
+        "writable disk size {size_mib} MiB is out of range ({MIN_WRITABLE_DISK_MIB}..={MAX_WRITABLE_DISK_MIB} MiB)"
+    )]
     DiskSize {
         /// The requested size.
         size_mib: u64,
@@ -134,11 +121,7 @@ fn base_key() -> String {
 }
 
 /// Returns the cached customised Debian tree, debootstrapping it first if needed.
-pub fn ensure_base(
-    cache: &Cache,
-    mirror: &str,
-    progress: &dyn Progress,
-) -> Result<BaseTree, RootfsError> {
+pub fn ensure_base(cache: &Cache, mirror: &str, progress: &dyn Progress) -> Result<BaseTree, RootfsError> {
     let key = base_key();
     let dir = cache.base_dir(&key);
     let root = dir.join("root");
@@ -172,38 +155,23 @@ fn build_base_in(
     remove_any(&log)?;
     let tree = work.join("root");
     std::fs::create_dir_all(&tree).map_err(io_error("cannot create", &tree))?;
-    let step = |label: &str, command: &mut Command| {
-        run_logged(progress, label, command, &log).map_err(RootfsError::Step)
-    };
+    let step =
+        |label: &str, command: &mut Command| run_logged(progress, label, command, &log).map_err(RootfsError::Step);
 
-    progress.line(&format!(
-        "rootfs: debootstrap {DEBIAN_SUITE} from {mirror} (log: {})",
-        log.display()
-    ));
+    progress.line(&format!("rootfs: debootstrap {DEBIAN_SUITE} from {mirror} (log: {})", log.display()));
     step(
         "rootfs: debootstrap",
         Command::new("debootstrap")
-            .args([
-                "--variant=minbase",
-                "--include=ca-certificates",
-                DEBIAN_SUITE,
-            ])
+            .args(["--variant=minbase", "--include=ca-certificates", DEBIAN_SUITE])
             .arg(&tree)
             .arg(mirror),
     )?;
     progress.line(&format!("rootfs: apt-get install {}", PACKAGES.join(" ")));
     step(
         "rootfs: apt-get install (alternatives)",
-        chroot(&tree, "apt-get")
-            .args(APT_INSTALL_ARGS)
-            .args(LIGHT_ALTERNATIVES),
+        chroot(&tree, "apt-get").args(APT_INSTALL_ARGS).args(LIGHT_ALTERNATIVES),
     )?;
-    step(
-        "rootfs: apt-get install",
-        chroot(&tree, "apt-get")
-            .args(APT_INSTALL_ARGS)
-            .args(PACKAGES),
-    )?;
+    step("rootfs: apt-get install", chroot(&tree, "apt-get").args(APT_INSTALL_ARGS).args(PACKAGES))?;
 
     configure_guest_files(&tree)?;
     progress.line("rootfs: precompiling python bytecode and the matplotlib font cache");
@@ -220,10 +188,7 @@ fn build_base_in(
             "import matplotlib.pyplot as plt, matplotlib.font_manager; assert plt.get_backend().lower() == 'agg', plt.get_backend()",
         ]),
     )?;
-    step(
-        "rootfs: apt-get clean",
-        chroot(&tree, "apt-get").arg("clean"),
-    )?;
+    step("rootfs: apt-get clean", chroot(&tree, "apt-get").arg("clean"))?;
     trim(&tree)?;
 
     write_json(
@@ -231,19 +196,12 @@ fn build_base_in(
         &BaseManifest {
             suite: DEBIAN_SUITE.to_owned(),
             mirror: mirror.to_owned(),
-            packages: LIGHT_ALTERNATIVES
-                .iter()
-                .chain(PACKAGES)
-                .map(|p| (*p).to_owned())
-                .collect(),
+            packages: LIGHT_ALTERNATIVES.iter().chain(PACKAGES).map(|p| (*p).to_owned()).collect(),
             build_s: started.elapsed().as_secs_f64(),
         },
     )?;
     publish(work, &cache.base_dir(key))?;
-    progress.line(&format!(
-        "rootfs: Debian tree ready in {}",
-        format_duration(started.elapsed())
-    ));
+    progress.line(&format!("rootfs: Debian tree ready in {}", format_duration(started.elapsed())));
     Ok(())
 }
 
@@ -295,10 +253,7 @@ fn trim(tree: &Path) -> Result<(), RootfsError> {
     // glibc reads locale.alias; the translations are the bulk.
     clear_dir(&tree.join("usr/share/locale"), &["locale.alias"])?;
     for package in PYTHON_DIST_PACKAGES {
-        remove_dirs_named(
-            &tree.join("usr/lib/python3/dist-packages").join(package),
-            "tests",
-        )?;
+        remove_dirs_named(&tree.join("usr/lib/python3/dist-packages").join(package), "tests")?;
     }
     Ok(())
 }
@@ -345,33 +300,23 @@ pub fn ensure_packed(
     progress: &dyn Progress,
 ) -> Result<RootfsArtifact, RootfsError> {
     let mut hasher = KeyHasher::new(PACK_RECIPE_VERSION);
-    hasher
-        .field(base.key.as_bytes())
-        .field(agent.sha256.as_bytes())
-        .field(GUEST_HOSTNAME.as_bytes());
+    hasher.field(base.key.as_bytes()).field(agent.sha256.as_bytes()).field(GUEST_HOSTNAME.as_bytes());
     let key = hasher.finish();
     let image = cache.rootfs_image(&key);
     if let Ok(meta) = std::fs::metadata(&image) {
         progress.line(&format!("rootfs: cached image {key}"));
-        return Ok(RootfsArtifact {
-            image,
-            bytes: meta.len(),
-            key,
-        });
+        return Ok(RootfsArtifact { image, bytes: meta.len(), key });
     }
     require_tool("mkfs.ext4", "e2fsprogs")?;
     let started = std::time::Instant::now();
     install_agent(&base.root, &agent.path)?;
 
     let (content_bytes, inodes) = tree_usage(&base.root)?;
-    let size_bytes = (content_bytes + content_bytes / 5 + BASE_IMAGE_SLACK_BYTES)
-        .div_ceil(MIB_BYTES)
-        * MIB_BYTES;
+    let size_bytes = (content_bytes + content_bytes / 5 + BASE_IMAGE_SLACK_BYTES).div_ceil(MIB_BYTES) * MIB_BYTES;
     let inode_count = inodes + inodes / 5 + 1024;
     let tmp = cache.fresh_tmp(&format!("rootfs-{key}.ext4"))?;
     let file = std::fs::File::create(&tmp).map_err(io_error("cannot create", &tmp))?;
-    file.set_len(size_bytes)
-        .map_err(io_error("cannot size", &tmp))?;
+    file.set_len(size_bytes).map_err(io_error("cannot size", &tmp))?;
     drop(file);
     progress.line(&format!(
         "rootfs: packing {} MiB of files into a {} MiB ext4 image",
@@ -395,15 +340,8 @@ pub fn ensure_packed(
     )
     .map_err(RootfsError::Step)?;
     publish(&tmp, &image)?;
-    progress.line(&format!(
-        "rootfs: image packed in {}",
-        format_duration(started.elapsed())
-    ));
-    Ok(RootfsArtifact {
-        image,
-        bytes: size_bytes,
-        key,
-    })
+    progress.line(&format!("rootfs: image packed in {}", format_duration(started.elapsed())));
+    Ok(RootfsArtifact { image, bytes: size_bytes, key })
 }
 
 /// Copies the agent to its guest path, mode 0755, replacing any previous one atomically.
@@ -411,8 +349,7 @@ fn install_agent(tree: &Path, agent: &Path) -> Result<(), RootfsError> {
     let dest = tree.join(AGENT_GUEST_PATH);
     let tmp = dest.with_extension("new");
     std::fs::copy(agent, &tmp).map_err(io_error("cannot copy the agent to", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_error("cannot chmod", &tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io_error("cannot chmod", &tmp))?;
     std::fs::rename(&tmp, &dest).map_err(io_error("cannot move into place", &dest))?;
     Ok(())
 }
@@ -428,8 +365,7 @@ fn tree_usage(root: &Path) -> Result<(u64, u64), RootfsError> {
         bytes += EXT4_BLOCK_BYTES;
         for entry in std::fs::read_dir(&dir).map_err(io_error("cannot list", &dir))? {
             let entry = entry.map_err(io_error("cannot list", &dir))?;
-            let meta = std::fs::symlink_metadata(entry.path())
-                .map_err(io_error("cannot stat", &entry.path()))?;
+            let meta = std::fs::symlink_metadata(entry.path()).map_err(io_error("cannot stat", &entry.path()))?;
             if meta.is_dir() {
                 stack.push(entry.path());
             } else {
@@ -449,18 +385,12 @@ pub fn create_writable_disk(path: &Path, size_mib: u64) -> Result<(), RootfsErro
     }
     let mkfs = require_tool("mkfs.ext4", "e2fsprogs")?;
     let file = std::fs::File::create(path).map_err(io_error("cannot create", path))?;
-    file.set_len(size_mib * MIB_BYTES)
-        .map_err(io_error("cannot size", path))?;
+    file.set_len(size_mib * MIB_BYTES).map_err(io_error("cannot size", path))?;
     drop(file);
     let output = Command::new(mkfs)
         .args(["-q", "-F", "-b"])
         .arg(EXT4_BLOCK_BYTES.to_string())
-        .args([
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1",
-            "-L",
-            "capsule-rw",
-        ])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", "-L", "capsule-rw"])
         .arg(path)
         .output()
         .map_err(io_error("cannot run mkfs.ext4 on", path))?;
@@ -486,11 +416,7 @@ mod tests {
         create_writable_disk(&disk, 64).unwrap();
         let meta = std::fs::metadata(&disk).unwrap();
         assert_eq!(meta.len(), 64 * MIB_BYTES);
-        assert!(
-            meta.blocks() * 512 < 16 * MIB_BYTES,
-            "not sparse: {} blocks",
-            meta.blocks()
-        );
+        assert!(meta.blocks() * 512 < 16 * MIB_BYTES, "not sparse: {} blocks", meta.blocks());
         let bytes = std::fs::read(&disk).unwrap();
         // ext4 superblock at 1024: magic 0xEF53 at offset 0x38, volume name at 0x78.
         assert_eq!(&bytes[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef]);
@@ -506,16 +432,10 @@ mod tests {
         std::fs::create_dir_all(root.join("usr/local/sbin")).unwrap();
         std::fs::create_dir_all(root.join("etc")).unwrap();
         std::fs::write(root.join("etc/hostname"), "capsule\n").unwrap();
-        let base = BaseTree {
-            root: root.clone(),
-            key: "testbase".into(),
-        };
+        let base = BaseTree { root: root.clone(), key: "testbase".into() };
         let agent_path = dir.path().join("agent-v1");
         std::fs::write(&agent_path, b"agent one").unwrap();
-        let agent = AgentBinary {
-            path: agent_path,
-            sha256: "one".into(),
-        };
+        let agent = AgentBinary { path: agent_path, sha256: "one".into() };
 
         let first = ensure_packed(&cache, &base, &agent, &SilentProgress).unwrap();
         let bytes = std::fs::read(&first.image).unwrap();
@@ -534,10 +454,7 @@ mod tests {
         let again = ensure_packed(&cache, &base, &agent, &SilentProgress).unwrap();
         assert_eq!(again.image, first.image);
 
-        let agent_two = AgentBinary {
-            sha256: "two".into(),
-            ..agent
-        };
+        let agent_two = AgentBinary { sha256: "two".into(), ..agent };
         let second = ensure_packed(&cache, &base, &agent_two, &SilentProgress).unwrap();
         assert_ne!(second.image, first.image);
     }
@@ -546,10 +463,7 @@ mod tests {
     fn writable_disk_size_out_of_range_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let err = create_writable_disk(&dir.path().join("d"), 1).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "writable disk size 1 MiB is out of range (16..=1048576 MiB)"
-        );
+        assert_eq!(err.to_string(), "writable disk size 1 MiB is out of range (16..=1048576 MiB)");
         assert!(!dir.path().join("d").exists());
     }
 
@@ -571,11 +485,7 @@ mod tests {
         assert!(!tree.join("usr/share/locale/de").exists());
         assert!(tree.join("usr/share/doc").is_dir());
         assert!(!tree.join("usr/share/doc/bash").exists());
-        assert!(!tree
-            .join("usr/lib/python3/dist-packages/pandas/tests")
-            .exists());
-        assert!(tree
-            .join("usr/lib/python3/dist-packages/pandas/core")
-            .is_dir());
+        assert!(!tree.join("usr/lib/python3/dist-packages/pandas/tests").exists());
+        assert!(tree.join("usr/lib/python3/dist-packages/pandas/core").is_dir());
     }
 }

@@ -253,7 +253,14 @@ impl CapsuleMcp {
             Ok(c) => c,
             Err(e) => return Err(self.guest_error(lease, what, e).await),
         };
-        let mut notifier = Notifier { context, server: self, sandbox: lease.id.clone(), started: Instant::now(), ticks: 0, logged_bytes: 0 };
+        let mut notifier = Notifier {
+            context,
+            server: self,
+            sandbox: lease.id.clone(),
+            started: Instant::now(),
+            ticks: 0,
+            logged_bytes: 0,
+        };
         match drive(&mut call, &mut notifier, on_event).await {
             Ok(reply) => Ok((reply, call.overflow())),
             Err(e) => Err(self.guest_error(lease, what, e).await),
@@ -269,7 +276,11 @@ impl CapsuleMcp {
         }
     }
 
-    pub(super) async fn run_code(&self, p: RunCodeParams, context: &RequestContext<RoleServer>) -> Result<CallToolResult, ToolError> {
+    pub(super) async fn run_code(
+        &self,
+        p: RunCodeParams,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ToolError> {
         check_len("code", &p.code)?;
         let timeout = timeout_of(p.timeout_s)?;
         let language = p.language.unwrap_or_default();
@@ -300,38 +311,57 @@ impl CapsuleMcp {
         let mut error = None;
         let text_cap = self.shaping.output_cap_bytes;
         let started = GuestCall::start(&lease.client, op, Some(timeout), budget);
-        let streamed = self.streamed(&lease, "run_code", started, context, |e| {
-            if output.on_event(e) {
-                return;
-            }
-            match e {
-                Event::Result(rich) => {
-                    let mut r = CodeResult { text: None, html: None, mime_types: Vec::new(), is_main_result: rich.is_main_result };
-                    for (mime, data) in &rich.data {
-                        r.mime_types.push(mime.clone());
-                        match mime.as_str() {
-                            "text/plain" => r.text = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/plain")),
-                            "text/html" => r.html = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/html")),
-                            "image/png" | "image/jpeg" | "image/gif" | "image/webp" => {
-                                if images.len() < MAX_IMAGES_PER_RESULT && image_bytes + data.len() <= MAX_IMAGE_BYTES_PER_RESULT {
-                                    image_bytes += data.len();
-                                    images.push((base64::engine::general_purpose::STANDARD.encode(data), mime.clone()));
-                                } else {
-                                    images_dropped += 1;
+        let streamed = self
+            .streamed(&lease, "run_code", started, context, |e| {
+                if output.on_event(e) {
+                    return;
+                }
+                match e {
+                    Event::Result(rich) => {
+                        let mut r = CodeResult {
+                            text: None,
+                            html: None,
+                            mime_types: Vec::new(),
+                            is_main_result: rich.is_main_result,
+                        };
+                        for (mime, data) in &rich.data {
+                            r.mime_types.push(mime.clone());
+                            match mime.as_str() {
+                                "text/plain" => {
+                                    r.text = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/plain"))
                                 }
+                                "text/html" => {
+                                    r.html = Some(cap_text(&String::from_utf8_lossy(data), text_cap, "text/html"))
+                                }
+                                "image/png" | "image/jpeg" | "image/gif" | "image/webp" => {
+                                    if images.len() < MAX_IMAGES_PER_RESULT
+                                        && image_bytes + data.len() <= MAX_IMAGE_BYTES_PER_RESULT
+                                    {
+                                        image_bytes += data.len();
+                                        images.push((
+                                            base64::engine::general_purpose::STANDARD.encode(data),
+                                            mime.clone(),
+                                        ));
+                                    } else {
+                                        images_dropped += 1;
+                                    }
+                                }
+                                _ => {}
                             }
-                            _ => {}
                         }
+                        results.push(r);
                     }
-                    results.push(r);
+                    Event::Error(err) => {
+                        error = Some(CodeErrorInfo {
+                            name: err.name.clone(),
+                            value: err.value.clone(),
+                            traceback: err.traceback.join("\n"),
+                        })
+                    }
+                    _ => {}
                 }
-                Event::Error(err) => {
-                    error = Some(CodeErrorInfo { name: err.name.clone(), value: err.value.clone(), traceback: err.traceback.join("\n") })
-                }
-                _ => {}
-            }
-        })
-        .await;
+            })
+            .await;
         let (reply, dropped) = streamed?;
         let outcome = match reply {
             Reply::CodeDone(o) => o,
@@ -393,7 +423,11 @@ impl CapsuleMcp {
         Ok(tool_result(&result, text, images, is_error))
     }
 
-    pub(super) async fn run_command(&self, p: RunCommandParams, context: &RequestContext<RoleServer>) -> Result<CallToolResult, ToolError> {
+    pub(super) async fn run_command(
+        &self,
+        p: RunCommandParams,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ToolError> {
         check_len("command", &p.command)?;
         if p.command.trim().is_empty() {
             return Err(ToolError::BadParameter("command is empty".into()));
@@ -434,7 +468,8 @@ impl CapsuleMcp {
                 other => Err(Self::unexpected(&lease, "run_command", other)),
             };
         }
-        let budget = EventBudget { output_bytes_per_stream: self.shaping.output_cap_bytes as u64, ..EventBudget::NOTHING };
+        let budget =
+            EventBudget { output_bytes_per_stream: self.shaping.output_cap_bytes as u64, ..EventBudget::NOTHING };
         let mut output = OutputCollector::new(self.shaping.output_cap_bytes);
         let started = GuestCall::start(&lease.client, op, Some(timeout), budget);
         let (reply, dropped) = self
@@ -508,7 +543,10 @@ impl CapsuleMcp {
         push_section(&mut text, None, &result.stdout);
         push_section(&mut text, Some("[stderr]"), &result.stderr);
         let status = match (&out.exit, result.exit_code, result.signal) {
-            (None, _, _) => format!("[process {} is running; next offsets: stdout {}, stderr {}]", p.pid, result.next_stdout_offset, result.next_stderr_offset),
+            (None, _, _) => format!(
+                "[process {} is running; next offsets: stdout {}, stderr {}]",
+                p.pid, result.next_stdout_offset, result.next_stderr_offset
+            ),
             (Some(_), Some(code), _) => format!("[process {} exited with code {code}]", p.pid),
             (Some(_), None, Some(sig)) => format!("[process {} was killed by signal {sig}]", p.pid),
             (Some(_), None, None) => format!("[process {} ended]", p.pid),
@@ -546,7 +584,11 @@ impl CapsuleMcp {
             None => None,
             Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
                 Ok(v) if v <= 0o7777 => Some(v),
-                _ => return Err(ToolError::BadParameter(format!("mode {m:?} is not octal permission bits such as \"644\" or \"755\""))),
+                _ => {
+                    return Err(ToolError::BadParameter(format!(
+                        "mode {m:?} is not octal permission bits such as \"644\" or \"755\""
+                    )))
+                }
             },
         };
         if p.path.is_empty() {
@@ -569,7 +611,8 @@ impl CapsuleMcp {
             });
             self.quick(&lease, "write_file", op).await?;
         }
-        let result = WriteFileResult { sandbox_id: lease.id.clone(), path: p.path.clone(), bytes_written: data.len() as u64 };
+        let result =
+            WriteFileResult { sandbox_id: lease.id.clone(), path: p.path.clone(), bytes_written: data.len() as u64 };
         let text = format!("Wrote {} bytes to {} in sandbox {}.", data.len(), p.path, lease.id);
         Ok(tool_result(&result, text, Vec::new(), false))
     }
@@ -578,7 +621,9 @@ impl CapsuleMcp {
         let offset = p.offset.unwrap_or(0);
         let limit = p.limit.unwrap_or(DEFAULT_READ_LIMIT_BYTES);
         if limit == 0 || limit > MAX_READ_LIMIT_BYTES {
-            return Err(ToolError::BadParameter(format!("limit={limit} is out of range: use 1 to {MAX_READ_LIMIT_BYTES}")));
+            return Err(ToolError::BadParameter(format!(
+                "limit={limit} is out of range: use 1 to {MAX_READ_LIMIT_BYTES}"
+            )));
         }
         let lease = self.lease(p.sandbox_id.as_deref()).await?;
         let op = Op::ReadFile { path: p.path.clone(), offset, length: limit };
@@ -588,18 +633,19 @@ impl CapsuleMcp {
         };
         let mut bytes_read = data.len() as u64;
         let mut images = Vec::new();
-        let (encoding, content, mime_type) = if let (Some(mime), true) = (sniff_image(&data), offset == 0 && bytes_read == size) {
-            images.push((base64::engine::general_purpose::STANDARD.encode(&data), mime.to_string()));
-            ("image", None, Some(mime.to_string()))
-        } else {
-            match text_prefix(&data) {
-                Some(text) => {
-                    bytes_read = text.len() as u64;
-                    ("text", Some(text.to_string()), None)
+        let (encoding, content, mime_type) =
+            if let (Some(mime), true) = (sniff_image(&data), offset == 0 && bytes_read == size) {
+                images.push((base64::engine::general_purpose::STANDARD.encode(&data), mime.to_string()));
+                ("image", None, Some(mime.to_string()))
+            } else {
+                match text_prefix(&data) {
+                    Some(text) => {
+                        bytes_read = text.len() as u64;
+                        ("text", Some(text.to_string()), None)
+                    }
+                    None => ("base64", Some(base64::engine::general_purpose::STANDARD.encode(&data)), None),
                 }
-                None => ("base64", Some(base64::engine::general_purpose::STANDARD.encode(&data)), None),
-            }
-        };
+            };
         let next_offset = offset + bytes_read;
         let result = ReadFileResult {
             sandbox_id: lease.id.clone(),
@@ -615,13 +661,19 @@ impl CapsuleMcp {
         };
         let mut text = match encoding {
             "image" => format!("{} is an image ({} bytes); it is attached.", p.path, size),
-            "base64" => format!("{} is binary; bytes {offset}..{next_offset} of {size} as base64:\n{}", p.path, content.unwrap_or_default()),
+            "base64" => format!(
+                "{} is binary; bytes {offset}..{next_offset} of {size} as base64:\n{}",
+                p.path,
+                content.unwrap_or_default()
+            ),
             _ => content.unwrap_or_default(),
         };
         if result.has_more {
-            push_section(&mut text, None, &format!(
-                "[showing bytes {offset}..{next_offset} of {size}; read on with offset={next_offset}]"
-            ));
+            push_section(
+                &mut text,
+                None,
+                &format!("[showing bytes {offset}..{next_offset} of {size}; read on with offset={next_offset}]"),
+            );
         }
         Ok(tool_result(&result, text, images, false))
     }
@@ -663,7 +715,13 @@ impl CapsuleMcp {
             text = format!("{path} is empty.");
         }
         if truncated {
-            push_section(&mut text, None, &format!("[only the first {MAX_LIST_ENTRIES} entries shown; list a subdirectory or use a smaller depth]"));
+            push_section(
+                &mut text,
+                None,
+                &format!(
+                    "[only the first {MAX_LIST_ENTRIES} entries shown; list a subdirectory or use a smaller depth]"
+                ),
+            );
         }
         let result = ListFilesResult { sandbox_id: lease.id.clone(), path, entries, truncated };
         Ok(tool_result(&result, text, Vec::new(), false))
@@ -755,7 +813,9 @@ fn text_prefix(data: &[u8]) -> Option<&str> {
     }
     match std::str::from_utf8(data) {
         Ok(s) => Some(s),
-        Err(e) if e.error_len().is_none() && data.len() - e.valid_up_to() < 4 => std::str::from_utf8(&data[..e.valid_up_to()]).ok(),
+        Err(e) if e.error_len().is_none() && data.len() - e.valid_up_to() < 4 => {
+            std::str::from_utf8(&data[..e.valid_up_to()]).ok()
+        }
         Err(_) => None,
     }
 }

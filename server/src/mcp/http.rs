@@ -183,10 +183,19 @@ mod tests {
 
     #[test]
     fn loopback_origins_are_recognised_and_lookalikes_are_not() {
-        for ok in ["http://localhost", "http://localhost:3000", "http://127.0.0.1:8765", "https://[::1]:9", "http://[::1]"] {
+        for ok in
+            ["http://localhost", "http://localhost:3000", "http://127.0.0.1:8765", "https://[::1]:9", "http://[::1]"]
+        {
             assert!(is_loopback_origin(ok), "{ok}");
         }
-        for bad in ["http://localhost.evil.com", "http://evil.com", "null", "file://", "http://127.0.0.1.nip.io", "http://localhost/x"] {
+        for bad in [
+            "http://localhost.evil.com",
+            "http://evil.com",
+            "null",
+            "file://",
+            "http://127.0.0.1.nip.io",
+            "http://localhost/x",
+        ] {
             assert!(!is_loopback_origin(bad), "{bad}");
         }
     }

@@ -148,7 +148,11 @@ impl ServerHandler for CapsuleMcp {
     }
 
     #[allow(deprecated)]
-    async fn set_level(&self, request: SetLevelRequestParams, _context: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         *self.log_min_severity.lock().unwrap_or_else(|e| e.into_inner()) = severity(request.level);
         Ok(())
     }

@@ -175,7 +175,12 @@ pub fn push_section(out: &mut String, label: Option<&str>, body: &str) {
 }
 
 /// Builds a tool result: concise text, then images, with `structured` as `structuredContent`.
-pub fn tool_result<T: Serialize>(structured: &T, text: String, images: Vec<(String, String)>, is_error: bool) -> CallToolResult {
+pub fn tool_result<T: Serialize>(
+    structured: &T,
+    text: String,
+    images: Vec<(String, String)>,
+    is_error: bool,
+) -> CallToolResult {
     let mut content = vec![ContentBlock::text(if text.is_empty() { "(no output)".to_string() } else { text })];
     for (data, mime) in images {
         content.push(ContentBlock::image(data, mime));

@@ -418,12 +418,7 @@ impl Manager {
 
     /// The owner's sandboxes (not deleted) and its default sandbox id.
     pub fn list(&self, owner: &Owner) -> (Vec<SandboxInfo>, Option<String>) {
-        let infos = self
-            .slots()
-            .into_iter()
-            .filter(|s| owner.can_see(&s.owner))
-            .map(|s| s.record().info())
-            .collect();
+        let infos = self.slots().into_iter().filter(|s| owner.can_see(&s.owner)).map(|s| s.record().info()).collect();
         (infos, lock(&self.inner.defaults).get(&owner.id).cloned())
     }
 
@@ -846,12 +841,22 @@ impl Manager {
     /// Forks a running or paused sandbox into `count` new running ones. Like
     /// pause, it is refused while calls run in the parent: taking the parent's
     /// state resets its guest connections, which would cut those calls off.
-    pub async fn fork(&self, owner: &Owner, id: Option<&str>, count: u32) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
+    pub async fn fork(
+        &self,
+        owner: &Owner,
+        id: Option<&str>,
+        count: u32,
+    ) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
         let (this, owner, id) = (self.clone(), owner.clone(), id.map(str::to_owned));
         detached(async move { this.fork_now(&owner, id.as_deref(), count).await }).await
     }
 
-    async fn fork_now(&self, owner: &Owner, id: Option<&str>, count: u32) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
+    async fn fork_now(
+        &self,
+        owner: &Owner,
+        id: Option<&str>,
+        count: u32,
+    ) -> Result<(String, Vec<SandboxInfo>), ManagerError> {
         let max = capsule_tool_schemas::MAX_FORK_COUNT;
         if count == 0 || count > max {
             return Err(ManagerError::BadParameter(format!("count={count} is out of range: use 1 to {max}")));
@@ -900,7 +905,8 @@ impl Manager {
                 Ok(m) => {
                     child_inner.machine = Some(Arc::new(StdMutex::new(m)));
                     if let Err(e) = self.transition(&child, &mut child_inner, SandboxState::Running, "forked") {
-                        self.abandon_new(&child, &mut child_inner, &format!("its start could not be recorded ({e})")).await;
+                        self.abandon_new(&child, &mut child_inner, &format!("its start could not be recorded ({e})"))
+                            .await;
                         return Err(e);
                     }
                     child.touch();
@@ -967,11 +973,15 @@ impl Manager {
             let record = inner.record.clone();
             let idle_ms = now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed));
             let result = match record.state {
-                SandboxState::Running if idle_ms >= record.idle_timeout_ms && slot.busy.load(Ordering::Acquire) == 0 => {
+                SandboxState::Running
+                    if idle_ms >= record.idle_timeout_ms && slot.busy.load(Ordering::Acquire) == 0 =>
+                {
                     let reason = format!("idle for {} ms", idle_ms);
                     Some(self.pause_locked(&slot, &mut inner, &reason).await)
                 }
-                SandboxState::Paused if now.saturating_sub(record.paused_ms.unwrap_or(record.updated_ms)) >= retention_ms => {
+                SandboxState::Paused
+                    if now.saturating_sub(record.paused_ms.unwrap_or(record.updated_ms)) >= retention_ms =>
+                {
                     Some(self.delete_locked(&slot, &mut inner, "retention period passed while paused").await)
                 }
                 SandboxState::Failed if now.saturating_sub(record.updated_ms) >= retention_ms => {
@@ -981,8 +991,10 @@ impl Manager {
                 SandboxState::Creating
                     if now.saturating_sub(record.created_ms) >= CREATING_ABANDONED_AFTER.as_millis() as u64 =>
                 {
-                    let reason =
-                        format!("its creation never finished (abandoned after {} s)", CREATING_ABANDONED_AFTER.as_secs());
+                    let reason = format!(
+                        "its creation never finished (abandoned after {} s)",
+                        CREATING_ABANDONED_AFTER.as_secs()
+                    );
                     self.abandon_new(&slot, &mut inner, &reason).await;
                     Some(match inner.record.state {
                         SandboxState::Failed => Ok(()),

@@ -110,7 +110,11 @@ pub fn open_manager(dir: &std::path::Path, settings: &Settings) -> Manager {
 }
 
 /// Connects a new in-process client as `owner` to a server over `manager`.
-pub async fn connect(manager: &Manager, owner: Owner, settings: &Settings) -> (RunningService<RoleClient, TestClient>, Heard) {
+pub async fn connect(
+    manager: &Manager,
+    owner: Owner,
+    settings: &Settings,
+) -> (RunningService<RoleClient, TestClient>, Heard) {
     let server = CapsuleMcp::new(manager.clone(), owner, Shaping { output_cap_bytes: settings.output_cap_bytes });
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
@@ -173,7 +177,9 @@ impl Drop for Fixture {
     /// every agent still recorded, so no agent outlives its test.
     fn drop(&mut self) {
         for record in self.manager.registry().load_live().unwrap_or_default() {
-            if let Some(pid) = record.engine_state.get("pid").and_then(Value::as_i64).and_then(|p| i32::try_from(p).ok()) {
+            if let Some(pid) =
+                record.engine_state.get("pid").and_then(Value::as_i64).and_then(|p| i32::try_from(p).ok())
+            {
                 if pid > 1 {
                     // SAFETY: kill(2) with plain integers; the agent leads its own group.
                     unsafe {
@@ -200,11 +206,7 @@ pub async fn call(client: &Peer<RoleClient>, name: &str, args: Value) -> CallToo
 
 /// The first text content of a result.
 pub fn text(result: &CallToolResult) -> String {
-    result
-        .content
-        .iter()
-        .find_map(|c| c.as_text().map(|t| t.text.clone()))
-        .unwrap_or_default()
+    result.content.iter().find_map(|c| c.as_text().map(|t| t.text.clone())).unwrap_or_default()
 }
 
 /// The structured content of a result.

@@ -36,9 +36,7 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.ranges.iter().map(|(b, r)| (*b, r.len)))
-            .finish()
+        f.debug_list().entries(self.ranges.iter().map(|(b, r)| (*b, r.len))).finish()
     }
 }
 
@@ -99,9 +97,7 @@ impl Bus {
 
 /// Locks a device, recovering from a poisoned lock (a device that panicked keeps its state).
 pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

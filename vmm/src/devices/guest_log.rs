@@ -24,11 +24,7 @@ pub struct GuestWarnLimiter {
 impl GuestWarnLimiter {
     /// A limiter with its whole budget.
     pub const fn new() -> Self {
-        Self {
-            window_start: None,
-            logged_in_window: 0,
-            suppressed: 0,
-        }
+        Self { window_start: None, logged_in_window: 0, suppressed: 0 }
     }
 
     /// Whether a warning happening now may be logged: `Some(n)` with the number of warnings
@@ -39,9 +35,7 @@ impl GuestWarnLimiter {
 
     /// [`GuestWarnLimiter::admit`] at time `now`.
     pub fn admit_at(&mut self, now: Instant) -> Option<u64> {
-        let expired = self
-            .window_start
-            .is_none_or(|start| now.saturating_duration_since(start) >= GUEST_WARN_INTERVAL);
+        let expired = self.window_start.is_none_or(|start| now.saturating_duration_since(start) >= GUEST_WARN_INTERVAL);
         if expired {
             self.window_start = Some(now);
             self.logged_in_window = 0;

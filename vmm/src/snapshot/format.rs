@@ -20,23 +20,17 @@ pub const MAX_PAYLOAD_BYTES: u64 = 64 << 20;
 pub enum FormatError {
     #[error("state file is {got} bytes, shorter than the {HEADER_BYTES}-byte header (truncated)")]
     Truncated { got: usize },
-    #[error(
-        "state file does not start with the CAPSNAP magic (not a capsule snapshot, or corrupt)"
-    )]
+    #[error("state file does not start with the CAPSNAP magic (not a capsule snapshot, or corrupt)")]
     BadMagic,
     #[error("snapshot format version {got} is not supported (this build reads version {FORMAT_VERSION})")]
     Version { got: u32 },
     #[error("reserved header word is {got:#x}, expected 0 (corrupt header)")]
     Reserved { got: u32 },
-    #[error(
-        "header says {declared} payload bytes but the file holds {actual} (truncated or corrupt)"
-    )]
+    #[error("header says {declared} payload bytes but the file holds {actual} (truncated or corrupt)")]
     Length { declared: u64, actual: u64 },
     #[error("payload of {declared} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")]
     TooLarge { declared: u64 },
-    #[error(
-        "payload checksum mismatch: header {expected:#010x}, payload {actual:#010x} (corrupt)"
-    )]
+    #[error("payload checksum mismatch: header {expected:#010x}, payload {actual:#010x} (corrupt)")]
     Checksum { expected: u32, actual: u32 },
     #[error("payload does not decode as snapshot format version {FORMAT_VERSION}")]
     Decode(#[source] postcard::Error),
@@ -89,10 +83,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), FormatError
     let expected = le_u32(bytes, 24);
     let payload = &bytes[HEADER_BYTES..];
     if payload.len() as u64 != declared {
-        return Err(FormatError::Length {
-            declared,
-            actual: payload.len() as u64,
-        });
+        return Err(FormatError::Length { declared, actual: payload.len() as u64 });
     }
     let actual = crc32fast::hash(payload);
     if actual != expected {
@@ -114,14 +105,7 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample {
-            a: 7,
-            b: vec![1, 2, 3],
-            regs: kvm_bindings::kvm_regs {
-                rip: 0x1234,
-                ..Default::default()
-            },
-        }
+        Sample { a: 7, b: vec![1, 2, 3], regs: kvm_bindings::kvm_regs { rip: 0x1234, ..Default::default() } }
     }
 
     #[test]
@@ -150,15 +134,9 @@ mod tests {
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
-        assert!(matches!(
-            decode::<Sample>(&bad),
-            Err(FormatError::Checksum { .. })
-        ));
+        assert!(matches!(decode::<Sample>(&bad), Err(FormatError::Checksum { .. })));
         let mut bad = bytes;
         bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            decode::<Sample>(&bad),
-            Err(FormatError::TooLarge { .. })
-        ));
+        assert!(matches!(decode::<Sample>(&bad), Err(FormatError::TooLarge { .. })));
     }
 }

@@ -41,11 +41,7 @@ pub enum MemoryFileError {
     #[error("guest memory region at RAM offset {offset} has no host mapping")]
     Unmapped { offset: u64 },
     #[error("dirty bitmap for region {region} has {words} words, need {needed}")]
-    Bitmap {
-        region: usize,
-        words: usize,
-        needed: usize,
-    },
+    Bitmap { region: usize, words: usize, needed: usize },
 }
 
 /// What a memory write did.
@@ -68,16 +64,10 @@ fn regions(memory: &GuestMemoryMmap) -> Result<Vec<RegionView>, MemoryFileError>
     let mut file_offset = 0;
     let mut out = Vec::new();
     for region in memory.iter() {
-        let host = memory.get_host_address(region.start_addr()).map_err(|_| {
-            MemoryFileError::Unmapped {
-                offset: file_offset,
-            }
-        })?;
-        out.push(RegionView {
-            host,
-            len: region.len(),
-            file_offset,
-        });
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryFileError::Unmapped { offset: file_offset })?;
+        out.push(RegionView { host, len: region.len(), file_offset });
         file_offset += region.len();
     }
     Ok(out)
@@ -98,17 +88,15 @@ impl RegionView {
 }
 
 fn write_at(file: &File, data: &[u8], offset: u64) -> Result<(), MemoryFileError> {
-    file.write_all_at(data, offset)
-        .map_err(|source| MemoryFileError::Write {
-            offset,
-            bytes: data.len() as u64,
-            source,
-        })
+    file.write_all_at(data, offset).map_err(|source| MemoryFileError::Write {
+        offset,
+        bytes: data.len() as u64,
+        source,
+    })
 }
 
 fn set_len(file: &File, bytes: u64) -> Result<(), MemoryFileError> {
-    file.set_len(bytes)
-        .map_err(|source| MemoryFileError::SetLen { bytes, source })
+    file.set_len(bytes).map_err(|source| MemoryFileError::SetLen { bytes, source })
 }
 
 fn page_is_zero(page: &[u8]) -> bool {
@@ -190,19 +178,12 @@ pub fn write_full(
             }
         }
     }
-    Ok(MemoryWrite {
-        pages,
-        runs: Vec::new(),
-    })
+    Ok(MemoryWrite { pages, runs: Vec::new() })
 }
 
 /// Writes the pages set in `dirty` (one KVM-style bitmap per region) into `out` at their RAM
 /// offsets and returns them as runs. Cost follows the number of dirty pages.
-pub fn write_layer(
-    memory: &GuestMemoryMmap,
-    dirty: &[Vec<u64>],
-    out: &File,
-) -> Result<MemoryWrite, MemoryFileError> {
+pub fn write_layer(memory: &GuestMemoryMmap, dirty: &[Vec<u64>], out: &File) -> Result<MemoryWrite, MemoryFileError> {
     write_pages(memory, dirty, out, false)
 }
 
@@ -227,10 +208,8 @@ pub fn snapshot_data_pages(
     runs: &[PageRun],
 ) -> Result<Vec<Vec<u64>>, MemoryFileError> {
     let views = regions(memory)?;
-    let mut bitmaps: Vec<Vec<u64>> = views
-        .iter()
-        .map(|v| vec![0u64; ((v.len / PAGE_BYTES) as usize).div_ceil(64)])
-        .collect();
+    let mut bitmaps: Vec<Vec<u64>> =
+        views.iter().map(|v| vec![0u64; ((v.len / PAGE_BYTES) as usize).div_ceil(64)]).collect();
     let total: u64 = views.iter().map(|v| v.len).sum();
     let mut ranges = data_extents(file, 0, total)?;
     ranges.extend(runs.iter().map(|&(offset, bytes)| (offset, offset + bytes)));
@@ -266,11 +245,7 @@ fn write_pages(
         let needed = (pages_in_region as usize).div_ceil(64);
         let bitmap = dirty.get(index).map(Vec::as_slice).unwrap_or(&[]);
         if bitmap.len() < needed {
-            return Err(MemoryFileError::Bitmap {
-                region: index,
-                words: bitmap.len(),
-                needed,
-            });
+            return Err(MemoryFileError::Bitmap { region: index, words: bitmap.len(), needed });
         }
         let mut run_start: Option<u64> = None;
         let flush = |s: u64, e: u64, result: &mut MemoryWrite| -> Result<(), MemoryFileError> {
@@ -290,8 +265,8 @@ fn write_pages(
                 if page >= pages_in_region {
                     break;
                 }
-                let set = word & (1 << bit) != 0
-                    && !(skip_zero && page_is_zero(view.bytes(page * PAGE_BYTES, PAGE_BYTES)));
+                let set =
+                    word & (1 << bit) != 0 && !(skip_zero && page_is_zero(view.bytes(page * PAGE_BYTES, PAGE_BYTES)));
                 match (set, run_start) {
                     (true, None) => run_start = Some(page),
                     (false, Some(s)) => {

@@ -91,9 +91,7 @@ pub enum SnapshotError {
     Save(#[source] MicroVmError),
     #[error("preparing the snapshot directory")]
     PartialDir(#[source] PartialDirError),
-    #[error(
-        "an incremental snapshot needs a previous snapshot of this VM (take a full one first)"
-    )]
+    #[error("an incremental snapshot needs a previous snapshot of this VM (take a full one first)")]
     NoParent,
     #[error("reading the dirty page log")]
     DirtyLog(#[source] VmError),
@@ -106,25 +104,13 @@ pub enum SnapshotError {
     #[error("snapshot chain at {dir} is {MAX_CHAIN_DEPTH} layers deep, the most allowed (take a full snapshot)")]
     ChainTooDeep { dir: PathBuf },
     #[error("parent snapshot {parent} of {dir} changed since the child was taken (state checksum {actual:#010x}, expected {expected:#010x})")]
-    ParentChanged {
-        dir: PathBuf,
-        parent: PathBuf,
-        expected: u32,
-        actual: u32,
-    },
+    ParentChanged { dir: PathBuf, parent: PathBuf, expected: u32, actual: u32 },
     #[error("snapshot {dir} does not match its configuration: {what}")]
     Mismatch { dir: PathBuf, what: String },
     #[error("memory file {path} is {actual} bytes, the snapshot says {expected}")]
-    MemorySize {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
-    },
+    MemorySize { path: PathBuf, expected: u64, actual: u64 },
     #[error("snapshot was taken on a {saved} host but this host is {here}")]
-    HostKind {
-        saved: &'static str,
-        here: &'static str,
-    },
+    HostKind { saved: &'static str, here: &'static str },
     #[error("restore overrides name {given} disks but the snapshot has {saved}")]
     DiskCount { given: usize, saved: usize },
     #[error("creating the KVM VM")]
@@ -141,15 +127,8 @@ pub enum SnapshotError {
     Virtio(#[source] VirtioWiringError),
 }
 
-fn io_err<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
 }
 
 /// How `memory.bin` relates to other snapshots.
@@ -158,11 +137,7 @@ pub enum MemoryState {
     /// The whole of guest RAM (zero pages as holes).
     Full,
     /// Only `runs` (file offset, bytes) are valid; the rest comes from `parent`.
-    Layer {
-        parent: PathBuf,
-        parent_crc: u32,
-        runs: Vec<PageRun>,
-    },
+    Layer { parent: PathBuf, parent_crc: u32, runs: Vec<PageRun> },
 }
 
 /// The state tree of one snapshot.
@@ -214,9 +189,7 @@ pub struct RestoreOverrides {
 }
 
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsyncing directory", path))
+    File::open(path).and_then(|d| d.sync_all()).map_err(io_err("fsyncing directory", path))
 }
 
 /// Saves `vm` (paused, or built and not started) to the new directory `dir`. With `parent`,
@@ -235,9 +208,7 @@ pub fn save_snapshot(
         return Err(SnapshotError::NoParent);
     }
     if let Some(parent) = parent.filter(|p| p.depth >= MAX_CHAIN_DEPTH) {
-        return Err(SnapshotError::ChainTooDeep {
-            dir: parent.dir.clone(),
-        });
+        return Err(SnapshotError::ChainTooDeep { dir: parent.dir.clone() });
     }
     let machine = vm.save_state().map_err(SnapshotError::Save)?;
 
@@ -252,30 +223,20 @@ pub fn save_snapshot(
         .create_new(true)
         .open(&mem_path)
         .map_err(io_err("creating memory file", &mem_path))?;
-    let mem_err = |source| SnapshotError::MemoryFile {
-        path: mem_path.clone(),
-        source,
-    };
+    let mem_err = |source| SnapshotError::MemoryFile { path: mem_path.clone(), source };
     let (written, memory) = match parent {
         Some(parent) => {
             let dirty = vm.take_dirty_pages().map_err(SnapshotError::DirtyLog)?;
-            let written =
-                memory_file::write_layer(vm.memory(), &dirty, &mem_file).map_err(mem_err)?;
-            let memory = MemoryState::Layer {
-                parent: parent.dir.clone(),
-                parent_crc: parent.crc,
-                runs: written.runs.clone(),
-            };
+            let written = memory_file::write_layer(vm.memory(), &dirty, &mem_file).map_err(mem_err)?;
+            let memory =
+                MemoryState::Layer { parent: parent.dir.clone(), parent_crc: parent.crc, runs: written.runs.clone() };
             (written, memory)
         }
         None => {
             let written = match vm.restored_backing() {
                 Some((base, runs)) => {
-                    let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs)
-                        .map_err(mem_err)?;
-                    let candidates = vm
-                        .restored_nonzero_candidates(&base_pages)
-                        .map_err(SnapshotError::DirtyLog)?;
+                    let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs).map_err(mem_err)?;
+                    let candidates = vm.restored_nonzero_candidates(&base_pages).map_err(SnapshotError::DirtyLog)?;
                     memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
                 }
                 None => memory_file::write_full(vm.memory(), vm.memory_backing_file(), &mem_file),
@@ -286,22 +247,12 @@ pub fn save_snapshot(
             (written, MemoryState::Full)
         }
     };
-    mem_file
-        .sync_all()
-        .map_err(io_err("fsyncing memory file", &mem_path))?;
+    mem_file.sync_all().map_err(io_err("fsyncing memory file", &mem_path))?;
 
     let mem_bytes = crate::vstate::memory::ram_bytes(vm.memory());
-    let state = MicrovmState {
-        config: vm.config().clone(),
-        mem_bytes,
-        pvm_host: host_is_pvm(),
-        memory,
-        machine,
-    };
-    let (bytes, crc) = format::encode(&state).map_err(|source| SnapshotError::Format {
-        path: tmp.join(STATE_FILE),
-        source,
-    })?;
+    let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host_is_pvm(), memory, machine };
+    let (bytes, crc) =
+        format::encode(&state).map_err(|source| SnapshotError::Format { path: tmp.join(STATE_FILE), source })?;
     let state_path = tmp.join(STATE_FILE);
     {
         let mut f = OpenOptions::new()
@@ -309,10 +260,8 @@ pub fn save_snapshot(
             .create_new(true)
             .open(&state_path)
             .map_err(io_err("creating state file", &state_path))?;
-        std::io::Write::write_all(&mut f, &bytes)
-            .map_err(io_err("writing state file", &state_path))?;
-        f.sync_all()
-            .map_err(io_err("fsyncing state file", &state_path))?;
+        std::io::Write::write_all(&mut f, &bytes).map_err(io_err("writing state file", &state_path))?;
+        f.sync_all().map_err(io_err("fsyncing state file", &state_path))?;
     }
     sync_dir(&tmp)?;
     partial.commit(dir).map_err(SnapshotError::PartialDir)?;
@@ -356,25 +305,15 @@ fn read_state(dir: &Path) -> Result<(MicrovmState, u32), SnapshotError> {
 fn open_memory(dir: &Path, mem_bytes: u64) -> Result<File, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let file = File::open(&path).map_err(io_err("opening snapshot memory file", &path))?;
-    let actual = file
-        .metadata()
-        .map_err(io_err("reading the size of", &path))?
-        .len();
+    let actual = file.metadata().map_err(io_err("reading the size of", &path))?.len();
     if actual != mem_bytes {
-        return Err(SnapshotError::MemorySize {
-            path,
-            expected: mem_bytes,
-            actual,
-        });
+        return Err(SnapshotError::MemorySize { path, expected: mem_bytes, actual });
     }
     Ok(file)
 }
 
 fn mismatch(dir: &Path, what: String) -> SnapshotError {
-    SnapshotError::Mismatch {
-        dir: dir.to_path_buf(),
-        what,
-    }
+    SnapshotError::Mismatch { dir: dir.to_path_buf(), what }
 }
 
 fn host_name(pvm: bool) -> &'static str {
@@ -391,34 +330,21 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let mem_bytes = state.mem_bytes;
     let here = host_is_pvm();
     if state.pvm_host != here {
-        return Err(SnapshotError::HostKind {
-            saved: host_name(state.pvm_host),
-            here: host_name(here),
-        });
+        return Err(SnapshotError::HostKind { saved: host_name(state.pvm_host), here: host_name(here) });
     }
     if state.config.mem_mib.checked_mul(BYTES_PER_MIB) != Some(mem_bytes) {
         return Err(mismatch(
             dir,
-            format!(
-                "memory is {mem_bytes} bytes but the config says {} MiB",
-                state.config.mem_mib
-            ),
+            format!("memory is {mem_bytes} bytes but the config says {} MiB", state.config.mem_mib),
         ));
     }
     let vcpus = &state.machine.vcpus;
     if vcpus.len() != usize::from(state.config.vcpus)
-        || vcpus
-            .iter()
-            .enumerate()
-            .any(|(i, v)| usize::from(v.index) != i)
+        || vcpus.iter().enumerate().any(|(i, v)| usize::from(v.index) != i)
     {
         return Err(mismatch(
             dir,
-            format!(
-                "{} saved vCPUs for a {}-vCPU config (or out of order)",
-                vcpus.len(),
-                state.config.vcpus
-            ),
+            format!("{} saved vCPUs for a {}-vCPU config (or out of order)", vcpus.len(), state.config.vcpus),
         ));
     }
 
@@ -429,22 +355,12 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let base = loop {
         match current_memory {
             MemoryState::Full => break open_memory(&current_dir, mem_bytes)?,
-            MemoryState::Layer {
-                parent,
-                parent_crc,
-                runs,
-            } => {
+            MemoryState::Layer { parent, parent_crc, runs } => {
                 if layers.len() >= MAX_CHAIN_DEPTH {
-                    return Err(SnapshotError::ChainTooDeep {
-                        dir: dir.to_path_buf(),
-                    });
+                    return Err(SnapshotError::ChainTooDeep { dir: dir.to_path_buf() });
                 }
                 let file = open_memory(&current_dir, mem_bytes)?;
-                layers.push(MemoryLayer {
-                    path: current_dir.join(MEMORY_FILE),
-                    file,
-                    runs,
-                });
+                layers.push(MemoryLayer { path: current_dir.join(MEMORY_FILE), file, runs });
                 let (parent_state, actual) = read_state(&parent)?;
                 if actual != parent_crc {
                     return Err(SnapshotError::ParentChanged {
@@ -457,10 +373,7 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
                 if parent_state.mem_bytes != mem_bytes {
                     return Err(mismatch(
                         &parent,
-                        format!(
-                            "parent has {} bytes of memory, child {mem_bytes}",
-                            parent_state.mem_bytes
-                        ),
+                        format!("parent has {} bytes of memory, child {mem_bytes}", parent_state.mem_bytes),
                     ));
                 }
                 current_dir = parent;
@@ -469,20 +382,11 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         }
     };
     layers.reverse();
-    Ok(LoadedSnapshot {
-        dir: dir.to_path_buf(),
-        crc,
-        state,
-        base,
-        layers,
-    })
+    Ok(LoadedSnapshot { dir: dir.to_path_buf(), crc, state, base, layers })
 }
 
 /// The saved config with a restore's overrides applied.
-fn restored_config(
-    saved: &VmConfig,
-    overrides: &RestoreOverrides,
-) -> Result<VmConfig, SnapshotError> {
+fn restored_config(saved: &VmConfig, overrides: &RestoreOverrides) -> Result<VmConfig, SnapshotError> {
     let mut config = saved.clone();
     if let (Some(vsock), Some(path)) = (config.vsock.as_mut(), &overrides.vsock_uds) {
         vsock.uds_path = path.clone();
@@ -492,10 +396,7 @@ fn restored_config(
     }
     if !overrides.disks.is_empty() {
         if overrides.disks.len() != config.disks.len() {
-            return Err(SnapshotError::DiskCount {
-                given: overrides.disks.len(),
-                saved: config.disks.len(),
-            });
+            return Err(SnapshotError::DiskCount { given: overrides.disks.len(), saved: config.disks.len() });
         }
         for (disk, path) in config.disks.iter_mut().zip(&overrides.disks) {
             disk.path = path.clone();
@@ -508,29 +409,21 @@ fn restored_config(
 /// where it was saved). Memory is mapped copy-on-write; dirty tracking is on, so the returned
 /// [`SnapshotRef`] can parent an incremental snapshot. Nothing runs unless every part of the
 /// state was accepted.
-pub fn restore_microvm(
-    dir: &Path,
-    overrides: &RestoreOverrides,
-) -> Result<(MicroVm, SnapshotRef), SnapshotError> {
+pub fn restore_microvm(dir: &Path, overrides: &RestoreOverrides) -> Result<(MicroVm, SnapshotRef), SnapshotError> {
     let loaded = load_snapshot(dir)?;
     let state = &loaded.state;
     let config = restored_config(&state.config, overrides)?;
     let machine = &state.machine;
 
     let vm = Vm::new().map_err(SnapshotError::Vm)?;
-    let memory = map_snapshot_memory(loaded.base, state.mem_bytes, &loaded.layers)
-        .map_err(SnapshotError::Map)?;
+    let memory = map_snapshot_memory(loaded.base, state.mem_bytes, &loaded.layers).map_err(SnapshotError::Map)?;
     // Registered with dirty logging from the start: switching it on later costs milliseconds.
-    vm.set_dirty_logging(&memory.memory, true)
-        .map_err(SnapshotError::Vm)?;
+    vm.set_dirty_logging(&memory.memory, true).map_err(SnapshotError::Vm)?;
     vm.setup_irqchip().map_err(SnapshotError::Vm)?;
     let mut vcpus = Vec::with_capacity(machine.vcpus.len());
     for saved in &machine.vcpus {
         let fd = vm.create_vcpu(saved.index).map_err(SnapshotError::Vm)?;
-        vcpus.push(Vcpu {
-            fd,
-            index: saved.index,
-        });
+        vcpus.push(Vcpu { fd, index: saved.index });
     }
     // NOTES-snapshot.md order: irqchip, PIT and clock, then each vCPU.
     vm.restore_state(&machine.vm).map_err(SnapshotError::Vm)?;
@@ -544,12 +437,11 @@ pub fn restore_microvm(
         Some(path) => SerialLog::append_to_file(path).map_err(SnapshotError::Serial)?,
         None => SerialLog::in_memory(),
     };
-    let (uart, irq) =
-        SerialDevice::restore(serial.clone(), &machine.serial).map_err(SnapshotError::Serial)?;
+    let (uart, irq) = SerialDevice::restore(serial.clone(), &machine.serial).map_err(SnapshotError::Serial)?;
     let stop_request = Arc::new(StopRequest::default());
     let mut pio = Bus::new();
-    let serial_device = attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request)
-        .map_err(SnapshotError::Legacy)?;
+    let serial_device =
+        attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request).map_err(SnapshotError::Legacy)?;
     let mut mmio = Bus::new();
     // The guest already parsed its command line; the entries built here are not used.
     let mut unused_cmdline = String::new();
@@ -577,12 +469,5 @@ pub fn restore_microvm(
     });
     microvm.assume_dirty_tracking();
     let dir = std::fs::canonicalize(&loaded.dir).unwrap_or(loaded.dir);
-    Ok((
-        microvm,
-        SnapshotRef {
-            dir,
-            crc: loaded.crc,
-            depth: loaded.layers.len(),
-        },
-    ))
+    Ok((microvm, SnapshotRef { dir, crc: loaded.crc, depth: loaded.layers.len() }))
 }

@@ -42,10 +42,7 @@ pub struct PartialDir {
 
 /// `<dir>.partial-<this pid>`.
 fn partial_path(dir: &Path) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "snapshot".into());
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "snapshot".into());
     dir.with_file_name(format!("{name}{PARTIAL_INFIX}{}", std::process::id()))
 }
 
@@ -91,28 +88,16 @@ impl PartialDir {
     /// stale siblings of dead processes.
     pub fn create(dir: &Path) -> Result<Self, PartialDirError> {
         if let Some(parent) = dir.parent() {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
             remove_stale_partials(parent);
         }
         let path = partial_path(dir);
         if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|source| PartialDirError::RemoveStale {
-                path: path.clone(),
-                source,
-            })?;
+            std::fs::remove_dir_all(&path)
+                .map_err(|source| PartialDirError::RemoveStale { path: path.clone(), source })?;
         }
-        std::fs::create_dir(&path).map_err(|source| PartialDirError::Create {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Self {
-            path,
-            committed: false,
-        })
+        std::fs::create_dir(&path).map_err(|source| PartialDirError::Create { path: path.clone(), source })?;
+        Ok(Self { path, committed: false })
     }
 
     /// Where files are written.
@@ -122,10 +107,8 @@ impl PartialDir {
 
     /// Renames the directory to `dir`; from then on it is no longer removed on drop.
     pub fn commit(mut self, dir: &Path) -> Result<(), PartialDirError> {
-        std::fs::rename(&self.path, dir).map_err(|source| PartialDirError::Rename {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::rename(&self.path, dir)
+            .map_err(|source| PartialDirError::Rename { path: dir.to_path_buf(), source })?;
         self.committed = true;
         Ok(())
     }
@@ -168,19 +151,14 @@ mod tests {
         std::fs::write(partial.path().join("state.bin"), b"whole").unwrap();
         partial.commit(&dir).unwrap();
         assert!(dir.join("state.bin").exists());
-        let left: Vec<_> = std::fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("snap")]);
     }
 
     #[test]
     fn stale_partials_of_dead_writers_are_removed_live_ones_kept() {
         let root = tempfile::tempdir().unwrap();
-        let dead = root
-            .path()
-            .join(format!("old{PARTIAL_INFIX}{}", dead_pid()));
+        let dead = root.path().join(format!("old{PARTIAL_INFIX}{}", dead_pid()));
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("memory.bin"), b"x").unwrap();
         // pid 1 is always alive.
@@ -192,10 +170,7 @@ mod tests {
         let partial = PartialDir::create(&root.path().join("new")).unwrap();
         assert!(!dead.exists(), "stale partial of a dead writer was kept");
         assert!(live.exists(), "partial of a live writer was removed");
-        assert!(
-            unrelated.exists(),
-            "a directory not named .partial-<pid> was removed"
-        );
+        assert!(unrelated.exists(), "a directory not named .partial-<pid> was removed");
         assert!(partial.path().exists());
     }
 

@@ -53,11 +53,7 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     #[error("snapshot memory run at offset {offset} ({bytes} bytes) is not page aligned or lies outside the {ram_bytes}-byte guest")]
-    BadRun {
-        offset: u64,
-        bytes: u64,
-        ram_bytes: u64,
-    },
+    BadRun { offset: u64, bytes: u64, ram_bytes: u64 },
 }
 
 /// Bytes per guest page (the dirty-tracking granule).
@@ -91,10 +87,7 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     if mem_bytes <= MMIO_HOLE_START {
         vec![(GuestAddress(0), mem_bytes)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_HOLE_START),
-            (GuestAddress(HIGH_RAM_START), mem_bytes - MMIO_HOLE_START),
-        ]
+        vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(HIGH_RAM_START), mem_bytes - MMIO_HOLE_START)]
     }
 }
 
@@ -122,19 +115,10 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryBacking, MemoryE
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(mem_bytes)
-        .map_err(|source| MemoryError::SetLen {
-            bytes: mem_bytes,
-            source,
-        })?;
+    file.set_len(mem_bytes).map_err(|source| MemoryError::SetLen { bytes: mem_bytes, source })?;
 
     let memory = map_regions(&file, mem_bytes, libc::MAP_SHARED)?;
-    Ok(GuestMemoryBacking {
-        memory,
-        file,
-        kind: BackingKind::SharedMemfd,
-        layer_runs: Vec::new(),
-    })
+    Ok(GuestMemoryBacking { memory, file, kind: BackingKind::SharedMemfd, layer_runs: Vec::new() })
 }
 
 /// Maps `mem_bytes` of guest RAM from a snapshot: `base` (the full memory file) privately, then
@@ -170,11 +154,7 @@ fn overlay_run(
     offset: u64,
     bytes: u64,
 ) -> Result<(), MemoryError> {
-    let bad_run = MemoryError::BadRun {
-        offset,
-        bytes,
-        ram_bytes: mem_bytes,
-    };
+    let bad_run = MemoryError::BadRun { offset, bytes, ram_bytes: mem_bytes };
     if offset % PAGE_BYTES != 0 || bytes % PAGE_BYTES != 0 || bytes == 0 {
         return Err(bad_run);
     }
@@ -188,11 +168,7 @@ fn overlay_run(
         let len = region.len();
         if offset >= region_file_start && offset + bytes <= region_file_start + len {
             let host = memory
-                .get_host_address(
-                    region
-                        .start_addr()
-                        .unchecked_add(offset - region_file_start),
-                )
+                .get_host_address(region.start_addr().unchecked_add(offset - region_file_start))
                 .map_err(|_| MemoryError::RegionOverflow)?;
             // SAFETY: `host..host+bytes` lies inside a mapping this process owns (`memory`,
             // checked above); MAP_FIXED replaces those pages with a private mapping of the same
@@ -231,13 +207,12 @@ fn map_regions(file: &File, mem_bytes: u64, share: i32) -> Result<GuestMemoryMma
             len as usize,
             std::num::NonZeroUsize::new(PAGE_BYTES as usize).expect("page size is not zero"),
         ));
-        let mapping =
-            MmapRegionBuilder::<Option<AtomicBitmap>>::new_with_bitmap(len as usize, bitmap)
-                .with_file_offset(FileOffset::new(clone, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(share | libc::MAP_NORESERVE)
-                .build()
-                .map_err(MemoryError::Mmap)?;
+        let mapping = MmapRegionBuilder::<Option<AtomicBitmap>>::new_with_bitmap(len as usize, bitmap)
+            .with_file_offset(FileOffset::new(clone, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(share | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Mmap)?;
         let region = GuestRegionMmap::new(mapping, start).ok_or(MemoryError::RegionOverflow)?;
         regions.push(region);
         offset += len;

@@ -110,18 +110,15 @@ impl Vcpu {
     ) -> Result<Self, VcpuError> {
         let mut cpuid: CpuId = supported_cpuid.clone();
         cpuid::normalize(&mut cpuid, index, count);
-        fd.set_cpuid2(&cpuid)
-            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::SetCpuid { index, source })?;
         msr::setup_msrs(&fd).map_err(|source| VcpuError::Msrs { index, source })?;
         regs::setup_regs(&fd, entry).map_err(|source| VcpuError::Regs { index, source })?;
         regs::setup_sregs(&fd).map_err(|source| VcpuError::Regs { index, source })?;
         regs::setup_fpu(&fd).map_err(|source| VcpuError::Regs { index, source })?;
         interrupts::set_lint(&fd).map_err(|source| VcpuError::Lapic { index, source })?;
         if start_runnable && index != 0 {
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })
-            .map_err(|source| VcpuError::MpState { index, source })?;
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                .map_err(|source| VcpuError::MpState { index, source })?;
         }
         Ok(Self { fd, index })
     }
@@ -159,9 +156,7 @@ pub struct VcpuControl {
 
 impl std::fmt::Debug for VcpuControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuControl")
-            .field("state", &*self.lock())
-            .finish_non_exhaustive()
+        f.debug_struct("VcpuControl").field("state", &*self.lock()).finish_non_exhaustive()
     }
 }
 
@@ -180,8 +175,7 @@ static KICK_HANDLER: Once = Once::new();
 fn install_kick_handler() -> Result<(), VcpuError> {
     let mut result = Ok(());
     KICK_HANDLER.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
-            .map_err(VcpuError::Signal);
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal);
     });
     result
 }
@@ -199,18 +193,9 @@ fn write_immediate_exit(addr: usize, value: u8) {
 
 impl VcpuControl {
     /// A control for `count` vCPUs that reports to `events`.
-    pub fn new(
-        count: usize,
-        events: Sender<VmEvent>,
-        stop_request: Arc<StopRequest>,
-        serial: Arc<SerialLog>,
-    ) -> Self {
+    pub fn new(count: usize, events: Sender<VmEvent>, stop_request: Arc<StopRequest>, serial: Arc<SerialLog>) -> Self {
         Self {
-            state: Mutex::new(ControlState {
-                want: RunState::Running,
-                parked: 0,
-                live: 0,
-            }),
+            state: Mutex::new(ControlState { want: RunState::Running, parked: 0, live: 0 }),
             changed: Condvar::new(),
             kickers: (0..count).map(|_| Kicker::default()).collect(),
             events: Mutex::new(events),
@@ -247,10 +232,7 @@ impl VcpuControl {
 
     fn kick_all(&self) {
         for kicker in &self.kickers {
-            let addr = kicker
-                .immediate_exit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let addr = kicker.immediate_exit.lock().unwrap_or_else(|p| p.into_inner());
             write_immediate_exit(*addr, 1);
             if let Some(thread) = *kicker.thread.lock().unwrap_or_else(|p| p.into_inner()) {
                 if *addr != 0 {
@@ -368,30 +350,21 @@ pub fn spawn_vcpu(
     let index = vcpu.index;
     control.lock().live += 1;
     let thread_control = control.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || {
-            let control = thread_control;
-            let mut vcpu = vcpu;
-            let kicker = &control.kickers[usize::from(index)];
-            // SAFETY: pthread_self has no preconditions.
-            *kicker.thread.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(unsafe { libc::pthread_self() });
-            let addr = std::ptr::addr_of_mut!(vcpu.fd.get_kvm_run().immediate_exit) as usize;
-            *kicker
-                .immediate_exit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = addr;
-            run_loop(&mut vcpu, &control, &pio, &mmio, addr);
-            *kicker
-                .immediate_exit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = 0;
-            let mut s = control.lock();
-            s.live -= 1;
-            drop(s);
-            control.changed.notify_all();
-        });
+    let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+        let control = thread_control;
+        let mut vcpu = vcpu;
+        let kicker = &control.kickers[usize::from(index)];
+        // SAFETY: pthread_self has no preconditions.
+        *kicker.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { libc::pthread_self() });
+        let addr = std::ptr::addr_of_mut!(vcpu.fd.get_kvm_run().immediate_exit) as usize;
+        *kicker.immediate_exit.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+        run_loop(&mut vcpu, &control, &pio, &mmio, addr);
+        *kicker.immediate_exit.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        let mut s = control.lock();
+        s.live -= 1;
+        drop(s);
+        control.changed.notify_all();
+    });
     spawned.map_err(|source| {
         control.lock().live -= 1;
         VcpuError::Spawn { index, source }
@@ -414,10 +387,7 @@ fn run_loop(vcpu: &mut Vcpu, control: &VcpuControl, pio: &Bus, mmio: &Bus, immed
                 write_immediate_exit(immediate_exit, 0);
                 Step::Continue
             }
-            Err(e) => Step::Exit(VmEvent::Crashed {
-                vcpu: index,
-                reason: format!("KVM_RUN: {e}"),
-            }),
+            Err(e) => Step::Exit(VmEvent::Crashed { vcpu: index, reason: format!("KVM_RUN: {e}") }),
         };
         if let Step::Exit(event) = step {
             control.finish(event);
@@ -426,13 +396,7 @@ fn run_loop(vcpu: &mut Vcpu, control: &VcpuControl, pio: &Bus, mmio: &Bus, immed
     }
 }
 
-fn handle_exit(
-    exit: VcpuExit<'_>,
-    index: u8,
-    control: &VcpuControl,
-    pio: &Bus,
-    mmio: &Bus,
-) -> Step {
+fn handle_exit(exit: VcpuExit<'_>, index: u8, control: &VcpuControl, pio: &Bus, mmio: &Bus) -> Step {
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !pio.read(u64::from(port), data) {
@@ -465,10 +429,7 @@ fn handle_exit(
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::Shutdown,
                 KVM_SYSTEM_EVENT_RESET => reset_event(control, ResetSource::ResetControl),
                 KVM_SYSTEM_EVENT_CRASH => VmEvent::Panic,
-                other => VmEvent::Crashed {
-                    vcpu: index,
-                    reason: format!("system event {other}"),
-                },
+                other => VmEvent::Crashed { vcpu: index, reason: format!("system event {other}") },
             });
         }
         VcpuExit::Intr => {}
@@ -485,10 +446,7 @@ fn handle_exit(
             });
         }
         other => {
-            return Step::Exit(VmEvent::Crashed {
-                vcpu: index,
-                reason: format!("unexpected exit {other:?}"),
-            });
+            return Step::Exit(VmEvent::Crashed { vcpu: index, reason: format!("unexpected exit {other:?}") });
         }
     }
     Step::Continue
@@ -564,18 +522,12 @@ pub enum VcpuStateError {
 }
 
 fn state_err(ioctl: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
-    move |source| VcpuStateError::Kvm {
-        ioctl,
-        index,
-        source,
-    }
+    move |source| VcpuStateError::Kvm { ioctl, index, source }
 }
 
 /// The MSR numbers worth saving: KVM's index list plus `EXTRA_SAVED_MSRS`.
 pub fn saved_msr_indices(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(state_err("GET_MSR_INDEX_LIST", 0))?;
+    let list = kvm.get_msr_index_list().map_err(state_err("GET_MSR_INDEX_LIST", 0))?;
     let mut indices: Vec<u32> = list.as_slice().to_vec();
     for extra in EXTRA_SAVED_MSRS {
         if !indices.contains(extra) {
@@ -605,36 +557,17 @@ impl VcpuState {
             .map_err(state_err("GET_CPUID2", index))?
             .as_slice()
             .to_vec();
-        let mp_state = fd
-            .get_mp_state()
-            .map_err(state_err("GET_MP_STATE", index))?;
+        let mp_state = fd.get_mp_state().map_err(state_err("GET_MP_STATE", index))?;
         let regs = fd.get_regs().map_err(state_err("GET_REGS", index))?;
         let sregs = fd.get_sregs().map_err(state_err("GET_SREGS", index))?;
         let xsave = fd.get_xsave().map_err(state_err("GET_XSAVE", index))?;
         let xcrs = fd.get_xcrs().map_err(state_err("GET_XCRS", index))?;
         let lapic = fd.get_lapic().map_err(state_err("GET_LAPIC", index))?;
-        let debug_regs = fd
-            .get_debug_regs()
-            .map_err(state_err("GET_DEBUGREGS", index))?;
+        let debug_regs = fd.get_debug_regs().map_err(state_err("GET_DEBUGREGS", index))?;
         let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
         let msrs = read_msrs(fd, index, msr_indices)?;
-        let events = fd
-            .get_vcpu_events()
-            .map_err(state_err("GET_VCPU_EVENTS", index))?;
-        Ok(Self {
-            index,
-            cpuid,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            msrs,
-            lapic,
-            events,
-            mp_state,
-            debug_regs,
-            tsc_khz,
-        })
+        let events = fd.get_vcpu_events().map_err(state_err("GET_VCPU_EVENTS", index))?;
+        Ok(Self { index, cpuid, regs, sregs, xsave, xcrs, msrs, lapic, events, mp_state, debug_regs, tsc_khz })
     }
 
     /// Writes this state into a fresh vCPU: CPUID, TSC rate, sregs, regs, XSAVE, XCRs, LAPIC,
@@ -642,68 +575,44 @@ impl VcpuState {
     /// the order free on PVM except for VIF; the LAPIC must precede the TSC-deadline MSR.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
         let index = self.index;
-        let cpuid = CpuId::from_entries(&self.cpuid)
-            .map_err(|source| VcpuStateError::Fam { index, source })?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(state_err("SET_CPUID2", index))?;
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| VcpuStateError::Fam { index, source })?;
+        fd.set_cpuid2(&cpuid).map_err(state_err("SET_CPUID2", index))?;
         if self.tsc_khz != 0 {
             if let Err(e) = fd.set_tsc_khz(self.tsc_khz) {
                 tracing::debug!(error = %e, "KVM_SET_TSC_KHZ refused; keeping the host rate");
             }
         }
-        fd.set_sregs(&self.sregs)
-            .map_err(state_err("SET_SREGS", index))?;
-        fd.set_regs(&self.regs)
-            .map_err(state_err("SET_REGS", index))?;
+        fd.set_sregs(&self.sregs).map_err(state_err("SET_SREGS", index))?;
+        fd.set_regs(&self.regs).map_err(state_err("SET_REGS", index))?;
         // SAFETY: `self.xsave` is a complete `kvm_xsave` (4 KiB, the legacy size KVM_GET_XSAVE
         // returned), so KVM reads only within it.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(state_err("SET_XSAVE", index))?;
-        fd.set_xcrs(&self.xcrs)
-            .map_err(state_err("SET_XCRS", index))?;
+        fd.set_xcrs(&self.xcrs).map_err(state_err("SET_XCRS", index))?;
         // The LAPIC before the MSRs: setting the LAPIC's timer mode to TSC-deadline clears the
         // deadline, and a deadline written while the fresh LAPIC is in one-shot mode is
         // ignored. Either way the guest's timer would never fire again.
-        fd.set_lapic(&self.lapic)
-            .map_err(state_err("SET_LAPIC", index))?;
-        let (vif, rest): (Vec<_>, Vec<_>) = self
-            .msrs
-            .iter()
-            .copied()
-            .partition(|m| m.index == MSR_PVM_VIF);
+        fd.set_lapic(&self.lapic).map_err(state_err("SET_LAPIC", index))?;
+        let (vif, rest): (Vec<_>, Vec<_>) = self.msrs.iter().copied().partition(|m| m.index == MSR_PVM_VIF);
         write_msrs(fd, index, &rest)?;
         write_msrs(fd, index, &vif)?;
-        fd.set_debug_regs(&self.debug_regs)
-            .map_err(state_err("SET_DEBUGREGS", index))?;
-        fd.set_mp_state(self.mp_state)
-            .map_err(state_err("SET_MP_STATE", index))?;
-        fd.set_vcpu_events(&self.events)
-            .map_err(state_err("SET_VCPU_EVENTS", index))?;
+        fd.set_debug_regs(&self.debug_regs).map_err(state_err("SET_DEBUGREGS", index))?;
+        fd.set_mp_state(self.mp_state).map_err(state_err("SET_MP_STATE", index))?;
+        fd.set_vcpu_events(&self.events).map_err(state_err("SET_VCPU_EVENTS", index))?;
         Ok(())
     }
 }
 
 /// Reads `indices` in batches; an MSR KVM will not read is skipped.
-fn read_msrs(
-    fd: &VcpuFd,
-    index: u8,
-    indices: &[u32],
-) -> Result<Vec<kvm_bindings::kvm_msr_entry>, VcpuStateError> {
+fn read_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_entry>, VcpuStateError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut next = 0;
     while next < indices.len() {
         let batch = &indices[next..indices.len().min(next + MSRS_PER_IOCTL)];
-        let entries: Vec<_> = batch
-            .iter()
-            .map(|&i| kvm_bindings::kvm_msr_entry {
-                index: i,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = kvm_bindings::Msrs::from_entries(&entries)
-            .map_err(|source| VcpuStateError::Fam { index, source })?;
-        let read = fd
-            .get_msrs(&mut msrs)
-            .map_err(state_err("GET_MSRS", index))?;
+        let entries: Vec<_> =
+            batch.iter().map(|&i| kvm_bindings::kvm_msr_entry { index: i, ..Default::default() }).collect();
+        let mut msrs =
+            kvm_bindings::Msrs::from_entries(&entries).map_err(|source| VcpuStateError::Fam { index, source })?;
+        let read = fd.get_msrs(&mut msrs).map_err(state_err("GET_MSRS", index))?;
         out.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
         // KVM stops at the first MSR it cannot read: skip that one.
         next += read + usize::from(read < batch.len());
@@ -712,16 +621,11 @@ fn read_msrs(
 }
 
 /// Writes `entries`; an MSR KVM refuses is logged and skipped (as the reference VMM does).
-fn write_msrs(
-    fd: &VcpuFd,
-    index: u8,
-    entries: &[kvm_bindings::kvm_msr_entry],
-) -> Result<(), VcpuStateError> {
+fn write_msrs(fd: &VcpuFd, index: u8, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<(), VcpuStateError> {
     let mut next = 0;
     while next < entries.len() {
         let batch = &entries[next..entries.len().min(next + MSRS_PER_IOCTL)];
-        let msrs = kvm_bindings::Msrs::from_entries(batch)
-            .map_err(|source| VcpuStateError::Fam { index, source })?;
+        let msrs = kvm_bindings::Msrs::from_entries(batch).map_err(|source| VcpuStateError::Fam { index, source })?;
         let written = fd.set_msrs(&msrs).map_err(state_err("SET_MSRS", index))?;
         if written < batch.len() {
             tracing::warn!(

@@ -2,9 +2,8 @@
 //! and PIT, TSS address and irqfds. It never runs vCPUs.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -98,10 +97,7 @@ impl Vm {
         if version != KVM_API_VERSION {
             return Err(VmError::ApiVersion { got: version });
         }
-        if let Some((_, name)) = REQUIRED_CAPS
-            .iter()
-            .find(|(cap, _)| !kvm.check_extension(*cap))
-        {
+        if let Some((_, name)) = REQUIRED_CAPS.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
             return Err(VmError::MissingCap { name });
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
@@ -136,52 +132,36 @@ impl Vm {
             .iter()
             .enumerate()
             .map(|(slot, region)| {
-                self.fd
-                    .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(kvm_err("GET_DIRTY_LOG"))
+                self.fd.get_dirty_log(slot as u32, region.len() as usize).map_err(kvm_err("GET_DIRTY_LOG"))
             })
             .collect()
     }
 
     fn set_memory_slots(&self, memory: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm {
-                    ioctl: "SET_USER_MEMORY_REGION",
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
+            let host = memory.get_host_address(region.start_addr()).map_err(|_| VmError::Kvm {
+                ioctl: "SET_USER_MEMORY_REGION",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if log_dirty {
-                    KVM_MEM_LOG_DIRTY_PAGES
-                } else {
-                    0
-                },
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
             // SAFETY: the mapping behind `userspace_addr` lives in `memory`, which the caller
             // keeps alive as long as this VM (MicroVm owns both and drops the VM first).
-            unsafe { self.fd.set_user_memory_region(region) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
 
     /// Sets the TSS address and creates the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
     pub fn setup_irqchip(&self) -> Result<(), VmError> {
-        self.fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("SET_TSS_ADDR"))?;
-        self.fd
-            .create_irq_chip()
-            .map_err(kvm_err("CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        self.fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("SET_TSS_ADDR"))?;
+        self.fd.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.fd.create_pit2(pit).map_err(kvm_err("CREATE_PIT2"))
     }
 
@@ -192,16 +172,12 @@ impl Vm {
 
     /// What CPUID KVM can offer.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("GET_SUPPORTED_CPUID"))
+        self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("GET_SUPPORTED_CPUID"))
     }
 
     /// Creates vCPU `index` (its APIC id).
     pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
-        self.fd
-            .create_vcpu(u64::from(index))
-            .map_err(kvm_err("CREATE_VCPU"))
+        self.fd.create_vcpu(u64::from(index)).map_err(kvm_err("CREATE_VCPU"))
     }
 }
 
@@ -218,9 +194,7 @@ pub struct VmState {
 
 impl std::fmt::Debug for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmState")
-            .field("clock", &self.clock.clock)
-            .finish_non_exhaustive()
+        f.debug_struct("VmState").field("clock", &self.clock.clock).finish_non_exhaustive()
     }
 }
 
@@ -228,13 +202,8 @@ impl Vm {
     /// Reads the irqchip, PIT and clock state (vCPUs must be out of `KVM_RUN`).
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut chip)
-                .map_err(kvm_err("GET_IRQCHIP"))?;
+            let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+            self.fd.get_irqchip(&mut chip).map_err(kvm_err("GET_IRQCHIP"))?;
             Ok(chip)
         };
         Ok(VmState {
@@ -253,10 +222,7 @@ impl Vm {
             self.fd.set_irqchip(chip).map_err(kvm_err("SET_IRQCHIP"))?;
         }
         self.fd.set_pit2(&state.pit).map_err(kvm_err("SET_PIT2"))?;
-        let clock = kvm_clock_data {
-            clock: state.clock.clock,
-            ..Default::default()
-        };
+        let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
         self.fd.set_clock(&clock).map_err(kvm_err("SET_CLOCK"))
     }
 }

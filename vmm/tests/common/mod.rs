@@ -75,13 +75,8 @@ pub fn kvm_usable() -> bool {
 
 /// The prebuilt PVM kernel, decompressed into a per-user cache, or None (with the reason).
 pub fn reference_kernel() -> Option<std::path::PathBuf> {
-    let xz =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest/vmlinux-6.12.117-pvm.xz");
-    let xz = if xz.exists() {
-        xz
-    } else {
-        Path::new("/work/shared/guest/vmlinux-6.12.117-pvm.xz").to_path_buf()
-    };
+    let xz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest/vmlinux-6.12.117-pvm.xz");
+    let xz = if xz.exists() { xz } else { Path::new("/work/shared/guest/vmlinux-6.12.117-pvm.xz").to_path_buf() };
     let out = std::env::temp_dir().join("capsule-vmm-test-vmlinux-6.12.117-pvm");
     if !out.exists() {
         let tmp = out.with_extension(format!("tmp{}", std::process::id()));

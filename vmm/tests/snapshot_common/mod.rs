@@ -22,10 +22,8 @@ pub const TSC_ADDR: u64 = 0x6000;
 pub const TOUCH_BASE: u64 = 0x40_0000;
 
 /// `loop: inc qword [0x5000]; rdtsc; mov [0x6000], eax; jmp loop`
-pub const COUNTER_AND_TSC: [u8; 19] = [
-    0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0x0f, 0x31, 0x89, 0x04, 0x25, 0x00, 0x60, 0x00,
-    0x00, 0xeb, 0xed,
-];
+pub const COUNTER_AND_TSC: [u8; 19] =
+    [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0x0f, 0x31, 0x89, 0x04, 0x25, 0x00, 0x60, 0x00, 0x00, 0xeb, 0xed];
 
 /// Forever: `inc qword` on each of `pages` pages from [`TOUCH_BASE`], then on the counter.
 pub fn toucher(pages: u32) -> Vec<u8> {
@@ -82,15 +80,13 @@ pub fn run_for(worker: &WorkerHandle, time: Duration) {
 pub fn snapshot_bytes(dir: &Path, addr: u64, len: usize) -> Vec<u8> {
     let loaded = load_snapshot(dir).expect("load snapshot");
     let mut out = vec![0u8; len];
-    let covering = loaded.layers.iter().rev().find(|layer| {
-        layer
-            .runs
-            .iter()
-            .any(|&(off, bytes)| addr >= off && addr + len as u64 <= off + bytes)
-    });
+    let covering = loaded
+        .layers
+        .iter()
+        .rev()
+        .find(|layer| layer.runs.iter().any(|&(off, bytes)| addr >= off && addr + len as u64 <= off + bytes));
     let file = covering.map(|l| &l.file).unwrap_or(&loaded.base);
-    file.read_exact_at(&mut out, addr)
-        .expect("read memory file");
+    file.read_exact_at(&mut out, addr).expect("read memory file");
     out
 }
 

@@ -35,19 +35,11 @@ pub struct Desc {
 }
 
 pub fn r(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: false,
-    }
+    Desc { addr, len, writable: false }
 }
 
 pub fn w(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: true,
-    }
+    Desc { addr, len, writable: true }
 }
 
 /// The driver side of one queue, laid out at `base` in guest memory.
@@ -59,12 +51,8 @@ pub struct Driver<'a> {
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a Mem, base: u64) -> Self {
         // Start from clean rings even when a test reuses the memory.
-        mem.write_slice(&[0u8; 0x2000], GuestAddress(base))
-            .expect("clear rings");
-        Self {
-            mock: MockSplitQueue::create(mem, GuestAddress(base), QUEUE_SIZE),
-            next_desc: 0,
-        }
+        mem.write_slice(&[0u8; 0x2000], GuestAddress(base)).expect("clear rings");
+        Self { mock: MockSplitQueue::create(mem, GuestAddress(base), QUEUE_SIZE), next_desc: 0 }
     }
 
     /// A device-side queue over this driver's rings.
@@ -80,11 +68,7 @@ impl<'a> Driver<'a> {
             .enumerate()
             .map(|(i, d)| {
                 let last = i + 1 == descs.len();
-                let mut flags = if d.writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
+                let mut flags = if d.writable { VRING_DESC_F_WRITE as u16 } else { 0 };
                 if !last {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
@@ -103,23 +87,13 @@ impl<'a> Driver<'a> {
 
     /// Used-ring entry `i`: (head id, length).
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let e = self
-            .mock
-            .used()
-            .ring()
-            .ref_at(i as usize % QUEUE_SIZE as usize)
-            .expect("used")
-            .load();
+        let e = self.mock.used().ring().ref_at(i as usize % QUEUE_SIZE as usize).expect("used").load();
         (e.id(), e.len())
     }
 }
 
 /// Activates `device` with `queues`; returns its interrupt line.
-pub fn activate<D: VirtioDevice<Mem> + ?Sized>(
-    device: &mut D,
-    mem: &Mem,
-    queues: Vec<Queue>,
-) -> Arc<Interrupt> {
+pub fn activate<D: VirtioDevice<Mem> + ?Sized>(device: &mut D, mem: &Mem, queues: Vec<Queue>) -> Arc<Interrupt> {
     let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
     device
         .activate(ActivateContext {
@@ -133,13 +107,11 @@ pub fn activate<D: VirtioDevice<Mem> + ?Sized>(
 }
 
 pub fn write_bytes(mem: &Mem, addr: u64, data: &[u8]) {
-    mem.write_slice(data, GuestAddress(addr))
-        .expect("write guest memory");
+    mem.write_slice(data, GuestAddress(addr)).expect("write guest memory");
 }
 
 pub fn read_bytes(mem: &Mem, addr: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    mem.read_slice(&mut buf, GuestAddress(addr))
-        .expect("read guest memory");
+    mem.read_slice(&mut buf, GuestAddress(addr)).expect("read guest memory");
     buf
 }

@@ -77,12 +77,7 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ebx: 0x0008_0800,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ebx: 0x0008_0800, ..Default::default() }
     }
 
     #[test]

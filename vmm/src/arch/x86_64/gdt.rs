@@ -3,13 +3,8 @@
 use kvm_bindings::kvm_segment;
 
 /// GDT entries: null, null, 64-bit code (selector 0x10), data (selector 0x18), TSS (0x20).
-pub const BOOT_GDT: [u64; 5] = [
-    0,
-    0,
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const BOOT_GDT: [u64; 5] =
+    [0, 0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 /// Selector of the 64-bit code segment.
 pub const CODE_SELECTOR: u16 = 0x10;
 /// Selector of the data segment.
@@ -62,10 +57,7 @@ mod tests {
     fn code_segment_is_64_bit_ring0_present() {
         let cs = kvm_segment_from_gdt(BOOT_GDT[2], 2);
         assert_eq!(cs.selector, CODE_SELECTOR);
-        assert_eq!(
-            (cs.l, cs.db, cs.dpl, cs.present, cs.type_, cs.s),
-            (1, 0, 0, 1, 0xb, 1)
-        );
+        assert_eq!((cs.l, cs.db, cs.dpl, cs.present, cs.type_, cs.s), (1, 0, 0, 1, 0xb, 1));
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = kvm_segment_from_gdt(BOOT_GDT[3], 3);
         assert_eq!(ds.selector, DATA_SELECTOR);

@@ -29,17 +29,9 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     let mut lapic = vcpu.get_lapic()?;
     let lvt0 = get_reg(&lapic, APIC_LVT0_OFFSET);
-    set_reg(
-        &mut lapic,
-        APIC_LVT0_OFFSET,
-        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
-    );
+    set_reg(&mut lapic, APIC_LVT0_OFFSET, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
     let lvt1 = get_reg(&lapic, APIC_LVT1_OFFSET);
-    set_reg(
-        &mut lapic,
-        APIC_LVT1_OFFSET,
-        with_delivery_mode(lvt1, APIC_MODE_NMI),
-    );
+    set_reg(&mut lapic, APIC_LVT1_OFFSET, with_delivery_mode(lvt1, APIC_MODE_NMI));
     vcpu.set_lapic(&lapic)
 }
 
@@ -49,10 +41,7 @@ mod tests {
 
     #[test]
     fn delivery_mode_replaces_only_bits_10_to_8() {
-        assert_eq!(
-            with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
-            0x0001_0700
-        );
+        assert_eq!(with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
         assert_eq!(with_delivery_mode(0x0000_07ff, APIC_MODE_NMI), 0x0000_04ff);
     }
 }

@@ -68,16 +68,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
     for pin in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            IRQ_TYPE_INT,
-            0,
-            0,
-            0,
-            pin,
-            ioapic_id,
-            pin,
-        ]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, IRQ_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, IRQ_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);
@@ -114,9 +105,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
 pub fn setup_mptable(memory: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError> {
     let bytes = build(cpus, EBDA_START)?;
     debug_assert!(bytes.len() <= EBDA_BYTES);
-    memory
-        .write_slice(&bytes, GuestAddress(EBDA_START))
-        .map_err(MptableError::Write)
+    memory.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(MptableError::Write)
 }
 
 #[cfg(test)]

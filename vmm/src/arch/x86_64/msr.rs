@@ -26,20 +26,12 @@ pub enum MsrError {
     #[error("KVM_SET_MSRS")]
     Set(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_MSRS wrote {written} of {wanted} MSRs; MSR {first_rejected:#x} was refused")]
-    Partial {
-        written: usize,
-        wanted: usize,
-        first_rejected: u32,
-    },
+    Partial { written: usize, wanted: usize, first_rejected: u32 },
 }
 
 /// The MSRs a booting vCPU starts with (as Firecracker and QEMU set them).
 pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
-    let entry = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     vec![
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -59,22 +51,14 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
     let msrs = Msrs::from_entries(&entries).map_err(MsrError::Build)?;
     let written = vcpu.set_msrs(&msrs).map_err(MsrError::Set)?;
     if written != entries.len() {
-        return Err(MsrError::Partial {
-            written,
-            wanted: entries.len(),
-            first_rejected: entries[written].index,
-        });
+        return Err(MsrError::Partial { written, wanted: entries.len(), first_rejected: entries[written].index });
     }
     Ok(())
 }
 
 /// Reads one MSR; `None` if KVM refuses it.
 pub fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).ok()?;
     match vcpu.get_msrs(&mut msrs) {
         Ok(1) => Some(msrs.as_slice()[0].data),
         _ => None,

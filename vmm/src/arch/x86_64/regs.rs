@@ -7,8 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{kvm_segment_from_gdt, BOOT_GDT};
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
-    PML4_START, ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_PD_COUNT, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+    ZERO_PAGE_START,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -49,9 +49,7 @@ pub enum RegsError {
 /// Writes the boot GDT and identity page tables (first 4 GiB, 2 MiB pages) into guest memory.
 pub fn write_boot_tables(memory: &GuestMemoryMmap) -> Result<(), RegsError> {
     let write = |what, addr: u64, value: u64| {
-        memory
-            .write_obj(value, GuestAddress(addr))
-            .map_err(|source| RegsError::WriteMemory { what, source })
+        memory.write_obj(value, GuestAddress(addr)).map_err(|source| RegsError::WriteMemory { what, source })
     };
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         write("GDT", BOOT_GDT_START + i as u64 * 8, *entry)?;
@@ -71,15 +69,9 @@ pub fn write_boot_tables(memory: &GuestMemoryMmap) -> Result<(), RegsError> {
 
 /// Sets the segment and control registers for 64-bit entry with the boot GDT and page tables.
 pub fn setup_sregs(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|source| RegsError::Kvm {
-        ioctl: "GET_SREGS",
-        source,
-    })?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|source| RegsError::Kvm { ioctl: "GET_SREGS", source })?;
     fill_long_mode_sregs(&mut sregs);
-    vcpu.set_sregs(&sregs).map_err(|source| RegsError::Kvm {
-        ioctl: "SET_SREGS",
-        source,
-    })
+    vcpu.set_sregs(&sregs).map_err(|source| RegsError::Kvm { ioctl: "SET_SREGS", source })
 }
 
 /// Fills `sregs` for 64-bit entry (pure; separated for unit tests).
@@ -100,8 +92,7 @@ pub fn fill_long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.tr = tss;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 =
-        X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
 }
 
@@ -116,23 +107,13 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
         rsi: ZERO_PAGE_START,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|source| RegsError::Kvm {
-        ioctl: "SET_REGS",
-        source,
-    })
+    vcpu.set_regs(&regs).map_err(|source| RegsError::Kvm { ioctl: "SET_REGS", source })
 }
 
 /// Sets the FPU to its reset state (x87 control word 0x37f, MXCSR 0x1f80).
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(|source| RegsError::Kvm {
-        ioctl: "SET_FPU",
-        source,
-    })
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|source| RegsError::Kvm { ioctl: "SET_FPU", source })
 }
 
 #[cfg(test)]
@@ -143,10 +124,7 @@ mod tests {
     fn long_mode_sregs_enable_paging_and_lma() {
         let mut sregs = kvm_sregs::default();
         fill_long_mode_sregs(&mut sregs);
-        assert_eq!(
-            sregs.cr0 & (X86_CR0_PG | X86_CR0_PE),
-            X86_CR0_PG | X86_CR0_PE
-        );
+        assert_eq!(sregs.cr0 & (X86_CR0_PG | X86_CR0_PE), X86_CR0_PG | X86_CR0_PE);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cr3, PML4_START);
         assert_eq!(sregs.cs.l, 1);

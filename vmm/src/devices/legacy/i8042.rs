@@ -263,11 +263,9 @@ impl I8042 {
         match command {
             CMD_READ_CTR => self.answer(self.control),
             CMD_READ_OUTPUT_PORT => self.answer(self.output_port),
-            CMD_WRITE_CTR
-            | CMD_WRITE_OUTPUT_PORT
-            | CMD_WRITE_KBD_BUFFER
-            | CMD_AUX_LOOP
-            | CMD_WRITE_AUX => self.awaiting_parameter = Some(command),
+            CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT | CMD_WRITE_KBD_BUFFER | CMD_AUX_LOOP | CMD_WRITE_AUX => {
+                self.awaiting_parameter = Some(command)
+            }
             CMD_AUX_DISABLE => self.control |= CTR_AUX_DISABLED,
             CMD_AUX_ENABLE => self.control &= !CTR_AUX_DISABLED,
             CMD_KBD_DISABLE => self.control |= CTR_KBD_DISABLED,
@@ -403,20 +401,9 @@ mod tests {
     #[test]
     fn the_control_register_reads_back_what_was_written() {
         let (mut kbd, _) = controller();
-        assert_eq!(
-            status(&mut kbd) & STATUS_OUTPUT_FULL,
-            0,
-            "idle buffer is empty"
-        );
-        assert_eq!(
-            command_answer(&mut kbd, CMD_READ_CTR),
-            Some(CTR_AT_POWER_ON)
-        );
-        assert_eq!(
-            status(&mut kbd) & STATUS_OUTPUT_FULL,
-            0,
-            "reading empties it"
-        );
+        assert_eq!(status(&mut kbd) & STATUS_OUTPUT_FULL, 0, "idle buffer is empty");
+        assert_eq!(command_answer(&mut kbd, CMD_READ_CTR), Some(CTR_AT_POWER_ON));
+        assert_eq!(status(&mut kbd) & STATUS_OUTPUT_FULL, 0, "reading empties it");
         kbd.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
         assert_ne!(status(&mut kbd) & STATUS_LAST_WAS_COMMAND, 0);
         kbd.write(DATA_OFFSET, &[0x47]);
@@ -424,10 +411,7 @@ mod tests {
         assert_eq!(command_answer(&mut kbd, CMD_READ_CTR), Some(0x47));
         kbd.write(COMMAND_OFFSET, &[CMD_KBD_ENABLE]);
         kbd.write(COMMAND_OFFSET, &[CMD_AUX_DISABLE]);
-        assert_eq!(
-            command_answer(&mut kbd, CMD_READ_CTR),
-            Some(0x47 & !CTR_KBD_DISABLED | CTR_AUX_DISABLED)
-        );
+        assert_eq!(command_answer(&mut kbd, CMD_READ_CTR), Some(0x47 & !CTR_KBD_DISABLED | CTR_AUX_DISABLED));
         kbd.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
         kbd.write(DATA_OFFSET, &[0x01]);
         assert_eq!(command_answer(&mut kbd, CMD_READ_OUTPUT_PORT), Some(0x01));
@@ -436,18 +420,9 @@ mod tests {
     #[test]
     fn self_tests_answer_at_once() {
         let (mut kbd, stop) = controller();
-        assert_eq!(
-            command_answer(&mut kbd, CMD_SELF_TEST),
-            Some(SELF_TEST_PASSED)
-        );
-        assert_eq!(
-            command_answer(&mut kbd, CMD_KBD_TEST),
-            Some(INTERFACE_TEST_PASSED)
-        );
-        assert_eq!(
-            command_answer(&mut kbd, CMD_AUX_TEST),
-            Some(INTERFACE_TEST_NO_DEVICE)
-        );
+        assert_eq!(command_answer(&mut kbd, CMD_SELF_TEST), Some(SELF_TEST_PASSED));
+        assert_eq!(command_answer(&mut kbd, CMD_KBD_TEST), Some(INTERFACE_TEST_PASSED));
+        assert_eq!(command_answer(&mut kbd, CMD_AUX_TEST), Some(INTERFACE_TEST_NO_DEVICE));
         assert_eq!(stop.take(), None);
     }
 
@@ -460,10 +435,7 @@ mod tests {
         assert_ne!(s & STATUS_OUTPUT_FULL, 0);
         assert_eq!(s & STATUS_AUX_DATA, 0);
         // A new command replaces the unread loopback byte.
-        assert_eq!(
-            command_answer(&mut kbd, CMD_AUX_TEST),
-            Some(INTERFACE_TEST_NO_DEVICE)
-        );
+        assert_eq!(command_answer(&mut kbd, CMD_AUX_TEST), Some(INTERFACE_TEST_NO_DEVICE));
     }
 
     #[test]
@@ -504,10 +476,7 @@ mod tests {
         }
         assert!(kbd.kbd_queue.len() <= KBD_QUEUE_BYTES);
         // A controller command discards unread keyboard bytes.
-        assert_eq!(
-            command_answer(&mut kbd, CMD_SELF_TEST),
-            Some(SELF_TEST_PASSED)
-        );
+        assert_eq!(command_answer(&mut kbd, CMD_SELF_TEST), Some(SELF_TEST_PASSED));
         assert_eq!(status(&mut kbd) & STATUS_OUTPUT_FULL, 0);
     }
 

@@ -73,10 +73,7 @@ impl SerialLog {
 
     /// A log that also writes (bounded) to `path`, created or truncated.
     pub fn to_file(path: &Path) -> Result<Arc<Self>, SerialError> {
-        let file = File::create(path).map_err(|source| SerialError::CreateLog {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::create(path).map_err(|source| SerialError::CreateLog { path: path.to_path_buf(), source })?;
         let log = Self::default();
         log.lock().file = Some(file);
         Ok(Arc::new(log))
@@ -85,15 +82,8 @@ impl SerialLog {
     /// A log that appends to `path` (created if missing), counting what is already there
     /// against the file cap: a restored VM's console continues the saved VM's log.
     pub fn append_to_file(path: &Path) -> Result<Arc<Self>, SerialError> {
-        let err = |source| SerialError::CreateLog {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(err)?;
+        let err = |source| SerialError::CreateLog { path: path.to_path_buf(), source };
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
         let existing = file.metadata().map_err(err)?.len();
         let log = Self::default();
         {
@@ -122,8 +112,7 @@ impl SerialLog {
             let _ = file.write_all(&bytes[..take]);
             let mut written = take as u64;
             if take < bytes.len() && !s.truncated {
-                let marker =
-                    format!("\n[capsule: serial log truncated at {MAX_SERIAL_LOG_BYTES} bytes]\n");
+                let marker = format!("\n[capsule: serial log truncated at {MAX_SERIAL_LOG_BYTES} bytes]\n");
                 if let Some(file) = s.file.as_mut() {
                     let _ = file.write_all(marker.as_bytes());
                 }
@@ -187,11 +176,7 @@ impl SerialLog {
             if now >= deadline {
                 return false;
             }
-            s = self
-                .grew
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.grew.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -288,10 +273,7 @@ impl SerialDevice {
 
     /// A UART in the saved `state`, writing into `log` (a pending THR/RDA interrupt is raised
     /// again); returns it with the interrupt eventfd, as [`SerialDevice::new`] does.
-    pub fn restore(
-        log: Arc<SerialLog>,
-        state: &SerialDeviceState,
-    ) -> Result<(Self, EventFd), SerialError> {
+    pub fn restore(log: Arc<SerialLog>, state: &SerialDeviceState) -> Result<(Self, EventFd), SerialError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
         let saved = SerialState {
@@ -343,10 +325,7 @@ mod tests {
         }
         let written = std::fs::read(&path).unwrap();
         let marker = format!("\n[capsule: serial log truncated at {MAX_SERIAL_LOG_BYTES} bytes]\n");
-        assert_eq!(
-            written.len() as u64,
-            MAX_SERIAL_LOG_BYTES + marker.len() as u64
-        );
+        assert_eq!(written.len() as u64, MAX_SERIAL_LOG_BYTES + marker.len() as u64);
         assert!(written.ends_with(marker.as_bytes()));
         assert_eq!(log.tail().len(), SERIAL_TAIL_BYTES);
         assert_eq!(log.total_bytes(), 10 << 20);
@@ -375,10 +354,7 @@ mod tests {
         assert!(log.panic_seen());
         assert!(log.wait_for(b"not syncing", Duration::from_millis(1)));
         assert!(!log.wait_for(b"absent", Duration::from_millis(1)));
-        assert!(
-            !log.panic_ended(),
-            "a panic that may still reboot is not the end"
-        );
+        assert!(!log.panic_ended(), "a panic that may still reboot is not the end");
     }
 
     #[test]
@@ -393,9 +369,6 @@ mod tests {
         assert!(log.panic_seen());
         let other = SerialLog::in_memory();
         other.append(b"---[ end trace 0000000000000000 ]---\n");
-        assert!(
-            !other.panic_ended(),
-            "an oops trace alone is not a dead guest"
-        );
+        assert!(!other.panic_ended(), "an oops trace alone is not a dead guest");
     }
 }

@@ -16,16 +16,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use super::chain::{total_len, Chain, ChainError, Segment};
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon,
-    VirtioDevice, VIRTIO_F_VERSION_1_BIT,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
+    VIRTIO_F_VERSION_1_BIT,
 };
 use crate::devices::guest_log::GuestWarnLimiter;
 
@@ -178,12 +177,9 @@ pub fn parse_request<M: GuestMemory>(mem: &M, chain: &Chain) -> Result<Request, 
         return Err(RequestError::TooManySegments(data.len()));
     }
     let mut raw = [0u8; REQUEST_HEADER_BYTES as usize];
-    mem.read_slice(&mut raw, header.addr)
-        .map_err(|_| RequestError::HeaderRead)?;
+    mem.read_slice(&mut raw, header.addr).map_err(|_| RequestError::HeaderRead)?;
     let type_raw = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-    let sector = u64::from_le_bytes([
-        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-    ]);
+    let sector = u64::from_le_bytes([raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]]);
     let request_type = RequestType::from(type_raw);
     let needs_writable = match request_type {
         RequestType::In | RequestType::GetId => Some(true),
@@ -192,18 +188,10 @@ pub fn parse_request<M: GuestMemory>(mem: &M, chain: &Chain) -> Result<Request, 
     };
     if let Some(writable) = needs_writable {
         if let Some(index) = data.iter().position(|s| s.writable != writable) {
-            return Err(RequestError::DataDirection {
-                index,
-                request_type: type_raw,
-            });
+            return Err(RequestError::DataDirection { index, request_type: type_raw });
         }
     }
-    Ok(Request {
-        request_type,
-        sector,
-        data: data.to_vec(),
-        status,
-    })
+    Ok(Request { request_type, sector, data: data.to_vec(), status })
 }
 
 /// Serde description of a block device, for configuration and snapshots.
@@ -233,30 +221,15 @@ impl<M> Block<M> {
             .read(true)
             .write(!config.read_only)
             .open(&config.path)
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|source| BlockError::Metadata {
-                path: config.path.clone(),
-                source,
-            })?
-            .len();
+            .map_err(|source| BlockError::Open { path: config.path.clone(), source })?;
+        let size = file.metadata().map_err(|source| BlockError::Metadata { path: config.path.clone(), source })?.len();
         let capacity_sectors = size / SECTOR_BYTES;
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config_space = Vec::with_capacity(16);
         config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
         config_space.extend_from_slice(&MAX_SEGMENT_BYTES.to_le_bytes());
         config_space.extend_from_slice(&MAX_DATA_SEGMENTS.to_le_bytes());
-        Ok(Self {
-            config,
-            file,
-            capacity_sectors,
-            config_space,
-            common: VirtioCommon::new(&[BLOCK_QUEUE_SIZE]),
-        })
+        Ok(Self { config, file, capacity_sectors, config_space, common: VirtioCommon::new(&[BLOCK_QUEUE_SIZE]) })
     }
 
     /// Disk size in 512-byte sectors.
@@ -279,29 +252,26 @@ impl<M: DeviceMemory> Block<M> {
     /// Serves every pending request; returns how many were completed.
     pub fn process_queue(&mut self) -> usize {
         let (file, config, capacity_sectors) = (&self.file, &self.config, self.capacity_sectors);
-        self.common
-            .serve_queue(0, "virtio-blk", |mem, desc_chain, warnings| {
-                let request = Chain::collect(desc_chain)
-                    .map_err(RequestError::Chain)
-                    .and_then(|chain| parse_request(mem, &chain));
-                Some(match request {
-                    Ok(req) => {
-                        let (status, data_len) =
-                            execute(file, config, capacity_sectors, mem, &req, warnings);
-                        match mem.write_obj(status, req.status.addr) {
-                            Ok(()) => data_len.saturating_add(1),
-                            Err(e) => {
-                                crate::guest_warn!(*warnings, error = %e, "virtio-blk: writing status failed");
-                                0
-                            }
+        self.common.serve_queue(0, "virtio-blk", |mem, desc_chain, warnings| {
+            let request =
+                Chain::collect(desc_chain).map_err(RequestError::Chain).and_then(|chain| parse_request(mem, &chain));
+            Some(match request {
+                Ok(req) => {
+                    let (status, data_len) = execute(file, config, capacity_sectors, mem, &req, warnings);
+                    match mem.write_obj(status, req.status.addr) {
+                        Ok(()) => data_len.saturating_add(1),
+                        Err(e) => {
+                            crate::guest_warn!(*warnings, error = %e, "virtio-blk: writing status failed");
+                            0
                         }
                     }
-                    Err(e) => {
-                        crate::guest_warn!(*warnings, error = %e, "virtio-blk: malformed request rejected");
-                        0
-                    }
-                })
+                }
+                Err(e) => {
+                    crate::guest_warn!(*warnings, error = %e, "virtio-blk: malformed request rejected");
+                    0
+                }
             })
+        })
     }
 }
 
@@ -338,10 +308,7 @@ fn execute<M: GuestMemory>(
                 return (IOERR, 0);
             }
             let in_range = len % SECTOR_BYTES == 0
-                && req
-                    .sector
-                    .checked_add(len / SECTOR_BYTES)
-                    .is_some_and(|end| end <= capacity_sectors);
+                && req.sector.checked_add(len / SECTOR_BYTES).is_some_and(|end| end <= capacity_sectors);
             if !in_range {
                 crate::guest_warn!(
                     *warnings,
@@ -353,11 +320,7 @@ fn execute<M: GuestMemory>(
                 return (IOERR, 0);
             }
             if req.request_type == RequestType::Out && config.read_only {
-                crate::guest_warn!(
-                    *warnings,
-                    sector = req.sector,
-                    "virtio-blk: write to read-only disk refused"
-                );
+                crate::guest_warn!(*warnings, sector = req.sector, "virtio-blk: write to read-only disk refused");
                 return (IOERR, 0);
             }
             let write = req.request_type == RequestType::Out;
@@ -392,11 +355,7 @@ fn execute<M: GuestMemory>(
             }
         }
         RequestType::Unsupported(t) => {
-            crate::guest_warn!(
-                *warnings,
-                request_type = t,
-                "virtio-blk: unsupported request type"
-            );
+            crate::guest_warn!(*warnings, request_type = t, "virtio-blk: unsupported request type");
             (VIRTIO_BLK_S_UNSUPP as u8, 0)
         }
     }
@@ -428,17 +387,16 @@ fn copy_data<M: GuestMemory>(
         let mut done = 0u64;
         while done < u64::from(seg.len) {
             let n = (u64::from(seg.len) - done).min(COPY_CHUNK_BYTES as u64) as usize;
-            let addr = seg.addr.checked_add(done).ok_or(CopyError::Memory(
-                vm_memory::GuestMemoryError::InvalidGuestAddress(seg.addr),
-            ))?;
+            let addr = seg
+                .addr
+                .checked_add(done)
+                .ok_or(CopyError::Memory(vm_memory::GuestMemoryError::InvalidGuestAddress(seg.addr)))?;
             let chunk = &mut buf[..n];
             if to_file {
                 mem.read_slice(chunk, addr).map_err(CopyError::Memory)?;
-                file.write_all_at(chunk, offset)
-                    .map_err(|source| CopyError::File { offset, source })?;
+                file.write_all_at(chunk, offset).map_err(|source| CopyError::File { offset, source })?;
             } else {
-                read_at_zero_fill(file, chunk, offset)
-                    .map_err(|source| CopyError::File { offset, source })?;
+                read_at_zero_fill(file, chunk, offset).map_err(|source| CopyError::File { offset, source })?;
                 mem.write_slice(chunk, addr).map_err(CopyError::Memory)?;
             }
             done += n as u64;

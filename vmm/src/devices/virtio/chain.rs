@@ -80,31 +80,16 @@ impl Chain {
         }
         let mem = chain.memory();
         for (index, desc) in descs.iter().enumerate() {
-            let access = if desc.is_write_only() {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
+            let access = if desc.is_write_only() { Permissions::Write } else { Permissions::Read };
             if !mem.check_range(desc.addr(), desc.len() as usize, access) {
-                return Err(ChainError::OutOfMemory {
-                    index,
-                    addr: desc.addr().raw_value(),
-                    len: desc.len(),
-                });
+                return Err(ChainError::OutOfMemory { index, addr: desc.addr().raw_value(), len: desc.len() });
             }
-            segments.push(Segment {
-                addr: desc.addr(),
-                len: desc.len(),
-                writable: desc.is_write_only(),
-            });
+            segments.push(Segment { addr: desc.addr(), len: desc.len(), writable: desc.is_write_only() });
         }
         if segments.is_empty() {
             return Err(ChainError::Empty);
         }
-        Ok(Chain {
-            head_index,
-            segments,
-        })
+        Ok(Chain { head_index, segments })
     }
 }
 
@@ -114,14 +99,8 @@ pub fn total_len(segments: &[Segment]) -> u64 {
 }
 
 /// Reads up to `max_bytes` from `segments` in order into a new buffer.
-pub fn read_segments<M: GuestMemory>(
-    mem: &M,
-    segments: &[Segment],
-    max_bytes: usize,
-) -> Result<Vec<u8>, ChainError> {
-    let want = usize::try_from(total_len(segments))
-        .unwrap_or(usize::MAX)
-        .min(max_bytes);
+pub fn read_segments<M: GuestMemory>(mem: &M, segments: &[Segment], max_bytes: usize) -> Result<Vec<u8>, ChainError> {
+    let want = usize::try_from(total_len(segments)).unwrap_or(usize::MAX).min(max_bytes);
     let mut out = vec![0u8; want];
     let mut done = 0;
     for seg in segments {
@@ -130,21 +109,14 @@ pub fn read_segments<M: GuestMemory>(
         }
         let n = (seg.len as usize).min(want - done);
         mem.read_slice(&mut out[done..done + n], seg.addr)
-            .map_err(|source| ChainError::Memory {
-                addr: seg.addr.raw_value(),
-                source,
-            })?;
+            .map_err(|source| ChainError::Memory { addr: seg.addr.raw_value(), source })?;
         done += n;
     }
     Ok(out)
 }
 
 /// Writes `data` across `segments` in order; returns how many bytes fit.
-pub fn write_segments<M: GuestMemory>(
-    mem: &M,
-    segments: &[Segment],
-    data: &[u8],
-) -> Result<usize, ChainError> {
+pub fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) -> Result<usize, ChainError> {
     let mut done = 0;
     for seg in segments {
         if done == data.len() {
@@ -152,10 +124,7 @@ pub fn write_segments<M: GuestMemory>(
         }
         let n = (seg.len as usize).min(data.len() - done);
         mem.write_slice(&data[done..done + n], seg.addr)
-            .map_err(|source| ChainError::Memory {
-                addr: seg.addr.raw_value(),
-                source,
-            })?;
+            .map_err(|source| ChainError::Memory { addr: seg.addr.raw_value(), source })?;
         done += n;
     }
     Ok(done)

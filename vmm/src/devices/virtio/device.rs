@@ -40,9 +40,7 @@ pub type SharedDevice<M> = Arc<Mutex<dyn VirtioDevice<M>>>;
 /// device: the device state stays consistent because no method panics midway
 /// on guest input.
 pub fn lock_device<M>(device: &SharedDevice<M>) -> MutexGuard<'_, dyn VirtioDevice<M> + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Why a device could not be activated.
@@ -78,10 +76,7 @@ pub struct Interrupt {
 impl Interrupt {
     /// Wraps the irqfd registered with KVM (writing 1 raises the IRQ).
     pub fn new(irq: EventFd) -> Self {
-        Self {
-            status: AtomicU32::new(0),
-            irq,
-        }
+        Self { status: AtomicU32::new(0), irq }
     }
 
     /// Raises the interrupt for a used-ring update.
@@ -173,11 +168,7 @@ pub struct VirtioCommon<M> {
 impl<M> VirtioCommon<M> {
     /// A device with queues of these maximum sizes, not yet activated.
     pub fn new(queue_sizes: &[u16]) -> Self {
-        Self {
-            queue_sizes: queue_sizes.to_vec(),
-            active: None,
-            warnings: GuestWarnLimiter::new(),
-        }
+        Self { queue_sizes: queue_sizes.to_vec(), active: None, warnings: GuestWarnLimiter::new() }
     }
 
     /// [`VirtioDevice::queue_max_sizes`].
@@ -192,10 +183,7 @@ impl<M> VirtioCommon<M> {
 
     /// [`VirtioDevice::queue_snapshots`]: empty before activation.
     pub fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.active
-            .as_ref()
-            .map(ActiveState::queue_snapshots)
-            .unwrap_or_default()
+        self.active.as_ref().map(ActiveState::queue_snapshots).unwrap_or_default()
     }
 
     /// [`VirtioDevice::reset`]: forgets the queues and memory.
@@ -256,27 +244,16 @@ impl<M> ActiveState<M> {
 
 impl<M: GuestMemory> ActiveState<M> {
     /// Checks the queue count and hands the context over as active state.
-    pub fn from_context(
-        ctx: ActivateContext<M>,
-        queue_count: usize,
-    ) -> Result<Self, ActivateError> {
+    pub fn from_context(ctx: ActivateContext<M>, queue_count: usize) -> Result<Self, ActivateError> {
         if ctx.queues.len() != queue_count {
-            return Err(ActivateError::QueueCount {
-                expected: queue_count,
-                actual: ctx.queues.len(),
-            });
+            return Err(ActivateError::QueueCount { expected: queue_count, actual: ctx.queues.len() });
         }
         for (index, q) in ctx.queues.iter().enumerate() {
             if !q.is_valid(&ctx.mem) {
                 return Err(ActivateError::InvalidQueue { index });
             }
         }
-        Ok(Self {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            interrupt: ctx.interrupt,
-            acked_features: ctx.acked_features,
-        })
+        Ok(Self { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt, acked_features: ctx.acked_features })
     }
 }
 

@@ -94,26 +94,12 @@ impl DeviceEventLoop {
         let epoll = Epoll::new().map_err(EventLoopError::Create)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Create)?;
         epoll
-            .ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP_TOKEN),
-            )
-            .map_err(|source| EventLoopError::Watch {
-                fd: stop.as_raw_fd(),
-                source,
-            })?;
+            .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
+            .map_err(|source| EventLoopError::Watch { fd: stop.as_raw_fd(), source })?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Create)?;
         epoll
-            .ctl(
-                ControlOperation::Add,
-                wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-            )
-            .map_err(|source| EventLoopError::Watch {
-                fd: wake.as_raw_fd(),
-                source,
-            })?;
+            .ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, WAKE_TOKEN))
+            .map_err(|source| EventLoopError::Watch { fd: wake.as_raw_fd(), source })?;
         let switch = Arc::new(PauseSwitch::default());
         let thread_switch = switch.clone();
         let thread_wake = wake.try_clone().map_err(EventLoopError::Create)?;
@@ -122,11 +108,7 @@ impl DeviceEventLoop {
             let fd = lock_device(&device).event_fd();
             if let Some(fd) = fd {
                 epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(EventSet::IN, watched.len() as u64),
-                    )
+                    .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, watched.len() as u64))
                     .map_err(|source| EventLoopError::Watch { fd, source })?;
                 watched.push(device);
             }
@@ -135,12 +117,7 @@ impl DeviceEventLoop {
             .name("virtio-events".into())
             .spawn(move || run(epoll, watched, thread_wake, thread_switch))
             .map_err(EventLoopError::Spawn)?;
-        Ok(Self {
-            stop,
-            wake,
-            switch,
-            thread: Some(thread),
-        })
+        Ok(Self { stop, wake, switch, thread: Some(thread) })
     }
 
     /// Parks the thread; returns true once it is parked (false if it did not park within
@@ -158,12 +135,7 @@ impl DeviceEventLoop {
             if now >= deadline {
                 return false;
             }
-            s = self
-                .switch
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.switch.changed.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
         true
     }
@@ -175,12 +147,7 @@ impl DeviceEventLoop {
     }
 }
 
-fn run<M: DeviceMemory>(
-    epoll: Epoll,
-    devices: Vec<SharedDevice<M>>,
-    wake: EventFd,
-    switch: Arc<PauseSwitch>,
-) {
+fn run<M: DeviceMemory>(epoll: Epoll, devices: Vec<SharedDevice<M>>, wake: EventFd, switch: Arc<PauseSwitch>) {
     let mut events = vec![EpollEvent::default(); MAX_EVENTS_PER_WAIT];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -230,9 +197,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::devices::virtio::device::{
-        ActivateContext, ActivateError, QueueSnapshot, VirtioDevice,
-    };
+    use crate::devices::virtio::device::{ActivateContext, ActivateError, QueueSnapshot, VirtioDevice};
 
     type Mem = vm_memory::GuestMemoryMmap<()>;
 
@@ -289,10 +254,7 @@ mod tests {
         let served = Arc::new(AtomicUsize::new(0));
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let trigger = evt.try_clone().unwrap();
-        let device: SharedDevice<Mem> = Arc::new(Mutex::new(CountingDevice {
-            evt,
-            served: served.clone(),
-        }));
+        let device: SharedDevice<Mem> = Arc::new(Mutex::new(CountingDevice { evt, served: served.clone() }));
         let event_loop = DeviceEventLoop::start(vec![device]).unwrap();
         trigger.write(1).unwrap();
         assert!(wait_until(|| served.load(Ordering::SeqCst) == 1));

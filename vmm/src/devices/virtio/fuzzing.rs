@@ -60,13 +60,10 @@ pub fn queue_from_bytes(data: &[u8]) -> Option<(GuestMemoryMmap<()>, Queue)> {
     mem.write_slice(table, GuestAddress(DESC_TABLE_ADDR)).ok()?;
     // Available ring: flags 0, idx 1, ring[0] = head 0.
     mem.write_obj(0u16, GuestAddress(AVAIL_RING_ADDR)).ok()?;
-    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_RING_ADDR + 2))
-        .ok()?;
-    mem.write_obj(0u16, GuestAddress(AVAIL_RING_ADDR + 4))
-        .ok()?;
+    mem.write_obj(1u16.to_le(), GuestAddress(AVAIL_RING_ADDR + 2)).ok()?;
+    mem.write_obj(0u16, GuestAddress(AVAIL_RING_ADDR + 4)).ok()?;
     let n = payload.len().min(FUZZ_MEM_BYTES - PAYLOAD_ADDR as usize);
-    mem.write_slice(&payload[..n], GuestAddress(PAYLOAD_ADDR))
-        .ok()?;
+    mem.write_slice(&payload[..n], GuestAddress(PAYLOAD_ADDR)).ok()?;
     let mut queue = Queue::new(FUZZ_QUEUE_SIZE).ok()?;
     queue.set_desc_table_address(Some(DESC_TABLE_ADDR as u32), Some(0));
     queue.set_avail_ring_address(Some(AVAIL_RING_ADDR as u32), Some(0));
@@ -101,9 +98,7 @@ pub fn blk_request(data: &[u8]) -> FuzzOutcome {
     let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
         return FuzzOutcome::NoChain;
     };
-    let parsed = Chain::collect(desc_chain)
-        .ok()
-        .is_some_and(|chain| parse_request(&mem, &chain).is_ok());
+    let parsed = Chain::collect(desc_chain).ok().is_some_and(|chain| parse_request(&mem, &chain).is_ok());
     // Serve the same chain through the whole device.
     let Some((mem, queue)) = queue_from_bytes(data) else {
         return FuzzOutcome::NoChain;

@@ -14,16 +14,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    lock_device, ActivateContext, DeviceMemory, Interrupt, QueueSnapshot, SharedDevice,
-    VIRTIO_F_VERSION_1_BIT,
+    lock_device, ActivateContext, DeviceMemory, Interrupt, QueueSnapshot, SharedDevice, VIRTIO_F_VERSION_1_BIT,
 };
 
 /// Size of one device's MMIO window.
@@ -60,9 +59,7 @@ pub enum MmioError {
         source: Option<virtio_queue::Error>,
     },
     /// The device asked for a queue size virtio does not allow.
-    #[error(
-        "device queue {index} has invalid maximum size {size} (power of two up to 32768 required)"
-    )]
+    #[error("device queue {index} has invalid maximum size {size} (power of two up to 32768 required)")]
     InvalidQueueMaxSize {
         /// Queue index.
         index: usize,
@@ -125,21 +122,13 @@ impl<M: DeviceMemory> MmioTransport<M> {
     pub fn new(mem: M, device: SharedDevice<M>, irq: EventFd) -> Result<Self, MmioError> {
         let (device_type, avail_features, max_sizes) = {
             let d = lock_device(&device);
-            (
-                d.device_type(),
-                d.avail_features() | VIRTIO_F_VERSION_1_BIT,
-                d.queue_max_sizes().to_vec(),
-            )
+            (d.device_type(), d.avail_features() | VIRTIO_F_VERSION_1_BIT, d.queue_max_sizes().to_vec())
         };
         let queues = max_sizes
             .iter()
             .enumerate()
             .map(|(index, &size)| {
-                Queue::new(size).map_err(|source| MmioError::InvalidQueueMaxSize {
-                    index,
-                    size,
-                    source,
-                })
+                Queue::new(size).map_err(|source| MmioError::InvalidQueueMaxSize { index, size, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
@@ -162,11 +151,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
     /// Saves the register and queue state (see [`MmioState`]).
     pub fn save(&self) -> MmioState {
         let active = lock_device(&self.device).queue_snapshots();
-        let queues = if active.is_empty() {
-            self.queues.iter().map(|q| q.state().into()).collect()
-        } else {
-            active
-        };
+        let queues = if active.is_empty() { self.queues.iter().map(|q| q.state().into()).collect() } else { active };
         MmioState {
             device_status: self.device_status,
             device_features_select: self.device_features_select,
@@ -182,34 +167,20 @@ impl<M: DeviceMemory> MmioTransport<M> {
     /// Rebuilds a transport from `state` around a freshly constructed
     /// `device`; an activated device is re-activated with the saved queue
     /// positions, and a pending interrupt is raised again.
-    pub fn restore(
-        mem: M,
-        device: SharedDevice<M>,
-        irq: EventFd,
-        state: &MmioState,
-    ) -> Result<Self, MmioError> {
+    pub fn restore(mem: M, device: SharedDevice<M>, irq: EventFd, state: &MmioState) -> Result<Self, MmioError> {
         let mut t = Self::new(mem, device, irq)?;
         if state.queues.len() != t.queues.len() {
-            return Err(MmioError::QueueCount {
-                expected: t.queues.len(),
-                actual: state.queues.len(),
-            });
+            return Err(MmioError::QueueCount { expected: t.queues.len(), actual: state.queues.len() });
         }
         for (index, (slot, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
             let max_size = slot.max_size();
             if saved.max_size != max_size {
-                return Err(MmioError::InvalidQueueState {
-                    index,
-                    max_size,
-                    source: None,
-                });
+                return Err(MmioError::InvalidQueueState { index, max_size, source: None });
             }
-            *slot = Queue::try_from(QueueState::from(*saved)).map_err(|source| {
-                MmioError::InvalidQueueState {
-                    index,
-                    max_size,
-                    source: Some(source),
-                }
+            *slot = Queue::try_from(QueueState::from(*saved)).map_err(|source| MmioError::InvalidQueueState {
+                index,
+                max_size,
+                source: Some(source),
             })?;
         }
         t.device_status = state.device_status;
@@ -218,9 +189,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
         t.acked_features = state.acked_features & t.avail_features;
         t.queue_select = state.queue_select;
         t.config_generation = state.config_generation;
-        if t.device_status & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && t.device_status & VIRTIO_CONFIG_S_NEEDS_RESET == 0
-        {
+        if t.device_status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.device_status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
             t.activate();
         }
         t.interrupt.restore_status(state.interrupt_status);
@@ -251,12 +220,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_ok(offset, data.len()) {
-                crate::guest_warn!(
-                    self.warnings,
-                    offset,
-                    len = data.len(),
-                    "virtio-mmio: bad config read, ignored"
-                );
+                crate::guest_warn!(self.warnings, offset, len = data.len(), "virtio-mmio: bad config read, ignored");
                 data.fill(0);
                 return;
             }
@@ -288,22 +252,14 @@ impl<M: DeviceMemory> MmioTransport<M> {
                 1 => (self.avail_features >> 32) as u32,
                 _ => 0,
             },
-            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => {
-                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
-            }
-            reg::VIRTIO_MMIO_QUEUE_READY => {
-                self.selected_queue().map_or(0, |q| u32::from(q.ready()))
-            }
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            reg::VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             reg::VIRTIO_MMIO_STATUS => self.device_status,
             reg::VIRTIO_MMIO_SHM_LEN_LOW | reg::VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX, // no shared memory regions
             reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
-                crate::guest_warn!(
-                    self.warnings,
-                    offset,
-                    "virtio-mmio: read of unknown or write-only register"
-                );
+                crate::guest_warn!(self.warnings, offset, "virtio-mmio: read of unknown or write-only register");
                 0
             }
         }
@@ -313,20 +269,11 @@ impl<M: DeviceMemory> MmioTransport<M> {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= MMIO_CONFIG_OFFSET {
             if !config_access_ok(offset, data.len()) {
-                crate::guest_warn!(
-                    self.warnings,
-                    offset,
-                    len = data.len(),
-                    "virtio-mmio: bad config write, ignored"
-                );
+                crate::guest_warn!(self.warnings, offset, len = data.len(), "virtio-mmio: bad config write, ignored");
                 return;
             }
             if self.device_status & VIRTIO_CONFIG_S_DRIVER == 0 {
-                crate::guest_warn!(
-                    self.warnings,
-                    offset,
-                    "virtio-mmio: config write before DRIVER status, ignored"
-                );
+                crate::guest_warn!(self.warnings, offset, "virtio-mmio: config write before DRIVER status, ignored");
                 return;
             }
             lock_device(&self.device).write_config(offset - MMIO_CONFIG_OFFSET, data);
@@ -342,11 +289,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         };
         if offset % 4 != 0 {
-            crate::guest_warn!(
-                self.warnings,
-                offset,
-                "virtio-mmio: unaligned register write, ignored"
-            );
+            crate::guest_warn!(self.warnings, offset, "virtio-mmio: unaligned register write, ignored");
             return;
         }
         self.write_register(offset as u32, u32::from_le_bytes(bytes));
@@ -358,9 +301,9 @@ impl<M: DeviceMemory> MmioTransport<M> {
             reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
             reg::VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
             reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
-            reg::VIRTIO_MMIO_QUEUE_NUM => self.update_queue("QueueNum", |q| {
-                u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok())
-            }),
+            reg::VIRTIO_MMIO_QUEUE_NUM => {
+                self.update_queue("QueueNum", |q| u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok()))
+            }
             reg::VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(value),
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW => self.update_queue("QueueDescLow", |q| {
                 q.set_desc_table_address(Some(value), None);
@@ -438,12 +381,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
             return;
         }
         if !apply(queue) {
-            crate::guest_warn!(
-                self.warnings,
-                what,
-                queue = select,
-                "virtio-mmio: invalid queue setup value, ignored"
-            );
+            crate::guest_warn!(self.warnings, what, queue = select, "virtio-mmio: invalid queue setup value, ignored");
         }
     }
 
@@ -480,11 +418,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
                     queue.set_ready(false);
                 }
             }
-            _ => crate::guest_warn!(
-                self.warnings,
-                value,
-                "virtio-mmio: QueueReady must be 0 or 1, ignored"
-            ),
+            _ => crate::guest_warn!(self.warnings, value, "virtio-mmio: QueueReady must be 0 or 1, ignored"),
         }
     }
 
@@ -502,11 +436,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
             0 => (0, 0xffff_ffffu64),
             1 => (32, 0xffff_ffff_0000_0000u64),
             sel => {
-                crate::guest_warn!(
-                    self.warnings,
-                    sel,
-                    "virtio-mmio: DriverFeaturesSel beyond 1, write ignored"
-                );
+                crate::guest_warn!(self.warnings, sel, "virtio-mmio: DriverFeaturesSel beyond 1, write ignored");
                 return;
             }
         };
@@ -540,22 +470,14 @@ impl<M: DeviceMemory> MmioTransport<M> {
         let mut new = value;
         let added = value & !old;
         // Each step needs the previous one already set (virtio 1.2 §3.1.1).
-        let order_ok = (added & VIRTIO_CONFIG_S_DRIVER == 0
-            || old & VIRTIO_CONFIG_S_ACKNOWLEDGE != 0)
+        let order_ok = (added & VIRTIO_CONFIG_S_DRIVER == 0 || old & VIRTIO_CONFIG_S_ACKNOWLEDGE != 0)
             && (added & VIRTIO_CONFIG_S_FEATURES_OK == 0 || old & VIRTIO_CONFIG_S_DRIVER != 0)
             && (added & VIRTIO_CONFIG_S_DRIVER_OK == 0 || old & VIRTIO_CONFIG_S_FEATURES_OK != 0);
         if !order_ok {
-            crate::guest_warn!(
-                self.warnings,
-                old,
-                value,
-                "virtio-mmio: status bits set out of order, ignored"
-            );
+            crate::guest_warn!(self.warnings, old, value, "virtio-mmio: status bits set out of order, ignored");
             return;
         }
-        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && self.acked_features & VIRTIO_F_VERSION_1_BIT == 0
-        {
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1_BIT == 0 {
             crate::guest_warn!(
                 self.warnings,
                 "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1, FEATURES_OK refused"
@@ -574,11 +496,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
             match Queue::try_from(q.state()) {
                 Ok(copy) if copy.ready() => queues.push(copy),
                 _ => {
-                    crate::guest_warn!(
-                        self.warnings,
-                        queue = index,
-                        "virtio-mmio: DRIVER_OK with a queue not ready"
-                    );
+                    crate::guest_warn!(self.warnings, queue = index, "virtio-mmio: DRIVER_OK with a queue not ready");
                     self.set_needs_reset();
                     return;
                 }
@@ -605,11 +523,7 @@ impl<M: DeviceMemory> MmioTransport<M> {
 
     fn notify(&mut self, value: u32) {
         if self.device_status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
-            crate::guest_warn!(
-                self.warnings,
-                queue = value,
-                "virtio-mmio: QueueNotify before DRIVER_OK, ignored"
-            );
+            crate::guest_warn!(self.warnings, queue = value, "virtio-mmio: QueueNotify before DRIVER_OK, ignored");
             return;
         }
         // With VIRTIO_F_NOTIFICATION_DATA not offered, the value is the queue index.
@@ -643,8 +557,5 @@ impl<M: DeviceMemory> MmioTransport<M> {
 
 /// Config-space accesses may be 1, 2, 4 or 8 bytes and must stay in the window.
 fn config_access_ok(offset: u64, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4 | 8)
-        && offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= MMIO_WINDOW_BYTES)
+    matches!(len, 1 | 2 | 4 | 8) && offset.checked_add(len as u64).is_some_and(|end| end <= MMIO_WINDOW_BYTES)
 }

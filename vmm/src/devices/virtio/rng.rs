@@ -7,9 +7,7 @@
 use thiserror::Error;
 
 use super::chain::{write_segments, Chain, Segment};
-use super::device::{
-    ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
-};
+use super::device::{ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice};
 use crate::devices::guest_log::GuestWarnLimiter;
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
@@ -61,34 +59,27 @@ impl<M> Default for Rng<M> {
 impl<M> Rng<M> {
     /// A new, not yet activated entropy device.
     pub fn new() -> Self {
-        Self {
-            common: VirtioCommon::new(&[RNG_QUEUE_SIZE]),
-        }
+        Self { common: VirtioCommon::new(&[RNG_QUEUE_SIZE]) }
     }
 }
 
 impl<M: DeviceMemory> Rng<M> {
     /// Serves every pending request; returns how many were completed.
     pub fn process_queue(&mut self) -> usize {
-        self.common
-            .serve_queue(0, "virtio-rng", |mem, desc_chain, warnings| {
-                Some(match Chain::collect(desc_chain) {
-                    Ok(chain) => fill_request(mem, &chain.segments, warnings),
-                    Err(e) => {
-                        crate::guest_warn!(*warnings, error = %e, "virtio-rng: malformed request rejected");
-                        0
-                    }
-                })
+        self.common.serve_queue(0, "virtio-rng", |mem, desc_chain, warnings| {
+            Some(match Chain::collect(desc_chain) {
+                Ok(chain) => fill_request(mem, &chain.segments, warnings),
+                Err(e) => {
+                    crate::guest_warn!(*warnings, error = %e, "virtio-rng: malformed request rejected");
+                    0
+                }
             })
+        })
     }
 }
 
 /// Writes random bytes into the writable segments; returns the byte count.
-fn fill_request<M: DeviceMemory>(
-    mem: &M,
-    segments: &[Segment],
-    warnings: &mut GuestWarnLimiter,
-) -> u32 {
+fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment], warnings: &mut GuestWarnLimiter) -> u32 {
     let writable: Vec<Segment> = segments.iter().copied().filter(|s| s.writable).collect();
     let want = super::chain::total_len(&writable).min(MAX_RNG_BYTES_PER_REQUEST as u64) as usize;
     let mut bytes = vec![0u8; want];

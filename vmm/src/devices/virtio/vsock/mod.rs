@@ -18,8 +18,8 @@ use vm_memory::Bytes;
 
 use super::chain::Chain;
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon,
-    VirtioDevice, VIRTIO_F_VERSION_1_BIT,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
+    VIRTIO_F_VERSION_1_BIT,
 };
 use muxer::{Muxer, MuxerError};
 use packet::{read_tx_chain, rx_payload_capacity, write_rx_packet, EVENT_TRANSPORT_RESET};
@@ -72,11 +72,7 @@ impl<M> Vsock<M> {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
         let muxer = Muxer::new(config.guest_cid, &config.uds_path).map_err(VsockError::Muxer)?;
-        Ok(Self {
-            config,
-            muxer,
-            common: VirtioCommon::new(&[VSOCK_QUEUE_SIZE; 3]),
-        })
+        Ok(Self { config, muxer, common: VirtioCommon::new(&[VSOCK_QUEUE_SIZE; 3]) })
     }
 
     /// The device's configuration.
@@ -95,48 +91,46 @@ impl<M: DeviceMemory> Vsock<M> {
     pub fn process_tx(&mut self) -> usize {
         let guest_cid = self.config.guest_cid;
         let muxer = &mut self.muxer;
-        self.common
-            .serve_queue(TX_QUEUE, "vsock", |mem, desc_chain, warnings| {
-                let packet = Chain::collect(desc_chain)
-                    .map_err(packet::PacketError::Chain)
-                    .and_then(|chain| read_tx_chain(mem, &chain, guest_cid));
-                match packet {
-                    Ok(pkt) => muxer.handle_guest_packet(pkt),
-                    Err(e) => crate::guest_warn!(*warnings, error = %e, "vsock: malformed TX packet dropped"),
-                }
-                Some(0)
-            })
+        self.common.serve_queue(TX_QUEUE, "vsock", |mem, desc_chain, warnings| {
+            let packet = Chain::collect(desc_chain)
+                .map_err(packet::PacketError::Chain)
+                .and_then(|chain| read_tx_chain(mem, &chain, guest_cid));
+            match packet {
+                Ok(pkt) => muxer.handle_guest_packet(pkt),
+                Err(e) => crate::guest_warn!(*warnings, error = %e, "vsock: malformed TX packet dropped"),
+            }
+            Some(0)
+        })
     }
 
     /// Moves pending packets from the muxer into the guest's RX buffers;
     /// returns how many were delivered.
     pub fn process_rx(&mut self) -> usize {
         let muxer = &mut self.muxer;
-        self.common
-            .serve_queue(RX_QUEUE, "vsock", |mem, desc_chain, warnings| {
-                if !muxer.has_rx() {
-                    return None;
+        self.common.serve_queue(RX_QUEUE, "vsock", |mem, desc_chain, warnings| {
+            if !muxer.has_rx() {
+                return None;
+            }
+            let buffer = Chain::collect(desc_chain)
+                .map_err(packet::PacketError::Chain)
+                .and_then(|chain| rx_payload_capacity(&chain).map(|cap| (chain, cap)));
+            match buffer {
+                Ok((chain, cap)) => {
+                    let (header, payload) = muxer.next_rx(cap)?;
+                    Some(match write_rx_packet(mem, &chain, &header, &payload) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            crate::guest_warn!(*warnings, error = %e, "vsock: writing RX packet failed, packet lost");
+                            0
+                        }
+                    })
                 }
-                let buffer = Chain::collect(desc_chain)
-                    .map_err(packet::PacketError::Chain)
-                    .and_then(|chain| rx_payload_capacity(&chain).map(|cap| (chain, cap)));
-                match buffer {
-                    Ok((chain, cap)) => {
-                        let (header, payload) = muxer.next_rx(cap)?;
-                        Some(match write_rx_packet(mem, &chain, &header, &payload) {
-                            Ok(n) => n,
-                            Err(e) => {
-                                crate::guest_warn!(*warnings, error = %e, "vsock: writing RX packet failed, packet lost");
-                                0
-                            }
-                        })
-                    }
-                    Err(e) => {
-                        crate::guest_warn!(*warnings, error = %e, "vsock: malformed RX buffer rejected");
-                        Some(0)
-                    }
+                Err(e) => {
+                    crate::guest_warn!(*warnings, error = %e, "vsock: malformed RX buffer rejected");
+                    Some(0)
                 }
-            })
+            }
+        })
     }
 
     /// Tells the guest driver that all connections are gone
@@ -149,40 +143,35 @@ impl<M: DeviceMemory> Vsock<M> {
             return;
         }
         let mut sent = false;
-        let served = self
-            .common
-            .serve_queue(EVENT_QUEUE, "vsock", |mem, desc_chain, warnings| {
-                if std::mem::replace(&mut sent, true) {
-                    return None;
-                }
-                // struct virtio_vsock_event { __le32 id; }
-                Some(match Chain::collect(desc_chain) {
-                    Ok(chain) => match chain.segments.first() {
-                        Some(seg) if seg.writable && seg.len >= 4 => {
-                            match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), seg.addr) {
-                                Ok(()) => 4,
-                                Err(e) => {
-                                    crate::guest_warn!(*warnings, error = %e, "vsock: writing reset event failed");
-                                    0
-                                }
+        let served = self.common.serve_queue(EVENT_QUEUE, "vsock", |mem, desc_chain, warnings| {
+            if std::mem::replace(&mut sent, true) {
+                return None;
+            }
+            // struct virtio_vsock_event { __le32 id; }
+            Some(match Chain::collect(desc_chain) {
+                Ok(chain) => match chain.segments.first() {
+                    Some(seg) if seg.writable && seg.len >= 4 => {
+                        match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), seg.addr) {
+                            Ok(()) => 4,
+                            Err(e) => {
+                                crate::guest_warn!(*warnings, error = %e, "vsock: writing reset event failed");
+                                0
                             }
                         }
-                        _ => {
-                            crate::guest_warn!(*warnings, "vsock: event buffer not writable or shorter than 4 bytes");
-                            0
-                        }
-                    },
-                    Err(e) => {
-                        crate::guest_warn!(*warnings, error = %e, "vsock: malformed event buffer");
+                    }
+                    _ => {
+                        crate::guest_warn!(*warnings, "vsock: event buffer not writable or shorter than 4 bytes");
                         0
                     }
-                })
-            });
+                },
+                Err(e) => {
+                    crate::guest_warn!(*warnings, error = %e, "vsock: malformed event buffer");
+                    0
+                }
+            })
+        });
         if served == 0 {
-            crate::guest_warn!(
-                self.common.warnings,
-                "vsock: no event buffer for transport reset"
-            );
+            crate::guest_warn!(self.common.warnings, "vsock: no event buffer for transport reset");
         }
     }
 }

@@ -28,9 +28,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::packet::{
-    Header, Op, TxPacket, HOST_CID, MAX_PAYLOAD_BYTES, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
-};
+use super::packet::{Header, Op, TxPacket, HOST_CID, MAX_PAYLOAD_BYTES, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// Receive buffer we advertise per connection (guest → host bytes we hold).
 pub const CONN_TX_BUF_BYTES: u32 = 256 * 1024;
@@ -165,10 +163,7 @@ impl Connection {
     }
 
     fn can_send_data(&self) -> bool {
-        self.state == ConnState::Established
-            && !self.host_eof
-            && !self.guest_shut_rcv
-            && !self.closing
+        self.state == ConnState::Established && !self.host_eof && !self.guest_shut_rcv && !self.closing
     }
 
     fn wants_rx(&self) -> bool {
@@ -203,10 +198,7 @@ impl Connection {
 
     /// Queues an RST and marks the connection for removal.
     fn reset(&mut self) {
-        self.pending = PendingControl {
-            rst: true,
-            ..PendingControl::default()
-        };
+        self.pending = PendingControl { rst: true, ..PendingControl::default() };
         self.closing = true;
     }
 
@@ -296,19 +288,12 @@ impl Muxer {
                 let _ = std::fs::remove_file(uds_path);
             }
         }
-        let bind_err = |source| MuxerError::Bind {
-            path: uds_path.to_path_buf(),
-            source,
-        };
+        let bind_err = |source| MuxerError::Bind { path: uds_path.to_path_buf(), source };
         let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
         epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            )
+            .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))
             .map_err(MuxerError::Epoll)?;
         Ok(Self {
             guest_cid,
@@ -347,9 +332,7 @@ impl Muxer {
             self.remove(key);
         }
         for (fd, _) in self.pending_hosts.drain() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.fd_owner.remove(&fd);
         }
         self.control_queue.clear();
@@ -382,12 +365,9 @@ impl Muxer {
                         let key = *key;
                         let set = ev.event_set();
                         if let Some(conn) = self.conns.get_mut(&key) {
-                            if set.intersects(
-                                EventSet::IN
-                                    | EventSet::HANG_UP
-                                    | EventSet::ERROR
-                                    | EventSet::READ_HANG_UP,
-                            ) {
+                            if set
+                                .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+                            {
                                 conn.host_readable = true;
                             }
                             if set.contains(EventSet::OUT) {
@@ -427,29 +407,17 @@ impl Muxer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, fd as u64),
-            ) {
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64)) {
                 tracing::warn!(error = %e, "vsock: watching host stream failed");
                 continue;
             }
             self.fd_owner.insert(fd, FdOwner::Pending);
-            self.pending_hosts.insert(
-                fd,
-                PendingHost {
-                    stream,
-                    line: Vec::new(),
-                },
-            );
+            self.pending_hosts.insert(fd, PendingHost { stream, line: Vec::new() });
         }
     }
 
     fn drop_pending(&mut self, fd: RawFd) -> Option<PendingHost> {
-        let _ = self
-            .epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         self.fd_owner.remove(&fd);
         self.pending_hosts.remove(&fd)
     }
@@ -494,20 +462,14 @@ impl Muxer {
             return;
         };
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
-                "vsock: connection limit reached, refusing host CONNECT"
-            );
+            tracing::warn!(limit = MAX_CONNECTIONS, "vsock: connection limit reached, refusing host CONNECT");
             return;
         }
         let Some(local_port) = self.allocate_local_port(peer_port) else {
             tracing::warn!("vsock: no free local port, refusing host CONNECT");
             return;
         };
-        let key = ConnKey {
-            local_port,
-            peer_port,
-        };
+        let key = ConnKey { local_port, peer_port };
         let mut conn = Connection::new(pending.stream, ConnState::LocalInit, &Header::default());
         conn.pending.request = true;
         self.fd_owner.insert(fd, FdOwner::Conn(key));
@@ -519,10 +481,7 @@ impl Muxer {
         for _ in 0..=MAX_CONNECTIONS {
             let port = self.next_local_port;
             self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
-            let key = ConnKey {
-                local_port: port,
-                peer_port,
-            };
+            let key = ConnKey { local_port: port, peer_port };
             if !self.conns.contains_key(&key) {
                 return Some(port);
             }
@@ -541,10 +500,7 @@ impl Muxer {
             );
             return;
         }
-        let key = ConnKey {
-            local_port: h.dst_port,
-            peer_port: h.src_port,
-        };
+        let key = ConnKey { local_port: h.dst_port, peer_port: h.src_port };
         if !self.conns.contains_key(&key) {
             match pkt.op {
                 Op::Request => self.guest_connect(key, &h),
@@ -570,10 +526,7 @@ impl Muxer {
             }
             (Op::Rw, ConnState::Established) => {
                 if conn.guest_shut_send {
-                    crate::guest_warn!(
-                        self.warnings,
-                        "vsock: guest sent data after SHUTDOWN SEND, resetting"
-                    );
+                    crate::guest_warn!(self.warnings, "vsock: guest sent data after SHUTDOWN SEND, resetting");
                     conn.reset();
                 } else if conn.tx_buf.len() + pkt.payload.len() > CONN_TX_BUF_BYTES as usize {
                     crate::guest_warn!(
@@ -768,20 +721,10 @@ impl Muxer {
         let fd = conn.stream.as_raw_fd();
         let result = match (conn.registered, desired.is_empty()) {
             (None, true) => Ok(()),
-            (None, false) => self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(desired, fd as u64),
-            ),
-            (Some(_), true) => self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default()),
+            (None, false) => self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(desired, fd as u64)),
+            (Some(_), true) => self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
             (Some(cur), false) if cur == desired => Ok(()),
-            (Some(_), false) => self.epoll.ctl(
-                ControlOperation::Modify,
-                fd,
-                EpollEvent::new(desired, fd as u64),
-            ),
+            (Some(_), false) => self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(desired, fd as u64)),
         };
         match result {
             Ok(()) => conn.registered = (!desired.is_empty()).then_some(desired),
@@ -800,9 +743,7 @@ impl Muxer {
         if let Some(conn) = self.conns.remove(&key) {
             let fd = conn.stream.as_raw_fd();
             if conn.registered.is_some() {
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             self.fd_owner.remove(&fd);
         }
@@ -854,10 +795,7 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::new(
             ErrorKind::InvalidInput,
-            format!(
-                "socket path must be under {} bytes without NUL",
-                addr.sun_path.len()
-            ),
+            format!("socket path must be under {} bytes without NUL", addr.sun_path.len()),
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -865,13 +803,7 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: plain socket(2) call with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -881,11 +813,7 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     // SAFETY: `addr` is a valid, initialised sockaddr_un that outlives the
     // call, and `len` does not exceed its size (checked above).
     let rc = unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
+        libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), len as libc::socklen_t)
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());

@@ -190,19 +190,14 @@ pub fn parse_tx_packet(bytes: &[u8], guest_cid: u64) -> Result<TxPacket, PacketE
     let Some(raw) = bytes.get(..HEADER_BYTES) else {
         return Err(PacketError::TooShort(bytes.len()));
     };
-    let raw: &[u8; HEADER_BYTES] = raw
-        .try_into()
-        .map_err(|_| PacketError::TooShort(bytes.len()))?;
+    let raw: &[u8; HEADER_BYTES] = raw.try_into().map_err(|_| PacketError::TooShort(bytes.len()))?;
     let header = Header::from_bytes(raw);
     if header.type_ != TYPE_STREAM {
         return Err(PacketError::BadType(header.type_));
     }
     let op = Op::from_raw(header.op).ok_or(PacketError::BadOp(header.op))?;
     if header.src_cid != guest_cid {
-        return Err(PacketError::BadSrcCid {
-            got: header.src_cid,
-            expected: guest_cid,
-        });
+        return Err(PacketError::BadSrcCid { got: header.src_cid, expected: guest_cid });
     }
     let payload = if op == Op::Rw {
         let len = header.len as usize;
@@ -211,33 +206,21 @@ pub fn parse_tx_packet(bytes: &[u8], guest_cid: u64) -> Result<TxPacket, PacketE
         }
         let available = bytes.len() - HEADER_BYTES;
         if len > available {
-            return Err(PacketError::PayloadTruncated {
-                len: header.len,
-                available,
-            });
+            return Err(PacketError::PayloadTruncated { len: header.len, available });
         }
         bytes[HEADER_BYTES..HEADER_BYTES + len].to_vec()
     } else {
         Vec::new()
     };
-    Ok(TxPacket {
-        header,
-        op,
-        payload,
-    })
+    Ok(TxPacket { header, op, payload })
 }
 
 /// Reads a TX chain (all descriptors readable) and parses the packet.
-pub fn read_tx_chain<M: GuestMemory>(
-    mem: &M,
-    chain: &Chain,
-    guest_cid: u64,
-) -> Result<TxPacket, PacketError> {
+pub fn read_tx_chain<M: GuestMemory>(mem: &M, chain: &Chain, guest_cid: u64) -> Result<TxPacket, PacketError> {
     if let Some(i) = chain.segments.iter().position(|s| s.writable) {
         return Err(PacketError::WritableTxDescriptor(i));
     }
-    let bytes = read_segments(mem, &chain.segments, HEADER_BYTES + MAX_PAYLOAD_BYTES)
-        .map_err(PacketError::Chain)?;
+    let bytes = read_segments(mem, &chain.segments, HEADER_BYTES + MAX_PAYLOAD_BYTES).map_err(PacketError::Chain)?;
     parse_tx_packet(&bytes, guest_cid)
 }
 
@@ -248,10 +231,7 @@ pub fn rx_payload_capacity(chain: &Chain) -> Result<usize, PacketError> {
     }
     let total = total_len(&chain.segments);
     if total < HEADER_BYTES as u64 {
-        return Err(PacketError::RxBufferTooSmall {
-            needed: HEADER_BYTES,
-            available: total,
-        });
+        return Err(PacketError::RxBufferTooSmall { needed: HEADER_BYTES, available: total });
     }
     Ok(((total - HEADER_BYTES as u64) as usize).min(MAX_PAYLOAD_BYTES))
 }
