@@ -42,6 +42,8 @@ pub enum MemoryFileError {
     Unmapped { offset: u64 },
     #[error("dirty bitmap for region {region} has {words} words, need {needed}")]
     Bitmap { region: usize, words: usize, needed: usize },
+    #[error("reading /proc/self/pagemap for the guest memory mapping")]
+    Pagemap(#[source] std::io::Error),
 }
 
 /// What a memory write did.
@@ -187,6 +189,48 @@ pub fn write_layer(memory: &GuestMemoryMmap, dirty: &[Vec<u64>], out: &File) -> 
     write_pages(memory, dirty, out, false)
 }
 
+/// `/proc/self/pagemap` entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+const PAGEMAP_FILE_OR_SHARED_ANON: u64 = 1 << 61;
+/// Bytes of one pagemap entry.
+const PAGEMAP_ENTRY_BYTES: u64 = 8;
+/// Entries read from pagemap at once.
+const PAGEMAP_CHUNK_ENTRIES: u64 = 8192;
+
+/// Bitmaps (per region of `memory`) of the pages this process holds privately: the pages of a
+/// `MAP_PRIVATE` snapshot mapping that anything (a vCPU, KVM, a device model) wrote since the
+/// restore, since every write to such a mapping makes a private copy. This asks the host's
+/// page tables, so it does not depend on dirty logging having seen every write.
+pub fn privately_written_pages(memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MemoryFileError> {
+    let pagemap = File::open("/proc/self/pagemap").map_err(MemoryFileError::Pagemap)?;
+    let views = regions(memory)?;
+    let mut bitmaps = Vec::with_capacity(views.len());
+    let mut entries = vec![0u8; (PAGEMAP_CHUNK_ENTRIES * PAGEMAP_ENTRY_BYTES) as usize];
+    for view in &views {
+        let pages = view.len / PAGE_BYTES;
+        let mut bitmap = vec![0u64; (pages as usize).div_ceil(64)];
+        let first_vpn = view.host as u64 / PAGE_BYTES;
+        let mut page = 0;
+        while page < pages {
+            let count = PAGEMAP_CHUNK_ENTRIES.min(pages - page);
+            let buf = &mut entries[..(count * PAGEMAP_ENTRY_BYTES) as usize];
+            pagemap.read_exact_at(buf, (first_vpn + page) * PAGEMAP_ENTRY_BYTES).map_err(MemoryFileError::Pagemap)?;
+            for (i, entry) in buf.chunks_exact(PAGEMAP_ENTRY_BYTES as usize).enumerate() {
+                let entry = u64::from_le_bytes(entry.try_into().expect("chunks_exact gives 8 bytes"));
+                let private = entry & PAGEMAP_PRESENT != 0 && entry & PAGEMAP_FILE_OR_SHARED_ANON == 0;
+                if private || entry & PAGEMAP_SWAPPED != 0 {
+                    let p = page + i as u64;
+                    bitmap[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+            page += count;
+        }
+        bitmaps.push(bitmap);
+    }
+    Ok(bitmaps)
+}
+
 /// A full dump of a restored guest: of the pages set in `candidates` (every page that may be
 /// non-zero), writes the non-zero ones. Pages never touched are not read, so the snapshot's
 /// file holes are not pulled into the page cache.
@@ -287,6 +331,22 @@ fn write_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pagemap_finds_exactly_the_pages_written_since_a_private_snapshot_mapping() {
+        use std::io::Write;
+        use vm_memory::{Bytes, GuestAddress};
+        let mut base = tempfile::tempfile().unwrap();
+        base.write_all(&vec![1u8; 64 * PAGE_BYTES as usize]).unwrap();
+        let backing = crate::vstate::memory::map_snapshot_memory(base, 64 * PAGE_BYTES, &[]).unwrap();
+        let memory = &backing.memory;
+        // Reading a page maps it from the file: not a private copy.
+        let _: u8 = memory.read_obj(GuestAddress(5 * PAGE_BYTES)).unwrap();
+        memory.write_obj(7u8, GuestAddress(3 * PAGE_BYTES + 100)).unwrap();
+        memory.write_obj(9u8, GuestAddress(40 * PAGE_BYTES)).unwrap();
+        let written = privately_written_pages(memory).unwrap();
+        assert_eq!(written, vec![vec![(1u64 << 3) | (1u64 << 40)]]);
+    }
 
     #[test]
     fn zero_pages_are_recognised() {

@@ -236,7 +236,16 @@ pub fn save_snapshot(
             let written = match vm.restored_backing() {
                 Some((base, runs)) => {
                     let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs).map_err(mem_err)?;
-                    let candidates = vm.restored_nonzero_candidates(&base_pages).map_err(SnapshotError::DirtyLog)?;
+                    let mut candidates =
+                        vm.restored_nonzero_candidates(&base_pages).map_err(SnapshotError::DirtyLog)?;
+                    // Also every page the host's page tables say was written since the restore:
+                    // a full snapshot must not depend on dirty logging having seen every write.
+                    let written = memory_file::privately_written_pages(vm.memory()).map_err(mem_err)?;
+                    for (region, extra) in candidates.iter_mut().zip(&written) {
+                        for (word, more) in region.iter_mut().zip(extra) {
+                            *word |= more;
+                        }
+                    }
                     memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
                 }
                 None => memory_file::write_full(vm.memory(), vm.memory_backing_file(), &mem_file),
