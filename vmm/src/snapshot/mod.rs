@@ -241,10 +241,15 @@ pub fn save_snapshot(
                     // Also every page the host's page tables say was written since the restore:
                     // a full snapshot must not depend on dirty logging having seen every write.
                     let written = memory_file::privately_written_pages(vm.memory()).map_err(mem_err)?;
+                    let mut unseen_pages = 0;
                     for (region, extra) in candidates.iter_mut().zip(&written) {
                         for (word, more) in region.iter_mut().zip(extra) {
+                            unseen_pages += (more & !*word).count_ones();
                             *word |= more;
                         }
+                    }
+                    if unseen_pages > 0 {
+                        tracing::warn!(unseen_pages, "pages written since the restore that dirty logging missed");
                     }
                     memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
                 }
