@@ -6,7 +6,8 @@ mod snapshot_common;
 use std::path::Path;
 use std::time::Duration;
 
-use capsule_vmm::snapshot::RestoreOverrides;
+use capsule_vmm::snapshot::linked_copy::link_chain;
+use capsule_vmm::snapshot::{RestoreOverrides, SnapshotError};
 use capsule_vmm::worker::{WorkerError, WorkerHandle};
 use capsule_vmm::RunState;
 use snapshot_common::*;
@@ -188,4 +189,64 @@ fn a_confined_worker_clears_stale_partial_snapshots_of_dead_workers() {
         std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["snap".to_string()]);
     worker.stop().unwrap();
+}
+
+/// The inode of `path` and how many names it has.
+fn inode_and_links(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.ino(), meta.nlink())
+}
+
+#[test]
+fn a_linked_chain_copy_shares_memory_outlives_its_original_and_takes_layers_of_its_own() {
+    if !kvm_usable() {
+        return;
+    }
+    let payload = elf_payload(&toucher(50));
+    let tmp = tempfile::tempdir().unwrap();
+    let worker = start_worker(tiny_config(payload.path(), 64));
+    run_for(&worker, RUN_TIME);
+    let full = tmp.path().join("full");
+    worker.snapshot(&full, false).unwrap();
+    worker.resume().unwrap();
+    run_for(&worker, RUN_TIME);
+    let inc = tmp.path().join("inc");
+    worker.snapshot(&inc, true).unwrap();
+    let flat = tmp.path().join("flat");
+    worker.snapshot(&flat, false).unwrap();
+
+    let copy_dir = tmp.path().join("elsewhere").join("copy");
+    std::fs::create_dir(copy_dir.parent().unwrap()).unwrap();
+    let copy = link_chain(&inc, &copy_dir).unwrap();
+    assert_eq!(copy.depth, 1);
+    assert_eq!(copy.dir, copy_dir.canonicalize().unwrap().join("1"));
+    for (original, copied) in [(&full, copy_dir.join("0")), (&inc, copy_dir.join("1"))] {
+        let (ino, links) = inode_and_links(&original.join("memory.bin"));
+        assert_eq!(
+            inode_and_links(&copied.join("memory.bin")),
+            (ino, 2),
+            "memory of {} is not shared",
+            copied.display()
+        );
+        assert_eq!(links, 2);
+    }
+    assert!(matches!(link_chain(&inc, &copy_dir), Err(SnapshotError::Exists(_))));
+
+    // The originals go; the copy restores and runs on, and takes its own layers.
+    worker.stop().unwrap();
+    std::fs::remove_dir_all(&full).unwrap();
+    std::fs::remove_dir_all(&inc).unwrap();
+    let restored = restore(&copy.dir);
+    let from_copy = tmp.path().join("from_copy");
+    restored.snapshot(&from_copy, false).unwrap();
+    let a = std::fs::read(flat.join("memory.bin")).unwrap();
+    let b = std::fs::read(from_copy.join("memory.bin")).unwrap();
+    assert!(a == b, "memory restored from the linked copy differs from the VM's");
+    restored.start().unwrap();
+    run_for(&restored, RUN_TIME);
+    let next = tmp.path().join("elsewhere").join("next");
+    assert!(restored.snapshot(&next, true).unwrap().incremental);
+    restored.stop().unwrap();
+    assert!(snapshot_u64(&next, COUNTER_ADDR) > snapshot_u64(&from_copy, COUNTER_ADDR));
 }

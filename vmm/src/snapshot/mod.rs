@@ -35,6 +35,7 @@
 //! This module never runs the guest and never decides when to snapshot.
 
 pub mod format;
+pub mod linked_copy;
 pub mod memory_file;
 pub mod partial_dir;
 
@@ -192,6 +193,32 @@ fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io_err("fsyncing directory", path))
 }
 
+/// Creates the state file `path` (which must not exist) with `bytes`, fsynced.
+fn write_state_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("creating state file", path))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io_err("writing state file", path))?;
+    f.sync_all().map_err(io_err("fsyncing state file", path))
+}
+
+/// Adds to `pages` (bitmaps per region) every page the host's page tables say a restored VM
+/// wrote since its restore: a snapshot must not depend on dirty logging having seen every
+/// write. Every page changed since any snapshot taken after the restore is among them.
+fn add_privately_written(vm: &MicroVm, pages: &mut [Vec<u64>]) -> Result<(), MemoryFileError> {
+    let written = memory_file::privately_written_pages(vm.memory())?;
+    let mut unseen_pages = 0;
+    for (region, extra) in pages.iter_mut().zip(&written) {
+        for (word, more) in region.iter_mut().zip(extra) {
+            unseen_pages += (more & !*word).count_ones();
+            *word |= more;
+        }
+    }
+    if unseen_pages > 0 {
+        tracing::debug!(unseen_pages, "pages written since the restore that the dirty log does not name");
+    }
+    Ok(())
+}
+
 /// Saves `vm` (paused, or built and not started) to the new directory `dir`. With `parent`,
 /// only pages changed since that snapshot are written (an incremental layer). On success dirty
 /// tracking restarts, and the returned [`SnapshotRef`] is what the next incremental builds on.
@@ -226,7 +253,10 @@ pub fn save_snapshot(
     let mem_err = |source| SnapshotError::MemoryFile { path: mem_path.clone(), source };
     let (written, memory) = match parent {
         Some(parent) => {
-            let dirty = vm.take_dirty_pages().map_err(SnapshotError::DirtyLog)?;
+            let mut dirty = vm.take_dirty_pages().map_err(SnapshotError::DirtyLog)?;
+            if vm.restored_backing().is_some() {
+                add_privately_written(vm, &mut dirty).map_err(mem_err)?;
+            }
             let written = memory_file::write_layer(vm.memory(), &dirty, &mem_file).map_err(mem_err)?;
             let memory =
                 MemoryState::Layer { parent: parent.dir.clone(), parent_crc: parent.crc, runs: written.runs.clone() };
@@ -238,19 +268,7 @@ pub fn save_snapshot(
                     let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs).map_err(mem_err)?;
                     let mut candidates =
                         vm.restored_nonzero_candidates(&base_pages).map_err(SnapshotError::DirtyLog)?;
-                    // Also every page the host's page tables say was written since the restore:
-                    // a full snapshot must not depend on dirty logging having seen every write.
-                    let written = memory_file::privately_written_pages(vm.memory()).map_err(mem_err)?;
-                    let mut unseen_pages = 0;
-                    for (region, extra) in candidates.iter_mut().zip(&written) {
-                        for (word, more) in region.iter_mut().zip(extra) {
-                            unseen_pages += (more & !*word).count_ones();
-                            *word |= more;
-                        }
-                    }
-                    if unseen_pages > 0 {
-                        tracing::warn!(unseen_pages, "pages written since the restore that dirty logging missed");
-                    }
+                    add_privately_written(vm, &mut candidates).map_err(mem_err)?;
                     memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
                 }
                 None => memory_file::write_full(vm.memory(), vm.memory_backing_file(), &mem_file),
@@ -267,16 +285,7 @@ pub fn save_snapshot(
     let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host_is_pvm(), memory, machine };
     let (bytes, crc) =
         format::encode(&state).map_err(|source| SnapshotError::Format { path: tmp.join(STATE_FILE), source })?;
-    let state_path = tmp.join(STATE_FILE);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&state_path)
-            .map_err(io_err("creating state file", &state_path))?;
-        std::io::Write::write_all(&mut f, &bytes).map_err(io_err("writing state file", &state_path))?;
-        f.sync_all().map_err(io_err("fsyncing state file", &state_path))?;
-    }
+    write_state_file(&tmp.join(STATE_FILE), &bytes)?;
     sync_dir(&tmp)?;
     partial.commit(dir).map_err(SnapshotError::PartialDir)?;
     let dir = std::fs::canonicalize(dir).map_err(io_err("resolving snapshot directory", dir))?;
