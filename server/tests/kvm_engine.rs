@@ -188,6 +188,7 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
     assert!(client.closed_reason().is_some(), "pausing drops the agent connection");
     assert_eq!(worker_pids_of(&dir), 0, "a paused machine has no worker (RAM freed)");
     assert_eq!(machine.saved_state()["snapshot_generation"], 1);
+    assert_eq!(machine.saved_state()["chain_layers"], 1, "the first pause is a layer over the template");
     machine.check_alive().expect("a machine paused to disk is alive");
 
     let t = Instant::now();
@@ -204,8 +205,9 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
     // Paused twice: the second snapshot is a layer over the first, which stays (its parent).
     machine.pause().expect("pause again");
     assert_eq!(machine.saved_state()["snapshot_generation"], 2);
-    assert_eq!(machine.saved_state()["chain_layers"], 1);
+    assert_eq!(machine.saved_state()["chain_layers"], 2);
     assert!(dir.join("snapshot-1").exists(), "the parent of the newest snapshot is kept");
+    assert!(dir.join("snapshot-origin").exists(), "the base of the chain is kept");
     machine.resume().expect("resume again");
     assert_eq!(sh(&machine.connect().unwrap(), "echo again"), "again\n");
 
@@ -412,10 +414,24 @@ fn parent_and_forks(
 
 #[test]
 fn ten_forks_start_from_the_parents_state_and_then_diverge() {
-    let Some((_root, engine)) = engine_in_tempdir() else {
+    let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
     let (mut parent, mut children) = parent_and_forks(&engine, "kvm-d");
+    // Forks share memory files with their parent and the template: ten of them take less disk
+    // than one full snapshot of the template.
+    let template_base = std::fs::read_dir(root.path().join(".templates"))
+        .unwrap()
+        .flatten()
+        .map(|entry| allocated_bytes(&entry.path().join("snapshot-0/memory.bin")))
+        .sum::<u64>();
+    let sandboxes = allocated_bytes_outside_templates(root.path());
+    eprintln!(
+        "kvm engine: parent and {FORKS} forks take {} MiB on disk beyond the template's {} MiB",
+        sandboxes >> 20,
+        template_base >> 20
+    );
+    assert!(sandboxes < template_base, "{FORKS} forks take {sandboxes} bytes on disk, the template {template_base}");
     for (i, child) in children.iter_mut().enumerate() {
         let c = child.connect().expect("connect to a child");
         assert_eq!(py(&c, "x"), "41", "child {i} sees the parent's variable");
@@ -456,13 +472,46 @@ fn every_fork_has_its_own_random_numbers() {
     parent.kill().expect("kill the parent");
 }
 
+/// Bytes on disk of the files under `root` that are not also files of the templates (each
+/// inode counted once).
+fn allocated_bytes_outside_templates(root: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &std::path::Path, inodes: &mut std::collections::BTreeMap<u64, u64>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                walk(&entry.path(), inodes);
+            } else {
+                inodes.insert(meta.ino(), meta.blocks() * 512);
+            }
+        }
+    }
+    let (mut all, mut templates) = (Default::default(), Default::default());
+    walk(root, &mut all);
+    walk(&root.join(".templates"), &mut templates);
+    all.iter().filter(|(ino, _)| !templates.contains_key(ino)).map(|(_, bytes)| bytes).sum()
+}
+
+/// The inode of the file at `path`.
+fn inode_of(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).ino()
+}
+
+/// How many names the file at `path` has.
+fn links_of(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).nlink()
+}
+
 /// Bytes the file at `path` takes on disk (holes of a sparse layer take none).
 fn allocated_bytes(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).blocks() * 512
 }
 
-/// The `snapshot-N` directories in the sandbox directory `dir`, sorted.
+/// The `snapshot-*` directories in the sandbox directory `dir` (`snapshot-N`, and
+/// `snapshot-origin`, the linked copy of the chain it was restored from when it was made).
 fn snapshots_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -507,39 +556,31 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
     py(&client, "x = 0");
     sh(&client, "echo start > /root/log");
 
-    let (mut full, mut layered) = (Vec::new(), Vec::new());
-    let mut full_bytes = 0;
+    // The chain's full base is the template's snapshot, shared by a hard link, not copied.
+    let base = dir.join("snapshot-origin/0/memory.bin");
+    let full_bytes = allocated_bytes(&base);
+    assert!(links_of(&base) >= 2, "the template's memory is linked into the sandbox, not copied");
+    let mut layered = Vec::new();
     for round in 0..5u64 {
         let (took, generation, layers) = timed_pause(&mut machine);
         assert_eq!(generation, round + 1);
         let memory = allocated_bytes(&dir.join(format!("snapshot-{generation}/memory.bin")));
-        if round == 0 {
-            // Restored from the template, which it does not own: the first pause is full.
-            assert_eq!(layers, 0, "the first pause after a template restore is full");
-            full.push(took);
-            full_bytes = memory;
-        } else {
-            assert_eq!(layers, round, "pause {round} stacks a layer");
-            assert!(
-                memory * 8 < full_bytes,
-                "layer {round} takes {memory} bytes on disk, the full snapshot {full_bytes}"
-            );
-            layered.push(took);
-        }
-        assert_eq!(snapshots_in(&dir).len() as u64, generation, "the whole chain is kept: {:?}", snapshots_in(&dir));
+        // Restored from a linked copy of the template: even the first pause is a layer.
+        assert_eq!(layers, round + 1, "pause {round} stacks a layer");
+        assert!(memory * 8 < full_bytes, "layer {round} takes {memory} bytes on disk, the full base {full_bytes}");
+        layered.push(took);
+        assert_eq!(
+            snapshots_in(&dir).len() as u64,
+            generation + 1,
+            "the whole chain is kept: {:?}",
+            snapshots_in(&dir)
+        );
         resume_check_and_advance(&mut machine, round, round + 1);
     }
-    eprintln!(
-        "kvm engine (warmed sandbox, 512 MiB): full pause {:.1} ms ({} MiB on disk), incremental \
-         pause median {:.1} ms {layered:?}",
-        median_ms(full),
-        full_bytes >> 20,
-        median_ms(layered.clone())
-    );
 
     // Paused in a layer, the server restarts: the chain's head is enough to come back.
     let (_, generation, layers) = timed_pause(&mut machine);
-    assert_eq!((generation, layers), (6, 5));
+    assert_eq!((generation, layers), (6, 6));
     let saved = machine.saved_state();
     drop(machine);
     drop(engine);
@@ -548,22 +589,29 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
     resume_check_and_advance(&mut machine, 5, 6);
     // The reattached sandbox keeps stacking layers on the same chain.
     let (_, generation, layers) = timed_pause(&mut machine);
-    assert_eq!((generation, layers), (7, 6));
+    assert_eq!((generation, layers), (7, 7));
     resume_check_and_advance(&mut machine, 6, 7);
 
     // Chains are bounded: once the newest snapshot has MAX_INCREMENTAL_LAYERS layers the next
     // pause is full, and the old chain goes.
     let (mut x, mut generation) = (7u64, 7u64);
-    for layers in 7..=MAX_INCREMENTAL_LAYERS as u64 {
+    for layers in 8..=MAX_INCREMENTAL_LAYERS as u64 {
         generation += 1;
         let (_, now, now_layers) = timed_pause(&mut machine);
         assert_eq!((now, now_layers), (generation, layers));
         resume_check_and_advance(&mut machine, x, x + 1);
         x += 1;
     }
-    let (_, last, layers) = timed_pause(&mut machine);
+    let (full, last, layers) = timed_pause(&mut machine);
     assert_eq!((last, layers), (generation + 1, 0), "past the bound the pause is full");
-    assert_eq!(snapshots_in(&dir), vec![format!("snapshot-{last}")]);
+    assert_eq!(snapshots_in(&dir), vec![format!("snapshot-{last}")], "a full pause deletes the older chain");
+    eprintln!(
+        "kvm engine (warmed sandbox, 512 MiB): incremental pause median {:.1} ms {layered:?}; full pause \
+         {:.1} ms ({} MiB on disk)",
+        median_ms(layered.clone()),
+        full.as_secs_f64() * 1000.0,
+        allocated_bytes(&dir.join(format!("snapshot-{last}/memory.bin"))) >> 20
+    );
     resume_check_and_advance(&mut machine, x, x + 1);
 
     machine.kill().expect("kill");
@@ -571,7 +619,7 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
 }
 
 #[test]
-fn a_full_pause_drops_the_old_chain_and_forks_outlive_their_parents_chain() {
+fn forks_share_their_parents_chain_by_links_and_outlive_it() {
     let Some((root, engine)) = engine_in_tempdir() else {
         return;
     };
@@ -580,19 +628,24 @@ fn a_full_pause_drops_the_old_chain_and_forks_outlive_their_parents_chain() {
     let client = parent.connect().expect("connect");
     py(&client, "x = 0");
     sh(&client, "echo start > /root/log");
-    assert_eq!(timed_pause(&mut parent).2, 0, "first pause: full");
+    assert_eq!(timed_pause(&mut parent).2, 1, "first pause: a layer over the template");
     resume_check_and_advance(&mut parent, 0, 1);
-    assert_eq!(timed_pause(&mut parent).2, 1, "second pause: a layer");
+    assert_eq!(timed_pause(&mut parent).2, 2, "second pause: another layer");
 
-    // Forked while paused in a layer: the child restores the parent's chain.
+    // Forked while paused in a layer: the child restores a linked copy of the parent's chain.
     let mut on_disk_child = parent.fork(&spec("kvm-c1")).expect("fork from disk");
     resume_check_and_advance(&mut parent, 1, 2);
-    // Forked while running: the parent's worker last saved into the child's directory, so
-    // the parent's next pause is full and its old chain goes.
+    // Forked while running: the parent writes its next layer, the child links its chain.
     let mut running_child = parent.fork(&spec("kvm-c2")).expect("fork while running");
+    let parent_layer = dir.join("snapshot-3/memory.bin");
+    let child_layer = root.path().join("kvm-c2/snapshot-origin/3/memory.bin");
+    assert_eq!(inode_of(&parent_layer), inode_of(&child_layer), "the fork's memory is shared, not copied");
     let (_, generation, layers) = timed_pause(&mut parent);
-    assert_eq!((generation, layers), (3, 0), "a pause after a fork is full");
-    assert_eq!(snapshots_in(&dir), vec!["snapshot-3".to_string()], "a full pause deletes the older chain");
+    assert_eq!((generation, layers), (4, 4), "the parent's chain goes on after a fork");
+    assert_eq!(
+        snapshots_in(&dir),
+        ["snapshot-1", "snapshot-2", "snapshot-3", "snapshot-4", "snapshot-origin"].map(String::from).to_vec()
+    );
     parent.kill().expect("kill the parent");
     assert!(!dir.exists());
 
@@ -600,13 +653,13 @@ fn a_full_pause_drops_the_old_chain_and_forks_outlive_their_parents_chain() {
     let client = on_disk_child.connect().expect("connect the on-disk child");
     assert_eq!(py(&client, "x"), "1");
     let (_, _, layers) = timed_pause(&mut on_disk_child);
-    assert_eq!(layers, 0, "a child restored from its parent's chain pauses full first");
+    assert_eq!(layers, 3, "a child layers over its copy of its parent's chain");
     resume_check_and_advance(&mut on_disk_child, 1, 2);
 
     let client = running_child.connect().expect("connect the running child");
     assert_eq!(py(&client, "x"), "2");
     let (_, _, layers) = timed_pause(&mut running_child);
-    assert_eq!(layers, 1, "a child layers over its own fork snapshot");
+    assert_eq!(layers, 4, "a child layers over its copy of its parent's chain");
     resume_check_and_advance(&mut running_child, 2, 3);
 
     on_disk_child.kill().expect("kill");

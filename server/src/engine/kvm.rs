@@ -7,8 +7,9 @@
 //!   warmed — the default Python context of `run_code` has imported numpy, pandas and
 //!   matplotlib — then saved as a snapshot and a writable disk under `.templates/`; built on
 //!   first use) with a copy of the template's disk, in tens of milliseconds; memory pages of
-//!   the template are shared copy-on-write. If the template cannot be restored, boot the image
-//!   instead;
+//!   the template are shared copy-on-write, in RAM and on disk (the sandbox restores from
+//!   `snapshot-origin`, a hard-linked copy of the template's snapshot). If the template cannot
+//!   be restored, boot the image instead;
 //! - connect: `CONNECT 1024` on the vsock socket and the handshake, retried until the agent
 //!   is up; after a restore or fork the host also sends `SetClock` and `AddEntropy`;
 //! - pause: pause the vCPUs, write a snapshot `snapshot-N` to disk, stop the worker (its RAM
@@ -17,18 +18,18 @@
 //!   chain is shorter than [`MAX_INCREMENTAL_LAYERS`]; otherwise it is full, and then every
 //!   older snapshot of the sandbox is deleted;
 //! - resume: restore the newest snapshot (with the chain below it) into a new worker;
-//! - fork: pause the parent, snapshot it (full) into the child's directory, copy its writable
-//!   disk (sparse, reflinked where the filesystem can), let the parent run again, restore the
-//!   child. A parent paused to disk is forked by restoring the child from the parent's newest
-//!   snapshot.
+//! - fork: pause the parent, write its next snapshot (a layer over its chain, like a pause),
+//!   copy its writable disk (sparse, reflinked where the filesystem can), let the parent run
+//!   again, and restore the child from a hard-linked copy of that snapshot's chain in the
+//!   child's own `snapshot-origin`. A parent paused to disk is forked the same way from its
+//!   newest snapshot. A fork therefore writes only the pages the parent changed, not its RAM.
 //!
 //! Snapshot chains never cross sandbox directories, so deleting a sandbox's directory can never
-//! break another sandbox: a sandbox restored from something it does not own (the template, or
-//! its parent's snapshot in an on-disk fork) and a parent whose worker last saved into a child's
-//! directory (an in-memory fork) write a full snapshot on their next pause. Every snapshot in a
-//! sandbox's directory is the newest one or a (transitive) parent of it. A restored worker maps
-//! the chain's files, so deleting them later (the parent of an on-disk fork pausing again, or
-//! being killed) does not disturb it.
+//! break another sandbox: a sandbox starts from a snapshot it does not own only through its
+//! linked copy ([`link_chain`]), which shares the memory files but not their names. Every
+//! snapshot in a sandbox's directory is the newest one or a (transitive) parent of it. Where a
+//! copy cannot be made the sandbox restores the foreign snapshot itself and its next pause is
+//! full; a restored worker maps the chain's files, so deleting them later does not disturb it.
 //!
 //! It never talks MCP, never touches the registry, and never runs KVM itself (the worker does).
 
@@ -36,16 +37,18 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsule_agent::client::{AgentClient, ClientError};
 use capsule_agent::protocol::{Event, Language, Op, Reply, RunCodeRequest, AGENT_VSOCK_PORT};
 use capsule_vmm::doctor::{HostReport, PVM_MAX_LINUX_VCPUS};
+use capsule_vmm::snapshot::linked_copy::link_chain;
 use capsule_vmm::snapshot::RestoreOverrides;
 use capsule_vmm::worker::{error_chain, WorkerError, WorkerEvent, WorkerHandle};
 use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
 
+use super::trash::Trash;
 use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
 use crate::image::{
     create_writable_disk, current_image, ensure_image, BuildOptions, Flavour, ImageError, ImageInfo, StderrProgress,
@@ -200,9 +203,15 @@ impl SandboxFiles {
         self.dir.join("serial.log")
     }
 
-    /// The snapshot of generation `n` (a pause to disk, or the fork this sandbox came from).
+    /// The snapshot of generation `n` (a pause to disk, or a fork taken of this sandbox).
     fn snapshot(&self, generation: u64) -> PathBuf {
         self.dir.join(format!("snapshot-{generation}"))
+    }
+
+    /// The linked copy of the chain this sandbox was restored from when it was made (the
+    /// template's snapshot, or its parent's); its first pause layers over it.
+    fn origin(&self) -> PathBuf {
+        self.dir.join("snapshot-origin")
     }
 
     /// Creates the directory and checks the socket path fits a `sockaddr_un`.
@@ -456,6 +465,7 @@ pub struct KvmEngine {
     root: PathBuf,
     /// Held while a template is looked up or built, so that one is built once.
     templates: Mutex<()>,
+    trash: Arc<Trash>,
 }
 
 impl KvmEngine {
@@ -470,7 +480,8 @@ impl KvmEngine {
         }
         std::fs::create_dir_all(&root)
             .map_err(|source| EngineError::Io { what: format!("cannot create {}", root.display()), source })?;
-        let engine = Self { worker_exe, image, root, templates: Mutex::new(()) };
+        let trash = Arc::new(Trash::new(&root));
+        let engine = Self { worker_exe, image, root, templates: Mutex::new(()), trash };
         engine.remove_stale_templates();
         Ok(engine)
     }
@@ -500,7 +511,14 @@ impl KvmEngine {
         create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
         let config = boot_config(&self.image, &files, vcpus, u64::from(spec.memory_mib));
         let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
-        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, self.image.rootfs.clone(), Some(worker), 0);
+        let mut machine = KvmMachine::new(
+            self.worker_exe.clone(),
+            self.trash.clone(),
+            files,
+            self.image.rootfs.clone(),
+            Some(worker),
+            0,
+        );
         machine.start_worker()?;
         let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
         set_guest_clock(&client)?;
@@ -547,8 +565,9 @@ impl KvmEngine {
         let files = SandboxFiles::new(self.root.join(&spec.id));
         files.create_dir()?;
         copy_disk(&template.writable_disk(), &files.writable_disk())?;
-        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, self.image.rootfs.clone(), None, 0);
-        machine.restore_from(&template.snapshot(0))?;
+        let mut machine =
+            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, self.image.rootfs.clone(), None, 0);
+        machine.restore_linked(&template.snapshot(0))?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
     }
@@ -625,7 +644,8 @@ impl Engine for KvmEngine {
                 files.snapshot(generation).display()
             )));
         }
-        let mut machine = KvmMachine::new(self.worker_exe.clone(), files, saved.rootfs, None, generation);
+        let mut machine =
+            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, saved.rootfs, None, generation);
         machine.on_disk = Some(generation);
         machine.own_chain_layers = saved.chain_layers;
         Ok(Box::new(machine))
@@ -648,6 +668,7 @@ struct SavedState {
 /// One sandbox's VM.
 struct KvmMachine {
     worker_exe: PathBuf,
+    trash: Arc<Trash>,
     files: SandboxFiles,
     /// The read-only root filesystem it was booted with (restores keep using it).
     rootfs: PathBuf,
@@ -666,6 +687,9 @@ struct KvmMachine {
     /// from, or last wrote) is one of this sandbox's own, how many layers its chain has
     /// (0: full). `None`: the next pause must be full.
     own_chain_layers: Option<usize>,
+    /// Snapshots a full one made unnecessary, deleted once the worker (which may map them) has
+    /// stopped: a worker whose exit drops the last reference to a file pays for freeing it.
+    superseded: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for KvmMachine {
@@ -681,6 +705,7 @@ impl std::fmt::Debug for KvmMachine {
 impl KvmMachine {
     fn new(
         worker_exe: PathBuf,
+        trash: Arc<Trash>,
         files: SandboxFiles,
         rootfs: PathBuf,
         worker: Option<WorkerHandle>,
@@ -689,6 +714,7 @@ impl KvmMachine {
         let events = worker.as_ref().and_then(WorkerHandle::take_events);
         Self {
             worker_exe,
+            trash,
             files,
             rootfs,
             worker,
@@ -699,6 +725,7 @@ impl KvmMachine {
             on_disk: None,
             generation,
             own_chain_layers: None,
+            superseded: Vec::new(),
         }
     }
 
@@ -785,8 +812,8 @@ impl KvmMachine {
         }
     }
 
-    /// Pauses the vCPUs and writes a full snapshot to `dir` (outside this sandbox's chain: a
-    /// template or a fork child); the VM stays paused.
+    /// Pauses the vCPUs and writes a full snapshot to `dir` (outside this sandbox's chain: the
+    /// template); the VM stays paused.
     fn snapshot_to(&mut self, dir: &Path) -> Result<(), KvmError> {
         self.drop_client();
         // Once the worker has saved into `dir`, its next incremental would build on `dir`,
@@ -837,6 +864,31 @@ impl KvmMachine {
         Ok(0)
     }
 
+    /// Restores a new machine (no snapshots of its own yet) from `source`, a snapshot it does
+    /// not own, through a linked copy of its chain in this sandbox's directory: no guest RAM is
+    /// copied, the source may be deleted later, and the first pause is a layer over the copy.
+    /// Where no copy can be made (another filesystem, a link limit) it restores `source`
+    /// itself, and its first pause is full.
+    fn restore_linked(&mut self, source: &Path) -> Result<(), KvmError> {
+        let origin = self.files.origin();
+        match link_chain(source, &origin) {
+            Ok(copy) => {
+                self.restore_from(&copy.dir)?;
+                self.own_chain_layers = Some(copy.depth);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    source = %source.display(),
+                    error = %error_chain(&e),
+                    "cannot link the snapshot chain into the sandbox; its first pause will be full"
+                );
+                self.restore_from(source)?;
+                self.own_chain_layers = None;
+            }
+        }
+        Ok(())
+    }
+
     /// Restores the snapshot at `dir` into a new worker and starts it.
     fn restore_from(&mut self, dir: &Path) -> Result<(), KvmError> {
         let overrides = RestoreOverrides {
@@ -859,29 +911,44 @@ impl KvmMachine {
             let _ = worker.stop();
         }
         self.events = None;
-    }
-
-    /// Deletes every snapshot of this sandbox but generation `keep`.
-    fn remove_snapshots_except(&self, keep: u64) {
-        let keep = self.files.snapshot(keep);
-        let Ok(entries) = std::fs::read_dir(self.files.dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let is_snapshot = entry.file_name().to_str().is_some_and(|name| name.starts_with("snapshot-"));
-            if is_snapshot && path != keep {
-                let _ = std::fs::remove_dir_all(path);
-            }
+        for path in std::mem::take(&mut self.superseded) {
+            self.trash.discard(&path);
         }
     }
 
-    fn pause_to_disk(&mut self) -> Result<(), KvmError> {
+    /// Every snapshot of this sandbox but generation `keep`.
+    fn snapshots_except(&self, keep: u64) -> Vec<PathBuf> {
+        let keep = self.files.snapshot(keep);
+        let Ok(entries) = std::fs::read_dir(self.files.dir()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.starts_with("snapshot-")))
+            .map(|entry| entry.path())
+            .filter(|path| *path != keep)
+            .collect()
+    }
+
+    /// Pauses the vCPUs and writes this sandbox's next generation of snapshot (the VM stays
+    /// paused); returns the generation.
+    fn snapshot_next(&mut self) -> Result<u64, KvmError> {
         let generation = self.generation + 1;
         let dir = self.files.snapshot(generation);
         let _ = std::fs::remove_dir_all(&dir);
-        let layers = match self.snapshot_own(&dir) {
-            Ok(layers) => layers,
+        let layers = self.snapshot_own(&dir)?;
+        self.generation = generation;
+        self.own_chain_layers = Some(layers);
+        // A layer needs every older snapshot here (they are its chain); a full one needs none.
+        if layers == 0 {
+            self.superseded = self.snapshots_except(generation);
+        }
+        Ok(generation)
+    }
+
+    fn pause_to_disk(&mut self) -> Result<(), KvmError> {
+        let generation = match self.snapshot_next() {
+            Ok(generation) => generation,
             Err(e) => {
                 // Leave it running as it was, when it still can.
                 if let Some(worker) = &self.worker {
@@ -890,14 +957,8 @@ impl KvmMachine {
                 return Err(e);
             }
         };
-        self.generation = generation;
         self.stop_worker();
         self.on_disk = Some(generation);
-        self.own_chain_layers = Some(layers);
-        // A layer needs every older snapshot here (they are its chain); a full one needs none.
-        if layers == 0 {
-            self.remove_snapshots_except(generation);
-        }
         Ok(())
     }
 
@@ -907,33 +968,31 @@ impl KvmMachine {
             self.files.dir().parent().ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
         let files = SandboxFiles::new(root.join(&child.id));
         files.create_dir()?;
-        let snapshot = files.snapshot(0);
-        let mut machine = KvmMachine::new(self.worker_exe.clone(), files.clone(), self.rootfs.clone(), None, 0);
-        match self.on_disk {
+        let mut machine =
+            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files.clone(), self.rootfs.clone(), None, 0);
+        let generation = match self.on_disk {
+            // Paused to disk: the child starts from the same snapshot and a copy of the disk.
             Some(generation) => {
-                // Paused to disk: the child starts from the same snapshot (and the chain below
-                // it, which the child's worker maps; it is the parent's, so the child's first
-                // pause is full) and a copy of the disk.
                 copy_disk(&self.files.writable_disk(), &files.writable_disk())?;
-                machine.restore_from(&self.files.snapshot(generation))?;
+                generation
             }
+            // Running (or paused in memory): the parent takes its next snapshot, a layer over
+            // its chain where it can be, and runs on; the child starts from that snapshot.
             None => {
                 let was_paused = self.paused_in_memory()?;
-                let taken = self.snapshot_to(&snapshot).and_then(|()| {
+                let taken = self.snapshot_next().and_then(|generation| {
                     // The disk must be copied while the parent cannot write to it.
-                    copy_disk(&self.files.writable_disk(), &files.writable_disk())
+                    copy_disk(&self.files.writable_disk(), &files.writable_disk()).map(|()| generation)
                 });
                 if !was_paused {
                     if let Some(worker) = &self.worker {
                         worker.resume().map_err(worker_err("resume the parent"))?;
                     }
                 }
-                taken?;
-                machine.restore_from(&snapshot)?;
-                // The child's own full snapshot: its first pause may layer over it.
-                machine.own_chain_layers = Some(0);
+                taken?
             }
-        }
+        };
+        machine.restore_linked(&self.files.snapshot(generation))?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
     }
@@ -990,13 +1049,9 @@ impl Machine for KvmMachine {
 
     fn kill(&mut self) -> Result<(), EngineError> {
         self.stop_worker();
-        match std::fs::remove_dir_all(self.files.dir()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => {
-                Err(EngineError::Io { what: format!("cannot delete {}", self.files.dir().display()), source })
-            }
-        }
+        // Gone from the state directory at once; its space is freed in the background.
+        self.trash.discard(self.files.dir());
+        Ok(())
     }
 
     fn check_alive(&mut self) -> Result<(), String> {

@@ -26,6 +26,7 @@
 
 pub mod kvm;
 pub mod test_engine;
+pub mod trash;
 
 use std::collections::BTreeMap;
 
