@@ -553,7 +553,9 @@ async fn run_code_keeps_state_returns_results_errors_and_plots() {
     if have_matplotlib {
         assert_eq!(shown, 8, "{}", text(&many));
         assert!(text(&many).contains("2 more image(s) left out"), "{}", text(&many));
+        assert_eq!(structured(&many)["images_left_out"], 2);
     }
+    assert_eq!(structured(&many)["results_left_out"], 0);
     let js = f.call("run_code", json!({"code": "1 + 2", "language": "javascript"})).await;
     if !is_error(&js) {
         assert_eq!(structured(&js)["results"][0]["text"], "3");
@@ -747,6 +749,8 @@ async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_n
     assert_eq!(results[max]["is_main_result"], true);
     let t = text(&r);
     assert!(t.contains(&format!("[{} more result(s) left out", 10_000 - max)), "{t}");
+    assert_eq!(s["results_left_out"], (10_000 - max) as u64, "the count is also in structuredContent");
+    assert_eq!(s["images_left_out"], 0);
     assert!(s["stdout"].as_str().unwrap().len() <= 4000);
     assert!(t.contains("stdout truncated"), "{t}");
 

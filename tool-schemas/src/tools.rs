@@ -272,6 +272,10 @@ pub struct RunCodeResult {
     pub exit_code: Option<i32>,
     /// Streams cut to fit this result, and where their full text lives.
     pub truncated: Vec<Truncation>,
+    /// Displayed results left out because this result was full (the text says the limits).
+    pub results_left_out: u64,
+    /// Images left out because this result was full (the text says the limits).
+    pub images_left_out: u64,
 }
 
 // ---------------------------------------------------------------------------

@@ -381,6 +381,8 @@ impl CapsuleMcp {
             context_restarted: outcome.context_restarted,
             exit_code: outcome.exit_code,
             truncated: output.truncations(None, None),
+            results_left_out: dropped.results,
+            images_left_out: images_dropped as u64,
         };
         let mut text = String::new();
         push_section(&mut text, None, &result.stdout);
