@@ -665,3 +665,34 @@ fn forks_share_their_parents_chain_by_links_and_outlive_it() {
     on_disk_child.kill().expect("kill");
     running_child.kill().expect("kill");
 }
+
+#[test]
+fn a_paused_sandbox_resumes_and_forks_after_the_image_cache_dropped_its_root_filesystem() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut image = engine.image().clone();
+    drop(engine);
+    // The root filesystem of an image the cache is about to drop: another name for the current one.
+    let dropped = root.path().join("evicted-rootfs.ext4");
+    if let Err(e) = std::fs::hard_link(&image.rootfs, &dropped) {
+        eprintln!("SKIP: the image cache is on another filesystem than the temporary directory: {e}");
+        return;
+    }
+    image.rootfs = dropped.clone();
+    let engine =
+        KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root.path().to_path_buf()).expect("engine");
+    let mut machine = engine.create(&spec("kvm-rootfs")).expect("create");
+    sh(&machine.connect().expect("connect"), "echo kept > /root/marker");
+    machine.pause().expect("pause");
+    std::fs::remove_file(&dropped).expect("drop the image's root filesystem");
+
+    machine.resume().expect("resume without the image cache's file");
+    let client = machine.connect().expect("reconnect");
+    assert_eq!(sh(&client, "cat /root/marker"), "kept\n");
+    assert_eq!(py(&client, "import json; json.dumps([1])"), "'[1]'", "the root filesystem is readable");
+    let mut child = machine.fork(&spec("kvm-rootfs-child")).expect("fork");
+    assert_eq!(sh(&child.connect().expect("connect the child"), "cat /root/marker"), "kept\n");
+    child.kill().expect("kill the child");
+    machine.kill().expect("kill");
+}

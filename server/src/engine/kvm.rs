@@ -1,7 +1,8 @@
 //! The KVM engine: each sandbox is a microVM of the guest image, run by our own VMM in a worker
 //! process of its own (`capsule worker`), reached over hybrid virtio-vsock.
 //!
-//! Owns the per-sandbox directory (writable disk, vsock socket, serial log, snapshots), the
+//! Owns the per-sandbox directory (writable disk, a hard link to the image's read-only root
+//! filesystem so that the image cache can drop it, vsock socket, serial log, snapshots), the
 //! boot recipe of the image ([`boot_config`]), waiting for the guest agent, and the lifecycle:
 //! - create: restore the template of its size (a guest booted once until its agent answered,
 //!   warmed — the default Python context of `run_code` has imported numpy, pandas and
@@ -206,6 +207,30 @@ impl SandboxFiles {
     /// The snapshot of generation `n` (a pause to disk, or a fork taken of this sandbox).
     fn snapshot(&self, generation: u64) -> PathBuf {
         self.dir.join(format!("snapshot-{generation}"))
+    }
+
+    /// The sandbox's own name for its read-only root filesystem image.
+    fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+
+    /// Gives the sandbox its own name (a hard link) for the read-only root filesystem at
+    /// `shared` and returns it, so that the image cache may drop that image while the sandbox
+    /// still needs it (a paused sandbox resumes on it, a fork inherits it). Where no link can be
+    /// made (another filesystem) the sandbox uses `shared` itself.
+    fn adopt_rootfs(&self, shared: &Path) -> PathBuf {
+        let own = self.rootfs();
+        match std::fs::hard_link(shared, &own) {
+            Ok(()) => own,
+            Err(e) => {
+                tracing::debug!(
+                    rootfs = %shared.display(),
+                    error = %e,
+                    "cannot link the root filesystem into the sandbox; using the image cache's copy"
+                );
+                shared.to_path_buf()
+            }
+        }
     }
 
     /// The linked copy of the chain this sandbox was restored from when it was made (the
@@ -509,16 +534,11 @@ impl KvmEngine {
     fn boot_in(&self, files: SandboxFiles, spec: &MachineSpec, vcpus: u8) -> Result<KvmMachine, KvmError> {
         files.create_dir()?;
         create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
-        let config = boot_config(&self.image, &files, vcpus, u64::from(spec.memory_mib));
+        let image = ImageInfo { rootfs: files.adopt_rootfs(&self.image.rootfs), ..self.image.clone() };
+        let config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
         let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
-        let mut machine = KvmMachine::new(
-            self.worker_exe.clone(),
-            self.trash.clone(),
-            files,
-            self.image.rootfs.clone(),
-            Some(worker),
-            0,
-        );
+        let mut machine =
+            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, image.rootfs, Some(worker), 0);
         machine.start_worker()?;
         let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
         set_guest_clock(&client)?;
@@ -565,8 +585,8 @@ impl KvmEngine {
         let files = SandboxFiles::new(self.root.join(&spec.id));
         files.create_dir()?;
         copy_disk(&template.writable_disk(), &files.writable_disk())?;
-        let mut machine =
-            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, self.image.rootfs.clone(), None, 0);
+        let rootfs = files.adopt_rootfs(&self.image.rootfs);
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, rootfs, None, 0);
         machine.restore_linked(&template.snapshot(0))?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
@@ -968,8 +988,8 @@ impl KvmMachine {
             self.files.dir().parent().ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
         let files = SandboxFiles::new(root.join(&child.id));
         files.create_dir()?;
-        let mut machine =
-            KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files.clone(), self.rootfs.clone(), None, 0);
+        let rootfs = files.adopt_rootfs(&self.rootfs);
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files.clone(), rootfs, None, 0);
         let generation = match self.on_disk {
             // Paused to disk: the child starts from the same snapshot and a copy of the disk.
             Some(generation) => {

@@ -53,8 +53,9 @@ pub const KERNEL_PATCHES_ENV: &str = "CAPSULE_KERNEL_PATCHES";
 /// What to tell a PVM host's user to pass.
 const PVM_PATCH_HINT: &str = "--kernel-patch /path/to/pvm-native-guest-6.12.117.patch";
 const IMAGE_VERSION_DOMAIN: &str = "capsule-image-1";
-/// Packed root filesystems kept in the cache, the current one included (older
-/// ones may still back a snapshot; each is hundreds of MiB).
+/// Packed root filesystems kept in the cache, the current one included (each is
+/// hundreds of MiB). Sandboxes hold their own hard link to theirs where the state
+/// directory shares the cache's filesystem, so dropping one does not strand them.
 const ROOTFS_IMAGES_KEPT: usize = 3;
 
 /// Which guest kernel to build.
