@@ -76,7 +76,7 @@ pub struct MicroVm {
     /// Set only by a [`MicroVm::pause`] that parked every vCPU and the device-event thread;
     /// cleared by resume and by a pause that failed. Saving requires it.
     quiesced: AtomicBool,
-    /// Restored guests: every page written since the restore (bitmaps per region).
+    /// Restored guests: every page the dirty logs reported since the restore (bitmaps per region).
     written_since_restore: Vec<Vec<u64>>,
     // Declared last: dropped after everything that uses them, VM before memory.
     vm: Vm,
@@ -285,6 +285,12 @@ impl MicroVm {
             or_bitmaps(&mut self.written_since_restore, &pages);
         }
         Ok(pages)
+    }
+
+    /// For a restored guest: every page the dirty logs reported since the restore (bitmaps per
+    /// region; empty before the first report).
+    pub fn logged_since_restore(&self) -> &[Vec<u64>] {
+        &self.written_since_restore
     }
 
     /// For a restored guest: every page that may differ from zero, as bitmaps per region. That

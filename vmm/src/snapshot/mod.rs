@@ -18,7 +18,9 @@
 //! writes. An incremental snapshot writes only those pages into its own `memory.bin`, a sparse
 //! *layer* whose other pages are holes, and records its parent (path and state checksum) and
 //! the page runs it holds. The cost of an incremental pause is therefore proportional to the
-//! pages dirtied, not to guest memory. The filesystems here (ext4) cannot reflink, so copying
+//! pages dirtied, not to guest memory. A restored guest's snapshots also take every page the
+//! host's page tables hold privately (written since the restore) that the dirty log never
+//! reported, so a missed write cannot be lost; the worker logs a warning if there ever is one. The filesystems here (ext4) cannot reflink, so copying
 //! the parent's file (or writing into it, which would corrupt other VMs mapping it) was
 //! rejected. Restore maps the chain's full base file once, `MAP_PRIVATE`, then maps each
 //! layer's runs over it (`MAP_FIXED | MAP_PRIVATE`, oldest first): still lazy and copy-on-write,
@@ -202,19 +204,28 @@ fn write_state_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 }
 
 /// Adds to `pages` (bitmaps per region) every page the host's page tables say a restored VM
-/// wrote since its restore: a snapshot must not depend on dirty logging having seen every
-/// write. Every page changed since any snapshot taken after the restore is among them.
-fn add_privately_written(vm: &MicroVm, pages: &mut [Vec<u64>]) -> Result<(), MemoryFileError> {
+/// wrote since its restore but the dirty log never reported, so that a snapshot does not
+/// depend on dirty logging having seen every write (pages it did report are in `pages` or in an
+/// earlier snapshot since the restore). Logged pages are not added again: a layer of a parent
+/// that keeps running and forking holds what changed since its previous snapshot, not all it
+/// wrote since its restore.
+fn add_unlogged_writes(vm: &MicroVm, pages: &mut [Vec<u64>]) -> Result<(), MemoryFileError> {
     let written = memory_file::privately_written_pages(vm.memory())?;
-    let mut unseen_pages = 0;
-    for (region, extra) in pages.iter_mut().zip(&written) {
-        for (word, more) in region.iter_mut().zip(extra) {
-            unseen_pages += (more & !*word).count_ones();
-            *word |= more;
+    let logged = vm.logged_since_restore();
+    let mut unlogged_pages = 0;
+    for (index, (region, extra)) in pages.iter_mut().zip(&written).enumerate() {
+        let logged = logged.get(index).map(Vec::as_slice).unwrap_or(&[]);
+        for (i, (word, more)) in region.iter_mut().zip(extra).enumerate() {
+            let unlogged = more & !logged.get(i).copied().unwrap_or(0);
+            unlogged_pages += (unlogged & !*word).count_ones();
+            *word |= unlogged;
         }
     }
-    if unseen_pages > 0 {
-        tracing::debug!(unseen_pages, "pages written since the restore that the dirty log does not name");
+    if unlogged_pages > 0 {
+        tracing::warn!(
+            unlogged_pages,
+            "pages written since the restore that the dirty log never reported; saved anyway"
+        );
     }
     Ok(())
 }
@@ -255,7 +266,7 @@ pub fn save_snapshot(
         Some(parent) => {
             let mut dirty = vm.take_dirty_pages().map_err(SnapshotError::DirtyLog)?;
             if vm.restored_backing().is_some() {
-                add_privately_written(vm, &mut dirty).map_err(mem_err)?;
+                add_unlogged_writes(vm, &mut dirty).map_err(mem_err)?;
             }
             let written = memory_file::write_layer(vm.memory(), &dirty, &mem_file).map_err(mem_err)?;
             let memory =
@@ -268,7 +279,7 @@ pub fn save_snapshot(
                     let base_pages = memory_file::snapshot_data_pages(vm.memory(), base, runs).map_err(mem_err)?;
                     let mut candidates =
                         vm.restored_nonzero_candidates(&base_pages).map_err(SnapshotError::DirtyLog)?;
-                    add_privately_written(vm, &mut candidates).map_err(mem_err)?;
+                    add_unlogged_writes(vm, &mut candidates).map_err(mem_err)?;
                     memory_file::write_full_from_candidates(vm.memory(), &candidates, &mem_file)
                 }
                 None => memory_file::write_full(vm.memory(), vm.memory_backing_file(), &mem_file),
