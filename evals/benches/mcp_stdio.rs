@@ -21,7 +21,6 @@
 //!
 //! It never leaves a sandbox behind: every sandbox it made is killed before it exits.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
@@ -29,17 +28,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use capsule::config::{Limits, DEFAULT_OUTPUT_CAP_BYTES};
-use capsule::engine::kvm::{
-    boot_config, connect_agent, host_refusal, set_guest_clock, KvmEngine, SandboxFiles, AGENT_READY_TIMEOUT,
-};
+use capsule::engine::kvm::{boot_config, connect_agent, set_guest_clock, SandboxFiles, AGENT_READY_TIMEOUT};
 use capsule::engine::test_engine::{TestEngine, AGENT_BIN_ENV};
-use capsule::engine::{Engine, Machine, MachineSpec};
-use capsule::image::{create_writable_disk, current_image, Flavour, ImageInfo};
-use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::ExecRequest;
+use capsule::engine::Engine;
+use capsule::image::{create_writable_disk, ImageInfo};
+use capsule_evals::binaries::Binaries;
+use capsule_evals::latency::{ms, ratio, show, Latencies};
+use capsule_evals::sandbox::{default_spec, exec_true, kvm_engine, Owned, TRUE_COMMAND};
+use capsule_evals::sizes::env_count;
 use capsule_evals::timing::interleaved_samples;
-use capsule_vmm::doctor::Virtualization;
 use capsule_vmm::worker::{error_chain, WorkerHandle};
 use serde_json::{json, Value};
 
@@ -51,14 +48,12 @@ const DEFAULT_N_KVM: usize = 100;
 const WARMUP_ROUNDS: usize = 20;
 /// Cold boots, template creates and snapshot restores timed on kvm, unless `MCP_BENCH_BOOTS` says.
 const DEFAULT_BOOTS: usize = 5;
-/// Deadline of one guest command.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `capsule serve` may take to end after its stdin closes (it pauses sandboxes first).
 const SERVER_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// MCP protocol version offered in `initialize` (the server answers with the one it speaks).
 const MCP_PROTOCOL_VERSION: &str = "2025-06-18";
 /// The command both variants run.
-const COMMAND: &str = "true";
+const COMMAND: &str = TRUE_COMMAND;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EngineKind {
@@ -100,111 +95,8 @@ fn engine_kind() -> Result<EngineKind> {
     }
 }
 
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => match text.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => bail!("{name}={text:?} is not a positive count"),
-        },
-        Err(_) => Ok(default),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Binaries
-
-/// `capsule` and `capsule-agent`, found as the python conftest finds them.
-struct Binaries {
-    capsule: PathBuf,
-    agent: PathBuf,
-}
-
-impl Binaries {
-    fn locate() -> Result<Self> {
-        let capsule = match std::env::var_os("CAPSULE_BIN").filter(|v| !v.is_empty()) {
-            Some(path) => PathBuf::from(path),
-            None => Self::in_target_dir("capsule")?,
-        };
-        if !capsule.is_file() {
-            bail!("CAPSULE_BIN={} is not a file", capsule.display());
-        }
-        let agent = match std::env::var_os(AGENT_BIN_ENV).filter(|v| !v.is_empty()) {
-            Some(path) => PathBuf::from(path),
-            None => capsule.with_file_name("capsule-agent"),
-        };
-        if !agent.is_file() {
-            bail!(
-                "no capsule-agent at {}: run `cargo build --release -p capsule-agent` or set {AGENT_BIN_ENV}",
-                agent.display()
-            );
-        }
-        Ok(Binaries { capsule, agent })
-    }
-
-    /// `<target>/release/NAME`, else `<target>/debug/NAME`; the bench itself runs from
-    /// `<target>/release/deps/`.
-    fn in_target_dir(name: &str) -> Result<PathBuf> {
-        let exe = std::env::current_exe().context("cannot find the bench executable")?;
-        let target = exe.ancestors().nth(3).context("the bench executable is not under <target>/<profile>/deps")?;
-        let candidates = [target.join("release").join(name), target.join("debug").join(name)];
-        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-            anyhow!(
-                "no {name} binary at {} or {}: run `cargo build --release -p capsule -p capsule-agent` \
-                 first, or set CAPSULE_BIN",
-                candidates[0].display(),
-                candidates[1].display()
-            )
-        })
-    }
-
-    fn is_debug_build(&self) -> bool {
-        self.capsule.parent().and_then(Path::file_name).is_some_and(|d| d == "debug")
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Latency statistics
-
-/// Sorted round-trip times of one variant.
-struct Latencies(Vec<Duration>);
-
-impl Latencies {
-    fn new(mut samples: Vec<Duration>) -> Self {
-        samples.sort_unstable();
-        Latencies(samples)
-    }
-
-    /// The `q`-quantile by the nearest-rank method (`q` in 0..=1).
-    fn quantile(&self, q: f64) -> Duration {
-        let n = self.0.len();
-        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-        self.0[rank - 1]
-    }
-
-    fn p50(&self) -> Duration {
-        self.quantile(0.50)
-    }
-
-    fn p99(&self) -> Duration {
-        self.quantile(0.99)
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn show(label: &str, l: &Latencies) {
-    println!("  {label:<62} p50 {:>9.3} ms   p99 {:>9.3} ms", ms(l.p50()), ms(l.p99()));
-}
-
-fn ratio(label: &str, over: &Latencies, base: &Latencies) {
-    println!(
-        "  {label:<62} p50 {:>8.2}×      p99 {:>8.2}×",
-        over.p50().as_secs_f64() / base.p50().as_secs_f64(),
-        over.p99().as_secs_f64() / base.p99().as_secs_f64()
-    );
-}
 
 /// Times `n` rounds of every variant, interleaved (one call of each per round) after
 /// [`WARMUP_ROUNDS`] untimed rounds, so a noisy shared host loads every variant alike.
@@ -354,62 +246,8 @@ fn direct_engine(kind: EngineKind, bins: &Binaries, root: PathBuf) -> Result<std
         EngineKind::Test => {
             Ok(Ok(Target { engine: Arc::new(TestEngine::new(bins.agent.clone(), root)?), image: None }))
         }
-        EngineKind::Kvm => {
-            let report = capsule_vmm::doctor::probe();
-            if let Some(why) = host_refusal(&report) {
-                return Ok(Err(why));
-            }
-            // Never build the image here (that takes many minutes): only use a built one.
-            let image = match current_image() {
-                Ok(image) => image,
-                Err(e) => return Ok(Err(format!("no usable guest image: {e}"))),
-            };
-            if report.virtualization == Virtualization::Pvm && image.flavour != Flavour::Pvm {
-                return Ok(Err(format!(
-                    "this PVM host needs a pvm-flavour guest image; the current one is {}",
-                    image.flavour
-                )));
-            }
-            let engine = Arc::new(KvmEngine::new(bins.capsule.clone(), image.clone(), root)?);
-            Ok(Ok(Target { engine, image: Some(image) }))
-        }
-    }
-}
-
-/// A sandbox spec with the server's default sizes, so both variants get the same machine.
-fn default_spec(id: &str) -> MachineSpec {
-    let limits = Limits::default();
-    MachineSpec {
-        id: id.into(),
-        template: "default".into(),
-        vcpus: limits.default_vcpus,
-        memory_mib: limits.default_memory_mib,
-        disk_mib: limits.default_disk_mib,
-        env: BTreeMap::new(),
-    }
-}
-
-/// The `Exec` that capsule's `run_command` handler sends for `command`.
-fn run_command_exec(command: &str) -> ExecRequest {
-    ExecRequest { output_cap_bytes: Some(DEFAULT_OUTPUT_CAP_BYTES as u64), ..ExecRequest::shell(command) }
-}
-
-fn exec_true(client: &AgentClient) -> Result<()> {
-    let out = client.exec(run_command_exec(COMMAND), Some(CALL_TIMEOUT))?;
-    if out.status.code != Some(0) {
-        bail!("direct exec of {COMMAND:?} ended with {:?}", out.status);
-    }
-    Ok(())
-}
-
-/// Kills a machine when dropped, so an early error leaves no VM or agent behind.
-struct Owned(Box<dyn Machine>);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.kill() {
-            eprintln!("note: killing a benchmark sandbox failed: {e}");
-        }
+        EngineKind::Kvm => Ok(kvm_engine(&bins.capsule, root)?
+            .map(|(engine, image)| Target { engine: Arc::new(engine) as Arc<dyn Engine>, image: Some(image) })),
     }
 }
 
@@ -542,7 +380,7 @@ fn bench_ready(bins: &Binaries, target: &Target, scratch: &Path, first_create: D
 
 fn main() -> Result<()> {
     let kind = engine_kind()?;
-    let bins = Binaries::locate()?;
+    let bins = Binaries::locate(AGENT_BIN_ENV)?;
     println!("MCP stdio benchmark, engine {}", kind.name());
     println!("  capsule: {}", bins.capsule.display());
     println!("  agent:   {}", bins.agent.display());
