@@ -696,3 +696,43 @@ fn a_paused_sandbox_resumes_and_forks_after_the_image_cache_dropped_its_root_fil
     child.kill().expect("kill the child");
     machine.kill().expect("kill");
 }
+
+#[test]
+fn forking_several_at_once_takes_the_parents_state_once() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut parent = engine.create(&spec("kvm-m")).expect("create");
+    py(&parent.connect().expect("connect"), "x = 7");
+    let specs: Vec<_> = (0..3).map(|i| spec(&format!("kvm-m-{i}"))).collect();
+    let mut children: Vec<_> = parent.fork_many(&specs).into_iter().map(|made| made.expect("fork")).collect();
+    // One snapshot of the parent, its generation 1 (a layer over the template), shared by all.
+    let layer = root.path().join("kvm-m/snapshot-1/memory.bin");
+    assert!(!root.path().join("kvm-m/snapshot-2").exists(), "the parent's state was taken once");
+    for (i, child) in children.iter_mut().enumerate() {
+        let top = root.path().join(format!("kvm-m-{i}/snapshot-origin/1/memory.bin"));
+        assert_eq!(inode_of(&top), inode_of(&layer), "child {i} starts from the one snapshot");
+        let c = child.connect().expect("connect to a child");
+        assert_eq!(py(&c, "x"), "7");
+        py(&c, &format!("x = {i}"));
+    }
+    for (i, child) in children.iter_mut().enumerate() {
+        assert_eq!(py(&child.connect().expect("connect"), "x"), i.to_string(), "child {i} diverged on its own");
+        child.kill().expect("kill a child");
+    }
+    assert_eq!(py(&parent.connect().expect("the parent runs on"), "x"), "7");
+
+    // On PVM a child asking for 2 vCPUs fails alone; the others are made.
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        let mut two = spec("kvm-m-two");
+        two.vcpus = 2;
+        let made = parent.fork_many(&[spec("kvm-m-ok"), two]);
+        assert_eq!(made.len(), 2);
+        let mut made = made.into_iter();
+        made.next().unwrap().expect("the 1-vCPU child is made").kill().expect("kill");
+        let err = made.next().unwrap().err().expect("2 vCPUs are refused on PVM").to_string();
+        assert!(err.contains("at most 1 vCPU"), "{err}");
+        assert!(!root.path().join("kvm-m-two").exists(), "nothing is left of the refused child");
+    }
+    parent.kill().expect("kill the parent");
+}

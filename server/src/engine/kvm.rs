@@ -23,7 +23,8 @@
 //!   copy its writable disk (sparse, reflinked where the filesystem can), let the parent run
 //!   again, and restore the child from a hard-linked copy of that snapshot's chain in the
 //!   child's own `snapshot-origin`. A parent paused to disk is forked the same way from its
-//!   newest snapshot. A fork therefore writes only the pages the parent changed, not its RAM.
+//!   newest snapshot. A fork therefore writes only the pages the parent changed, not its RAM;
+//!   `fork_many` takes the parent's state once for all its children.
 //!
 //! Snapshot chains never cross sandbox directories, so deleting a sandbox's directory can never
 //! break another sandbox: a sandbox starts from a snapshot it does not own only through its
@@ -147,6 +148,9 @@ pub enum KvmError {
     /// Saved state from the registry cannot be used.
     #[error("saved machine state is unusable: {0}")]
     BadSavedState(String),
+    /// The parent's state could not be taken for a fork (every child of it fails alike).
+    #[error("cannot take the parent's state for the fork: {0}")]
+    ForkSource(String),
 }
 
 impl From<KvmError> for EngineError {
@@ -982,36 +986,34 @@ impl KvmMachine {
         Ok(())
     }
 
-    fn fork_into(&mut self, child: &MachineSpec) -> Result<KvmMachine, KvmError> {
-        check_vcpus(child.vcpus)?;
-        let root =
-            self.files.dir().parent().ok_or_else(|| KvmError::Host("the sandbox directory has no parent".into()))?;
-        let files = SandboxFiles::new(root.join(&child.id));
-        files.create_dir()?;
-        let rootfs = files.adopt_rootfs(&self.rootfs);
-        let mut machine = KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files.clone(), rootfs, None, 0);
-        let generation = match self.on_disk {
-            // Paused to disk: the child starts from the same snapshot and a copy of the disk.
-            Some(generation) => {
-                copy_disk(&self.files.writable_disk(), &files.writable_disk())?;
-                generation
-            }
-            // Running (or paused in memory): the parent takes its next snapshot, a layer over
-            // its chain where it can be, and runs on; the child starts from that snapshot.
-            None => {
-                let was_paused = self.paused_in_memory()?;
-                let taken = self.snapshot_next().and_then(|generation| {
-                    // The disk must be copied while the parent cannot write to it.
-                    copy_disk(&self.files.writable_disk(), &files.writable_disk()).map(|()| generation)
-                });
-                if !was_paused {
-                    if let Some(worker) = &self.worker {
-                        worker.resume().map_err(worker_err("resume the parent"))?;
-                    }
-                }
-                taken?
-            }
+    /// The state `children` (their directories made) start from, taken at one moment: each
+    /// gets a copy of the writable disk, and the generation of the snapshot to restore is
+    /// returned. A running parent writes its next snapshot (a layer over its chain where it can
+    /// be) and runs on; a parent paused to disk gives its newest snapshot.
+    fn fork_source(&mut self, children: &[SandboxFiles]) -> Result<u64, KvmError> {
+        let copy_disks = |parent: &SandboxFiles| {
+            children.iter().try_for_each(|child| copy_disk(&parent.writable_disk(), &child.writable_disk()))
         };
+        if let Some(generation) = self.on_disk {
+            copy_disks(&self.files)?;
+            return Ok(generation);
+        }
+        let was_paused = self.paused_in_memory()?;
+        // The disks must be copied while the parent cannot write to them.
+        let taken = self.snapshot_next().and_then(|generation| copy_disks(&self.files).map(|()| generation));
+        if !was_paused {
+            if let Some(worker) = &self.worker {
+                worker.resume().map_err(worker_err("resume the parent"))?;
+            }
+        }
+        taken
+    }
+
+    /// Starts a child prepared by [`Self::fork_source`]: restored from a linked copy of the
+    /// parent's snapshot `generation`, in its own directory `files`.
+    fn start_fork(&self, files: SandboxFiles, generation: u64) -> Result<KvmMachine, KvmError> {
+        let rootfs = files.adopt_rootfs(&self.rootfs);
+        let mut machine = KvmMachine::new(self.worker_exe.clone(), self.trash.clone(), files, rootfs, None, 0);
         machine.restore_linked(&self.files.snapshot(generation))?;
         machine.connect_within(AGENT_RESTORED_TIMEOUT)?;
         Ok(machine)
@@ -1055,16 +1057,43 @@ impl Machine for KvmMachine {
     }
 
     fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
-        let dir = self.files.dir().parent().map(|p| p.join(&child.id));
-        match self.fork_into(child) {
-            Ok(machine) => Ok(Box::new(machine)),
-            Err(e) => {
-                if let Some(dir) = dir {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                Err(e.into())
-            }
-        }
+        self.fork_many(std::slice::from_ref(child)).pop().expect("one result per child")
+    }
+
+    fn fork_many(&mut self, children: &[MachineSpec]) -> Vec<Result<Box<dyn Machine>, EngineError>> {
+        let Some(root) = self.files.dir().parent().map(Path::to_path_buf) else {
+            let why = || EngineError::Start("the sandbox directory has no parent".into());
+            return children.iter().map(|_| Err(why())).collect();
+        };
+        let prepared: Vec<Result<SandboxFiles, KvmError>> = children
+            .iter()
+            .map(|child| {
+                check_vcpus(child.vcpus)?;
+                let files = SandboxFiles::new(root.join(&child.id));
+                files.create_dir()?;
+                Ok(files)
+            })
+            .collect();
+        let ready: Vec<SandboxFiles> = prepared.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let source = if ready.is_empty() {
+            Err("no fork could be prepared".to_string())
+        } else {
+            self.fork_source(&ready).map_err(|e| error_chain(&e))
+        };
+        children
+            .iter()
+            .zip(prepared)
+            .map(|(child, files)| {
+                let started = files.and_then(|files| match &source {
+                    Ok(generation) => self.start_fork(files, *generation),
+                    Err(why) => Err(KvmError::ForkSource(why.clone())),
+                });
+                started.map(|machine| Box::new(machine) as Box<dyn Machine>).map_err(|e| {
+                    let _ = std::fs::remove_dir_all(root.join(&child.id));
+                    e.into()
+                })
+            })
+            .collect()
     }
 
     fn kill(&mut self) -> Result<(), EngineError> {

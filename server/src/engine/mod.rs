@@ -97,6 +97,12 @@ pub trait Machine: Send {
     fn resume(&mut self) -> Result<(), EngineError>;
     /// Makes a new running machine from this one's current state.
     fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError>;
+    /// Makes one new running machine per spec in `children`, all from this one's state at one
+    /// moment where the engine can (the default forks them one after the other). One result per
+    /// child, in order.
+    fn fork_many(&mut self, children: &[MachineSpec]) -> Vec<Result<Box<dyn Machine>, EngineError>> {
+        children.iter().map(|child| self.fork(child)).collect()
+    }
     /// Destroys the machine and its files. Idempotent.
     fn kill(&mut self) -> Result<(), EngineError>;
     /// `Err(reason)` when the machine has died.

@@ -871,20 +871,13 @@ impl Manager {
         // All copies must fit; each is then admitted on its own as it is made.
         self.check_capacity(count as usize, u64::from(inner.record.memory_mib) * u64::from(count))?;
         let machine = self.machine_of(&slot, &mut inner)?;
-        let mut children = Vec::new();
+        // Every child is recorded first; then all are made from one moment of the parent.
+        let parent = inner.record.clone();
+        let mut slots = Vec::new();
         for _ in 0..count {
-            let parent = inner.record.clone();
-            let spec = MachineSpec {
-                id: new_sandbox_id(),
-                template: parent.template.clone(),
-                vcpus: parent.vcpus,
-                memory_mib: parent.memory_mib,
-                disk_mib: parent.disk_mib,
-                env: parent.env.clone(),
-            };
             let now = now_ms();
             let record = SandboxRecord {
-                id: spec.id.clone(),
+                id: new_sandbox_id(),
                 owner: owner.id.clone(),
                 name: parent.name.as_ref().map(|n| format!("{n} (fork)")).filter(|n| n.len() <= MAX_NAME_BYTES),
                 state: SandboxState::Creating,
@@ -895,28 +888,63 @@ impl Manager {
                 paused_ms: None,
                 failure: None,
                 engine_state: serde_json::Value::Null,
-                ..parent
+                ..parent.clone()
             };
             let child = Slot::new(record, None);
-            let mut child_inner = child.inner.lock().await;
-            self.admit(&child, &child_inner.record, &format!("fork of {}", slot.id))?;
-            let spec2 = spec.clone();
-            match blocking(&machine, move |m| m.fork(&spec2)).await {
+            let admitted = {
+                let child_inner = child.inner.lock().await;
+                self.admit(&child, &child_inner.record, &format!("fork of {}", slot.id))
+            };
+            if let Err(e) = admitted {
+                for earlier in &slots {
+                    let earlier: &Arc<Slot> = earlier;
+                    let mut earlier_inner = earlier.inner.lock().await;
+                    let _ = self.fail(earlier, &mut earlier_inner, &format!("the fork was abandoned: {e}"));
+                }
+                return Err(e);
+            }
+            slots.push(child);
+        }
+        let specs: Vec<MachineSpec> = slots
+            .iter()
+            .map(|child| MachineSpec {
+                id: child.id.clone(),
+                template: parent.template.clone(),
+                vcpus: parent.vcpus,
+                memory_mib: parent.memory_mib,
+                disk_mib: parent.disk_mib,
+                env: parent.env.clone(),
+            })
+            .collect();
+        // The children stay locked until they are recorded running or failed.
+        let mut locked = Vec::with_capacity(slots.len());
+        for child in &slots {
+            locked.push(child.inner.lock().await);
+        }
+        let made = blocking(&machine, move |m| m.fork_many(&specs)).await;
+        let mut children = Vec::new();
+        let mut first_error = None;
+        for ((child, mut child_inner), result) in slots.iter().zip(locked).zip(made) {
+            match result {
                 Ok(m) => {
                     child_inner.machine = Some(Arc::new(StdMutex::new(m)));
-                    if let Err(e) = self.transition(&child, &mut child_inner, SandboxState::Running, "forked") {
-                        self.abandon_new(&child, &mut child_inner, &format!("its start could not be recorded ({e})"))
+                    if let Err(e) = self.transition(child, &mut child_inner, SandboxState::Running, "forked") {
+                        self.abandon_new(child, &mut child_inner, &format!("its start could not be recorded ({e})"))
                             .await;
-                        return Err(e);
+                        first_error.get_or_insert(e);
+                        continue;
                     }
                     child.touch();
                     children.push(child_inner.record.info());
                 }
                 Err(e) => {
-                    let _ = self.fail(&child, &mut child_inner, &format!("the fork could not start: {e}"));
-                    return Err(ManagerError::Engine(e));
+                    let _ = self.fail(child, &mut child_inner, &format!("the fork could not start: {e}"));
+                    first_error.get_or_insert(ManagerError::Engine(e));
                 }
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         slot.touch();
         Ok((slot.id.clone(), children))
