@@ -991,16 +991,15 @@ impl KvmMachine {
     /// returned. A running parent writes its next snapshot (a layer over its chain where it can
     /// be) and runs on; a parent paused to disk gives its newest snapshot.
     fn fork_source(&mut self, children: &[SandboxFiles]) -> Result<u64, KvmError> {
-        let copy_disks = |parent: &SandboxFiles| {
-            children.iter().try_for_each(|child| copy_disk(&parent.writable_disk(), &child.writable_disk()))
-        };
+        let disk = self.files.writable_disk();
+        let copy_disks = || children.iter().try_for_each(|child| copy_disk(&disk, &child.writable_disk()));
         if let Some(generation) = self.on_disk {
-            copy_disks(&self.files)?;
+            copy_disks()?;
             return Ok(generation);
         }
         let was_paused = self.paused_in_memory()?;
         // The disks must be copied while the parent cannot write to them.
-        let taken = self.snapshot_next().and_then(|generation| copy_disks(&self.files).map(|()| generation));
+        let taken = self.snapshot_next().and_then(|generation| copy_disks().map(|()| generation));
         if !was_paused {
             if let Some(worker) = &self.worker {
                 worker.resume().map_err(worker_err("resume the parent"))?;

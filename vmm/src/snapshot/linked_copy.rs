@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use super::partial_dir::PartialDir;
 use super::{
-    format, io_err, read_state, sync_dir, write_state_file, MemoryState, MicrovmState, SnapshotError, MAX_CHAIN_DEPTH,
-    MEMORY_FILE, STATE_FILE,
+    format, io_err, read_chain_below, read_state, sync_dir, write_state_file, MemoryState, SnapshotError, MEMORY_FILE,
+    STATE_FILE,
 };
 
 /// A linked copy of a snapshot chain, as [`link_chain`] made it.
@@ -26,37 +26,8 @@ use super::{
 pub struct LinkedChain {
     /// The copy of the snapshot that was copied (the top of the copied chain).
     pub dir: PathBuf,
-    /// State checksum of `dir`.
-    pub crc: u32,
     /// Layers between `dir` and the copy's full base (0: it is full).
     pub depth: usize,
-}
-
-/// Reads the chain ending at `top`, full base first, checking every parent's checksum.
-fn read_chain(top: &Path) -> Result<Vec<(PathBuf, MicrovmState)>, SnapshotError> {
-    let (state, _) = read_state(top)?;
-    let mut chain = vec![(top.to_path_buf(), state)];
-    loop {
-        let (dir, state) = chain.last().expect("the chain starts with its top");
-        let MemoryState::Layer { parent, parent_crc, .. } = &state.memory else {
-            break;
-        };
-        if chain.len() > MAX_CHAIN_DEPTH {
-            return Err(SnapshotError::ChainTooDeep { dir: top.to_path_buf() });
-        }
-        let (parent_state, actual) = read_state(parent)?;
-        if actual != *parent_crc {
-            return Err(SnapshotError::ParentChanged {
-                dir: dir.clone(),
-                parent: parent.clone(),
-                expected: *parent_crc,
-                actual,
-            });
-        }
-        chain.push((parent.clone(), parent_state));
-    }
-    chain.reverse();
-    Ok(chain)
 }
 
 /// `path` made absolute through its (existing) parent directory.
@@ -77,12 +48,14 @@ fn absolute_new_path(path: &Path) -> Result<PathBuf, SnapshotError> {
 /// Copies the chain ending at the snapshot `top` into the new directory `into` (see the module
 /// header): memory files hard-linked, state files rewritten to point inside the copy. Fails
 /// (leaving nothing behind) where a hard link cannot be made, e.g. across filesystems or past
-/// the filesystem's link limit; the caller then writes a full snapshot instead.
+/// the filesystem's link limit.
 pub fn link_chain(top: &Path, into: &Path) -> Result<LinkedChain, SnapshotError> {
     if into.exists() {
         return Err(SnapshotError::Exists(into.to_path_buf()));
     }
-    let chain = read_chain(top)?;
+    let (top_state, _) = read_state(top)?;
+    let mut chain = read_chain_below(top, &top_state)?;
+    chain.push((top.to_path_buf(), top_state));
     let target = absolute_new_path(into)?;
     let partial = PartialDir::create(&target).map_err(SnapshotError::PartialDir)?;
     let depth = chain.len() - 1;
@@ -109,9 +82,5 @@ pub fn link_chain(top: &Path, into: &Path) -> Result<LinkedChain, SnapshotError>
     if let Some(parent) = target.parent() {
         sync_dir(parent)?;
     }
-    Ok(LinkedChain {
-        dir: target.join(depth.to_string()),
-        crc: parent_crc.expect("a chain has at least its full base"),
-        depth,
-    })
+    Ok(LinkedChain { dir: target.join(depth.to_string()), depth })
 }

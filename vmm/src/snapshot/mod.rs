@@ -20,8 +20,8 @@
 //! the page runs it holds. The cost of an incremental pause is therefore proportional to the
 //! pages dirtied, not to guest memory. A restored guest's snapshots also take every page the
 //! host's page tables hold privately (written since the restore) that the dirty log never
-//! reported, so a missed write cannot be lost; the worker logs a warning if there ever is one. The filesystems here (ext4) cannot reflink, so copying
-//! the parent's file (or writing into it, which would corrupt other VMs mapping it) was
+//! reported, so a missed write cannot be lost; the worker logs a warning if there ever is one.
+//! The filesystems here (ext4) cannot reflink, so copying the parent's file (or writing into it, which would corrupt other VMs mapping it) was
 //! rejected. Restore maps the chain's full base file once, `MAP_PRIVATE`, then maps each
 //! layer's runs over it (`MAP_FIXED | MAP_PRIVATE`, oldest first): still lazy and copy-on-write,
 //! with one extra mapping per contiguous dirty run. Chains are capped at [`MAX_CHAIN_DEPTH`],
@@ -382,41 +382,47 @@ pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         ));
     }
 
-    // Walk the chain down to its full snapshot, collecting layers newest first.
+    let below = read_chain_below(dir, &state)?;
+    if let Some((parent, parent_state)) = below.iter().find(|(_, s)| s.mem_bytes != mem_bytes) {
+        return Err(mismatch(
+            parent,
+            format!("parent has {} bytes of memory, child {mem_bytes}", parent_state.mem_bytes),
+        ));
+    }
+    // The chain's memory files, full base first: the snapshots below, then this one (every one
+    // after the base is a layer).
+    let mut chain =
+        below.into_iter().map(|(d, s)| (d, s.memory)).chain(std::iter::once((dir.to_path_buf(), state.memory.clone())));
+    let (base_dir, _) = chain.next().expect("a chain has at least its top");
+    let base = open_memory(&base_dir, mem_bytes)?;
     let mut layers = Vec::new();
-    let mut current_dir = dir.to_path_buf();
-    let mut current_memory = state.memory.clone();
-    let base = loop {
-        match current_memory {
-            MemoryState::Full => break open_memory(&current_dir, mem_bytes)?,
-            MemoryState::Layer { parent, parent_crc, runs } => {
-                if layers.len() >= MAX_CHAIN_DEPTH {
-                    return Err(SnapshotError::ChainTooDeep { dir: dir.to_path_buf() });
-                }
-                let file = open_memory(&current_dir, mem_bytes)?;
-                layers.push(MemoryLayer { path: current_dir.join(MEMORY_FILE), file, runs });
-                let (parent_state, actual) = read_state(&parent)?;
-                if actual != parent_crc {
-                    return Err(SnapshotError::ParentChanged {
-                        dir: current_dir,
-                        parent,
-                        expected: parent_crc,
-                        actual,
-                    });
-                }
-                if parent_state.mem_bytes != mem_bytes {
-                    return Err(mismatch(
-                        &parent,
-                        format!("parent has {} bytes of memory, child {mem_bytes}", parent_state.mem_bytes),
-                    ));
-                }
-                current_dir = parent;
-                current_memory = parent_state.memory;
-            }
+    for (layer_dir, memory) in chain {
+        if let MemoryState::Layer { runs, .. } = memory {
+            let file = open_memory(&layer_dir, mem_bytes)?;
+            layers.push(MemoryLayer { path: layer_dir.join(MEMORY_FILE), file, runs });
         }
-    };
-    layers.reverse();
+    }
     Ok(LoadedSnapshot { dir: dir.to_path_buf(), crc, state, base, layers })
+}
+
+/// The snapshots below `top` (whose state is `top_state`), full base first, each parent's
+/// checksum checked against what its child recorded. Empty when `top` is full.
+fn read_chain_below(top: &Path, top_state: &MicrovmState) -> Result<Vec<(PathBuf, MicrovmState)>, SnapshotError> {
+    let mut below: Vec<(PathBuf, MicrovmState)> = Vec::new();
+    let mut child = (top.to_path_buf(), top_state.memory.clone());
+    while let (child_dir, MemoryState::Layer { parent, parent_crc, .. }) = child {
+        if below.len() >= MAX_CHAIN_DEPTH {
+            return Err(SnapshotError::ChainTooDeep { dir: top.to_path_buf() });
+        }
+        let (parent_state, actual) = read_state(&parent)?;
+        if actual != parent_crc {
+            return Err(SnapshotError::ParentChanged { dir: child_dir, parent, expected: parent_crc, actual });
+        }
+        child = (parent.clone(), parent_state.memory.clone());
+        below.push((parent, parent_state));
+    }
+    below.reverse();
+    Ok(below)
 }
 
 /// The saved config with a restore's overrides applied.
