@@ -34,11 +34,10 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use capsule::engine::kvm::{connect_agent, sync_restored_guest, KvmEngine, AGENT_RESTORED_TIMEOUT};
+use capsule::engine::kvm::{connect_agent, copy_disk, sync_restored_guest, KvmEngine, AGENT_RESTORED_TIMEOUT};
 use capsule::engine::trash::TRASH_DIR;
 use capsule::engine::{Engine, Machine};
 use capsule::image::ImageInfo;
@@ -316,20 +315,6 @@ impl Forks {
 // ---------------------------------------------------------------------------------------------
 // The baseline: full snapshots through the VMM API
 
-/// Copies a disk image sparsely, as the engine copies a sandbox's writable disk for a fork.
-fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("cp")
-        .args(["--sparse=always", "--reflink=auto"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .context("cannot run cp")?;
-    if !status.success() {
-        bail!("cp of {} to {} ended with {status}", from.display(), to.display());
-    }
-    Ok(())
-}
-
 /// Restores a worker from `snapshot` with its sockets, log and writable disk `disk` under `dir`.
 fn restore_worker(
     capsule: &Path,
@@ -401,7 +386,7 @@ impl FullSnapshotter {
     fn start(capsule: &Path, image: &ImageInfo, sandbox_dir: &Path, snapshot: &Path, dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let disk = dir.join(WRITABLE_DISK_FILE);
-        copy_sparse(&sandbox_dir.join(WRITABLE_DISK_FILE), &disk)?;
+        copy_disk(&sandbox_dir.join(WRITABLE_DISK_FILE), &disk).map_err(|e| anyhow!(error_chain(&e)))?;
         let worker = restore_worker(capsule, image, snapshot, dir, disk)?;
         worker.start().context("start the baseline VM")?;
         worker.pause().context("pause the baseline VM")?;
@@ -425,7 +410,7 @@ impl FullSnapshotter {
         self.worker.snapshot(&into, false).context("write a full snapshot")?;
         let snapshot = started.elapsed();
         let child_disk = child_dir.join(WRITABLE_DISK_FILE);
-        copy_sparse(&self.dir.join(WRITABLE_DISK_FILE), &child_disk)?;
+        copy_disk(&self.dir.join(WRITABLE_DISK_FILE), &child_disk).map_err(|e| anyhow!(error_chain(&e)))?;
         let child = restore_worker(&self.capsule, &self.image, &into, &child_dir, child_disk)?;
         child.start().context("start the baseline's child")?;
         answer_true(&child, &child_dir)?;

@@ -468,8 +468,8 @@ pub fn open_for_serve(root: PathBuf, build_missing_image: bool) -> Result<KvmEng
     KvmEngine::new(exe, image, root)
 }
 
-/// Copies a disk image sparsely (reflinked where the filesystem can).
-fn copy_disk(from: &Path, to: &Path) -> Result<(), KvmError> {
+/// Copies a disk image sparsely (reflinked where the filesystem can), as a fork's writable disk.
+pub fn copy_disk(from: &Path, to: &Path) -> Result<(), KvmError> {
     let status = Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
