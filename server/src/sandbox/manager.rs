@@ -873,7 +873,7 @@ impl Manager {
         let machine = self.machine_of(&slot, &mut inner)?;
         // Every child is recorded first; then all are made from one moment of the parent.
         let parent = inner.record.clone();
-        let mut slots = Vec::new();
+        let mut slots: Vec<Arc<Slot>> = Vec::new();
         for _ in 0..count {
             let now = now_ms();
             let record = SandboxRecord {
@@ -897,7 +897,6 @@ impl Manager {
             };
             if let Err(e) = admitted {
                 for earlier in &slots {
-                    let earlier: &Arc<Slot> = earlier;
                     let mut earlier_inner = earlier.inner.lock().await;
                     let _ = self.fail(earlier, &mut earlier_inner, &format!("the fork was abandoned: {e}"));
                 }
