@@ -102,8 +102,13 @@ fn boot_once(exe: &Path, image: &ImageInfo, setup: &Setup) -> Result<Sample> {
 /// Creates from the template and forks through the engine; returns (creates, forks).
 fn engine_runs(exe: &Path, image: &ImageInfo, mem_mib: u64, runs: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let root = tempfile::tempdir().context("temp dir")?;
-    let engine = KvmEngine::new(exe.to_path_buf(), image.clone(), root.path().join("sandboxes"))
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let engine = KvmEngine::new(
+        exe.to_path_buf(),
+        image.clone(),
+        root.path().join("sandboxes"),
+        capsule::serve::default_warm_up(),
+    )
+    .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let spec = |id: String| MachineSpec {
         id,
         template: "bench".into(),

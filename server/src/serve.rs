@@ -9,11 +9,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsule_vmm::worker::error_chain;
 use rmcp::ServiceExt;
 
 use crate::config::{self, ConfigError, FileConfig, Limits, Timers};
+use crate::engine::kvm::{host_refusal, KvmEngine, WarmUp};
 use crate::engine::test_engine::{locate_agent_binary, TestEngine};
-use crate::engine::{kvm, Engine, EngineError};
+use crate::engine::{Engine, EngineError};
+use crate::image::{current_image, ensure_image, BuildOptions, Flavour, StderrProgress, KERNEL_PATCHES_ENV};
 use crate::mcp::http::{self, HttpError, HttpOptions};
 use crate::mcp::shaping::Shaping;
 use crate::mcp::CapsuleMcp;
@@ -193,13 +196,61 @@ pub fn resolve(args: &ServeArgs) -> Result<Resolved, ServeError> {
     })
 }
 
-/// Why no engine runs when the KVM engine cannot, and what would fix it.
-fn no_kvm_engine(why: &EngineError) -> ServeError {
+/// Why no engine runs when the KVM engine cannot (`why`), and what would fix it.
+fn no_kvm_engine(why: &str) -> ServeError {
     ServeError::NoEngine(format!(
         "no sandbox engine can run here: the KVM engine cannot start: {why}. Run `capsule doctor` to \
          see what this host supports (KVM access, PVM or VT-x/AMD-V). For development only, \
          `--engine test` runs each sandbox as a host process WITHOUT isolation."
     ))
+}
+
+/// The KVM engine for `capsule serve`, or why this host cannot run it: checks the host (as
+/// `capsule doctor` does), finds the guest image, and runs VM workers from this very executable
+/// (`capsule worker`). With `build_missing_image` a missing image is built first (progress on
+/// stderr; the first build takes many minutes); without it a missing image is a reason saying how
+/// to build one. Sandboxes live under `root`; templates warm the default Python context of
+/// `run_code`.
+fn kvm_engine(root: PathBuf, build_missing_image: bool) -> Result<KvmEngine, String> {
+    let report = capsule_vmm::doctor::probe();
+    if let Some(why) = host_refusal(&report) {
+        return Err(why);
+    }
+    let pvm = report.virtualization == capsule_vmm::doctor::Virtualization::Pvm;
+    if let Err(missing) = current_image() {
+        if !build_missing_image {
+            return Err(format!("{}; `--engine kvm` builds it on start", error_chain(&missing)));
+        }
+        if pvm && std::env::var_os(KERNEL_PATCHES_ENV).is_none() {
+            return Err(format!(
+                "no guest image is built yet, and this PVM host needs a kernel with the PVM guest \
+                 patch: run `capsule image build --kernel-patch \
+                 /path/to/pvm-native-guest-6.12.117.patch` (or set {KERNEL_PATCHES_ENV})"
+            ));
+        }
+        eprintln!("capsule: no guest image yet; building it (the first build takes many minutes)");
+    }
+    let image = ensure_image(&BuildOptions::default(), &StderrProgress::new()).map_err(|e| {
+        format!("the guest image is missing and could not be built: {}; run `capsule image build`", error_chain(&e))
+    })?;
+    if pvm && image.flavour != Flavour::Pvm {
+        return Err(format!(
+            "the current guest image has a {} kernel, which this PVM host can only emulate (about a \
+             thousand times slower); rebuild it with `capsule image build --flavour pvm --kernel-patch \
+             /path/to/pvm-native-guest-6.12.117.patch`",
+            image.flavour
+        ));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the running executable to start VM workers from: {e}"))?;
+    KvmEngine::new(exe, image, root, default_warm_up()).map_err(|e| error_chain(&e))
+}
+
+/// What templates run before they are saved: the built-in warm-up in the context `run_code`
+/// uses when a call names none (the Python language's name in the tool contract), so that every
+/// sandbox starts with those libraries imported.
+pub fn default_warm_up() -> WarmUp {
+    WarmUp::python(capsule_tool_schemas::Language::Python.as_str())
 }
 
 /// Whether the test engine may run: always in debug builds, in release builds
@@ -225,9 +276,9 @@ pub fn choose_engine(
         // Auto takes KVM, the only isolating engine, when an image is built; `--engine kvm`
         // builds a missing image first. The test engine is never picked silently.
         EngineChoice::Kvm | EngineChoice::Auto => {
-            match kvm::open_for_serve(state_dir.join("sandboxes"), choice == EngineChoice::Kvm) {
+            match kvm_engine(state_dir.join("sandboxes"), choice == EngineChoice::Kvm) {
                 Ok(engine) => Ok(Arc::new(engine)),
-                Err(e) => Err(no_kvm_engine(&e)),
+                Err(why) => Err(no_kvm_engine(&why)),
             }
         }
         EngineChoice::Test => {
@@ -236,8 +287,9 @@ pub fn choose_engine(
                 "capsule: WARNING: using the TEST engine: sandboxes are plain host processes with NO isolation. \
                  Never use it with untrusted code."
             );
-            let agent = locate_agent_binary().map_err(ServeError::Engine)?;
-            let engine = TestEngine::new(agent, state_dir.join("sandboxes")).map_err(ServeError::Engine)?;
+            let agent = locate_agent_binary().map_err(|e| ServeError::Engine(e.into()))?;
+            let engine =
+                TestEngine::new(agent, state_dir.join("sandboxes")).map_err(|e| ServeError::Engine(e.into()))?;
             Ok(Arc::new(engine))
         }
     }
@@ -382,7 +434,7 @@ mod tests {
 
     #[test]
     fn no_engine_means_an_explanation_that_names_capsule_doctor() {
-        let ServeError::NoEngine(why) = no_kvm_engine(&EngineError::Unavailable("no /dev/kvm".into())) else {
+        let ServeError::NoEngine(why) = no_kvm_engine("no /dev/kvm") else {
             panic!("must be NoEngine");
         };
         assert!(why.contains("no /dev/kvm"), "{why}");

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use capsule::engine::kvm::{KvmEngine, MAX_INCREMENTAL_LAYERS};
-use capsule::engine::{Engine, EngineError, MachineSpec};
+use capsule::engine::{Engine, ErrorKind, MachineSpec};
 use capsule::image::current_image;
 use capsule_agent::client::AgentClient;
 use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
@@ -31,7 +31,10 @@ fn engine(root: PathBuf) -> Option<KvmEngine> {
             return None;
         }
     };
-    Some(KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root).expect("engine"))
+    Some(
+        KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root, capsule::serve::default_warm_up())
+            .expect("engine"),
+    )
 }
 
 /// A KVM engine over a fresh temporary root (dropped after the engine), or `None`
@@ -261,7 +264,7 @@ fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
     let mut two = spec("kvm-two");
     two.vcpus = 2;
     let Err(err) = engine.create(&two) else { panic!("2 vCPUs must be refused on PVM") };
-    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Limit, "{err}");
     let text = err.to_string();
     assert!(text.contains("PVM") && text.contains("at most 1 vCPU"), "{text}");
     assert!(!root.path().join("kvm-two").exists(), "nothing is left behind");
@@ -284,7 +287,7 @@ fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
     let Err(err) = engine.reattach(&spec("kvm-r"), &saved, false) else {
         panic!("a machine recorded running cannot come back")
     };
-    assert!(matches!(err, EngineError::Dead(_)), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
     let mut machine = engine.reattach(&spec("kvm-r"), &saved, true).expect("reattach");
     machine.check_alive().expect("paused to disk counts as alive");
     machine.resume().expect("resume from the saved snapshot");
@@ -680,8 +683,13 @@ fn a_paused_sandbox_resumes_and_forks_after_the_image_cache_dropped_its_root_fil
         return;
     }
     image.rootfs = dropped.clone();
-    let engine =
-        KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root.path().to_path_buf()).expect("engine");
+    let engine = KvmEngine::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_capsule")),
+        image,
+        root.path().to_path_buf(),
+        capsule::serve::default_warm_up(),
+    )
+    .expect("engine");
     let mut machine = engine.create(&spec("kvm-rootfs")).expect("create");
     sh(&machine.connect().expect("connect"), "echo kept > /root/marker");
     machine.pause().expect("pause");

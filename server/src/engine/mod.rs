@@ -13,16 +13,9 @@
 //!   [`Engine::reattach`] rebuilds the machine after a server restart (for KVM:
 //!   the snapshot directory; for the test engine: the agent's pid and dir).
 //!
-//! Engines know nothing about MCP, sessions or the registry.
-//!
-//! How the KVM engine will fit (wired in by the lead): `create` = restore the
-//! template snapshot into a new `capsule_vmm::worker::WorkerHandle` (or boot
-//! and snapshot the template on first use); `connect` =
-//! `AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT)` then `SetClock`
-//! and `AddEntropy`; `pause` = worker pause + snapshot to disk, then stop the
-//! worker to free RAM; `resume` = restore that snapshot into a new worker;
-//! `fork` = snapshot once, restore N workers from it (memory mapped
-//! `MAP_PRIVATE`, shared copy-on-write); `saved_state` = the snapshot path.
+//! Engines know nothing about MCP, sessions or the registry. Their errors carry their causes and
+//! a [`ErrorKind`] that the manager acts on (a lost machine fails its sandbox; the rest are
+//! reported and retried).
 
 pub mod kvm;
 pub mod test_engine;
@@ -58,33 +51,40 @@ pub struct HostLimits {
     pub why: Option<String>,
 }
 
-/// Errors of engines and machines.
+/// What kind of failure an engine error is: what the manager does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The machine is gone (its VM or process died); its in-memory state is lost.
+    Lost,
+    /// The machine is in the middle of something else; retry later.
+    Busy,
+    /// The host cannot give what was asked (vCPUs, sockets).
+    Limit,
+    /// What was asked, or the saved state handed in, is not valid.
+    InvalidInput,
+    /// The host failed: I/O, KVM, a worker process that misbehaved.
+    HostFault,
+}
+
+/// Errors of engines and machines: each engine's own error, with its causes.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The engine cannot run on this host or build.
-    #[error("{0}")]
-    Unavailable(String),
-    /// Starting the machine failed.
-    #[error("cannot start the sandbox: {0}")]
-    Start(String),
-    /// The machine is gone (its VM or process died); its in-memory state is lost.
-    #[error("the sandbox's VM died: {0}")]
-    Dead(String),
-    /// Connecting to the agent failed.
-    #[error("cannot reach the sandbox's agent")]
-    Agent(#[source] capsule_agent::client::ClientError),
-    /// A host I/O operation failed.
-    #[error("{what}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// Why it failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Saved state from the registry could not be used.
-    #[error("saved machine state is unusable: {0}")]
-    BadSavedState(String),
+    /// The KVM engine failed.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// The test engine failed.
+    #[error(transparent)]
+    Test(#[from] test_engine::TestEngineError),
+}
+
+impl EngineError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Kvm(e) => e.kind(),
+            EngineError::Test(e) => e.kind(),
+        }
+    }
 }
 
 /// A VM (or stand-in) for one sandbox. All calls block.
@@ -105,8 +105,8 @@ pub trait Machine: Send {
     }
     /// Destroys the machine and its files. Idempotent.
     fn kill(&mut self) -> Result<(), EngineError>;
-    /// `Err(reason)` when the machine has died.
-    fn check_alive(&mut self) -> Result<(), String>;
+    /// An error of kind [`ErrorKind::Lost`] (saying why) when the machine has died.
+    fn check_alive(&mut self) -> Result<(), EngineError>;
     /// What the registry stores so that [`Engine::reattach`] can find this machine again.
     fn saved_state(&self) -> serde_json::Value;
 }
@@ -131,22 +131,17 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Box<dyn Machine>, EngineError>;
 }
 
-/// Whether this host's KVM is PVM (guests there run with one vCPU).
-pub fn host_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// Host limits common to every engine on this host: PVM allows one vCPU.
 pub fn detect_host_limits() -> HostLimits {
-    if host_is_pvm() {
+    if capsule_vmm::vstate::vm::host_is_pvm() {
+        let max = u32::from(capsule_vmm::doctor::PVM_MAX_LINUX_VCPUS);
         HostLimits {
-            max_vcpus: 1,
-            why: Some(
+            max_vcpus: max,
+            why: Some(format!(
                 "this host's KVM is PVM (no VT-x/AMD-V), where guests run with exactly one vCPU; \
-                 ask for vcpus=1 (or omit it), or run capsule on a host with hardware virtualization \
+                 ask for vcpus={max} (or omit it), or run capsule on a host with hardware virtualization \
                  for more"
-                    .to_string(),
-            ),
+            )),
         }
     } else {
         let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);

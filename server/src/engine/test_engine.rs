@@ -25,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use capsule_agent::client::AgentClient;
 
-use super::{detect_host_limits, Engine, EngineError, HostLimits, Machine, MachineSpec};
+use capsule_agent::client::ClientError;
+use capsule_vmm::config::MAX_UDS_PATH_BYTES;
+
+use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec};
 
 /// How long a new agent may take to listen and answer the handshake.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest Unix socket path the kernel takes (`sun_path`, including the NUL).
-const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
 /// The environment variable that names the agent binary.
 pub const AGENT_BIN_ENV: &str = "CAPSULE_AGENT_BIN";
 
@@ -38,21 +39,86 @@ pub const AGENT_BIN_ENV: &str = "CAPSULE_AGENT_BIN";
 const FORK_NOTE: &str = "This server runs the test engine: forks copy the sandbox's files, but not \
 its running processes or interpreter variables (the KVM engine copies the whole memory).";
 
+/// Errors of the test engine.
+#[derive(Debug, thiserror::Error)]
+pub enum TestEngineError {
+    /// The engine cannot run: the agent binary is missing.
+    #[error("{0}")]
+    NoAgentBinary(String),
+    /// The agent's socket path does not fit a `sockaddr_un`.
+    #[error("the agent socket path {path} is longer than {MAX_UDS_PATH_BYTES} bytes; use a shorter --state-dir")]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A host file or process operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying the work directory for a fork failed.
+    #[error("copying the work directory failed: cp ended with {0}")]
+    Copy(std::process::ExitStatus),
+    /// The agent did not answer its handshake in time.
+    #[error("the agent did not answer within {waited:?}")]
+    Agent {
+        /// How long it was given.
+        waited: Duration,
+        /// The last connection error.
+        #[source]
+        source: ClientError,
+    },
+    /// The agent process is gone; what it held in memory is lost.
+    #[error("{0}")]
+    Gone(String),
+    /// Saved state from the registry cannot be used.
+    #[error("saved machine state is unusable: no {missing} in {saved}")]
+    BadSavedState {
+        /// The field that is missing.
+        missing: &'static str,
+        /// The saved state.
+        saved: serde_json::Value,
+    },
+}
+
+impl TestEngineError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TestEngineError::Gone(_) => ErrorKind::Lost,
+            TestEngineError::SocketPathTooLong { .. } => ErrorKind::Limit,
+            TestEngineError::BadSavedState { .. } => ErrorKind::InvalidInput,
+            TestEngineError::NoAgentBinary(_)
+            | TestEngineError::Io { .. }
+            | TestEngineError::Copy(_)
+            | TestEngineError::Agent { .. } => ErrorKind::HostFault,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestEngineError {
+    let what = what.into();
+    move |source| TestEngineError::Io { what, source }
+}
+
 /// Finds the agent binary: `$CAPSULE_AGENT_BIN`, else `capsule-agent` next to the running executable
 /// (or one directory up, for test binaries under `deps/`).
-pub fn locate_agent_binary() -> Result<PathBuf, EngineError> {
+pub fn locate_agent_binary() -> Result<PathBuf, TestEngineError> {
     if let Some(path) = std::env::var_os(AGENT_BIN_ENV) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
         }
-        return Err(EngineError::Unavailable(format!(
+        return Err(TestEngineError::NoAgentBinary(format!(
             "{AGENT_BIN_ENV}={} is not a file; build the agent with `cargo build -p capsule-agent`",
             path.display()
         )));
     }
-    let exe = std::env::current_exe()
-        .map_err(|source| EngineError::Io { what: "cannot find the running executable".into(), source })?;
+    let exe = std::env::current_exe().map_err(io_err("cannot find the running executable"))?;
     let mut dir = exe.parent();
     for _ in 0..2 {
         if let Some(d) = dir {
@@ -63,7 +129,7 @@ pub fn locate_agent_binary() -> Result<PathBuf, EngineError> {
             dir = d.parent();
         }
     }
-    Err(EngineError::Unavailable(format!(
+    Err(TestEngineError::NoAgentBinary(format!(
         "the test engine needs the capsule-agent binary: build it with `cargo build -p capsule-agent` \
          (it is looked for next to {}) or set {AGENT_BIN_ENV}",
         exe.display()
@@ -79,9 +145,8 @@ pub struct TestEngine {
 
 impl TestEngine {
     /// An engine whose sandboxes live under `root` (one directory each).
-    pub fn new(agent_bin: PathBuf, root: PathBuf) -> Result<TestEngine, EngineError> {
-        std::fs::create_dir_all(&root)
-            .map_err(|source| EngineError::Io { what: format!("cannot create {}", root.display()), source })?;
+    pub fn new(agent_bin: PathBuf, root: PathBuf) -> Result<TestEngine, TestEngineError> {
+        std::fs::create_dir_all(&root).map_err(io_err(format!("cannot create {}", root.display())))?;
         Ok(TestEngine { agent_bin, root })
     }
 
@@ -89,28 +154,22 @@ impl TestEngine {
         &self,
         dir: &Path,
         env: &std::collections::BTreeMap<String, String>,
-    ) -> Result<AgentProcess, EngineError> {
+    ) -> Result<AgentProcess, TestEngineError> {
         let socket = dir.join("agent.sock");
-        if socket.as_os_str().len() > MAX_UNIX_SOCKET_PATH_BYTES {
-            return Err(EngineError::Start(format!(
-                "the agent socket path {} is longer than {MAX_UNIX_SOCKET_PATH_BYTES} bytes; use a shorter --state-dir",
-                socket.display()
-            )));
+        if socket.as_os_str().len() > MAX_UDS_PATH_BYTES {
+            return Err(TestEngineError::SocketPathTooLong { path: socket });
         }
         let _ = std::fs::remove_file(&socket);
         for sub in ["work", "state"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(|source| EngineError::Io {
-                what: format!("cannot create {}", dir.join(sub).display()),
-                source,
-            })?;
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("cannot create {}", dir.join(sub).display())))?;
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("agent.log"))
-            .map_err(|source| EngineError::Io { what: "cannot open the agent log".into(), source })?;
-        let log2 =
-            log.try_clone().map_err(|source| EngineError::Io { what: "cannot dup the agent log".into(), source })?;
+            .map_err(io_err("cannot open the agent log"))?;
+        let log2 = log.try_clone().map_err(io_err("cannot dup the agent log"))?;
         let mut cmd = Command::new(&self.agent_bin);
         cmd.arg("--listen-unix")
             .arg(&socket)
@@ -137,9 +196,7 @@ impl TestEngine {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| EngineError::Io { what: format!("cannot start {}", self.agent_bin.display()), source })?;
+        let mut child = cmd.spawn().map_err(io_err(format!("cannot start {}", self.agent_bin.display())))?;
         let pid = child.id();
         let exited = Arc::new(AtomicBool::new(false));
         let flag = exited.clone();
@@ -174,7 +231,7 @@ impl Engine for TestEngine {
 
     fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
         let dir = self.root.join(&spec.id);
-        let mut machine = self.spawn_agent(&dir, &spec.env)?;
+        let mut machine = self.spawn_agent(&dir, &spec.env).map_err(EngineError::Test)?;
         if let Err(e) = machine.connect() {
             let _ = machine.kill();
             return Err(e);
@@ -192,15 +249,15 @@ impl Engine for TestEngine {
             .get("pid")
             .and_then(serde_json::Value::as_u64)
             .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| EngineError::BadSavedState(format!("no pid in {saved}")))?;
+            .ok_or_else(|| TestEngineError::BadSavedState { missing: "pid", saved: saved.clone() })?;
         let dir = saved
             .get("dir")
             .and_then(serde_json::Value::as_str)
             .map(PathBuf::from)
-            .ok_or_else(|| EngineError::BadSavedState(format!("no dir in {saved}")))?;
+            .ok_or_else(|| TestEngineError::BadSavedState { missing: "dir", saved: saved.clone() })?;
         let mut machine =
             AgentProcess { pid, dir, agent_bin: self.agent_bin.clone(), client: None, paused, exited: None };
-        machine.check_alive().map_err(EngineError::Dead)?;
+        machine.check_alive()?;
         Ok(Box::new(machine))
     }
 }
@@ -221,6 +278,11 @@ struct AgentProcess {
 impl AgentProcess {
     fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
+    }
+
+    /// The engine's root: the directory that holds this sandbox's.
+    fn root(&self) -> PathBuf {
+        self.dir.parent().map_or_else(|| self.dir.clone(), Path::to_path_buf)
     }
 
     /// The agent, its descendants, and everything else in its session (the
@@ -309,13 +371,15 @@ impl Machine for AgentProcess {
         self.client = None;
         let deadline = Instant::now() + AGENT_START_TIMEOUT;
         loop {
-            self.check_alive().map_err(EngineError::Dead)?;
+            self.check_alive()?;
             match AgentClient::connect_unix(&self.socket()) {
                 Ok((client, _hello)) => {
                     self.client = Some(client.clone());
                     return Ok(client);
                 }
-                Err(e) if Instant::now() >= deadline => return Err(EngineError::Agent(e)),
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(TestEngineError::Agent { waited: AGENT_START_TIMEOUT, source }.into())
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
@@ -325,34 +389,33 @@ impl Machine for AgentProcess {
         if let Some(client) = self.client.take() {
             client.close();
         }
-        self.check_alive().map_err(EngineError::Dead)?;
+        self.check_alive()?;
         self.signal_tree(libc::SIGSTOP);
         self.paused = true;
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), EngineError> {
-        self.check_alive().map_err(EngineError::Dead)?;
+        self.check_alive()?;
         self.signal_tree(libc::SIGCONT);
         self.paused = false;
         Ok(())
     }
 
     fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
-        let root = self.dir.parent().ok_or_else(|| EngineError::Start("sandbox dir has no parent".into()))?;
+        let root = self.root();
         let dir = root.join(&child.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| EngineError::Io { what: format!("cannot create {}", dir.display()), source })?;
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
         let status = Command::new("cp")
             .arg("-a")
             .arg(self.dir.join("work"))
             .arg(dir.join("work"))
             .status()
-            .map_err(|source| EngineError::Io { what: "cannot run cp to copy the work dir".into(), source })?;
+            .map_err(io_err("cannot run cp to copy the work dir"))?;
         if !status.success() {
-            return Err(EngineError::Start(format!("copying the work directory failed: {status}")));
+            return Err(TestEngineError::Copy(status).into());
         }
-        let engine = TestEngine { agent_bin: self.agent_bin.clone(), root: root.to_path_buf() };
+        let engine = TestEngine { agent_bin: self.agent_bin.clone(), root };
         let mut machine = engine.spawn_agent(&dir, &child.env)?;
         if let Err(e) = machine.connect() {
             let _ = machine.kill();
@@ -380,22 +443,23 @@ impl Machine for AgentProcess {
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(EngineError::Io { what: format!("cannot delete {}", self.dir.display()), source }),
+            Err(source) => Err(io_err(format!("cannot delete {}", self.dir.display()))(source).into()),
         }
     }
 
-    fn check_alive(&mut self) -> Result<(), String> {
+    fn check_alive(&mut self) -> Result<(), EngineError> {
+        let gone = |why: String| Err(EngineError::Test(TestEngineError::Gone(why)));
         if let Some(exited) = &self.exited {
             // Our own child: the reaper knows; its pid cannot be reused before it is reaped.
             return if exited.load(Ordering::Acquire) {
-                Err(format!("the agent process {} has exited", self.pid))
+                gone(format!("the agent process {} has exited", self.pid))
             } else {
                 Ok(())
             };
         }
         match read_state(self.pid) {
             None | Some('Z') | Some('X') => {
-                return Err(format!("the agent process {} has exited", self.pid));
+                return gone(format!("the agent process {} has exited", self.pid));
             }
             Some(_) => {}
         }
@@ -404,7 +468,7 @@ impl Machine for AgentProcess {
         let socket = self.socket();
         let needle = socket.as_os_str().as_encoded_bytes();
         if !cmdline.windows(needle.len().max(1)).any(|w| w == needle) {
-            return Err(format!("process {} is no longer this sandbox's agent", self.pid));
+            return gone(format!("process {} is no longer this sandbox's agent", self.pid));
         }
         Ok(())
     }

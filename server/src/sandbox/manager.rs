@@ -36,8 +36,9 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::lifecycle::{self, IllegalTransition};
 use super::{SandboxInfo, SandboxRecord, SandboxState};
 use crate::config::{Limits, Timers};
-use crate::engine::{Engine, EngineError, Machine, MachineSpec};
+use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec};
 use crate::registry::{now_ms, Registry, RegistryError};
+use capsule_vmm::worker::error_chain;
 
 /// The template every sandbox uses unless told otherwise.
 pub const DEFAULT_TEMPLATE: &str = "default";
@@ -744,7 +745,9 @@ impl Manager {
         let machine = self.machine_of(slot, inner)?;
         match blocking(&machine, op).await {
             Ok(value) => Ok(value),
-            Err(EngineError::Dead(why)) => Err(self.fail(slot, inner, &format!("{died} ({why})"))),
+            Err(e) if e.kind() == ErrorKind::Lost => {
+                Err(self.fail(slot, inner, &format!("{died} ({})", error_chain(&e))))
+            }
             Err(e) => Err(ManagerError::Engine(e)),
         }
     }
@@ -792,10 +795,11 @@ impl Manager {
                 })
                 .await
             }
-            None => Err("no machine".into()),
+            None => Ok(()),
         };
         match alive {
-            Err(why) => self.fail(&slot, &mut inner, &format!("the guest crashed ({why})")),
+            Err(why) => self.fail(&slot, &mut inner, &format!("the guest crashed ({})", error_chain(&why))),
+            Ok(()) if inner.machine.is_none() => self.fail(&slot, &mut inner, "the guest crashed (no machine)"),
             Ok(()) => ManagerError::ConnectionLost { id: id.to_string(), detail: detail.to_string() },
         }
     }

@@ -1,0 +1,199 @@
+//! The files of one sandbox, all under its directory, and the VM that boots the image over them.
+//!
+//! ```text
+//! <root>/<sandbox id>/
+//!   rw.ext4            the writable disk (/dev/vdb in the guest)
+//!   rootfs.ext4        a hard link to the image's read-only root filesystem (/dev/vda)
+//!   vsock.sock         the host end of the hybrid vsock
+//!   serial.log         the serial console
+//!   snapshot-origin/   a linked copy of the chain the sandbox was made from
+//!   snapshot-<N>/      its own snapshots, newest last (see `chain`)
+//! ```
+//!
+//! It owns names and the two copies a sandbox makes of shared files (the root filesystem link and
+//! the writable disk copy); it never decides when a file is made or deleted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use capsule_vmm::config::MAX_UDS_PATH_BYTES;
+use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
+
+use crate::image::ImageInfo;
+
+/// The guest's vsock CID (each VM has its own vsock device, so all can use the first one).
+pub const GUEST_CID: u32 = 3;
+
+/// Errors of a sandbox's files.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The vsock socket path does not fit a `sockaddr_un`.
+    #[error("the vsock socket path {path} is longer than {MAX_UDS_PATH_BYTES} bytes; use a shorter --state-dir")]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A file operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `cp` could not copy a disk.
+    #[error("copying {from} to {to} failed: cp ended with {status}")]
+    Copy {
+        /// The source.
+        from: PathBuf,
+        /// The destination.
+        to: PathBuf,
+        /// How `cp` ended.
+        status: std::process::ExitStatus,
+    },
+}
+
+/// The files of one sandbox, all under its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxFiles {
+    dir: PathBuf,
+}
+
+impl SandboxFiles {
+    /// The files under `dir` (nothing is created).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The sandbox directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The writable ext4 disk (`/dev/vdb` in the guest).
+    pub fn writable_disk(&self) -> PathBuf {
+        self.dir.join("rw.ext4")
+    }
+
+    /// The host end of the hybrid vsock.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The serial console log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// The snapshot of generation `n` (a pause to disk, or a fork taken of this sandbox).
+    pub(super) fn snapshot(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("snapshot-{generation}"))
+    }
+
+    /// Whether `name` (a directory entry of this sandbox) is one of its own snapshots.
+    pub(super) fn is_snapshot_name(name: &str) -> bool {
+        name.starts_with("snapshot-")
+    }
+
+    /// The sandbox's own name for its read-only root filesystem image.
+    fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+
+    /// Gives the sandbox its own name (a hard link) for the read-only root filesystem at
+    /// `shared` and returns it, so that the image cache may drop that image while the sandbox
+    /// still needs it (a paused sandbox resumes on it, a fork inherits it). Where no link can be
+    /// made (another filesystem) the sandbox uses `shared` itself.
+    pub(super) fn adopt_rootfs(&self, shared: &Path) -> PathBuf {
+        let own = self.rootfs();
+        match std::fs::hard_link(shared, &own) {
+            Ok(()) => own,
+            Err(e) => {
+                tracing::debug!(
+                    rootfs = %shared.display(),
+                    error = %e,
+                    "cannot link the root filesystem into the sandbox; using the image cache's copy"
+                );
+                shared.to_path_buf()
+            }
+        }
+    }
+
+    /// The linked copy of the chain this sandbox was restored from when it was made (the
+    /// template's snapshot, or its parent's); its first pause layers over it.
+    pub(super) fn origin(&self) -> PathBuf {
+        self.dir.join("snapshot-origin")
+    }
+
+    /// Creates the directory and checks the socket path fits a `sockaddr_un`.
+    pub(super) fn create_dir(&self) -> Result<(), LayoutError> {
+        let uds = self.vsock_uds();
+        if uds.as_os_str().len() > MAX_UDS_PATH_BYTES {
+            return Err(LayoutError::SocketPathTooLong { path: uds });
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|source| LayoutError::Io { what: format!("cannot create {}", self.dir.display()), source })
+    }
+}
+
+/// The VM that boots `image` for a sandbox with `files`: the image's read-only root filesystem
+/// as `/dev/vda`, the sandbox's writable disk as `/dev/vdb`, vsock, virtio-rng, serial log.
+/// The image's command line is passed as is (the VMM appends its device declarations).
+pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: u64) -> VmConfig {
+    let mut config = VmConfig::new(&image.kernel, image.cmdline.clone());
+    config.vcpus = vcpus;
+    config.mem_mib = mem_mib;
+    config.disks = vec![
+        DiskConfig { path: image.rootfs.clone(), read_only: true },
+        DiskConfig { path: files.writable_disk(), read_only: false },
+    ];
+    config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: files.vsock_uds() });
+    config.serial_log = Some(files.serial_log());
+    config.rng = true;
+    config
+}
+
+/// Copies a disk image sparsely (reflinked where the filesystem can), as a fork's writable disk.
+pub fn copy_disk(from: &Path, to: &Path) -> Result<(), LayoutError> {
+    let status = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|source| LayoutError::Io { what: "cannot run cp to copy the writable disk".into(), source })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LayoutError::Copy { from: from.to_path_buf(), to: to.to_path_buf(), status })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_config_puts_the_rootfs_first_read_only_and_keeps_the_cmdline() {
+        let image = ImageInfo {
+            kernel: "/img/vmlinux".into(),
+            rootfs: "/img/root.ext4".into(),
+            cmdline: "console=ttyS0 nopcid noinvpcid".into(),
+            flavour: crate::image::Flavour::Pvm,
+            version: "v".into(),
+            kernel_build_s: 0.0,
+            rootfs_bytes: 0,
+        };
+        let files = SandboxFiles::new("/state/sb-1");
+        let config = boot_config(&image, &files, 1, 1024);
+        assert_eq!(config.cmdline, image.cmdline);
+        assert_eq!(config.disks[0].path, PathBuf::from("/img/root.ext4"));
+        assert!(config.disks[0].read_only);
+        assert_eq!(config.disks[1].path, PathBuf::from("/state/sb-1/rw.ext4"));
+        assert!(!config.disks[1].read_only);
+        let vsock = config.vsock.expect("vsock");
+        assert_eq!(vsock.uds_path, PathBuf::from("/state/sb-1/vsock.sock"));
+        assert_eq!(vsock.guest_cid, GUEST_CID);
+        assert_eq!(config.mem_mib, 1024);
+    }
+}

@@ -1,0 +1,284 @@
+//! The KVM engine: each sandbox is a microVM of the guest image, run by our own VMM in a worker
+//! process of its own (`capsule worker`), reached over hybrid virtio-vsock.
+//!
+//! - [`layout`]: the files of one sandbox and the VM that boots the image over them;
+//! - [`guest_link`]: connecting to the guest agent, clock and entropy after a restore, the
+//!   serial console;
+//! - [`host`]: what this host can run (microVMs at all, vCPUs per guest);
+//! - [`templates`]: booted, warmed, saved guests that new sandboxes restore from;
+//! - [`chain`]: which snapshot a pause writes (incremental layer or full) and what it supersedes;
+//! - `machine`: one sandbox's VM, live in a worker or paused to disk;
+//! - `fork`: N children from one moment of a parent.
+//!
+//! Lifecycle: create restores the template of its size (built on first use) with a copy of the
+//! template's disk, in tens of milliseconds, sharing the template's memory pages copy-on-write in
+//! RAM and on disk; if the template cannot be restored, the image is booted instead. Pause
+//! writes a snapshot and stops the worker (its RAM is freed); resume restores the newest
+//! snapshot into a new worker; fork shares the parent's snapshot by hard links.
+//!
+//! The engine is handed its image (the caller builds or locates it) and what templates run
+//! before they are saved. It never talks MCP, never touches the registry, and never runs KVM
+//! itself (the worker does).
+
+pub mod chain;
+mod fork;
+pub mod guest_link;
+pub mod host;
+pub mod layout;
+mod machine;
+pub mod templates;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use capsule_vmm::worker::{WorkerError, WorkerHandle};
+
+use super::trash::Trash;
+use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec};
+use crate::image::{create_writable_disk, ImageError, ImageInfo};
+use chain::Chain;
+pub use chain::MAX_INCREMENTAL_LAYERS;
+pub use guest_link::{
+    connect_agent, serial_tail, set_guest_clock, sync_restored_guest, wait_for_serial, LinkError, AGENT_READY_MARKER,
+    AGENT_READY_TIMEOUT, AGENT_RESTORED_TIMEOUT, SERIAL_TAIL_LINES,
+};
+pub use host::{check_vcpus, host_refusal, VcpuError};
+pub use layout::{boot_config, copy_disk, LayoutError, SandboxFiles, GUEST_CID};
+pub use machine::Death;
+use machine::KvmMachine;
+use templates::Templates;
+pub use templates::{WarmUp, DEFAULT_WARM_CODE};
+
+/// The fork caveat of this engine, for the model.
+const FORK_NOTE: &str = "Forks copy the whole machine: memory, running processes, interpreter \
+state and files. Network connections and agent connections are not carried over.";
+
+/// Errors of the KVM engine.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// The engine cannot run on this host or with this build.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The host cannot give a guest the vCPUs asked for.
+    #[error(transparent)]
+    Vcpus(#[from] VcpuError),
+    /// A file of the sandbox could not be made.
+    #[error("a file of the sandbox could not be made")]
+    Layout(#[from] LayoutError),
+    /// The guest image is unusable.
+    #[error("the guest image is unusable")]
+    Image(#[source] ImageError),
+    /// The worker process failed a request.
+    #[error("the VM worker failed to {what}")]
+    Worker {
+        /// What it was asked.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: WorkerError,
+    },
+    /// The VM ended.
+    #[error("the VM is gone: {0}")]
+    Gone(Death),
+    /// The machine is paused to disk: it has no worker until it is resumed.
+    #[error("the sandbox is paused to disk; resume it first")]
+    OnDisk,
+    /// The machine was killed.
+    #[error("the sandbox's VM was killed")]
+    Killed,
+    /// The guest agent could not be reached or failed a call.
+    #[error("the guest agent is unreachable")]
+    Link(#[from] LinkError),
+    /// Saved state from the registry cannot be used.
+    #[error("saved machine state is unusable: {0}")]
+    BadSavedState(String),
+    /// A machine recorded running cannot come back after a restart: its VM ended with the server.
+    #[error(
+        "sandbox {0} was running when the server stopped, and a running VM ends with the server (only \
+         paused sandboxes, saved to disk, come back)"
+    )]
+    EndedWithServer(String),
+    /// The sandbox directory has no parent to put forks in.
+    #[error("the sandbox directory has no parent")]
+    NoRoot,
+    /// No child of a fork could be prepared, so the parent's state was not taken.
+    #[error("no fork could be prepared")]
+    NothingToFork,
+    /// The parent's state could not be taken for a fork (every child of it fails alike).
+    #[error("cannot take the parent's state for the fork")]
+    ForkSource(#[source] Arc<KvmError>),
+}
+
+impl KvmError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            KvmError::Gone(_) | KvmError::Killed | KvmError::EndedWithServer(_) => ErrorKind::Lost,
+            KvmError::Worker { source, .. } if worker_lost(source) => ErrorKind::Lost,
+            KvmError::Vcpus(_) => ErrorKind::Limit,
+            KvmError::Layout(LayoutError::SocketPathTooLong { .. }) => ErrorKind::Limit,
+            KvmError::OnDisk => ErrorKind::Busy,
+            KvmError::BadSavedState(_) => ErrorKind::InvalidInput,
+            KvmError::ForkSource(source) => source.kind(),
+            KvmError::Unavailable(_)
+            | KvmError::Layout(_)
+            | KvmError::Image(_)
+            | KvmError::Worker { .. }
+            | KvmError::Link(_)
+            | KvmError::NoRoot
+            | KvmError::NothingToFork => ErrorKind::HostFault,
+        }
+    }
+}
+
+/// Whether a worker error means the worker (and so its VM) is gone.
+fn worker_lost(error: &WorkerError) -> bool {
+    matches!(error, WorkerError::WorkerDied { .. })
+}
+
+fn worker_err(what: &'static str) -> impl FnOnce(WorkerError) -> KvmError {
+    move |source| KvmError::Worker { what, source }
+}
+
+/// The engine.
+#[derive(Debug)]
+pub struct KvmEngine {
+    worker_exe: PathBuf,
+    image: ImageInfo,
+    root: PathBuf,
+    templates: Templates,
+    trash: Arc<Trash>,
+}
+
+impl KvmEngine {
+    /// An engine that boots `image` in workers started from `worker_exe` (a binary with the
+    /// `worker` subcommand: `capsule` itself), with sandboxes under `root`; its templates run
+    /// `warm_up` before they are saved.
+    pub fn new(worker_exe: PathBuf, image: ImageInfo, root: PathBuf, warm_up: WarmUp) -> Result<Self, EngineError> {
+        if !worker_exe.is_file() {
+            return Err(
+                KvmError::Unavailable(format!("the VM worker binary {} does not exist", worker_exe.display())).into()
+            );
+        }
+        std::fs::create_dir_all(&root).map_err(|source| {
+            KvmError::Layout(LayoutError::Io { what: format!("cannot create {}", root.display()), source })
+        })?;
+        let trash = Arc::new(Trash::new(&root));
+        let templates = Templates::open(&root, &image.version, warm_up);
+        Ok(Self { worker_exe, image, root, templates, trash })
+    }
+
+    /// The image this engine boots.
+    pub fn image(&self) -> &ImageInfo {
+        &self.image
+    }
+
+    /// Boots a fresh guest with its files in `files`, and waits for its agent.
+    fn boot_in(&self, files: SandboxFiles, spec: &MachineSpec, vcpus: u8) -> Result<KvmMachine, KvmError> {
+        files.create_dir()?;
+        create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
+        let image = ImageInfo { rootfs: files.adopt_rootfs(&self.image.rootfs), ..self.image.clone() };
+        let config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
+        let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
+        let mut machine = KvmMachine::booted(self.worker_exe.clone(), self.trash.clone(), files, image.rootfs, worker)?;
+        let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
+        set_guest_clock(&client)?;
+        Ok(machine)
+    }
+
+    /// A new machine restored from `template`, with its own copy of the template's disk.
+    fn restore_template(&self, spec: &MachineSpec, template: &SandboxFiles) -> Result<KvmMachine, KvmError> {
+        let files = SandboxFiles::new(self.root.join(&spec.id));
+        files.create_dir()?;
+        copy_disk(&template.writable_disk(), &files.writable_disk())?;
+        let rootfs = files.adopt_rootfs(&self.image.rootfs);
+        KvmMachine::restored_from(self.worker_exe.clone(), self.trash.clone(), files, rootfs, &template.snapshot(0))
+    }
+
+    fn build(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
+        let vcpus = check_vcpus(spec.vcpus)?;
+        let template = self.templates.get_or_build(spec, vcpus, |files| self.boot_in(files, spec, vcpus))?;
+        match self.restore_template(spec, &template) {
+            Ok(machine) => Ok(machine),
+            Err(e) => {
+                // A template that cannot be restored is dropped (the next create builds it
+                // again); this sandbox boots the slow way.
+                tracing::warn!(
+                    template = %template.dir().display(),
+                    error = %capsule_vmm::worker::error_chain(&e),
+                    "restoring the template failed; booting instead"
+                );
+                self.templates.discard(&template);
+                let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
+                self.boot_in(SandboxFiles::new(self.root.join(&spec.id)), spec, vcpus)
+            }
+        }
+    }
+}
+
+impl Engine for KvmEngine {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn host_limits(&self) -> HostLimits {
+        detect_host_limits()
+    }
+
+    fn fork_note(&self) -> Option<&'static str> {
+        Some(FORK_NOTE)
+    }
+
+    fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
+        match self.build(spec) {
+            Ok(machine) => Ok(Box::new(machine)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
+                Err(e.into())
+            }
+        }
+    }
+
+    fn reattach(
+        &self,
+        spec: &MachineSpec,
+        saved: &serde_json::Value,
+        paused: bool,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        let saved: SavedState =
+            serde_json::from_value(saved.clone()).map_err(|e| KvmError::BadSavedState(format!("{e}: {saved}")))?;
+        let files = SandboxFiles::new(&saved.dir);
+        if !paused {
+            return Err(KvmError::EndedWithServer(spec.id.clone()).into());
+        }
+        let Some(generation) = saved.snapshot_generation else {
+            return Err(KvmError::BadSavedState(format!(
+                "sandbox {} is recorded paused but names no snapshot",
+                spec.id
+            ))
+            .into());
+        };
+        if !files.snapshot(generation).is_dir() {
+            return Err(KvmError::BadSavedState(format!(
+                "the snapshot {} is gone",
+                files.snapshot(generation).display()
+            ))
+            .into());
+        }
+        let chain = Chain::at(generation, saved.chain_layers);
+        Ok(Box::new(KvmMachine::on_disk(self.worker_exe.clone(), self.trash.clone(), files, saved.rootfs, chain)))
+    }
+}
+
+/// What the registry stores for a KVM machine.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    dir: PathBuf,
+    rootfs: PathBuf,
+    /// The snapshot it is paused in, if it is paused to disk.
+    snapshot_generation: Option<u64>,
+    /// Layers of that snapshot's chain (0: full); `None` (also in states saved before chains
+    /// existed) makes the next pause full.
+    #[serde(default)]
+    chain_layers: Option<usize>,
+}
