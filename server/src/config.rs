@@ -20,6 +20,8 @@ pub const DEFAULT_MAX_MEMORY_MIB: u32 = 8192;
 pub const DEFAULT_MAX_DISK_MIB: u32 = 32768;
 /// Default memory budget of all running sandboxes together, in MiB.
 pub const DEFAULT_MEMORY_BUDGET_MIB: u64 = 16384;
+/// Default most children of one fork: what the tool contract allows.
+pub const DEFAULT_MAX_FORK_COUNT: u32 = capsule_tool_schemas::MAX_FORK_COUNT;
 /// vCPUs a sandbox gets when it asks for none.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Memory a sandbox gets when it asks for none, in MiB.
@@ -72,6 +74,8 @@ pub struct Limits {
     pub max_disk_mib: u32,
     /// Memory budget of all running sandboxes together, in MiB (paused ones free theirs).
     pub memory_budget_mib: u64,
+    /// Most children of one fork.
+    pub max_fork_count: u32,
     /// vCPUs when a request names none.
     pub default_vcpus: u32,
     /// Memory when a request names none, in MiB.
@@ -88,6 +92,7 @@ impl Default for Limits {
             max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
             max_disk_mib: DEFAULT_MAX_DISK_MIB,
             memory_budget_mib: DEFAULT_MEMORY_BUDGET_MIB,
+            max_fork_count: DEFAULT_MAX_FORK_COUNT,
             default_vcpus: DEFAULT_VCPUS,
             default_memory_mib: DEFAULT_MEMORY_MIB,
             default_disk_mib: DEFAULT_DISK_MIB,

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod guest;
 pub mod image;
 pub mod mcp;
+pub mod record;
 pub mod registry;
 pub mod sandbox;
 pub mod serve;

@@ -4,7 +4,7 @@
 //! numbered migrations tracked in `PRAGMA user_version`. The manager writes a
 //! transition here *before* it reports it, so a restarted server finds each
 //! sandbox where it was. This module stores and loads facts; it never decides
-//! a transition (that is [`crate::sandbox::lifecycle`]).
+//! a transition (that is the sandbox manager's lifecycle).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::sandbox::{SandboxRecord, SandboxState};
+use crate::record::{SandboxRecord, SandboxState};
 
 /// The registry's file name inside the state directory.
 pub const REGISTRY_FILE_NAME: &str = "registry.sqlite3";

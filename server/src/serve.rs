@@ -160,6 +160,7 @@ pub fn resolve(args: &ServeArgs) -> Result<Resolved, ServeError> {
         max_memory_mib: args.max_memory_mib.or(file.limits.max_memory_mib).unwrap_or(d.max_memory_mib),
         max_disk_mib: args.max_disk_mib.or(file.limits.max_disk_mib).unwrap_or(d.max_disk_mib),
         memory_budget_mib: args.memory_budget_mib.or(file.limits.memory_budget_mib).unwrap_or(d.memory_budget_mib),
+        max_fork_count: d.max_fork_count,
         default_vcpus: d.default_vcpus,
         default_memory_mib: file.limits.default_memory_mib.unwrap_or(d.default_memory_mib),
         default_disk_mib: file.limits.default_disk_mib.unwrap_or(d.default_disk_mib),

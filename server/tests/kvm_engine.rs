@@ -254,7 +254,7 @@ fn a_fork_copies_memory_processes_and_disk_and_then_diverges() {
 
 #[test]
 fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
-    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if !capsule_vmm::vstate::vm::host_is_pvm() {
         eprintln!("SKIP: this host's KVM is not PVM; the limit only applies there");
         return;
     }

@@ -449,7 +449,7 @@ async fn idle_sandboxes_pause_and_paused_ones_are_deleted_after_retention() {
     let id = id_of(&s);
     let state = |f: &Fixture| {
         let (list, _) = f.manager.list(&Owner::new("test-session"));
-        list.iter().find(|s| s.sandbox_id == id).map(|s| s.state.as_str())
+        list.iter().find(|s| s.id == id).map(|s| s.state.as_str())
     };
     let mut seen_paused = false;
     for _ in 0..100 {
@@ -661,7 +661,7 @@ async fn a_pause_or_create_whose_caller_goes_away_still_completes_and_is_recorde
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (list, _) = f.manager.list(&owner);
-        states = list.iter().map(|s| (s.sandbox_id.clone(), s.state.as_str())).collect();
+        states = list.iter().map(|s| (s.id.clone(), s.state.as_str())).collect();
         if states.len() == 2 && states.iter().all(|(_, st)| *st != "creating") && states[0].1 == "paused" {
             break;
         }
@@ -711,12 +711,12 @@ async fn sandboxes_orphaned_by_a_restart_are_seen_by_shared_sessions_and_deleted
     assert_eq!(listed["sandboxes"].as_array().unwrap().len(), 0, "a new session does not see the orphan");
     let shared = Owner { id: "http-shared".into(), sees_all: true };
     let (list, _) = manager.list(&shared);
-    assert!(list.iter().any(|s| s.sandbox_id == id && s.state.as_str() == "paused"), "{list:?}");
+    assert!(list.iter().any(|s| s.id == id && s.state.as_str() == "paused"), "{list:?}");
     let timers = capsule::sandbox::timers::spawn(manager.clone());
     let mut gone = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if manager.list(&shared).0.iter().all(|s| s.sandbox_id != id) {
+        if manager.list(&shared).0.iter().all(|s| s.id != id) {
             gone = true;
             break;
         }

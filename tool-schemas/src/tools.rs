@@ -53,32 +53,6 @@ pub enum SandboxState {
     Failed,
 }
 
-impl SandboxState {
-    /// The lowercase name, as on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Creating => "creating",
-            SandboxState::Running => "running",
-            SandboxState::Paused => "paused",
-            SandboxState::Deleted => "deleted",
-            SandboxState::Failed => "failed",
-        }
-    }
-
-    /// Parses the lowercase name.
-    pub fn parse(name: &str) -> Option<SandboxState> {
-        [
-            SandboxState::Creating,
-            SandboxState::Running,
-            SandboxState::Paused,
-            SandboxState::Deleted,
-            SandboxState::Failed,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == name)
-    }
-}
-
 /// A sandbox as the tools report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SandboxInfo {

@@ -10,18 +10,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use capsule_agent::protocol::{
-    self as proto, Command, ErrorKind, Event, ExecRequest, Op, Reply, RunCodeRequest, WriteFileRequest, WritePosition,
+    self as proto, Command, Event, ExecRequest, Op, Reply, RunCodeRequest, WriteFileRequest, WritePosition,
 };
 use capsule_tool_schemas::*;
 use rmcp::model::{CallToolResult, ProgressNotificationParam};
 use rmcp::service::RequestContext;
 use rmcp::RoleServer;
 
-use super::shaping::{cap_text, error_result, push_section, tool_result, truncation_note, OutputCollector};
+use super::shaping::{cap_text, push_section, tool_result, truncation_note, OutputCollector};
+use super::tool_error::{hint_for, ToolError};
 use super::CapsuleMcp;
 use crate::guest::{self, EventBudget, GuestCall, GuestError, Overflow, Step, QUICK_OP_TIMEOUT};
-use crate::sandbox::manager::CreateRequest;
-use crate::sandbox::{Lease, ManagerError};
+use crate::sandbox::Lease;
 
 /// Longest code cell or command line, in bytes.
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
@@ -42,52 +42,6 @@ pub const MAX_RESULTS_PER_CALL: u64 = 64;
 /// Most rich-result bytes (all representations together, before base64) one
 /// `run_code` call keeps on the host.
 pub const MAX_RESULT_BYTES_PER_CALL: u64 = 24 * 1024 * 1024;
-
-/// A tool failure, rendered for the model.
-#[derive(Debug, thiserror::Error)]
-pub enum ToolError {
-    /// The manager refused (unknown id, limits, wrong state, failed sandbox).
-    #[error("{0}")]
-    Manager(#[from] ManagerError),
-    /// A parameter is invalid.
-    #[error("invalid parameter: {0}")]
-    BadParameter(String),
-    /// The guest refused or failed the operation.
-    #[error("{what} failed in sandbox {sandbox}: {}.{hint}", .source.to_string().trim_end_matches('.'))]
-    Guest {
-        /// What was being done.
-        what: String,
-        /// The sandbox.
-        sandbox: String,
-        /// The failure.
-        #[source]
-        source: GuestError,
-        /// What to do next.
-        hint: String,
-    },
-}
-
-impl ToolError {
-    fn into_result(self) -> CallToolResult {
-        error_result(self.to_string())
-    }
-}
-
-fn hint_for(kind: Option<ErrorKind>) -> &'static str {
-    match kind {
-        Some(ErrorKind::NotFound) => " Check the path or id: list_files shows files, read_process needs a pid from run_command with background=true.",
-        Some(ErrorKind::NotADirectory) => " A component of the path is a file, not a directory.",
-        Some(ErrorKind::IsADirectory) => " The path is a directory: use list_files for it.",
-        Some(ErrorKind::PermissionDenied) => " Pick a path you may write, e.g. under the work directory or /tmp.",
-        Some(ErrorKind::TooLarge) => " Ask for less (smaller limit, or split the data).",
-        Some(ErrorKind::InvalidArgument) => " Fix the parameter named above.",
-        Some(ErrorKind::Timeout) => " It ran out of time; retry, or do less per call.",
-        Some(ErrorKind::Unsupported) => " This sandbox's agent cannot do that.",
-        Some(ErrorKind::AlreadyExists) => " Pick another name or path.",
-        Some(ErrorKind::DirectoryNotEmpty) => " Remove its contents first.",
-        _ => " Retry; if it keeps failing, inspect the sandbox with run_command.",
-    }
-}
 
 fn timeout_of(timeout_s: Option<u64>) -> Result<Duration, ToolError> {
     match timeout_s.unwrap_or(DEFAULT_TIMEOUT_S) {
@@ -228,7 +182,7 @@ impl CapsuleMcp {
             return ToolError::Manager(self.manager.agent_lost(&lease.id, &e.to_string()).await);
         }
         let hint = hint_for(e.agent_kind()).to_string();
-        ToolError::Guest { what: what.to_string(), sandbox: lease.id.clone(), source: e, hint }
+        ToolError::Guest { what: what.to_string(), sandbox: lease.id.clone(), cause: e, hint }
     }
 
     async fn quick(&self, lease: &Lease, what: &str, op: Op) -> Result<Reply, ToolError> {
@@ -271,7 +225,7 @@ impl CapsuleMcp {
         ToolError::Guest {
             what: what.into(),
             sandbox: lease.id.clone(),
-            source: GuestError::Unexpected(format!("{reply:?}")),
+            cause: GuestError::Unexpected(format!("{reply:?}")),
             hint: String::new(),
         }
     }
@@ -728,83 +682,6 @@ impl CapsuleMcp {
         let result = ListFilesResult { sandbox_id: lease.id.clone(), path, entries, truncated };
         Ok(tool_result(&result, text, Vec::new(), false))
     }
-
-    pub(super) async fn create_sandbox(&self, p: CreateSandboxParams) -> Result<CallToolResult, ToolError> {
-        let req = CreateRequest {
-            template: p.template,
-            vcpus: p.vcpus,
-            memory_mib: p.memory_mib,
-            disk_mib: p.disk_mib,
-            idle_timeout: p.idle_timeout_s.map(Duration::from_secs),
-            env: p.env.unwrap_or_default(),
-            name: p.name,
-            make_default: p.make_default,
-        };
-        if req.idle_timeout == Some(Duration::ZERO) {
-            return Err(ToolError::BadParameter("idle_timeout_s must be at least 1".into()));
-        }
-        let sandbox = self.manager.create(&self.owner, req).await?;
-        let text = format!(
-            "Created sandbox {} ({} vCPU, {} MiB memory, {} MiB disk){}. Pass sandbox_id=\"{}\" to use it.",
-            sandbox.sandbox_id,
-            sandbox.vcpus,
-            sandbox.memory_mib,
-            sandbox.disk_mib,
-            if sandbox.is_default { "; it is this session's default sandbox" } else { "" },
-            sandbox.sandbox_id
-        );
-        Ok(tool_result(&CreateSandboxResult { sandbox }, text, Vec::new(), false))
-    }
-
-    pub(super) async fn list_sandboxes(&self, _p: ListSandboxesParams) -> Result<CallToolResult, ToolError> {
-        let (sandboxes, default_sandbox_id) = self.manager.list(&self.owner);
-        let mut text = String::new();
-        for s in &sandboxes {
-            text.push_str(&format!(
-                "{}  {}  {} vCPU, {} MiB{}{}\n",
-                s.sandbox_id,
-                s.state.as_str(),
-                s.vcpus,
-                s.memory_mib,
-                s.name.as_ref().map(|n| format!(", name {n:?}")).unwrap_or_default(),
-                if s.is_default { ", default" } else { "" }
-            ));
-        }
-        if sandboxes.is_empty() {
-            text = "No sandboxes yet. run_code or run_command creates the default sandbox on first use.".into();
-        }
-        Ok(tool_result(&ListSandboxesResult { sandboxes, default_sandbox_id }, text, Vec::new(), false))
-    }
-
-    pub(super) async fn pause(&self, p: PauseSandboxParams) -> Result<CallToolResult, ToolError> {
-        let sandbox = self.manager.pause(&self.owner, p.sandbox_id.as_deref()).await?;
-        let text = format!("Sandbox {} is paused. Any call on it resumes it.", sandbox.sandbox_id);
-        Ok(tool_result(&SandboxResult { sandbox }, text, Vec::new(), false))
-    }
-
-    pub(super) async fn resume(&self, p: ResumeSandboxParams) -> Result<CallToolResult, ToolError> {
-        let sandbox = self.manager.resume(&self.owner, p.sandbox_id.as_deref()).await?;
-        let text = format!("Sandbox {} is running.", sandbox.sandbox_id);
-        Ok(tool_result(&SandboxResult { sandbox }, text, Vec::new(), false))
-    }
-
-    pub(super) async fn fork(&self, p: ForkSandboxParams) -> Result<CallToolResult, ToolError> {
-        let count = p.count.unwrap_or(1);
-        let (parent_id, sandboxes) = self.manager.fork(&self.owner, p.sandbox_id.as_deref(), count).await?;
-        let ids: Vec<&str> = sandboxes.iter().map(|s| s.sandbox_id.as_str()).collect();
-        let note = self.manager.fork_note().map(str::to_string);
-        let mut text = format!("Forked {parent_id} into {}: {}.", ids.len(), ids.join(", "));
-        if let Some(n) = &note {
-            push_section(&mut text, None, n);
-        }
-        Ok(tool_result(&ForkSandboxResult { parent_id, sandboxes, note }, text, Vec::new(), false))
-    }
-
-    pub(super) async fn kill_sandbox(&self, p: KillSandboxParams) -> Result<CallToolResult, ToolError> {
-        let sandbox = self.manager.kill(&self.owner, &p.sandbox_id).await?;
-        let text = format!("Sandbox {} is deleted.", sandbox.sandbox_id);
-        Ok(tool_result(&SandboxResult { sandbox }, text, Vec::new(), false))
-    }
 }
 
 /// The data as text, if it is text: valid UTF-8 without NUL bytes, allowing a
@@ -820,8 +697,4 @@ fn text_prefix(data: &[u8]) -> Option<&str> {
         }
         Err(_) => None,
     }
-}
-
-pub(super) fn render(result: Result<CallToolResult, ToolError>) -> CallToolResult {
-    result.unwrap_or_else(ToolError::into_result)
 }

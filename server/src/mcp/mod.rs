@@ -12,7 +12,9 @@
 
 pub mod handler;
 pub mod http;
+pub mod sandboxes;
 pub mod shaping;
+pub mod tool_error;
 
 use std::sync::{Arc, Mutex};
 
@@ -112,10 +114,10 @@ impl CapsuleMcp {
 async fn dispatch<P, F>(name: &str, args: serde_json::Value, f: impl FnOnce(P) -> F) -> rmcp::model::CallToolResult
 where
     P: DeserializeOwned,
-    F: std::future::Future<Output = Result<rmcp::model::CallToolResult, handler::ToolError>>,
+    F: std::future::Future<Output = Result<rmcp::model::CallToolResult, tool_error::ToolError>>,
 {
     match serde_json::from_value::<P>(args) {
-        Ok(params) => handler::render(f(params).await),
+        Ok(params) => f(params).await.unwrap_or_else(tool_error::ToolError::into_result),
         Err(e) => error_result(format!(
             "invalid parameters for {name}: {e}. Check the tool's input schema and call it again."
         )),

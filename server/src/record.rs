@@ -1,0 +1,114 @@
+//! What capsule knows about one sandbox, and its lifecycle states: the facts the manager keeps
+//! and the registry stores. The tool contract has its own wire types; `mcp/` maps these to them.
+//!
+//! Plain data: no rules (they are `sandbox::lifecycle`'s), no storage (the registry's).
+
+use std::collections::BTreeMap;
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxState {
+    /// Being created or restored; not usable yet.
+    Creating,
+    /// Running and ready for calls.
+    Running,
+    /// Frozen: memory saved to disk, no CPU used.
+    Paused,
+    /// Deleted; its state is gone.
+    Deleted,
+    /// Broken (its VM died); its in-memory state is lost.
+    Failed,
+}
+
+impl SandboxState {
+    /// Every state.
+    pub const ALL: [SandboxState; 5] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Deleted,
+        SandboxState::Failed,
+    ];
+
+    /// The lowercase name (as the registry stores it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Deleted => "deleted",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(name: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// Everything the registry keeps about one sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRecord {
+    /// Its id (`sb-` plus 12 hex digits).
+    pub id: String,
+    /// The owner (a client identity or an MCP session) it belongs to.
+    pub owner: String,
+    /// A name given at creation.
+    pub name: Option<String>,
+    /// Its state.
+    pub state: SandboxState,
+    /// Template it came from.
+    pub template: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, in MiB.
+    pub memory_mib: u32,
+    /// Disk, in MiB.
+    pub disk_mib: u32,
+    /// Idle time before auto-pause, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Environment for everything run in it.
+    pub env: BTreeMap<String, String>,
+    /// Whether it is its owner's default sandbox.
+    pub is_default: bool,
+    /// The sandbox it was forked from.
+    pub parent_id: Option<String>,
+    /// Creation time (ms since the epoch).
+    pub created_ms: u64,
+    /// Last transition time (ms since the epoch).
+    pub updated_ms: u64,
+    /// When it was paused (ms since the epoch), while paused.
+    pub paused_ms: Option<u64>,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// The engine that runs it.
+    pub engine: String,
+    /// The engine's saved state (see [`crate::engine::Machine::saved_state`]).
+    pub engine_state: serde_json::Value,
+}
+
+impl SandboxRecord {
+    /// Whether it counts against the sandbox limit.
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, SandboxState::Creating | SandboxState::Running | SandboxState::Paused)
+    }
+
+    /// Whether it holds memory (counts against the memory budget).
+    pub fn holds_memory(&self) -> bool {
+        matches!(self.state, SandboxState::Creating | SandboxState::Running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_parses_back_from_its_name() {
+        for state in SandboxState::ALL {
+            assert_eq!(SandboxState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(SandboxState::parse("Running"), None);
+    }
+}

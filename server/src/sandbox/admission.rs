@@ -1,0 +1,195 @@
+//! Admission: what a new sandbox is (its request checked against the limits and the host, its
+//! id minted) and whether it fits (the count limit and the memory budget).
+//!
+//! Checks and registration happen under one lock ([`Admission`]), so that concurrent requests
+//! cannot together pass a limit. It never starts a machine.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::config::Limits;
+use crate::engine::{HostLimits, MachineSpec};
+use crate::record::{SandboxRecord, SandboxState};
+use crate::registry::now_ms;
+
+/// The template every sandbox uses unless told otherwise.
+pub const DEFAULT_TEMPLATE: &str = "default";
+/// Longest sandbox name, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Most environment variables per sandbox.
+pub const MAX_ENV_VARS: usize = 256;
+/// Least memory a sandbox may have, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// Least writable disk a sandbox may have, in MiB.
+pub const MIN_DISK_MIB: u32 = 64;
+
+/// What `create` is asked for (all optional; defaults come from the config).
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// Template name.
+    pub template: Option<String>,
+    /// vCPUs.
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// Disk in MiB.
+    pub disk_mib: Option<u32>,
+    /// Idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Make it the owner's default (`None`: only if the owner has none).
+    pub make_default: Option<bool>,
+}
+
+/// A limit a request would pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Too many sandboxes.
+    #[error("this server allows at most {max} sandboxes and {live} exist ({paused} paused)")]
+    Count {
+        /// The limit.
+        max: u32,
+        /// Sandboxes alive (creating, running or paused).
+        live: usize,
+        /// Of which paused.
+        paused: usize,
+        /// How long paused sandboxes are kept, in seconds.
+        retention_s: u64,
+    },
+    /// Not enough of the memory budget left.
+    #[error(
+        "running sandboxes use {used_mib} MiB of this server's {budget_mib} MiB memory budget and this needs \
+         {needed_mib} MiB more"
+    )]
+    Memory {
+        /// In use by running (and creating) sandboxes.
+        used_mib: u64,
+        /// The budget.
+        budget_mib: u64,
+        /// What the request needs.
+        needed_mib: u64,
+    },
+}
+
+/// A request the limits or the host do not allow: which parameter, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+/// A fresh sandbox id.
+pub fn new_sandbox_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = now_ms() ^ (COUNTER.fetch_add(1, Ordering::Relaxed) << 40) ^ u64::from(std::process::id());
+        bytes.copy_from_slice(&n.to_le_bytes()[..6]);
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sb-{hex}")
+}
+
+/// Checks `req` against the server's `limits` and what the `host` can give one guest, and makes
+/// the new machine's spec.
+pub fn validate(req: &CreateRequest, limits: &Limits, host: &HostLimits) -> Result<MachineSpec, BadRequest> {
+    let vcpus = req.vcpus.unwrap_or(limits.default_vcpus);
+    let memory_mib = req.memory_mib.unwrap_or(limits.default_memory_mib);
+    let disk_mib = req.disk_mib.unwrap_or(limits.default_disk_mib);
+    let bad = |why: String| Err(BadRequest(why));
+    if vcpus == 0 {
+        return bad("vcpus must be at least 1".into());
+    }
+    if vcpus > host.max_vcpus {
+        return bad(format!(
+            "vcpus={vcpus} is more than this host can give one guest ({}): {}",
+            host.max_vcpus,
+            host.why.clone().unwrap_or_default()
+        ));
+    }
+    if vcpus > limits.max_vcpus {
+        return bad(format!(
+            "vcpus={vcpus} is over this server's limit of {} per sandbox; ask for {} or fewer",
+            limits.max_vcpus, limits.max_vcpus
+        ));
+    }
+    if memory_mib < MIN_MEMORY_MIB || memory_mib > limits.max_memory_mib {
+        return bad(format!(
+            "memory_mib={memory_mib} is out of range: use {MIN_MEMORY_MIB} to {} MiB",
+            limits.max_memory_mib
+        ));
+    }
+    if disk_mib < MIN_DISK_MIB || disk_mib > limits.max_disk_mib {
+        return bad(format!("disk_mib={disk_mib} is out of range: use {MIN_DISK_MIB} to {} MiB", limits.max_disk_mib));
+    }
+    if let Some(name) = &req.name {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+            return bad(format!("name must be 1 to {MAX_NAME_BYTES} bytes of printable text"));
+        }
+    }
+    if req.env.len() > MAX_ENV_VARS {
+        return bad(format!("at most {MAX_ENV_VARS} environment variables"));
+    }
+    if let Some(key) = req.env.keys().find(|key| key.is_empty() || key.contains('=') || key.contains('\0')) {
+        return bad(format!("environment variable name {key:?} is invalid"));
+    }
+    let template = req.template.clone().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+    if template != DEFAULT_TEMPLATE {
+        return bad(format!("unknown template {template:?}; the templates are: {DEFAULT_TEMPLATE}"));
+    }
+    Ok(MachineSpec { id: new_sandbox_id(), template, vcpus, memory_mib, disk_mib, env: req.env.clone() })
+}
+
+/// Checks that `extra_count` new sandboxes holding `extra_mib` fit beside `records`.
+pub fn check_capacity(
+    records: &[SandboxRecord],
+    limits: &Limits,
+    retention: Duration,
+    extra_count: usize,
+    extra_mib: u64,
+) -> Result<(), LimitError> {
+    let live = records.iter().filter(|r| r.is_live()).count();
+    if live + extra_count > limits.max_sandboxes as usize {
+        let paused = records.iter().filter(|r| r.state == SandboxState::Paused).count();
+        return Err(LimitError::Count { max: limits.max_sandboxes, live, paused, retention_s: retention.as_secs() });
+    }
+    let used_mib: u64 = records.iter().filter(|r| r.holds_memory()).map(|r| u64::from(r.memory_mib)).sum();
+    if used_mib + extra_mib > limits.memory_budget_mib {
+        return Err(LimitError::Memory { used_mib, budget_mib: limits.memory_budget_mib, needed_mib: extra_mib });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostLimits {
+        HostLimits { max_vcpus: 4, why: Some("this host has 4 CPUs".into()) }
+    }
+
+    #[test]
+    fn each_bad_field_is_named_with_its_limit() {
+        let limits = Limits::default();
+        let cases: Vec<(CreateRequest, &str)> = vec![
+            (CreateRequest { vcpus: Some(0), ..Default::default() }, "vcpus must be at least 1"),
+            (CreateRequest { vcpus: Some(5), ..Default::default() }, "vcpus=5 is more than this host"),
+            (CreateRequest { memory_mib: Some(64), ..Default::default() }, "memory_mib=64 is out of range"),
+            (CreateRequest { disk_mib: Some(1), ..Default::default() }, "disk_mib=1 is out of range"),
+            (CreateRequest { name: Some(String::new()), ..Default::default() }, "name must be 1 to 64 bytes"),
+            (CreateRequest { template: Some("gpu".into()), ..Default::default() }, "unknown template \"gpu\""),
+        ];
+        for (req, want) in cases {
+            let err = validate(&req, &limits, &host()).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+        let env = BTreeMap::from([("A=B".to_string(), "x".to_string())]);
+        let err = validate(&CreateRequest { env, ..Default::default() }, &limits, &host()).unwrap_err();
+        assert!(err.to_string().contains("\"A=B\" is invalid"), "{err}");
+        assert!(validate(&CreateRequest::default(), &limits, &host()).unwrap().id.starts_with("sb-"));
+    }
+}
