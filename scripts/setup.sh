@@ -3,7 +3,7 @@
 # and the static guest agent beside it), and the guest image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CAPSULE_SKIP_PIP=1 ./scripts/deps.sh
+./scripts/deps.sh
 . ./scripts/pvm-patch.sh
 
 echo "capsule setup: building capsule (release)" >&2
