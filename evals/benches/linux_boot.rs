@@ -106,7 +106,7 @@ fn engine_runs(exe: &Path, image: &ImageInfo, mem_mib: u64, runs: usize) -> Resu
         exe.to_path_buf(),
         image.clone(),
         root.path().join("sandboxes"),
-        capsule::serve::default_warm_up(),
+        capsule::daemon::open::default_warm_up(),
     )
     .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let spec = |id: String| MachineSpec {

@@ -38,7 +38,7 @@ pub fn kvm_engine(capsule: &Path, root: PathBuf) -> Result<std::result::Result<(
     if report.virtualization == Virtualization::Pvm && image.flavour != Flavour::Pvm {
         return Ok(Err(format!("this PVM host needs a pvm-flavour guest image; the current one is {}", image.flavour)));
     }
-    let engine = KvmEngine::new(capsule.to_path_buf(), image.clone(), root, capsule::serve::default_warm_up())?;
+    let engine = KvmEngine::new(capsule.to_path_buf(), image.clone(), root, capsule::daemon::open::default_warm_up())?;
     Ok(Ok((engine, image)))
 }
 

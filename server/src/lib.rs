@@ -3,13 +3,16 @@
 //! The binary (`main.rs`) is a thin CLI over the modules here.
 
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod engine;
 pub mod guest;
 pub mod image;
 pub mod mcp;
+pub mod ps;
 pub mod record;
 pub mod registry;
 pub mod sandbox;
 pub mod serve;
+pub mod settings;
 pub mod worker;

@@ -28,6 +28,7 @@ async fn start(manager: &capsule::sandbox::Manager, token: Option<&str>) -> Serv
     let opts = HttpOptions {
         listen: addr,
         token: token.map(str::to_string),
+        token_owner: None,
         allowed_origins: vec!["https://app.example.com".into()],
         shared_sandboxes: false,
     };

@@ -32,8 +32,13 @@ fn engine(root: PathBuf) -> Option<KvmEngine> {
         }
     };
     Some(
-        KvmEngine::new(PathBuf::from(env!("CARGO_BIN_EXE_capsule")), image, root, capsule::serve::default_warm_up())
-            .expect("engine"),
+        KvmEngine::new(
+            PathBuf::from(env!("CARGO_BIN_EXE_capsule")),
+            image,
+            root,
+            capsule::daemon::open::default_warm_up(),
+        )
+        .expect("engine"),
     )
 }
 
@@ -687,7 +692,7 @@ fn a_paused_sandbox_resumes_and_forks_after_the_image_cache_dropped_its_root_fil
         PathBuf::from(env!("CARGO_BIN_EXE_capsule")),
         image,
         root.path().to_path_buf(),
-        capsule::serve::default_warm_up(),
+        capsule::daemon::open::default_warm_up(),
     )
     .expect("engine");
     let mut machine = engine.create(&spec("kvm-rootfs")).expect("create");

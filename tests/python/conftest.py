@@ -106,7 +106,43 @@ def new_state_dir() -> tempfile.TemporaryDirectory:
 def state_dir():
     with new_state_dir() as d:
         yield d
+        shutdown_daemon(d)
         kill_leftover_agents(d)
+
+
+def daemon_pid(state_dir: str) -> int | None:
+    """The pid of the capsule daemon that owns `state_dir` (from its lock file), if one runs."""
+    try:
+        pid = int(open(os.path.join(state_dir, "daemon.lock")).read().strip())
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if state in ("Z", "X") else pid
+
+
+def kill9_daemon(state_dir: str) -> int:
+    """SIGKILLs the daemon of `state_dir` (its workers and agents run on) and waits until it is gone."""
+    pid = daemon_pid(state_dir)
+    assert pid, f"no daemon runs for {state_dir}"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return pid
+        if state == "Z":
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"daemon {pid} did not die")
+
+
+def shutdown_daemon(state_dir: str) -> None:
+    """Stops the daemon of `state_dir` the way a user would (`capsule shutdown`), if one runs."""
+    if daemon_pid(state_dir) is None:
+        return
+    subprocess.run([capsule_bin(), "shutdown", "--state-dir", state_dir], capture_output=True, timeout=120,
+                   env={**os.environ, "CAPSULE_STATE_DIR": state_dir})
 
 
 def _environ_of(pid: int) -> bytes:
@@ -118,8 +154,8 @@ def _environ_of(pid: int) -> bytes:
 
 
 def leaked_workers() -> list[tuple[int, str]]:
-    """`capsule worker` processes (VM workers) started by a server of this session."""
-    found = subprocess.run(["pgrep", "-af", "capsule worker"], capture_output=True, text=True).stdout
+    """`capsule worker` processes (VM workers) and `capsule daemon`s started for this session."""
+    found = subprocess.run(["pgrep", "-af", "capsule (worker|daemon)"], capture_output=True, text=True).stdout
     ours = []
     for line in found.splitlines():
         pid_text, _, cmdline = line.partition(" ")
@@ -137,6 +173,9 @@ def no_worker_outlives_the_session():
     """Fails the session if a VM worker of one of its servers is still running at the end
     (and kills those, by pid, so none outlives it)."""
     yield
+    for d in _STATE_DIRS:
+        if os.path.isdir(d):
+            shutdown_daemon(d)
     deadline = time.time() + 10
     leaked = leaked_workers()
     while leaked and time.time() < deadline:
@@ -147,7 +186,7 @@ def no_worker_outlives_the_session():
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    assert not leaked, f"VM workers outlived their servers: {leaked}"
+    assert not leaked, f"VM workers or daemons outlived their state directories: {leaked}"
 
 
 def kill_leftover_agents(state_dir: str) -> None:
@@ -202,10 +241,16 @@ class HttpServer:
                 time.sleep(0.05)
         raise RuntimeError("capsule serve did not listen within 30 s")
 
-    def kill9(self):
-        """SIGKILLs the server (its paused sandboxes stay on disk)."""
-        self.proc.kill()
-        self.proc.wait(timeout=15)
+    def wait_listening(self, timeout: float = 60):
+        """Waits until the port accepts connections again (after a daemon restart)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nothing listens on {self.port} after {timeout} s")
 
     def stop(self):
         if self.proc.poll() is None:

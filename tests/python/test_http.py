@@ -12,7 +12,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 import scenarios
-from conftest import ENGINES, HttpServer, capsule_bin, free_port, kvm_unavailable, new_state_dir, server_env
+from conftest import (ENGINES, HttpServer, capsule_bin, daemon_pid, free_port, kill9_daemon, kvm_unavailable,
+                      new_state_dir, server_env, shutdown_daemon)
 from scenarios import ok
 
 TOKEN = "py-test-token-0123456789abcdef"
@@ -38,6 +39,7 @@ def engine_server(request):
         s.engine = request.param
         yield s
         s.stop()
+        shutdown_daemon(d)
 
 
 @pytest.fixture
@@ -98,9 +100,10 @@ def test_pause_resume_and_fork_keep_state_over_http(engine_server):
     anyio.run(with_session, engine_server.url, body)
 
 
-def test_restart_after_kill_9_while_paused_over_http(state_dir, engine):
-    # Sessions do not survive a restart; a --shared-sandboxes session sees the orphans.
-    first = HttpServer(state_dir, "--shared-sandboxes", engine=engine)
+def test_restart_after_kill_9_of_the_daemon_while_paused_over_http(state_dir, engine):
+    # Sessions do not survive a restart; a --shared-sandboxes session sees the orphans. The
+    # holder (`capsule serve --transport http`) starts a new daemon and listens again.
+    server = HttpServer(state_dir, "--shared-sandboxes", engine=engine)
     try:
         async def before(session):
             sid, pid = await scenarios.start_stateful(session)
@@ -108,15 +111,13 @@ def test_restart_after_kill_9_while_paused_over_http(state_dir, engine):
             await ok(session, "pause", {"sandbox_id": sid})
             return sid, pid
 
-        sid, pid = anyio.run(with_session, first.url, before)
-        first.kill9()
+        sid, pid = anyio.run(with_session, server.url, before)
+        old = kill9_daemon(state_dir)
+        server.wait_listening()
+        assert daemon_pid(state_dir) not in (None, old), "a new daemon serves"
+        anyio.run(with_session, server.url, lambda session: scenarios.state_survives_restart(session, sid, pid))
     finally:
-        first.stop()
-    second = HttpServer(state_dir, "--shared-sandboxes", engine=engine)
-    try:
-        anyio.run(with_session, second.url, lambda session: scenarios.state_survives_restart(session, sid, pid))
-    finally:
-        second.stop()
+        server.stop()
 
 
 def test_http_sessions_are_isolated(server):
@@ -172,7 +173,7 @@ def test_listening_off_loopback_without_a_token_is_refused(state_dir):
     assert "--token" in proc.stderr, proc.stderr
 
 
-def test_sigterm_with_a_session_open_exits_promptly_and_pauses_sandboxes(state_dir):
+def test_sigterm_ends_the_listener_not_the_sandboxes_and_capsule_shutdown_pauses_them(state_dir):
     import signal
     import sqlite3
     import time
@@ -195,9 +196,14 @@ def test_sigterm_with_a_session_open_exits_promptly_and_pauses_sandboxes(state_d
         sid = None
     try:
         assert s.proc.poll() == 0, "capsule serve exits cleanly within 10 s of SIGTERM"
-        rows = sqlite3.connect(f"{state_dir}/registry.sqlite3").execute("SELECT id, state FROM sandboxes").fetchall()
-        assert rows and all(state == "paused" for _, state in rows), rows
+        db = f"{state_dir}/registry.sqlite3"
+        rows = sqlite3.connect(db).execute("SELECT id, state FROM sandboxes").fetchall()
+        assert rows and all(state == "running" for _, state in rows), f"the daemon keeps them running: {rows}"
         if sid:
             assert rows[0][0] == sid
+        shutdown_daemon(state_dir)
+        assert daemon_pid(state_dir) is None
+        rows = sqlite3.connect(db).execute("SELECT id, state FROM sandboxes").fetchall()
+        assert rows and all(state == "paused" for _, state in rows), rows
     finally:
         s.stop()

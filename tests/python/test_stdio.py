@@ -11,7 +11,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 import scenarios
-from conftest import capsule_bin, server_env
+from conftest import capsule_bin, kill9_daemon, server_env
 from scenarios import ok
 
 TOOLS = {
@@ -97,8 +97,7 @@ def test_run_code_plot_comes_back_as_image_content(state_dir, engine):
         pytest.skip("matplotlib is not installed for the host python3 the test engine runs")
 
 
-def test_restart_after_kill_9_while_paused(state_dir, engine):
-    pidfile = os.path.join(state_dir, "server.pid")
+def test_restart_after_kill_9_of_the_daemon_while_paused(state_dir, engine):
     started = {}
 
     async def before(session):
@@ -106,10 +105,10 @@ def test_restart_after_kill_9_while_paused(state_dir, engine):
         started.update(sid=sid, pid=pid)
         await ok(session, "run_command", {"command": "echo survived > s.txt", "sandbox_id": sid})
         await ok(session, "pause", {"sandbox_id": sid})
-        os.kill(int(open(pidfile).read().strip()), signal.SIGKILL)
+        kill9_daemon(state_dir)
 
     try:
-        anyio.run(lambda: session_run(state_dir, before, pidfile, engine=engine))
+        anyio.run(lambda: session_run(state_dir, before, engine=engine))
     except BaseException as e:  # the transport breaks under us: expected
         if isinstance(e, KeyboardInterrupt):
             raise

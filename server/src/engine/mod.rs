@@ -109,6 +109,10 @@ pub trait Machine: Send {
     fn check_alive(&mut self) -> Result<(), EngineError>;
     /// What the registry stores so that [`Engine::reattach`] can find this machine again.
     fn saved_state(&self) -> serde_json::Value;
+    /// The host process that runs the machine (a VM worker, an agent), while one does.
+    fn process_id(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A kind of machine.

@@ -476,4 +476,8 @@ impl Machine for AgentProcess {
     fn saved_state(&self) -> serde_json::Value {
         serde_json::json!({ "pid": self.pid, "dir": self.dir.display().to_string() })
     }
+
+    fn process_id(&self) -> Option<u32> {
+        Some(self.pid)
+    }
 }

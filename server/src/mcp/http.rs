@@ -24,19 +24,24 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use super::shaping::Shaping;
-use super::CapsuleMcp;
+use super::{client_owner, CapsuleMcp};
 use crate::sandbox::{Manager, Owner};
 
 /// The path of the MCP endpoint.
 pub const MCP_PATH: &str = "/mcp";
 
 /// Settings of the HTTP transport.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HttpOptions {
     /// Where to listen.
     pub listen: SocketAddr,
     /// Bearer token every request must carry, if set.
     pub token: Option<String>,
+    /// The owner that requests with the token act as: their sandboxes (and default sandbox)
+    /// belong to this client name across sessions and restarts. `None`: each MCP session is an
+    /// owner of its own.
+    #[serde(default)]
+    pub token_owner: Option<String>,
     /// Extra allowed browser origins (`scheme://host[:port]`), besides loopback ones.
     pub allowed_origins: Vec<String>,
     /// All sessions see all sandboxes (one shared owner).
@@ -52,6 +57,9 @@ pub enum HttpError {
     /// The token is unusable.
     #[error("the token must be 16 to 256 printable ASCII characters without spaces")]
     BadToken,
+    /// A token owner without a token.
+    #[error("--token-owner names who the token's requests act as, so it needs --token")]
+    OwnerWithoutToken,
 }
 
 #[derive(Debug)]
@@ -66,6 +74,9 @@ pub fn check_options(opts: &HttpOptions) -> Result<(), HttpError> {
         if t.len() < 16 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(HttpError::BadToken);
         }
+    }
+    if opts.token_owner.is_some() && opts.token.is_none() {
+        return Err(HttpError::OwnerWithoutToken);
     }
     if !opts.listen.ip().is_loopback() && opts.token.is_none() {
         return Err(HttpError::TokenRequired(opts.listen));
@@ -145,6 +156,7 @@ pub fn router_with_shutdown(
 ) -> Result<(axum::Router, impl Fn() + Send + Sync + 'static), HttpError> {
     check_options(opts)?;
     let shared = opts.shared_sandboxes;
+    let token_owner = opts.token_owner.clone();
     let sessions = Arc::new(AtomicU64::new(0));
     // Owner ids name this server's boot and the session's number. MCP sessions
     // do not survive a server restart (clients must initialize again), so no
@@ -155,10 +167,10 @@ pub fn router_with_shutdown(
     let boot = crate::registry::now_ms();
     let factory = move || {
         let n = sessions.fetch_add(1, Ordering::Relaxed);
-        let owner = if shared {
-            Owner { id: "http-shared".into(), sees_all: true }
-        } else {
-            Owner::new(format!("http-{boot:x}-{n}"))
+        let owner = match (&token_owner, shared) {
+            (_, true) => Owner { id: "http-shared".into(), sees_all: true },
+            (Some(name), false) => client_owner(name),
+            (None, false) => Owner::new(format!("http-{boot:x}-{n}")),
         };
         Ok(CapsuleMcp::new(manager.clone(), owner, shaping))
     };
@@ -205,6 +217,7 @@ mod tests {
         let mut opts = HttpOptions {
             listen: "0.0.0.0:1".parse().unwrap(),
             token: None,
+            token_owner: None,
             allowed_origins: vec![],
             shared_sandboxes: false,
         };

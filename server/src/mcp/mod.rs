@@ -38,10 +38,31 @@ created on first use and reused, so sandbox_id is optional everywhere. Interpret
 run_code calls. Idle sandboxes pause themselves and resume on the next call. Use fork to branch \
 a sandbox's state, and kill_sandbox when you are done with one.";
 
-/// The MCP handler of one session.
+/// Whose sandboxes a connection's calls act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// Always this owner (an HTTP session, or a token that names its owner).
+    Fixed(Owner),
+    /// The MCP client's identity: `name` when given (`capsule serve --owner`), else the
+    /// `clientInfo.name` the client sends, so that a restarted client finds its default
+    /// sandbox again and two different clients never share one.
+    Client {
+        /// The name given instead of the client's own.
+        name: Option<String>,
+    },
+}
+
+/// The owner id of the client named `name`.
+pub fn client_owner(name: &str) -> Owner {
+    Owner::new(format!("client:{name}"))
+}
+
+/// The MCP handler of one connection.
 #[derive(Clone)]
 pub struct CapsuleMcp {
     manager: Manager,
+    owner_source: OwnerSource,
+    /// The owner of the call being served (resolved per request from `owner_source`).
     owner: Owner,
     shaping: Shaping,
     /// Level set by `logging/setLevel` (severity number; output chunks are "info" = 1).
@@ -71,12 +92,35 @@ fn severity(level: LoggingLevel) -> u8 {
 impl CapsuleMcp {
     /// A handler for one session acting as `owner`.
     pub fn new(manager: Manager, owner: Owner, shaping: Shaping) -> CapsuleMcp {
-        CapsuleMcp { manager, owner, shaping, log_min_severity: Arc::new(Mutex::new(1)) }
+        CapsuleMcp::with_owner_source(manager, OwnerSource::Fixed(owner), shaping)
     }
 
-    /// The owner this session acts as.
+    /// A handler whose calls act for the owner `source` names.
+    pub fn with_owner_source(manager: Manager, source: OwnerSource, shaping: Shaping) -> CapsuleMcp {
+        let owner = match &source {
+            OwnerSource::Fixed(owner) => owner.clone(),
+            OwnerSource::Client { name } => client_owner(name.as_deref().unwrap_or("unknown")),
+        };
+        CapsuleMcp { manager, owner_source: source, owner, shaping, log_min_severity: Arc::new(Mutex::new(1)) }
+    }
+
+    /// The owner this handler acts as (before a request names its client).
     pub fn owner(&self) -> &Owner {
         &self.owner
+    }
+
+    /// This handler as it serves `context`'s request: for a client-identified owner, the
+    /// client's name comes from the request (2026-07-28 `_meta`) or from its `initialize`.
+    fn for_request(&self, context: &RequestContext<RoleServer>) -> CapsuleMcp {
+        let OwnerSource::Client { name: None } = &self.owner_source else {
+            return self.clone();
+        };
+        let client = context.meta.client_info().or_else(|| context.peer.peer_info().map(|i| i.client_info.clone()));
+        let name = client.map(|c| c.name).filter(|n| !n.is_empty() && n.len() <= 128);
+        match name {
+            Some(name) => CapsuleMcp { owner: client_owner(&name), ..self.clone() },
+            None => self.clone(),
+        }
     }
 
     /// The MCP tool definitions, from the contract crate.
@@ -167,20 +211,22 @@ impl ServerHandler for CapsuleMcp {
         let args = serde_json::Value::Object(request.arguments.unwrap_or_default());
         let name = request.name.as_ref();
         let ctx = &context;
+        let this = self.for_request(ctx);
+        let self_ = &this;
         let result = match name {
-            "run_code" => dispatch(name, args, |p| self.run_code(p, ctx)).await,
-            "run_command" => dispatch(name, args, |p| self.run_command(p, ctx)).await,
-            "read_process" => dispatch(name, args, |p| self.read_process(p)).await,
-            "kill_process" => dispatch(name, args, |p| self.kill_process(p)).await,
-            "write_file" => dispatch(name, args, |p| self.write_file(p)).await,
-            "read_file" => dispatch(name, args, |p| self.read_file(p)).await,
-            "list_files" => dispatch(name, args, |p| self.list_files(p)).await,
-            "create_sandbox" => dispatch(name, args, |p| self.create_sandbox(p)).await,
-            "list_sandboxes" => dispatch(name, args, |p| self.list_sandboxes(p)).await,
-            "pause" => dispatch(name, args, |p| self.pause(p)).await,
-            "resume" => dispatch(name, args, |p| self.resume(p)).await,
-            "fork" => dispatch(name, args, |p| self.fork(p)).await,
-            "kill_sandbox" => dispatch(name, args, |p| self.kill_sandbox(p)).await,
+            "run_code" => dispatch(name, args, |p| self_.run_code(p, ctx)).await,
+            "run_command" => dispatch(name, args, |p| self_.run_command(p, ctx)).await,
+            "read_process" => dispatch(name, args, |p| self_.read_process(p)).await,
+            "kill_process" => dispatch(name, args, |p| self_.kill_process(p)).await,
+            "write_file" => dispatch(name, args, |p| self_.write_file(p)).await,
+            "read_file" => dispatch(name, args, |p| self_.read_file(p)).await,
+            "list_files" => dispatch(name, args, |p| self_.list_files(p)).await,
+            "create_sandbox" => dispatch(name, args, |p| self_.create_sandbox(p)).await,
+            "list_sandboxes" => dispatch(name, args, |p| self_.list_sandboxes(p)).await,
+            "pause" => dispatch(name, args, |p| self_.pause(p)).await,
+            "resume" => dispatch(name, args, |p| self_.resume(p)).await,
+            "fork" => dispatch(name, args, |p| self_.fork(p)).await,
+            "kill_sandbox" => dispatch(name, args, |p| self_.kill_sandbox(p)).await,
             other => {
                 return Err(McpError::invalid_params(
                     format!("unknown tool {other:?}; call tools/list for the tools this server has"),

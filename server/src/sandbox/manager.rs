@@ -71,7 +71,7 @@ impl Owner {
 }
 
 /// Settings of the manager.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ManagerConfig {
     /// Limits.
     pub limits: Limits,
@@ -325,6 +325,25 @@ impl Manager {
     pub fn list(&self, owner: &Owner) -> (Vec<SandboxRecord>, Option<String>) {
         let records = self.slots().into_iter().filter(|s| owner.can_see(&s.owner)).map(|s| s.record()).collect();
         (records, lock(&self.inner.defaults).get(&owner.id).cloned())
+    }
+
+    /// Whether any sandbox holds a running VM (or is being made).
+    pub fn holds_running(&self) -> bool {
+        self.slots().iter().any(|s| s.record().holds_memory())
+    }
+
+    /// Every sandbox with the host process that runs it, when it can be told without waiting
+    /// for an operation in progress (for `capsule ps`).
+    pub fn processes(&self) -> Vec<(SandboxRecord, Option<u32>)> {
+        self.slots()
+            .into_iter()
+            .map(|slot| {
+                let pid = slot.inner.try_lock().ok().and_then(|inner| {
+                    inner.machine.as_ref().and_then(|m| m.try_lock().ok().and_then(|m| m.process_id()))
+                });
+                (slot.record(), pid)
+            })
+            .collect()
     }
 
     fn listing(&self, owner: &Owner) -> String {

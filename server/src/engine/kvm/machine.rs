@@ -424,6 +424,13 @@ impl Machine for KvmMachine {
         self.live().map(drop).map_err(EngineError::from)
     }
 
+    fn process_id(&self) -> Option<u32> {
+        match &self.residence {
+            Residence::Live(live) => Some(live.worker.pid()),
+            Residence::OnDisk { .. } | Residence::Killed => None,
+        }
+    }
+
     fn saved_state(&self) -> serde_json::Value {
         let generation = self.disk_generation();
         serde_json::to_value(SavedState {
