@@ -34,7 +34,7 @@ use capsule_agent::client::AgentClient;
 use capsule_vmm::worker::error_chain;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::admission::{self, CreateRequest};
+use super::admission::{self, CreateRequest, LimitError};
 pub use super::error::ManagerError;
 use super::lifecycle;
 use crate::config::{Limits, Timers};
@@ -156,9 +156,23 @@ pub(super) struct Inner {
     defaults: StdMutex<HashMap<String, String>>,
     /// Owner → lock held while its default sandbox is being created.
     default_creation: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
-    /// Held while new sandboxes are checked against the limits and registered,
-    /// so that concurrent creates cannot together pass a limit.
+    /// Held while new sandboxes are checked against the limits and registered (or memory is
+    /// reserved for a resume), so that concurrent requests cannot together pass a limit.
     admission: StdMutex<()>,
+    /// Memory reserved by resumes in progress, in MiB (their records still say paused).
+    reserved_mib: AtomicU64,
+}
+
+/// Memory reserved for a resume until the sandbox is recorded running (or the resume failed).
+pub(super) struct Reservation<'a> {
+    manager: &'a Manager,
+    mib: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.manager.inner.reserved_mib.fetch_sub(self.mib, Ordering::AcqRel);
+    }
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -233,6 +247,7 @@ impl Manager {
                 defaults: StdMutex::new(HashMap::new()),
                 default_creation: StdMutex::new(HashMap::new()),
                 admission: StdMutex::new(()),
+                reserved_mib: AtomicU64::new(0),
             }),
         };
         for mut record in manager.inner.registry.load_live()? {
@@ -408,11 +423,28 @@ impl Manager {
         ManagerError::Failed { id: slot.id.clone(), reason: reason.to_string() }
     }
 
-    /// Checks that `extra_count` new sandboxes holding `extra_mib` fit.
+    /// Checks that `extra_count` new sandboxes holding `extra_mib` fit, beside the memory that
+    /// resumes in progress have reserved.
     pub(super) fn check_capacity(&self, extra_count: usize, extra_mib: u64) -> Result<(), ManagerError> {
         let records: Vec<SandboxRecord> = self.slots().iter().map(|s| s.record()).collect();
         let config = &self.inner.config;
-        Ok(admission::check_capacity(&records, &config.limits, config.timers.retention, extra_count, extra_mib)?)
+        let reserved = self.inner.reserved_mib.load(Ordering::Acquire);
+        Ok(admission::check_capacity(&records, &config.limits, config.timers.retention, extra_count, extra_mib + reserved)
+            .map_err(|e| match e {
+                LimitError::Memory { used_mib, budget_mib, needed_mib } => {
+                    LimitError::Memory { used_mib: used_mib + reserved, budget_mib, needed_mib: needed_mib - reserved }
+                }
+                other => other,
+            })?)
+    }
+
+    /// Reserves `mib` of the memory budget for a resume, atomically with respect to other
+    /// admissions and reservations.
+    pub(super) fn reserve_memory(&self, mib: u64) -> Result<Reservation<'_>, ManagerError> {
+        let _admission = lock(&self.inner.admission);
+        self.check_capacity(0, mib)?;
+        self.inner.reserved_mib.fetch_add(mib, Ordering::AcqRel);
+        Ok(Reservation { manager: self, mib })
     }
 
     /// Checks the limits for one new sandbox and registers it, atomically with
@@ -573,7 +605,8 @@ impl Manager {
     }
 
     async fn resume_locked(&self, slot: &Slot, inner: &mut SlotInner, reason: &str) -> Result<(), ManagerError> {
-        self.check_capacity(0, u64::from(inner.record.memory_mib))?;
+        // Held until the record says running, when it counts against the budget by itself.
+        let _reservation = self.reserve_memory(u64::from(inner.record.memory_mib))?;
         self.on_machine(slot, inner, |m| m.resume(), "the guest died while paused").await?;
         self.transition(slot, inner, SandboxState::Running, reason)
     }
