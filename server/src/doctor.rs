@@ -34,3 +34,16 @@ pub fn run(args: DoctorArgs) -> Result<(), DoctorError> {
         Err(DoctorError::CannotRunVms)
     }
 }
+
+/// The environment variable that turns the test suite's "no KVM here" or "no guest image"
+/// skips into failures (`.ci/run` sets it where `capsule doctor` says VMs can run).
+pub const REQUIRE_KVM_ENV: &str = "CAPSULE_REQUIRE_KVM";
+
+/// For tests that need KVM and a guest image: prints `SKIP: <why>` and returns, or panics with
+/// `why` when [`REQUIRE_KVM_ENV`] is `1`.
+pub fn skip_without_kvm(why: &str) {
+    if std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_KVM_ENV}=1, but this test cannot run: {why}");
+    }
+    eprintln!("SKIP: {why}");
+}

@@ -21,13 +21,13 @@ const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 
 fn engine(root: PathBuf) -> Option<KvmEngine> {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("SKIP: /dev/kvm is not usable: {e}");
+        capsule::doctor::skip_without_kvm(&format!("/dev/kvm is not usable: {e}"));
         return None;
     }
     let image = match current_image() {
         Ok(image) => image,
         Err(e) => {
-            eprintln!("SKIP: no capsule image built (run `capsule image build`): {e}");
+            capsule::doctor::skip_without_kvm(&format!("no capsule image built (run `capsule image build`): {e}"));
             return None;
         }
     };

@@ -75,10 +75,18 @@ def engine(request):
     """The engine of a test that runs on both; the kvm variant skips, saying why, where the
     host cannot run it."""
     if request.param == "kvm":
-        reason = kvm_unavailable()
-        if reason:
-            pytest.skip(f"kvm engine: {reason}")
+        skip_without_kvm()
     return request.param
+
+
+def skip_without_kvm():
+    """Skips a kvm-engine test where the host cannot run it, saying why; with
+    CAPSULE_REQUIRE_KVM=1 (CI where `capsule doctor` says VMs can run) that is a failure."""
+    reason = kvm_unavailable()
+    if reason:
+        if os.environ.get("CAPSULE_REQUIRE_KVM") == "1":
+            pytest.fail(f"CAPSULE_REQUIRE_KVM=1, but the kvm engine cannot run: {reason}")
+        pytest.skip(f"kvm engine: {reason}")
 
 
 def server_env(state_dir: str, engine: str = "test", **extra: str) -> dict:

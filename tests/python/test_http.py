@@ -12,7 +12,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 import scenarios
-from conftest import (ENGINES, HttpServer, capsule_bin, daemon_pid, free_port, kill9_daemon, kvm_unavailable,
+from conftest import (ENGINES, HttpServer, capsule_bin, daemon_pid, free_port, kill9_daemon, skip_without_kvm,
                       new_state_dir, server_env, shutdown_daemon)
 from scenarios import ok
 
@@ -31,9 +31,7 @@ def engine_server(request):
     """One server per engine for this module (its sandboxes' template is built once), in a
     state dir of its own; the kvm one skips, saying why, where the host cannot run it."""
     if request.param == "kvm":
-        reason = kvm_unavailable()
-        if reason:
-            pytest.skip(f"kvm engine: {reason}")
+        skip_without_kvm()
     with new_state_dir() as d:
         s = HttpServer(d, engine=request.param)
         s.engine = request.param

@@ -56,8 +56,7 @@ fn image_boots_under_qemu_microvm_to_agent_init_ok() {
     let info = match current_image() {
         Ok(info) => info,
         Err(e) => {
-            eprintln!("SKIP: no capsule image built (run capsule image build)");
-            eprintln!("      ({e})");
+            capsule::doctor::skip_without_kvm(&format!("no capsule image built (run capsule image build): {e}"));
             return;
         }
     };

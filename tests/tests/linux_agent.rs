@@ -41,13 +41,13 @@ fn console(log: &Path) -> String {
 #[test]
 fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
     if let Err(why) = kvm_usable() {
-        eprintln!("SKIP: {why}");
+        capsule::doctor::skip_without_kvm(&why);
         return;
     }
     let image = match current_image() {
         Ok(image) => image,
         Err(e) => {
-            eprintln!("SKIP: no capsule image built (run `capsule image build`): {e}");
+            capsule::doctor::skip_without_kvm(&format!("no capsule image built (run `capsule image build`): {e}"));
             return;
         }
     };

@@ -429,13 +429,19 @@ impl Manager {
         let records: Vec<SandboxRecord> = self.slots().iter().map(|s| s.record()).collect();
         let config = &self.inner.config;
         let reserved = self.inner.reserved_mib.load(Ordering::Acquire);
-        Ok(admission::check_capacity(&records, &config.limits, config.timers.retention, extra_count, extra_mib + reserved)
-            .map_err(|e| match e {
-                LimitError::Memory { used_mib, budget_mib, needed_mib } => {
-                    LimitError::Memory { used_mib: used_mib + reserved, budget_mib, needed_mib: needed_mib - reserved }
-                }
-                other => other,
-            })?)
+        Ok(admission::check_capacity(
+            &records,
+            &config.limits,
+            config.timers.retention,
+            extra_count,
+            extra_mib + reserved,
+        )
+        .map_err(|e| match e {
+            LimitError::Memory { used_mib, budget_mib, needed_mib } => {
+                LimitError::Memory { used_mib: used_mib + reserved, budget_mib, needed_mib: needed_mib - reserved }
+            }
+            other => other,
+        })?)
     }
 
     /// Reserves `mib` of the memory budget for a resume, atomically with respect to other
