@@ -8,7 +8,8 @@
 //! what serializes (the `structuredContent` of each result).
 
 use schemars::generate::SchemaSettings;
-use schemars::JsonSchema;
+use schemars::transform::{transform_subschemas, RestrictFormats};
+use schemars::{JsonSchema, Schema};
 use serde_json::{json, Map, Value};
 
 use crate::tools::*;
@@ -75,14 +76,39 @@ impl ToolSpec {
     }
 }
 
+/// Schema settings for the contract: JSON Schema 2020-12 with only its standard `format`
+/// values. schemars marks Rust integers with formats such as `uint32` that strict validators
+/// reject as unknown; each becomes the bounds it stands for, where JSON numbers can hold them.
+fn settings() -> SchemaSettings {
+    SchemaSettings::draft2020_12().with_transform(integer_bounds).with_transform(RestrictFormats::default())
+}
+
+/// Replaces a non-standard integer `format` by `minimum`/`maximum` (64-bit bounds are left out:
+/// they exceed what a JSON number holds exactly), in `schema` and every subschema.
+fn integer_bounds(schema: &mut Schema) {
+    transform_subschemas(&mut integer_bounds, schema);
+    let Some(object) = schema.as_object_mut() else { return };
+    let bounds: Option<(i64, i64)> = match object.get("format").and_then(Value::as_str) {
+        Some("uint8") => Some((0, i64::from(u8::MAX))),
+        Some("uint16") => Some((0, i64::from(u16::MAX))),
+        Some("uint32") => Some((0, i64::from(u32::MAX))),
+        Some("int8") => Some((i64::from(i8::MIN), i64::from(i8::MAX))),
+        Some("int16") => Some((i64::from(i16::MIN), i64::from(i16::MAX))),
+        Some("int32") => Some((i64::from(i32::MIN), i64::from(i32::MAX))),
+        _ => None,
+    };
+    if let Some((min, max)) = bounds {
+        object.entry("minimum").or_insert(json!(min));
+        object.entry("maximum").or_insert(json!(max));
+    }
+}
+
 fn input_schema_of<T: JsonSchema>() -> Value {
-    let schema = SchemaSettings::draft2020_12().into_generator().into_root_schema_for::<T>();
-    schema.to_value()
+    settings().into_generator().into_root_schema_for::<T>().to_value()
 }
 
 fn output_schema_of<T: JsonSchema>() -> Value {
-    let schema = SchemaSettings::draft2020_12().for_serialize().into_generator().into_root_schema_for::<T>();
-    schema.to_value()
+    settings().for_serialize().into_generator().into_root_schema_for::<T>().to_value()
 }
 
 fn strip_root(value: Value) -> Map<String, Value> {

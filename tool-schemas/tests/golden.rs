@@ -75,3 +75,34 @@ fn unknown_parameters_are_rejected() {
     .unwrap_err();
     assert!(err.to_string().contains("langauge"), "{err}");
 }
+
+#[test]
+fn every_schema_is_valid_json_schema_2020_12_with_only_standard_formats() {
+    for tool in catalog() {
+        for (which, schema) in [("input", tool.input_schema()), ("output", tool.output_schema())] {
+            let schema = serde_json::Value::Object(schema);
+            if let Err(e) = jsonschema::draft202012::meta::validate(&schema) {
+                panic!("{} {which} schema is not valid JSON Schema 2020-12: {e}", tool.name);
+            }
+            // A strict validator (unknown formats are errors, as in the MCP inspector's ajv).
+            let strict = jsonschema::options()
+                .with_draft(jsonschema::Draft::Draft202012)
+                .should_validate_formats(true)
+                .should_ignore_unknown_formats(false)
+                .build(&schema);
+            if let Err(e) = strict {
+                panic!("{} {which} schema does not build in a strict validator: {e}", tool.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn integer_bounds_replace_the_formats_they_stood_for() {
+    let run_command = catalog().into_iter().find(|t| t.name == "run_command").expect("run_command");
+    let output = serde_json::Value::Object(run_command.output_schema());
+    let exit_code = &output["properties"]["exit_code"];
+    assert_eq!(exit_code["minimum"], serde_json::json!(i32::MIN), "{exit_code}");
+    assert_eq!(exit_code["maximum"], serde_json::json!(i32::MAX), "{exit_code}");
+    assert!(exit_code.get("format").is_none(), "{exit_code}");
+}
