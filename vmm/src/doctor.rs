@@ -117,6 +117,15 @@ pub fn probe() -> HostReport {
         Virtualization::Unknown
     };
     let missing: Vec<&str> = report.capabilities.iter().filter(|c| c.required && !c.present).map(|c| c.name).collect();
+    let optional_missing: Vec<&str> =
+        report.capabilities.iter().filter(|c| !c.required && !c.present).map(|c| c.name).collect();
+    if !optional_missing.is_empty() {
+        report.advice.push(format!(
+            "KVM here lacks {}: snapshots taken here leave that state out, and a snapshot that holds it \
+             is refused here with an error naming it",
+            optional_missing.join(", ")
+        ));
+    }
     report.can_run_vms = version == KVM_API_VERSION && missing.is_empty();
     if version != KVM_API_VERSION {
         report.advice.push(format!("KVM API version {version} is not the expected {KVM_API_VERSION}"));

@@ -16,10 +16,8 @@ use crate::devices::legacy::i8042::StopRequest;
 use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialLog};
 use crate::virtio_wiring::{VirtioDeviceState, VirtioDevices};
 use crate::vstate::memory::{take_device_dirty, BackingKind, GuestMemoryBacking, GuestMemoryMmap};
-use crate::vstate::vcpu::{
-    complete_pending_io, saved_msr_indices, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VcpuState,
-    VcpuStateError, VmEvent,
-};
+use crate::vstate::vcpu::{complete_pending_io, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VmEvent};
+use crate::vstate::vcpu_state::{saved_msr_indices, VcpuState, VcpuStateError};
 use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// How long `pause` waits for every vCPU to park.
@@ -215,10 +213,12 @@ impl MicroVm {
             return Err(MicroVmError::NotPaused(self.state()));
         }
         let msr_indices = Arc::new(saved_msr_indices(self.vm.kvm()).map_err(MicroVmError::VcpuState)?);
+        let caps = self.vm.host_caps();
         let mut vcpus = Vec::new();
         if self.threads.is_empty() {
             for vcpu in &self.pending {
-                vcpus.push(VcpuState::save(vcpu, &msr_indices).map_err(MicroVmError::VcpuState)?);
+                vcpus
+                    .push(VcpuState::save(&vcpu.fd, vcpu.index, &msr_indices, &caps).map_err(MicroVmError::VcpuState)?);
             }
         } else {
             let count = self.control.vcpu_count();
@@ -228,7 +228,7 @@ impl MicroVm {
                 let msr_indices = msr_indices.clone();
                 let job = Box::new(move |vcpu: &mut Vcpu| {
                     complete_pending_io(vcpu);
-                    let _ = tx.send((vcpu.index, VcpuState::save(vcpu, &msr_indices)));
+                    let _ = tx.send((vcpu.index, VcpuState::save(&vcpu.fd, vcpu.index, &msr_indices, &caps)));
                 });
                 self.control.run_on_parked(index, job);
             }

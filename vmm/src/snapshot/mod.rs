@@ -57,7 +57,8 @@ use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog};
 use crate::microvm::{MachineState, MicroVm, MicroVmError, MicroVmParts};
 use crate::virtio_wiring::{self, VirtioWiringError};
 use crate::vstate::memory::{map_snapshot_memory, MemoryError, MemoryLayer, PageRun};
-use crate::vstate::vcpu::{Vcpu, VcpuStateError};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{host_is_pvm, Vm, VmError};
 use format::FormatError;
 use memory_file::MemoryFileError;
@@ -465,10 +466,15 @@ pub fn restore_microvm(dir: &Path, overrides: &RestoreOverrides) -> Result<(Micr
         let fd = vm.create_vcpu(saved.index).map_err(SnapshotError::Vm)?;
         vcpus.push(Vcpu { fd, index: saved.index });
     }
-    // NOTES-snapshot.md order: irqchip, PIT and clock, then each vCPU.
+    // Refuse state this host cannot take before anything is written.
+    let caps = vm.host_caps();
+    for saved in &machine.vcpus {
+        saved.check_host(&caps).map_err(SnapshotError::VcpuState)?;
+    }
+    // The restore order (NOTES.md): irqchip, PIT and clock, then each vCPU.
     vm.restore_state(&machine.vm).map_err(SnapshotError::Vm)?;
     for (vcpu, saved) in vcpus.iter().zip(&machine.vcpus) {
-        saved.restore(&vcpu.fd).map_err(SnapshotError::VcpuState)?;
+        saved.restore(&vcpu.fd, &caps).map_err(SnapshotError::VcpuState)?;
     }
 
     // Devices last: restoring them may raise interrupts, which must land in the restored
