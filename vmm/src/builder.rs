@@ -14,11 +14,12 @@ use crate::devices::legacy::i8042::{
     ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT, RESET_CONTROL_PORT,
 };
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIAL_PORT_COUNT};
+use crate::host;
 use crate::microvm::{MicroVm, MicroVmParts};
 use crate::virtio_wiring::{self, VirtioWiringError};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{host_is_pvm, Vm, VmError, PVM_GUEST_CMDLINE_QUIRKS};
+use crate::vstate::vm::{Vm, VmError, PVM_GUEST_CMDLINE_QUIRKS};
 
 /// Bytes per MiB.
 const BYTES_PER_MIB: u64 = 1 << 20;
@@ -88,7 +89,7 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
 
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
-    if host_is_pvm() {
+    if host::is_pvm() {
         append_missing_params(&mut cmdline, PVM_GUEST_CMDLINE_QUIRKS);
     }
     let virtio = virtio_wiring::attach_virtio_devices(&vm, &memory.memory, config, &mut mmio, &mut cmdline, None)?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod confinement;
 pub mod devices;
 pub mod doctor;
+pub mod host;
 pub mod microvm;
 pub mod snapshot;
 pub mod virtio_wiring;

@@ -54,12 +54,13 @@ use crate::config::VmConfig;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::StopRequest;
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog};
+use crate::host;
 use crate::microvm::{MachineState, MicroVm, MicroVmError, MicroVmParts};
 use crate::virtio_wiring::{self, VirtioWiringError};
 use crate::vstate::memory::{map_snapshot_memory, MemoryError, MemoryLayer, PageRun};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vcpu_state::VcpuStateError;
-use crate::vstate::vm::{host_is_pvm, Vm, VmError};
+use crate::vstate::vm::{Vm, VmError};
 use format::FormatError;
 use memory_file::MemoryFileError;
 use partial_dir::{PartialDir, PartialDirError};
@@ -294,7 +295,7 @@ pub fn save_snapshot(
     mem_file.sync_all().map_err(io_err("fsyncing memory file", &mem_path))?;
 
     let mem_bytes = crate::vstate::memory::ram_bytes(vm.memory());
-    let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host_is_pvm(), memory, machine };
+    let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host::is_pvm(), memory, machine };
     let (bytes, crc) =
         format::encode(&state).map_err(|source| SnapshotError::Format { path: tmp.join(STATE_FILE), source })?;
     write_state_file(&tmp.join(STATE_FILE), &bytes)?;
@@ -363,7 +364,7 @@ fn host_name(pvm: bool) -> &'static str {
 pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let (state, crc) = read_state(dir)?;
     let mem_bytes = state.mem_bytes;
-    let here = host_is_pvm();
+    let here = host::is_pvm();
     if state.pvm_host != here {
         return Err(SnapshotError::HostKind { saved: host_name(state.pvm_host), here: host_name(here) });
     }

@@ -18,13 +18,8 @@ pub const KVM_API_VERSION: i32 = 12;
 /// `KVM_PIT_SPEAKER_DUMMY`: the PIT's speaker port reads as a dummy.
 const KVM_PIT_SPEAKER_DUMMY: u32 = 1;
 
-/// Where the PVM KVM module shows itself.
-pub const KVM_PVM_SYSFS: &str = "/sys/module/kvm_pvm";
-
-/// Whether /dev/kvm is PVM (pagetable-based, no VT-x/AMD-V) rather than hardware KVM.
-pub fn host_is_pvm() -> bool {
-    std::path::Path::new(KVM_PVM_SYSFS).exists()
-}
+/// Kept for callers outside the VMM; the one place is [`crate::host`].
+pub use crate::host::{is_pvm as host_is_pvm, KVM_PVM_SYSFS};
 
 /// Kernel parameters a guest needs on a PVM host: under PVM the guest's `cpuid` runs natively
 /// and shows the host's PCID/INVPCID, but the host refuses CR4.PCIDE (the guest takes a #GP

@@ -14,6 +14,7 @@
 //! It never touches guest memory: packets come in as [`TxPacket`] and go out
 //! as (header, payload).
 
+use crate::config::MAX_UDS_PATH_BYTES;
 use crate::devices::guest_log::GuestWarnLimiter;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
@@ -792,10 +793,10 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     let bytes = path.as_bytes();
     // SAFETY: sockaddr_un is plain old data; all-zero bytes are a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.len() > MAX_UDS_PATH_BYTES || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::new(
             ErrorKind::InvalidInput,
-            format!("socket path must be under {} bytes without NUL", addr.sun_path.len()),
+            format!("socket path must be at most {MAX_UDS_PATH_BYTES} bytes without NUL"),
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
