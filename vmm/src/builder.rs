@@ -1,6 +1,11 @@
-//! Builds a [`MicroVm`] from a [`VmConfig`]: a recipe of `attach_*`/`setup_*` steps. It owns the
-//! order of setup and the device layout (ports, MMIO windows, GSIs); it never runs the guest.
+//! Builds a [`MicroVm`], the one recipe file: [`build_microvm_for_boot`] turns a [`VmConfig`]
+//! into a VM that boots Linux, [`build_microvm_from_snapshot`] turns a snapshot directory into
+//! a VM that continues where it was saved. Each is a short list of `attach_*`/`setup_*`/
+//! `restore_*` steps, and the steps both need are written once here. It owns the order of setup
+//! and the device layout (ports, MMIO windows, GSIs); it never runs the guest, and never reads
+//! or writes snapshot files itself (`snapshot` does).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -15,11 +20,15 @@ use crate::devices::legacy::i8042::{
 };
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIAL_PORT_COUNT};
 use crate::host;
-use crate::microvm::{MicroVm, MicroVmParts};
-use crate::virtio_wiring::{self, VirtioWiringError};
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::microvm::{MachineState, MicroVm, MicroVmParts};
+use crate::snapshot::{load_snapshot, SnapshotError, SnapshotRef};
+use crate::virtio_wiring::{self, VirtioDevices, VirtioWiringError};
+use crate::vstate::memory::{create_guest_memory, map_snapshot_memory, GuestMemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{Vm, VmError, PVM_GUEST_CMDLINE_QUIRKS};
+
+pub use crate::snapshot::RestoreOverrides;
 
 /// Bytes per MiB.
 const BYTES_PER_MIB: u64 = 1 << 20;
@@ -32,7 +41,7 @@ pub struct BootOptions {
     pub all_vcpus_at_entry: bool,
 }
 
-/// Why a VM could not be built.
+/// Why a VM could not be built (booted or restored).
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("invalid VM config")]
@@ -57,15 +66,25 @@ pub enum BuildError {
     Virtio(#[from] VirtioWiringError),
     #[error("configuring vCPUs")]
     Vcpu(#[from] VcpuError),
+    #[error("reading the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    #[error("mapping snapshot memory")]
+    MapSnapshot(#[source] MemoryError),
+    #[error("restoring vCPU state")]
+    VcpuState(#[from] VcpuStateError),
+    #[error("restoring the serial console")]
+    RestoreSerial(#[source] SerialError),
+    #[error("restoring virtio devices")]
+    RestoreVirtio(#[source] VirtioWiringError),
 }
 
-/// Builds a VM that boots Linux per `config`.
+/// Builds a VM that boots Linux per `config` ([`build_microvm_for_boot`] with default options).
 pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
-    build_microvm_with(config, BootOptions::default())
+    build_microvm_for_boot(config, BootOptions::default())
 }
 
-/// Builds a VM per `config` with explicit boot options.
-pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<MicroVm, BuildError> {
+/// Builds a VM per `config` that boots from its kernel entry; not started.
+pub fn build_microvm_for_boot(config: &VmConfig, options: BootOptions) -> Result<MicroVm, BuildError> {
     config.validate()?;
     let vm = Vm::new()?;
     let memory = create_guest_memory(config.mem_mib * BYTES_PER_MIB)?;
@@ -82,35 +101,60 @@ pub fn build_microvm_with(config: &VmConfig, options: BootOptions) -> Result<Mic
         Some(path) => SerialLog::to_file(path)?,
         None => SerialLog::in_memory(),
     };
-    let stop_request = Arc::new(StopRequest::default());
-    let mut pio = Bus::new();
     let (uart, irq) = SerialDevice::new(serial.clone())?;
-    let serial_device = attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request)?;
+    let legacy = attach_legacy_devices(&vm, serial, uart, irq)?;
 
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
     if host::is_pvm() {
         append_missing_params(&mut cmdline, PVM_GUEST_CMDLINE_QUIRKS);
     }
-    let virtio = virtio_wiring::attach_virtio_devices(&vm, &memory.memory, config, &mut mmio, &mut cmdline, None)?;
+    let virtio = virtio_wiring::attach_virtio_devices(&vm, &memory.memory, config, &mut mmio, &mut cmdline)?;
 
     boot::write_boot_params(&memory.memory, &cmdline, initrd)?;
     regs::write_boot_tables(&memory.memory)?;
     mptable::setup_mptable(&memory.memory, config.vcpus)?;
-    let vcpus = create_vcpus(&vm, config.vcpus, kernel, options)?;
+    let vcpus = create_boot_vcpus(&vm, config.vcpus, kernel, options)?;
 
-    Ok(MicroVm::from_parts(MicroVmParts {
-        vm,
-        memory,
-        vcpus,
-        pio,
-        mmio,
-        stop_request,
-        serial,
-        serial_device,
-        virtio,
-        config: config.clone(),
-    }))
+    Ok(assemble(vm, memory, vcpus, legacy, mmio, virtio, config.clone()))
+}
+
+/// Builds a VM from the snapshot at `dir` with `overrides` applied (not started:
+/// [`MicroVm::start`] resumes the guest where it was saved). Memory is mapped copy-on-write;
+/// dirty tracking is on, so the returned [`SnapshotRef`] can parent an incremental snapshot.
+/// Nothing runs unless every part of the state was accepted.
+pub fn build_microvm_from_snapshot(
+    dir: &Path,
+    overrides: &RestoreOverrides,
+) -> Result<(MicroVm, SnapshotRef), BuildError> {
+    let loaded = load_snapshot(dir)?;
+    let state = &loaded.state;
+    let config = overrides.apply(&state.config)?;
+    let machine = &state.machine;
+
+    let vm = Vm::new()?;
+    let memory = map_snapshot_memory(loaded.base, state.mem_bytes, &loaded.layers).map_err(BuildError::MapSnapshot)?;
+    // Registered with dirty logging from the start: switching it on later costs milliseconds.
+    vm.set_dirty_logging(&memory.memory, true)?;
+    vm.setup_irqchip()?;
+    let vcpus = restore_kvm_state(&vm, machine)?;
+
+    // Devices last: restoring them may raise interrupts, which must land in the restored
+    // irqchip and LAPICs.
+    let serial = match &config.serial_log {
+        Some(path) => SerialLog::append_to_file(path).map_err(BuildError::RestoreSerial)?,
+        None => SerialLog::in_memory(),
+    };
+    let (uart, irq) = SerialDevice::restore(serial.clone(), &machine.serial).map_err(BuildError::RestoreSerial)?;
+    let legacy = attach_legacy_devices(&vm, serial, uart, irq)?;
+    let mut mmio = Bus::new();
+    let virtio = virtio_wiring::restore_virtio_devices(&vm, &memory.memory, &config, &mut mmio, &machine.virtio)
+        .map_err(BuildError::RestoreVirtio)?;
+
+    let mut microvm = assemble(vm, memory, vcpus, legacy, mmio, virtio, config);
+    microvm.assume_dirty_tracking();
+    let dir = std::fs::canonicalize(&loaded.dir).unwrap_or(loaded.dir);
+    Ok((microvm, SnapshotRef { dir, crc: loaded.crc, depth: loaded.layers.len() }))
 }
 
 /// Appends each of `params` that `cmdline` does not already have.
@@ -125,15 +169,24 @@ fn append_missing_params(cmdline: &mut String, params: &[&str]) {
     }
 }
 
-/// COM1 (`uart`, raising `irq`) on IRQ 4, the i8042 (keyboard on IRQ 1) and the 0xcf9 reset
-/// register.
-pub(crate) fn attach_legacy_devices(
+/// The port-I/O devices, the console log and the line they ask the vCPUs to stop on.
+struct LegacyDevices {
+    pio: Bus,
+    stop_request: Arc<StopRequest>,
+    serial: Arc<SerialLog>,
+    serial_device: Arc<Mutex<SerialDevice>>,
+}
+
+/// COM1 (`uart` writing to `serial`, raising `irq`) on IRQ 4, the i8042 (keyboard on IRQ 1) and
+/// the 0xcf9 reset register.
+fn attach_legacy_devices(
     vm: &Vm,
-    pio: &mut Bus,
+    serial: Arc<SerialLog>,
     uart: SerialDevice,
     irq: EventFd,
-    stop_request: &Arc<StopRequest>,
-) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+) -> Result<LegacyDevices, BuildError> {
+    let stop_request = Arc::new(StopRequest::default());
+    let mut pio = Bus::new();
     vm.register_irqfd(&irq, SERIAL_GSI)?;
     let uart = Arc::new(Mutex::new(uart));
     pio.insert(uart.clone(), u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_COUNT))?;
@@ -145,11 +198,11 @@ pub(crate) fn attach_legacy_devices(
     // The irqfds stay registered with KVM; the devices keep their own clones of the eventfds.
     drop(irq);
     drop(kbd_irq);
-    Ok(uart)
+    Ok(LegacyDevices { pio, stop_request, serial, serial_device: uart })
 }
 
 /// Creates and configures `count` vCPUs entering at the kernel entry point.
-fn create_vcpus(vm: &Vm, count: u8, kernel: LoadedKernel, options: BootOptions) -> Result<Vec<Vcpu>, BuildError> {
+fn create_boot_vcpus(vm: &Vm, count: u8, kernel: LoadedKernel, options: BootOptions) -> Result<Vec<Vcpu>, BuildError> {
     let supported = vm.supported_cpuid()?;
     (0..count)
         .map(|index| {
@@ -157,6 +210,49 @@ fn create_vcpus(vm: &Vm, count: u8, kernel: LoadedKernel, options: BootOptions) 
             Ok(Vcpu::configure(fd, index, count, &supported, kernel.entry.0, options.all_vcpus_at_entry)?)
         })
         .collect()
+}
+
+/// Creates the saved vCPUs and writes the VM-wide and per-vCPU KVM state into them, in the
+/// order `snapshot/NOTES.md` gives: irqchip, PIT and clock, then each vCPU. State this host
+/// cannot take is refused before anything is written.
+fn restore_kvm_state(vm: &Vm, machine: &MachineState) -> Result<Vec<Vcpu>, BuildError> {
+    let caps = vm.host_caps();
+    for saved in &machine.vcpus {
+        saved.check_host(&caps)?;
+    }
+    let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+    for saved in &machine.vcpus {
+        vcpus.push(Vcpu { fd: vm.create_vcpu(saved.index)?, index: saved.index });
+    }
+    vm.restore_state(&machine.vm)?;
+    for (vcpu, saved) in vcpus.iter().zip(&machine.vcpus) {
+        saved.restore(&vcpu.fd, &caps)?;
+    }
+    Ok(vcpus)
+}
+
+/// The last step of both recipes: hands every part to [`MicroVm::from_parts`].
+fn assemble(
+    vm: Vm,
+    memory: GuestMemoryBacking,
+    vcpus: Vec<Vcpu>,
+    legacy: LegacyDevices,
+    mmio: Bus,
+    virtio: VirtioDevices,
+    config: VmConfig,
+) -> MicroVm {
+    MicroVm::from_parts(MicroVmParts {
+        vm,
+        memory,
+        vcpus,
+        pio: legacy.pio,
+        mmio,
+        stop_request: legacy.stop_request,
+        serial: legacy.serial,
+        serial_device: legacy.serial_device,
+        virtio,
+        config,
+    })
 }
 
 #[cfg(test)]

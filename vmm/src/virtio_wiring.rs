@@ -1,8 +1,9 @@
 //! The integration point between the VMM core and the virtio device models in
 //! `devices::virtio`: it creates each device, gives it an MMIO window and a GSI (irqfd), adds
 //! it to the kernel command line and starts the device-event thread. Devices are numbered in
-//! this order: disks (vda, vdb, ...), vsock, rng. For a snapshot it saves each transport with
-//! what identifies its device ([`VirtioDeviceState`]) and rebuilds them from it. It never
+//! this order: disks (vda, vdb, ...), vsock, rng. Booting attaches them fresh
+//! ([`attach_virtio_devices`]); a restore rebuilds them from their saved state
+//! ([`restore_virtio_devices`], [`VirtioDeviceState`]) at the same windows and GSIs. It never
 //! implements device behaviour.
 
 use std::sync::{Arc, Mutex};
@@ -148,17 +149,68 @@ pub fn device_slot(index: usize) -> (u64, u32) {
     (MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_WINDOW_BYTES, MMIO_DEVICES_FIRST_GSI + index as u32)
 }
 
-/// Creates the devices `config` asks for, maps them and appends them to `cmdline`; with `saved`
-/// (a restore) each transport takes its saved state instead of starting fresh, and the vsock
-/// device tells the guest its connections are gone. Returns what must live as long as the VM.
+/// Creates the devices `config` asks for, fresh, maps them and appends them to `cmdline`.
+/// Returns what must live as long as the VM.
 pub fn attach_virtio_devices(
     vm: &Vm,
     memory: &GuestMemoryMmap,
     config: &VmConfig,
     mmio: &mut Bus,
     cmdline: &mut String,
-    saved: Option<&[VirtioDeviceState]>,
 ) -> Result<VirtioDevices, VirtioWiringError> {
+    let created = create_devices(config)?;
+    let mut attached = Vec::with_capacity(created.devices.len());
+    for (index, (device, kind)) in created.devices.iter().zip(created.kinds).enumerate() {
+        let (base, gsi) = device_slot(index);
+        let transport = place_transport(vm, mmio, index, |irq| {
+            MmioTransport::new(memory.clone(), device.clone(), irq)
+                .map_err(|source| VirtioWiringError::Transport { index, source })
+        })?;
+        attached.push((kind, transport));
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&kernel_cmdline_entry(base, gsi));
+    }
+    start(created.devices, attached)
+}
+
+/// Rebuilds the devices `config` asks for, which must be the `saved` ones in order, each
+/// transport from its saved state, at the same MMIO windows and GSIs. The guest parsed its
+/// command line long ago, so nothing is added to one. The vsock device tells the guest its
+/// connections are gone.
+pub fn restore_virtio_devices(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    mmio: &mut Bus,
+    saved: &[VirtioDeviceState],
+) -> Result<VirtioDevices, VirtioWiringError> {
+    let created = create_devices(config)?;
+    check_saved_devices(saved, &created.kinds)?;
+    let mut attached = Vec::with_capacity(created.devices.len());
+    for (index, ((device, kind), state)) in created.devices.iter().zip(created.kinds).zip(saved).enumerate() {
+        let transport = place_transport(vm, mmio, index, |irq| {
+            MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
+                .map_err(|source| VirtioWiringError::RestoreTransport { index, source })
+        })?;
+        attached.push((kind, transport));
+    }
+    if let Some(vsock) = created.vsock {
+        // Host-side connections did not survive the process change: tell the guest.
+        vsock.lock().unwrap_or_else(|p| p.into_inner()).send_transport_reset();
+    }
+    start(created.devices, attached)
+}
+
+/// The devices of a config, in device order, with what identifies each.
+struct CreatedDevices {
+    devices: Vec<SharedDevice<GuestMemoryMmap>>,
+    kinds: Vec<VirtioDeviceKind>,
+    vsock: Option<Arc<Mutex<Vsock<GuestMemoryMmap>>>>,
+}
+
+fn create_devices(config: &VmConfig) -> Result<CreatedDevices, VirtioWiringError> {
     let mut devices: Vec<SharedDevice<GuestMemoryMmap>> = Vec::new();
     let mut kinds: Vec<VirtioDeviceKind> = Vec::new();
     let mut vsock_device = None;
@@ -185,36 +237,33 @@ pub fn attach_virtio_devices(
         kinds.push(VirtioDeviceKind::Rng);
         devices.push(Arc::new(Mutex::new(Rng::new())));
     }
-    if let Some(saved) = saved {
-        check_saved_devices(saved, &kinds)?;
-    }
+    Ok(CreatedDevices { devices, kinds, vsock: vsock_device })
+}
+
+/// Gives virtio device `index` its interrupt (an irqfd on its GSI), builds its transport with
+/// `make` and maps it at its MMIO window.
+fn place_transport(
+    vm: &Vm,
+    mmio: &mut Bus,
+    index: usize,
+    make: impl FnOnce(EventFd) -> Result<MmioTransport<GuestMemoryMmap>, VirtioWiringError>,
+) -> Result<Arc<Mutex<MmioBusDevice>>, VirtioWiringError> {
+    let (base, gsi) = device_slot(index);
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VirtioWiringError::EventFd { index, source })?;
+    vm.register_irqfd(&irq, gsi).map_err(|source| VirtioWiringError::Irqfd { index, source })?;
+    let transport = Arc::new(Mutex::new(MmioBusDevice(make(irq)?)));
+    mmio.insert(transport.clone(), base, MMIO_DEVICE_WINDOW_BYTES)
+        .map_err(|source| VirtioWiringError::Bus { index, source })?;
+    Ok(transport)
+}
+
+/// Starts the device-event thread over `devices` (none without devices).
+fn start(
+    devices: Vec<SharedDevice<GuestMemoryMmap>>,
+    attached: Vec<(VirtioDeviceKind, Arc<Mutex<MmioBusDevice>>)>,
+) -> Result<VirtioDevices, VirtioWiringError> {
     if devices.is_empty() {
         return Ok(VirtioDevices::default());
-    }
-
-    let mut attached = Vec::with_capacity(devices.len());
-    for (index, (device, kind)) in devices.iter().zip(kinds).enumerate() {
-        let (base, gsi) = device_slot(index);
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VirtioWiringError::EventFd { index, source })?;
-        vm.register_irqfd(&irq, gsi).map_err(|source| VirtioWiringError::Irqfd { index, source })?;
-        let transport = match saved.and_then(|s| s.get(index)) {
-            Some(state) => MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
-                .map_err(|source| VirtioWiringError::RestoreTransport { index, source })?,
-            None => MmioTransport::new(memory.clone(), device.clone(), irq)
-                .map_err(|source| VirtioWiringError::Transport { index, source })?,
-        };
-        let transport = Arc::new(Mutex::new(MmioBusDevice(transport)));
-        mmio.insert(transport.clone(), base, MMIO_DEVICE_WINDOW_BYTES)
-            .map_err(|source| VirtioWiringError::Bus { index, source })?;
-        attached.push((kind, transport));
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(&kernel_cmdline_entry(base, gsi));
-    }
-    if let (Some(_), Some(vsock)) = (saved, vsock_device) {
-        // Host-side connections did not survive the process change: tell the guest.
-        vsock.lock().unwrap_or_else(|p| p.into_inner()).send_transport_reset();
     }
     let event_loop = DeviceEventLoop::start(devices).map_err(VirtioWiringError::EventLoop)?;
     Ok(VirtioDevices { devices: attached, event_loop: Some(event_loop) })
