@@ -16,11 +16,14 @@ use crate::boot::{self, LoadedKernel};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{
-    ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT, RESET_CONTROL_PORT,
+    I8042Args, I8042Error, ResetControl, StopRequest, I8042, I8042_DATA_PORT, I8042_KBD_GSI, I8042_PORT_COUNT,
+    RESET_CONTROL_PORT,
 };
 use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog, SERIAL_PORT_COUNT};
+use crate::devices::legacy::{LegacyDevices, LegacyDevicesState};
 use crate::host;
 use crate::microvm::{MachineState, MicroVm, MicroVmParts};
+use crate::persist::Persist;
 use crate::snapshot::{load_snapshot, SnapshotError, SnapshotRef};
 use crate::virtio_wiring::{self, VirtioDevices, VirtioWiringError};
 use crate::vstate::memory::{create_guest_memory, map_snapshot_memory, GuestMemoryBacking, MemoryError};
@@ -74,6 +77,8 @@ pub enum BuildError {
     VcpuState(#[from] VcpuStateError),
     #[error("restoring the serial console")]
     RestoreSerial(#[source] SerialError),
+    #[error("restoring the i8042 or the reset-control register")]
+    RestoreI8042(#[source] I8042Error),
     #[error("restoring virtio devices")]
     RestoreVirtio(#[source] VirtioWiringError),
 }
@@ -101,8 +106,8 @@ pub fn build_microvm_for_boot(config: &VmConfig, options: BootOptions) -> Result
         Some(path) => SerialLog::to_file(path)?,
         None => SerialLog::in_memory(),
     };
-    let (uart, irq) = SerialDevice::new(serial.clone())?;
-    let legacy = attach_legacy_devices(&vm, serial, uart, irq)?;
+    let legacy = create_legacy_devices(serial)?;
+    let pio = attach_legacy_devices(&vm, &legacy)?;
 
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
@@ -116,7 +121,7 @@ pub fn build_microvm_for_boot(config: &VmConfig, options: BootOptions) -> Result
     mptable::setup_mptable(&memory.memory, config.vcpus)?;
     let vcpus = create_boot_vcpus(&vm, config.vcpus, kernel, options)?;
 
-    Ok(assemble(vm, memory, vcpus, legacy, mmio, virtio, config.clone()))
+    Ok(assemble(vm, memory, vcpus, (pio, legacy), mmio, virtio, config.clone()))
 }
 
 /// Builds a VM from the snapshot at `dir` with `overrides` applied (not started:
@@ -145,13 +150,13 @@ pub fn build_microvm_from_snapshot(
         Some(path) => SerialLog::append_to_file(path).map_err(BuildError::RestoreSerial)?,
         None => SerialLog::in_memory(),
     };
-    let (uart, irq) = SerialDevice::restore(serial.clone(), &machine.serial).map_err(BuildError::RestoreSerial)?;
-    let legacy = attach_legacy_devices(&vm, serial, uart, irq)?;
+    let legacy = restore_legacy_devices(serial, &machine.legacy)?;
+    let pio = attach_legacy_devices(&vm, &legacy)?;
     let mut mmio = Bus::new();
     let virtio = virtio_wiring::restore_virtio_devices(&vm, &memory.memory, &config, &mut mmio, &machine.virtio)
         .map_err(BuildError::RestoreVirtio)?;
 
-    let mut microvm = assemble(vm, memory, vcpus, legacy, mmio, virtio, config);
+    let mut microvm = assemble(vm, memory, vcpus, (pio, legacy), mmio, virtio, config);
     microvm.assume_dirty_tracking();
     let dir = std::fs::canonicalize(&loaded.dir).unwrap_or(loaded.dir);
     Ok((microvm, SnapshotRef { dir, crc: loaded.crc, depth: loaded.layers.len() }))
@@ -169,36 +174,57 @@ fn append_missing_params(cmdline: &mut String, params: &[&str]) {
     }
 }
 
-/// The port-I/O devices, the console log and the line they ask the vCPUs to stop on.
-struct LegacyDevices {
-    pio: Bus,
-    stop_request: Arc<StopRequest>,
+/// The port-I/O devices of a VM, the console log they write to and the line they ask the
+/// vCPUs to stop on, with the keyboard's interrupt eventfd (the serial one is the UART's own).
+struct Legacy {
+    devices: LegacyDevices,
     serial: Arc<SerialLog>,
-    serial_device: Arc<Mutex<SerialDevice>>,
+    stop_request: Arc<StopRequest>,
+    kbd_irq: EventFd,
 }
 
-/// COM1 (`uart` writing to `serial`, raising `irq`) on IRQ 4, the i8042 (keyboard on IRQ 1) and
-/// the 0xcf9 reset register.
-fn attach_legacy_devices(
-    vm: &Vm,
-    serial: Arc<SerialLog>,
-    uart: SerialDevice,
-    irq: EventFd,
-) -> Result<LegacyDevices, BuildError> {
+/// COM1 writing to `serial`, the i8042 and the reset-control register, in their power-on state.
+fn create_legacy_devices(serial: Arc<SerialLog>) -> Result<Legacy, BuildError> {
     let stop_request = Arc::new(StopRequest::default());
-    let mut pio = Bus::new();
-    vm.register_irqfd(&irq, SERIAL_GSI)?;
-    let uart = Arc::new(Mutex::new(uart));
-    pio.insert(uart.clone(), u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_COUNT))?;
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&kbd_irq, I8042_KBD_GSI)?;
-    let kbd = I8042::new(stop_request.clone()).with_kbd_irq(kbd_irq.try_clone().map_err(BuildError::EventFd)?);
-    pio.insert(Arc::new(Mutex::new(kbd)), u64::from(I8042_DATA_PORT), u64::from(I8042_PORT_COUNT))?;
-    pio.insert(Arc::new(Mutex::new(ResetControl::new(stop_request.clone()))), u64::from(RESET_CONTROL_PORT), 1)?;
-    // The irqfds stay registered with KVM; the devices keep their own clones of the eventfds.
-    drop(irq);
-    drop(kbd_irq);
-    Ok(LegacyDevices { pio, stop_request, serial, serial_device: uart })
+    let i8042 = I8042::new(stop_request.clone()).with_kbd_irq(kbd_irq.try_clone().map_err(BuildError::EventFd)?);
+    let devices = LegacyDevices {
+        serial: Arc::new(Mutex::new(SerialDevice::new(serial.clone())?)),
+        i8042: Arc::new(Mutex::new(i8042)),
+        reset_control: Arc::new(Mutex::new(ResetControl::new(stop_request.clone()))),
+    };
+    Ok(Legacy { devices, serial, stop_request, kbd_irq })
+}
+
+/// The same devices in their `saved` state, COM1 writing to `serial`.
+fn restore_legacy_devices(serial: Arc<SerialLog>, saved: &LegacyDevicesState) -> Result<Legacy, BuildError> {
+    let stop_request = Arc::new(StopRequest::default());
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let args =
+        I8042Args { stop: stop_request.clone(), kbd_irq: Some(kbd_irq.try_clone().map_err(BuildError::EventFd)?) };
+    let devices = LegacyDevices {
+        serial: Arc::new(Mutex::new(
+            SerialDevice::restore(serial.clone(), &saved.serial).map_err(BuildError::RestoreSerial)?,
+        )),
+        i8042: Arc::new(Mutex::new(I8042::restore(args, &saved.i8042).map_err(BuildError::RestoreI8042)?)),
+        reset_control: Arc::new(Mutex::new(
+            ResetControl::restore(stop_request.clone(), &saved.reset_control).map_err(BuildError::RestoreI8042)?,
+        )),
+    };
+    Ok(Legacy { devices, serial, stop_request, kbd_irq })
+}
+
+/// Wires COM1 to IRQ 4 and the keyboard to IRQ 1 (irqfds) and places COM1, the i8042 and the
+/// 0xcf9 register on a new port-I/O bus.
+fn attach_legacy_devices(vm: &Vm, legacy: &Legacy) -> Result<Bus, BuildError> {
+    let devices = &legacy.devices;
+    let mut pio = Bus::new();
+    vm.register_irqfd(devices.serial.lock().unwrap_or_else(|p| p.into_inner()).interrupt_evt(), SERIAL_GSI)?;
+    vm.register_irqfd(&legacy.kbd_irq, I8042_KBD_GSI)?;
+    pio.insert(devices.serial.clone(), u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_COUNT))?;
+    pio.insert(devices.i8042.clone(), u64::from(I8042_DATA_PORT), u64::from(I8042_PORT_COUNT))?;
+    pio.insert(devices.reset_control.clone(), u64::from(RESET_CONTROL_PORT), 1)?;
+    Ok(pio)
 }
 
 /// Creates and configures `count` vCPUs entering at the kernel entry point.
@@ -236,7 +262,7 @@ fn assemble(
     vm: Vm,
     memory: GuestMemoryBacking,
     vcpus: Vec<Vcpu>,
-    legacy: LegacyDevices,
+    (pio, legacy): (Bus, Legacy),
     mmio: Bus,
     virtio: VirtioDevices,
     config: VmConfig,
@@ -245,11 +271,11 @@ fn assemble(
         vm,
         memory,
         vcpus,
-        pio: legacy.pio,
+        pio,
         mmio,
         stop_request: legacy.stop_request,
         serial: legacy.serial,
-        serial_device: legacy.serial_device,
+        legacy: legacy.devices,
         virtio,
         config,
     })

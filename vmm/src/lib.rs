@@ -16,6 +16,7 @@ pub mod devices;
 pub mod doctor;
 pub mod host;
 pub mod microvm;
+pub mod persist;
 pub mod snapshot;
 pub mod virtio_wiring;
 pub mod vstate;

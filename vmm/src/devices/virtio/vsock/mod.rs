@@ -21,6 +21,7 @@ use super::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
     VIRTIO_F_VERSION_1_BIT,
 };
+use crate::persist::Persist;
 use muxer::{Muxer, MuxerError};
 use packet::{read_tx_chain, rx_payload_capacity, write_rx_packet, EVENT_TRANSPORT_RESET};
 
@@ -83,6 +84,30 @@ impl<M> Vsock<M> {
     /// Number of live connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+}
+
+/// What a snapshot keeps of a vsock device: the guest's CID. Connections are not kept (the
+/// host side of each is a socket of the old process): a restored device starts with none and
+/// the wiring sends the guest a transport reset once the device is active again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+}
+
+impl<M> Persist for Vsock<M> {
+    type State = VsockState;
+    /// The host Unix socket to bind (a fork gets its own).
+    type ConstructorArgs = PathBuf;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
+        VsockState { guest_cid: self.config.guest_cid }
+    }
+
+    fn restore(uds_path: PathBuf, state: &VsockState) -> Result<Self, VsockError> {
+        Self::new(VsockConfig { guest_cid: state.guest_cid, uds_path })
     }
 }
 
@@ -233,5 +258,27 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
     fn process_events(&mut self) {
         self.muxer.process_events();
         self.process_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::Mem;
+    use crate::persist::test_util::round_trip;
+
+    #[test]
+    fn a_vsock_device_round_trips_onto_its_own_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("parent.sock");
+        let fork = dir.path().join("fork.sock");
+        let device: Vsock<Mem> = Vsock::new(VsockConfig { guest_cid: 7, uds_path: parent.clone() }).unwrap();
+        let restored = round_trip(&device, fork.clone());
+        let mut cid = [0u8; 8];
+        restored.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 7);
+        assert_eq!(restored.connection_count(), 0, "connections are not carried over");
+        std::os::unix::net::UnixStream::connect(&fork).expect("the restored device listens on its new socket");
+        std::os::unix::net::UnixStream::connect(&parent).expect("the parent keeps its own");
     }
 }
