@@ -22,10 +22,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use super::chain::{total_len, Chain, ChainError, Segment};
-use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
-    VIRTIO_F_VERSION_1_BIT,
-};
+use super::device::{read_config_bytes, DeviceMemory, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1_BIT};
 use crate::devices::guest_log::GuestWarnLimiter;
 use crate::persist::Persist;
 
@@ -240,7 +237,15 @@ impl<M> Block<M> {
         config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
         config_space.extend_from_slice(&MAX_SEGMENT_BYTES.to_le_bytes());
         config_space.extend_from_slice(&MAX_DATA_SEGMENTS.to_le_bytes());
-        Ok(Self { config, file, capacity_sectors, config_space, common: VirtioCommon::new(&[BLOCK_QUEUE_SIZE]) })
+        let mut features = VIRTIO_F_VERSION_1_BIT
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX);
+        if config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let common = VirtioCommon::new(VIRTIO_ID_BLOCK, features, &[BLOCK_QUEUE_SIZE]);
+        Ok(Self { config, file, capacity_sectors, config_space, common })
     }
 
     /// Disk size in 512-byte sectors.
@@ -472,47 +477,14 @@ fn read_at_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1_BIT
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_SIZE_MAX);
-        if self.config.read_only {
-            features |= 1 << VIRTIO_BLK_F_RO;
-        }
-        features
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.common.activate(ctx)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
-    }
-
     fn queue_notify(&mut self, _queue_index: u32) {
         self.process_queue();
-    }
-
-    fn reset(&mut self) {
-        self.common.reset();
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::chain::{write_segments, Chain, Segment};
-use super::device::{ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice};
+use super::device::{DeviceMemory, VirtioCommon, VirtioDevice};
 use crate::devices::guest_log::GuestWarnLimiter;
 use crate::persist::Persist;
 
@@ -61,7 +61,7 @@ impl<M> Default for Rng<M> {
 impl<M> Rng<M> {
     /// A new, not yet activated entropy device.
     pub fn new() -> Self {
-        Self { common: VirtioCommon::new(&[RNG_QUEUE_SIZE]) }
+        Self { common: VirtioCommon::new(VIRTIO_ID_RNG, super::device::VIRTIO_F_VERSION_1_BIT, &[RNG_QUEUE_SIZE]) }
     }
 }
 
@@ -118,41 +118,15 @@ fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment], warnings: &mut G
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        super::device::VIRTIO_F_VERSION_1_BIT
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // virtio-rng has no configuration space.
         data.fill(0);
     }
 
-    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.common.activate(ctx)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
-    }
-
     fn queue_notify(&mut self, _queue_index: u32) {
         self.process_queue();
-    }
-
-    fn reset(&mut self) {
-        self.common.reset();
     }
 }
 

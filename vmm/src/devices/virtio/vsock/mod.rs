@@ -18,8 +18,7 @@ use vm_memory::Bytes;
 
 use super::chain::Chain;
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
-    VIRTIO_F_VERSION_1_BIT,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1_BIT,
 };
 use crate::persist::Persist;
 use muxer::{Muxer, MuxerError};
@@ -73,7 +72,11 @@ impl<M> Vsock<M> {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
         let muxer = Muxer::new(config.guest_cid, &config.uds_path).map_err(VsockError::Muxer)?;
-        Ok(Self { config, muxer, common: VirtioCommon::new(&[VSOCK_QUEUE_SIZE; 3]) })
+        Ok(Self {
+            config,
+            muxer,
+            common: VirtioCommon::new(VIRTIO_ID_VSOCK, VIRTIO_F_VERSION_1_BIT, &[VSOCK_QUEUE_SIZE; 3]),
+        })
     }
 
     /// The device's configuration.
@@ -202,17 +205,7 @@ impl<M: DeviceMemory> Vsock<M> {
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1_BIT
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { __le64 guest_cid; }
@@ -224,14 +217,6 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
         // Host connections may have arrived before the driver was ready.
         self.process_rx();
         Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
     }
 
     fn queue_notify(&mut self, queue_index: u32) {
