@@ -1,10 +1,13 @@
 //! virtio-vsock (device ID 19), hybrid: guest vsock streams are carried to
-//! host Unix sockets by the [`muxer`], as in Firecracker.
+//! host Unix sockets by the [`muxer`], each stream a [`csm`] connection state
+//! machine, with the [`handshake`] lines on the host side, as in Firecracker.
 //!
 //! Owns the three queues (RX 0, TX 1, event 2), moving validated packets
 //! between them and the muxer, and the transport-reset event sent after a
 //! snapshot restore. It never interprets connection state itself.
 
+pub mod csm;
+pub mod handshake;
 pub mod muxer;
 pub mod packet;
 
