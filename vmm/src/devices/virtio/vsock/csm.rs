@@ -14,6 +14,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
 use super::handshake::ok_line;
+use super::kill_queue::Expiry;
 use super::packet::{Header, Op, TxPacket, MAX_PAYLOAD_BYTES, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use crate::devices::guest_log::GuestWarnLimiter;
 
@@ -103,6 +104,9 @@ impl PendingSet {
     fn is_empty(self) -> bool {
         self.0 == 0
     }
+    fn contains(self, p: PendingRx) -> bool {
+        self.0 & p as u8 != 0
+    }
     /// Takes the first owed packet in [`PENDING_ORDER`].
     fn take_first(&mut self) -> Option<PendingRx> {
         PENDING_ORDER.into_iter().find(|&p| self.remove(p))
@@ -184,6 +188,8 @@ pub struct Connection<S> {
     tx_buf: VecDeque<u8>,
     /// The stream has data (or EOF) we have not read: its readiness, not a protocol state.
     readable: bool,
+    /// Bytes moved either way (guest to host written, host to guest read), for idle checks.
+    bytes_moved: u64,
 }
 
 impl<S: ConnStream> Connection<S> {
@@ -212,6 +218,7 @@ impl<S: ConnStream> Connection<S> {
             ack_line: Vec::new(),
             tx_buf: VecDeque::new(),
             readable: false,
+            bytes_moved: 0,
         }
     }
 
@@ -233,6 +240,26 @@ impl<S: ConnStream> Connection<S> {
     /// Whether it is gone (the muxer drops it).
     pub fn is_closed(&self) -> bool {
         self.state == ConnState::Closed
+    }
+
+    /// What the connection waits for that a bad peer could withhold forever, if anything: the
+    /// guest's answer to our REQUEST once it went out, or the guest taking our RST
+    /// ([`Expiry::GuestResponse`]); progress while half-closed ([`Expiry::HalfClosed`]).
+    pub fn expiry(&self) -> Option<Expiry> {
+        match self.state {
+            ConnState::LocalInit if !self.pending.contains(PendingRx::Request) => Some(Expiry::GuestResponse),
+            ConnState::Killing => Some(Expiry::GuestResponse),
+            ConnState::Established { to_host, to_guest } if to_host != ToHost::Open || to_guest != ToGuest::Open => {
+                Some(Expiry::HalfClosed)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes moved either way so far: a half-closed connection whose count stands still is
+    /// idle.
+    pub fn bytes_moved(&self) -> u64 {
+        self.bytes_moved
     }
 
     /// Resets the connection: an RST is owed, nothing else.
@@ -374,6 +401,7 @@ impl<S: ConnStream> Connection<S> {
             }
             Ok(n) => {
                 buf.truncate(n);
+                self.bytes_moved += n as u64;
                 self.credit.rx_cnt = self.credit.rx_cnt.wrapping_add(n as u32);
                 self.credit.last_fwd_cnt_sent = fwd_cnt;
                 if self.credit.peer_credit() == 0 {
@@ -444,6 +472,7 @@ impl<S: ConnStream> Connection<S> {
                 }
                 Ok(n) => {
                     self.tx_buf.drain(..n);
+                    self.bytes_moved += n as u64;
                     self.credit.fwd_cnt = self.credit.fwd_cnt.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,

@@ -366,3 +366,37 @@ fn peer_credit_survives_the_counters_wrapping() {
     credit.rx_cnt = (u32::MAX - 10).wrapping_add(200);
     assert_eq!(credit.peer_credit(), 0, "more in flight than the buffer: no credit, not a huge one");
 }
+
+// ------------------------------------------------------------------ expiry
+
+#[test]
+fn a_connection_waits_on_the_guest_only_once_its_request_went_out() {
+    let mut conn = Connection::new_local_init(MemStream::default(), LOCAL_PORT);
+    assert_eq!(conn.expiry(), None, "the guest has not seen the REQUEST yet");
+    assert_eq!(next_op(&mut conn), Some(Op::Request));
+    assert_eq!(conn.expiry(), Some(Expiry::GuestResponse));
+    recv(&mut conn, pkt(Op::Response));
+    assert_eq!(conn.expiry(), None, "established and open both ways");
+    conn.kill();
+    assert_eq!(conn.expiry(), Some(Expiry::GuestResponse), "the guest must take our RST");
+    assert_eq!(next_op(&mut conn), Some(Op::Rst));
+    assert_eq!(conn.expiry(), None);
+}
+
+#[test]
+fn a_half_closed_connection_is_watched_and_its_progress_counted() {
+    let mut conn = established(4096);
+    recv(&mut conn, data(b"abc"));
+    assert_eq!((conn.expiry(), conn.bytes_moved()), (None, 3));
+    recv(&mut conn, shutdown(SHUTDOWN_SEND));
+    assert_eq!(conn.expiry(), Some(Expiry::HalfClosed));
+    conn.stream.to_read.extend(b"de");
+    conn.notify_readable();
+    assert_eq!(next_op(&mut conn), Some(Op::Rw));
+    assert_eq!(conn.bytes_moved(), 5, "host bytes read count as progress");
+    let mut other = established(4096);
+    other.stream.eof = true;
+    other.notify_readable();
+    let _ = next_op(&mut other);
+    assert_eq!(other.expiry(), Some(Expiry::HalfClosed), "the host closing its side half-closes too");
+}

@@ -8,6 +8,7 @@
 
 pub mod csm;
 pub mod handshake;
+pub mod kill_queue;
 pub mod muxer;
 pub mod packet;
 

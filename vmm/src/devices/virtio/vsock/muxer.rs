@@ -14,6 +14,12 @@
 //! RX queue, and its removal, so the rules live in one place (Firecracker's
 //! `apply_conn_mutation`). It never touches guest memory: packets come in as
 //! [`TxPacket`] and go out as (header, payload).
+//!
+//! Bad peers are expired (Firecracker's kill queue, [`KillQueue`]): a host stream that never
+//! finishes its `CONNECT` line, a connection whose REQUEST (or RST) the guest never answers,
+//! and a half-closed connection that moves no bytes, each bounded by time (the `*_TIMEOUT`
+//! constants) and by count. A timerfd in the muxer's epoll wakes the device-event thread at
+//! the earliest deadline; with nothing to expire it is not armed, so an idle VM stays idle.
 
 use crate::config::MAX_UDS_PATH_BYTES;
 use crate::devices::guest_log::GuestWarnLimiter;
@@ -25,25 +31,38 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::csm::{Connection, Interest, RxPacket};
+use super::csm::{ConnState, Connection, Interest, RxPacket};
 pub use super::csm::{CONN_TX_BUF_BYTES, CREDIT_UPDATE_THRESHOLD_BYTES};
 pub use super::handshake::{parse_connect_line, MAX_CONNECT_LINE_BYTES};
+use super::kill_queue::{Expiry, KillQueue};
+pub use super::kill_queue::{CONNECT_LINE_TIMEOUT, GUEST_RESPONSE_TIMEOUT, HALF_CLOSED_IDLE_TIMEOUT};
 use super::packet::{Header, Op, TxPacket, HOST_CID, TYPE_STREAM};
 
 /// Most live connections per device.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Most host streams that have not yet sent their CONNECT line.
+/// Most host streams that have not yet sent their CONNECT line; more are closed at once.
 pub const MAX_PENDING_HOST_STREAMS: usize = 64;
+/// Most host-initiated connections waiting for the guest's RESPONSE (or for their REQUEST to
+/// go out); a `CONNECT` beyond them is refused.
+pub const MAX_CONNECTIONS_AWAITING_GUEST: usize = 64;
+/// Most half-closed connections; past it the one idle longest is reset.
+pub const MAX_HALF_CLOSED_CONNECTIONS: usize = 64;
 /// Most control packets (RSTs for unknown connections) queued for the guest.
 pub const MAX_QUEUED_CONTROL_PACKETS: usize = 256;
 /// First local port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Epoll token of the listener.
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Epoll token of the expiry timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// Shortest timer wait (a zero wait would disarm the timerfd).
+const MIN_TIMER_WAIT: Duration = Duration::from_millis(1);
 /// Events taken from epoll per wait.
 const MAX_EVENTS_PER_WAIT: usize = 64;
 
@@ -62,10 +81,13 @@ pub enum MuxerError {
     /// Setting up epoll failed.
     #[error("setting up the vsock muxer epoll failed")]
     Epoll(#[source] std::io::Error),
+    /// Creating the expiry timer failed.
+    #[error("creating the vsock muxer's expiry timer failed")]
+    Timer(#[source] vmm_sys_util::errno::Error),
 }
 
 /// A connection's identity: our (host) port and the guest's port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnKey {
     /// Host-side port.
     pub local_port: u32,
@@ -80,12 +102,22 @@ struct MuxConn {
     in_rx_queue: bool,
     /// Current epoll interest (None: not registered).
     registered: Option<EventSet>,
+    /// What its kill-queue deadline guards, and its byte count when the deadline was set.
+    watched: Option<(Expiry, u64)>,
 }
 
 impl MuxConn {
     fn new(conn: Connection<UnixStream>) -> Self {
-        Self { conn, in_rx_queue: false, registered: None }
+        Self { conn, in_rx_queue: false, registered: None, watched: None }
     }
+}
+
+/// What a kill-queue deadline is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Target {
+    /// A host stream still sending its `CONNECT` line.
+    Pending(RawFd),
+    Conn(ConnKey),
 }
 
 fn event_set(interest: Interest) -> EventSet {
@@ -124,6 +156,14 @@ pub struct Muxer {
     next_local_port: u32,
     /// Budget of warnings the guest's packets can trigger.
     warnings: GuestWarnLimiter,
+    /// Deadlines of the streams and connections that wait on a peer.
+    kill_queue: KillQueue<Target>,
+    /// Fires at the earliest deadline (a stale, earlier one fires once for nothing).
+    timer: TimerFd,
+    /// When the timer is armed to fire.
+    armed: Option<Instant>,
+    /// The time of the call being handled (`Instant::now()`, or the one `expire` is given).
+    now: Instant,
 }
 
 impl Muxer {
@@ -141,6 +181,10 @@ impl Muxer {
         epoll
             .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))
             .map_err(MuxerError::Epoll)?;
+        let timer = TimerFd::new().map_err(MuxerError::Timer)?;
+        epoll
+            .ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))
+            .map_err(MuxerError::Epoll)?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -153,6 +197,10 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             warnings: GuestWarnLimiter::new(),
+            kill_queue: KillQueue::default(),
+            timer,
+            armed: None,
+            now: Instant::now(),
         })
     }
 
@@ -183,11 +231,19 @@ impl Muxer {
         }
         self.control_queue.clear();
         self.rx_ready.clear();
+        self.kill_queue.clear_all();
+        self.disarm();
     }
 
     /// Handles host-side readiness: new host connections, CONNECT lines,
     /// readable and writable streams.
     pub fn process_events(&mut self) {
+        self.now = Instant::now();
+        self.process_ready();
+        self.rearm();
+    }
+
+    fn process_ready(&mut self) {
         let mut events = vec![EpollEvent::default(); MAX_EVENTS_PER_WAIT];
         loop {
             let n = match self.epoll.wait(0, &mut events) {
@@ -202,6 +258,12 @@ impl Muxer {
                 let token = ev.data();
                 if token == LISTENER_TOKEN {
                     self.accept_host_streams();
+                    continue;
+                }
+                if token == TIMER_TOKEN {
+                    // Disarming also clears the timer's readiness.
+                    self.disarm();
+                    self.expire(self.now);
                     continue;
                 }
                 let fd = token as RawFd;
@@ -258,12 +320,14 @@ impl Muxer {
             }
             self.fd_owner.insert(fd, FdOwner::Pending);
             self.pending_hosts.insert(fd, PendingHost { stream, line: Vec::new() });
+            self.kill_queue.set(Target::Pending(fd), Expiry::ConnectLine, self.now);
         }
     }
 
     fn drop_pending(&mut self, fd: RawFd) -> Option<PendingHost> {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         self.fd_owner.remove(&fd);
+        self.kill_queue.clear(Target::Pending(fd));
         self.pending_hosts.remove(&fd)
     }
 
@@ -310,6 +374,14 @@ impl Muxer {
             tracing::warn!(limit = MAX_CONNECTIONS, "vsock: connection limit reached, refusing host CONNECT");
             return;
         }
+        let awaiting = self.conns.values().filter(|e| e.conn.state() == ConnState::LocalInit).count();
+        if awaiting >= MAX_CONNECTIONS_AWAITING_GUEST {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS_AWAITING_GUEST,
+                "vsock: too many connections wait for the guest to answer, refusing host CONNECT"
+            );
+            return;
+        }
         let Some(local_port) = self.allocate_local_port(peer_port) else {
             tracing::warn!("vsock: no free local port, refusing host CONNECT");
             return;
@@ -332,6 +404,12 @@ impl Muxer {
 
     /// Handles one validated packet from the guest's TX queue.
     pub fn handle_guest_packet(&mut self, pkt: TxPacket) {
+        self.now = Instant::now();
+        self.handle_packet(pkt);
+        self.rearm();
+    }
+
+    fn handle_packet(&mut self, pkt: TxPacket) {
         let h = pkt.header;
         if h.dst_cid != HOST_CID {
             crate::guest_warn!(
@@ -391,6 +469,13 @@ impl Muxer {
 
     /// The next packet for the guest, with at most `max_payload` data bytes.
     pub fn next_rx(&mut self, max_payload: usize) -> Option<(Header, Vec<u8>)> {
+        self.now = Instant::now();
+        let packet = self.next_packet(max_payload);
+        self.rearm();
+        packet
+    }
+
+    fn next_packet(&mut self, max_payload: usize) -> Option<(Header, Vec<u8>)> {
         if let Some(h) = self.control_queue.pop_front() {
             return Some((h, Vec::new()));
         }
@@ -442,6 +527,7 @@ impl Muxer {
             entry.in_rx_queue = true;
             self.rx_ready.push_back(key);
         }
+        let newly_half_closed = Self::watch(&mut self.kill_queue, key, entry, self.now);
         let desired = event_set(entry.conn.interest());
         let fd = entry.conn.stream().as_raw_fd();
         let result = match (entry.registered, desired.is_empty()) {
@@ -462,9 +548,107 @@ impl Muxer {
                 }
             }
         }
+        if newly_half_closed && self.kill_queue.count(Expiry::HalfClosed) > MAX_HALF_CLOSED_CONNECTIONS {
+            if let Some(Target::Conn(oldest)) = self.kill_queue.oldest(Expiry::HalfClosed) {
+                crate::guest_warn!(
+                    self.warnings,
+                    limit = MAX_HALF_CLOSED_CONNECTIONS,
+                    "vsock: too many half-closed connections, resetting the one idle longest"
+                );
+                self.expel(oldest);
+            }
+        }
+    }
+
+    /// Brings `entry`'s kill-queue deadline in step with what it waits for: set when it starts
+    /// waiting, refreshed when a half-closed connection moved bytes, dropped when it no longer
+    /// waits. Returns whether it just became half-closed.
+    fn watch(kill_queue: &mut KillQueue<Target>, key: ConnKey, entry: &mut MuxConn, now: Instant) -> bool {
+        let wanted = entry.conn.expiry();
+        let moved = entry.conn.bytes_moved();
+        let unchanged = match (wanted, entry.watched) {
+            (None, None) => true,
+            (Some(Expiry::HalfClosed), Some((Expiry::HalfClosed, at))) => at == moved,
+            (Some(kind), Some((was, _))) => kind == was,
+            _ => false,
+        };
+        if unchanged {
+            return false;
+        }
+        let newly_half_closed =
+            wanted == Some(Expiry::HalfClosed) && entry.watched.map(|(kind, _)| kind) != Some(Expiry::HalfClosed);
+        match wanted {
+            Some(kind) => kill_queue.set(Target::Conn(key), kind, now),
+            None => kill_queue.clear(Target::Conn(key)),
+        }
+        entry.watched = wanted.map(|kind| (kind, moved));
+        newly_half_closed
+    }
+
+    /// Drops connection `key` at once (its host stream closes) and queues an RST for the guest.
+    fn expel(&mut self, key: ConnKey) {
+        self.remove(key);
+        self.queue_rst(key);
+    }
+
+    /// Expires every stream and connection whose deadline is at or before `now`: a host
+    /// stream without its `CONNECT` line is closed; a connection is dropped (its host stream
+    /// closes) and the guest gets an RST.
+    pub fn expire(&mut self, now: Instant) {
+        self.now = now;
+        while let Some((target, kind)) = self.kill_queue.pop_expired(now) {
+            match target {
+                Target::Pending(fd) => {
+                    tracing::warn!(
+                        timeout = ?CONNECT_LINE_TIMEOUT,
+                        "vsock: host stream sent no CONNECT line in time, closing it"
+                    );
+                    self.drop_pending(fd);
+                }
+                Target::Conn(key) => {
+                    crate::guest_warn!(
+                        self.warnings,
+                        ?kind,
+                        timeout = ?kind.timeout(),
+                        local_port = key.local_port,
+                        peer_port = key.peer_port,
+                        "vsock: connection made no progress in time, resetting it"
+                    );
+                    self.expel(key);
+                }
+            }
+        }
+    }
+
+    /// Arms the timer for the earliest deadline, unless it is armed to fire earlier already.
+    fn rearm(&mut self) {
+        let Some(next) = self.kill_queue.next_deadline() else {
+            return;
+        };
+        if self.armed.is_some_and(|at| at <= next) {
+            return;
+        }
+        let wait = next.saturating_duration_since(Instant::now()).max(MIN_TIMER_WAIT);
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.armed = Some(next),
+            Err(e) => tracing::error!(error = %e, "vsock: arming the expiry timer failed"),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+        if let Err(e) = self.timer.clear() {
+            tracing::error!(error = %e, "vsock: disarming the expiry timer failed");
+        }
+    }
+
+    /// When the expiry timer is armed to fire (for tests: an idle muxer arms none).
+    pub fn armed_deadline(&self) -> Option<Instant> {
+        self.armed
     }
 
     fn remove(&mut self, key: ConnKey) {
+        self.kill_queue.clear(Target::Conn(key));
         if let Some(entry) = self.conns.remove(&key) {
             let fd = entry.conn.stream().as_raw_fd();
             if entry.registered.is_some() {
@@ -537,3 +721,7 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     }
     Ok(UnixStream::from(socket))
 }
+
+#[cfg(test)]
+#[path = "muxer_tests.rs"]
+mod tests;
