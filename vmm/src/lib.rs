@@ -1,4 +1,5 @@
-//! capsule-vmm: a microVM monitor over KVM. It knows nothing of sandboxes or MCP.
+//! capsule-vmm: a microVM monitor over KVM. It knows nothing of sandboxes or MCP, and never
+//! reads files outside what a [`config::VmConfig`] or a snapshot names.
 //!
 //! [`builder`] turns a [`config::VmConfig`] ([`build_microvm_for_boot`]) or a snapshot
 //! ([`build_microvm_from_snapshot`]) into a [`microvm::MicroVm`];

@@ -1,5 +1,5 @@
 //! KVM-facing state of one VM: the VM file descriptor, guest memory, vCPUs and the vCPU state a
-//! snapshot keeps.
+//! snapshot keeps. Nothing here knows about devices or files.
 
 pub mod memory;
 pub mod vcpu;

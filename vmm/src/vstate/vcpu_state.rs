@@ -387,7 +387,8 @@ fn read_msrs(fd: &impl VcpuStateFd, index: u8, indices: &[u32]) -> Result<Vec<kv
     Ok(out)
 }
 
-/// Writes `entries`; an MSR KVM refuses is logged and skipped (as the reference VMM does).
+/// Writes `entries`; an MSR KVM refuses is logged and skipped (it belongs to the saving host's
+/// KVM, and the guest can do without it).
 fn write_msrs(fd: &impl VcpuStateFd, index: u8, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
     let mut next = 0;
     while next < entries.len() {

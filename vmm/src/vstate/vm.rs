@@ -24,7 +24,8 @@ pub use crate::host::{is_pvm as host_is_pvm, KVM_PVM_SYSFS};
 /// Kernel parameters a guest needs on a PVM host: under PVM the guest's `cpuid` runs natively
 /// and shows the host's PCID/INVPCID, but the host refuses CR4.PCIDE (the guest takes a #GP
 /// in early boot and halts) and cannot emulate INVPCID (KVM_EXIT_INTERNAL_ERROR). Measured on
-/// kvm_pvm 6.18.44-fc: without these the reference kernel hangs, with them it boots.
+/// kvm_pvm 6.18.44-fc: without these a PVM guest kernel hangs, with them it boots
+/// (`arch/x86_64/PVM.md`).
 ///
 /// `nogbpages`: the guest's native `cpuid` also shows the host's 1 GiB pages (pdpe1gb), so a
 /// guest whose RAM holds a whole 1 GiB-aligned GiB (any guest of 2048 MiB or more) maps it
