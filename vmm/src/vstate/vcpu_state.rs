@@ -61,80 +61,46 @@ pub trait VcpuStateFd {
     fn set_vcpu_events(&self, events: &kvm_vcpu_events) -> KvmResult<()>;
 }
 
+/// Implements the [`VcpuStateFd`] methods listed, each by calling `VcpuFd`'s own.
+macro_rules! forward_to_vcpu_fd {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $($arg: $ty),*) -> KvmResult<$ret> {
+            VcpuFd::$name(self, $($arg),*)
+        })*
+    };
+}
+
 impl VcpuStateFd for VcpuFd {
-    fn get_cpuid2(&self, max_entries: usize) -> KvmResult<CpuId> {
-        VcpuFd::get_cpuid2(self, max_entries)
+    forward_to_vcpu_fd! {
+        get_cpuid2(max_entries: usize) -> CpuId;
+        set_cpuid2(cpuid: &CpuId) -> ();
+        get_mp_state() -> kvm_mp_state;
+        set_mp_state(mp_state: kvm_mp_state) -> ();
+        get_regs() -> kvm_regs;
+        set_regs(regs: &kvm_regs) -> ();
+        get_sregs() -> kvm_sregs;
+        set_sregs(sregs: &kvm_sregs) -> ();
+        get_fpu() -> kvm_fpu;
+        set_fpu(fpu: &kvm_fpu) -> ();
+        get_xsave() -> kvm_xsave;
+        get_xcrs() -> kvm_xcrs;
+        set_xcrs(xcrs: &kvm_xcrs) -> ();
+        get_lapic() -> kvm_lapic_state;
+        set_lapic(lapic: &kvm_lapic_state) -> ();
+        get_debug_regs() -> kvm_debugregs;
+        set_debug_regs(debug_regs: &kvm_debugregs) -> ();
+        get_tsc_khz() -> u32;
+        set_tsc_khz(khz: u32) -> ();
+        get_msrs(msrs: &mut Msrs) -> usize;
+        set_msrs(msrs: &Msrs) -> usize;
+        get_vcpu_events() -> kvm_vcpu_events;
+        set_vcpu_events(events: &kvm_vcpu_events) -> ();
     }
-    fn set_cpuid2(&self, cpuid: &CpuId) -> KvmResult<()> {
-        VcpuFd::set_cpuid2(self, cpuid)
-    }
-    fn get_mp_state(&self) -> KvmResult<kvm_mp_state> {
-        VcpuFd::get_mp_state(self)
-    }
-    fn set_mp_state(&self, mp_state: kvm_mp_state) -> KvmResult<()> {
-        VcpuFd::set_mp_state(self, mp_state)
-    }
-    fn get_regs(&self) -> KvmResult<kvm_regs> {
-        VcpuFd::get_regs(self)
-    }
-    fn set_regs(&self, regs: &kvm_regs) -> KvmResult<()> {
-        VcpuFd::set_regs(self, regs)
-    }
-    fn get_sregs(&self) -> KvmResult<kvm_sregs> {
-        VcpuFd::get_sregs(self)
-    }
-    fn set_sregs(&self, sregs: &kvm_sregs) -> KvmResult<()> {
-        VcpuFd::set_sregs(self, sregs)
-    }
-    fn get_fpu(&self) -> KvmResult<kvm_fpu> {
-        VcpuFd::get_fpu(self)
-    }
-    fn set_fpu(&self, fpu: &kvm_fpu) -> KvmResult<()> {
-        VcpuFd::set_fpu(self, fpu)
-    }
-    fn get_xsave(&self) -> KvmResult<kvm_xsave> {
-        VcpuFd::get_xsave(self)
-    }
+
     fn set_xsave(&self, xsave: &kvm_xsave) -> KvmResult<()> {
         // SAFETY: `xsave` is a complete `kvm_xsave` (4 KiB, the legacy size KVM_GET_XSAVE
         // returns), so KVM reads only within it.
         unsafe { VcpuFd::set_xsave(self, xsave) }
-    }
-    fn get_xcrs(&self) -> KvmResult<kvm_xcrs> {
-        VcpuFd::get_xcrs(self)
-    }
-    fn set_xcrs(&self, xcrs: &kvm_xcrs) -> KvmResult<()> {
-        VcpuFd::set_xcrs(self, xcrs)
-    }
-    fn get_lapic(&self) -> KvmResult<kvm_lapic_state> {
-        VcpuFd::get_lapic(self)
-    }
-    fn set_lapic(&self, lapic: &kvm_lapic_state) -> KvmResult<()> {
-        VcpuFd::set_lapic(self, lapic)
-    }
-    fn get_debug_regs(&self) -> KvmResult<kvm_debugregs> {
-        VcpuFd::get_debug_regs(self)
-    }
-    fn set_debug_regs(&self, debug_regs: &kvm_debugregs) -> KvmResult<()> {
-        VcpuFd::set_debug_regs(self, debug_regs)
-    }
-    fn get_tsc_khz(&self) -> KvmResult<u32> {
-        VcpuFd::get_tsc_khz(self)
-    }
-    fn set_tsc_khz(&self, khz: u32) -> KvmResult<()> {
-        VcpuFd::set_tsc_khz(self, khz)
-    }
-    fn get_msrs(&self, msrs: &mut Msrs) -> KvmResult<usize> {
-        VcpuFd::get_msrs(self, msrs)
-    }
-    fn set_msrs(&self, msrs: &Msrs) -> KvmResult<usize> {
-        VcpuFd::set_msrs(self, msrs)
-    }
-    fn get_vcpu_events(&self) -> KvmResult<kvm_vcpu_events> {
-        VcpuFd::get_vcpu_events(self)
-    }
-    fn set_vcpu_events(&self, events: &kvm_vcpu_events) -> KvmResult<()> {
-        VcpuFd::set_vcpu_events(self, events)
     }
 }
 
@@ -435,80 +401,48 @@ mod tests {
         }
     }
 
+    /// Implements fake ioctls that record their name and answer `Ok(value)` (`ok`) or EINVAL
+    /// (`einval`).
+    macro_rules! fake_ioctls {
+        ($($name:ident($($ty:ty),*) -> $ret:ty = $how:ident($ioctl:literal $(, $value:expr)?);)*) => {
+            $(fn $name(&self, $(_: $ty),*) -> KvmResult<$ret> {
+                self.$how($ioctl $(, $value)?)
+            })*
+        };
+    }
+
     impl VcpuStateFd for HostWithoutXsave {
-        fn get_cpuid2(&self, _: usize) -> KvmResult<CpuId> {
-            self.ok("GET_CPUID2", CpuId::new(1).expect("cpuid"))
+        fake_ioctls! {
+            get_cpuid2(usize) -> CpuId = ok("GET_CPUID2", CpuId::new(1).expect("cpuid"));
+            set_cpuid2(&CpuId) -> () = ok("SET_CPUID2", ());
+            get_mp_state() -> kvm_mp_state = ok("GET_MP_STATE", kvm_mp_state::default());
+            set_mp_state(kvm_mp_state) -> () = ok("SET_MP_STATE", ());
+            get_regs() -> kvm_regs = ok("GET_REGS", kvm_regs { rip: 0x10_0000, ..Default::default() });
+            set_regs(&kvm_regs) -> () = ok("SET_REGS", ());
+            get_sregs() -> kvm_sregs = ok("GET_SREGS", kvm_sregs::default());
+            set_sregs(&kvm_sregs) -> () = ok("SET_SREGS", ());
+            get_fpu() -> kvm_fpu = ok("GET_FPU", kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() });
+            set_fpu(&kvm_fpu) -> () = ok("SET_FPU", ());
+            get_xsave() -> kvm_xsave = ok("GET_XSAVE", kvm_xsave::default());
+            set_xsave(&kvm_xsave) -> () = ok("SET_XSAVE", ());
+            // KVM without XSAVE: "no XCRs", not an error, but setting any fails.
+            get_xcrs() -> kvm_xcrs = ok("GET_XCRS", kvm_xcrs::default());
+            set_xcrs(&kvm_xcrs) -> () = einval("SET_XCRS");
+            get_lapic() -> kvm_lapic_state = ok("GET_LAPIC", kvm_lapic_state::default());
+            set_lapic(&kvm_lapic_state) -> () = ok("SET_LAPIC", ());
+            get_debug_regs() -> kvm_debugregs = ok("GET_DEBUGREGS", kvm_debugregs::default());
+            set_debug_regs(&kvm_debugregs) -> () = ok("SET_DEBUGREGS", ());
+            get_tsc_khz() -> u32 = ok("GET_TSC_KHZ", 2_100_000);
+            set_tsc_khz(u32) -> () = ok("SET_TSC_KHZ", ());
+            get_vcpu_events() -> kvm_vcpu_events = ok("GET_VCPU_EVENTS", kvm_vcpu_events::default());
+            set_vcpu_events(&kvm_vcpu_events) -> () = ok("SET_VCPU_EVENTS", ());
         }
-        fn set_cpuid2(&self, _: &CpuId) -> KvmResult<()> {
-            self.ok("SET_CPUID2", ())
-        }
-        fn get_mp_state(&self) -> KvmResult<kvm_mp_state> {
-            self.ok("GET_MP_STATE", kvm_mp_state::default())
-        }
-        fn set_mp_state(&self, _: kvm_mp_state) -> KvmResult<()> {
-            self.ok("SET_MP_STATE", ())
-        }
-        fn get_regs(&self) -> KvmResult<kvm_regs> {
-            self.ok("GET_REGS", kvm_regs { rip: 0x10_0000, ..Default::default() })
-        }
-        fn set_regs(&self, _: &kvm_regs) -> KvmResult<()> {
-            self.ok("SET_REGS", ())
-        }
-        fn get_sregs(&self) -> KvmResult<kvm_sregs> {
-            self.ok("GET_SREGS", kvm_sregs::default())
-        }
-        fn set_sregs(&self, _: &kvm_sregs) -> KvmResult<()> {
-            self.ok("SET_SREGS", ())
-        }
-        fn get_fpu(&self) -> KvmResult<kvm_fpu> {
-            self.ok("GET_FPU", kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() })
-        }
-        fn set_fpu(&self, _: &kvm_fpu) -> KvmResult<()> {
-            self.ok("SET_FPU", ())
-        }
-        fn get_xsave(&self) -> KvmResult<kvm_xsave> {
-            self.ok("GET_XSAVE", kvm_xsave::default())
-        }
-        fn set_xsave(&self, _: &kvm_xsave) -> KvmResult<()> {
-            self.ok("SET_XSAVE", ())
-        }
-        fn get_xcrs(&self) -> KvmResult<kvm_xcrs> {
-            // KVM without XSAVE: "no XCRs", not an error.
-            self.ok("GET_XCRS", kvm_xcrs::default())
-        }
-        fn set_xcrs(&self, _: &kvm_xcrs) -> KvmResult<()> {
-            self.einval("SET_XCRS")
-        }
-        fn get_lapic(&self) -> KvmResult<kvm_lapic_state> {
-            self.ok("GET_LAPIC", kvm_lapic_state::default())
-        }
-        fn set_lapic(&self, _: &kvm_lapic_state) -> KvmResult<()> {
-            self.ok("SET_LAPIC", ())
-        }
-        fn get_debug_regs(&self) -> KvmResult<kvm_debugregs> {
-            self.ok("GET_DEBUGREGS", kvm_debugregs::default())
-        }
-        fn set_debug_regs(&self, _: &kvm_debugregs) -> KvmResult<()> {
-            self.ok("SET_DEBUGREGS", ())
-        }
-        fn get_tsc_khz(&self) -> KvmResult<u32> {
-            self.ok("GET_TSC_KHZ", 2_100_000)
-        }
-        fn set_tsc_khz(&self, _: u32) -> KvmResult<()> {
-            self.ok("SET_TSC_KHZ", ())
-        }
+
         fn get_msrs(&self, msrs: &mut Msrs) -> KvmResult<usize> {
-            let n = msrs.as_slice().len();
-            self.ok("GET_MSRS", n)
+            self.ok("GET_MSRS", msrs.as_slice().len())
         }
         fn set_msrs(&self, msrs: &Msrs) -> KvmResult<usize> {
             self.ok("SET_MSRS", msrs.as_slice().len())
-        }
-        fn get_vcpu_events(&self) -> KvmResult<kvm_vcpu_events> {
-            self.ok("GET_VCPU_EVENTS", kvm_vcpu_events::default())
-        }
-        fn set_vcpu_events(&self, _: &kvm_vcpu_events) -> KvmResult<()> {
-            self.ok("SET_VCPU_EVENTS", ())
         }
     }
 
