@@ -1,7 +1,7 @@
 //! Boot latency, wall clock (`cargo bench -p capsule-vmm --bench boot`):
 //! - tiny guest: `build_microvm` start → first port-I/O exit (first serial byte);
-//! - the prebuilt PVM kernel + reference initramfs: build start → `PVM-GUEST-USERSPACE` on the
-//!   serial console, in-process and through a worker process.
+//! - the project's guest kernel (the current image's) with the test guest's root disk: build
+//!   start → its init's marker on the serial console, in-process and through a worker process.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -15,7 +15,6 @@ use capsule_vmm::{build_microvm, VmConfig};
 const TINY_RUNS: usize = 20;
 const LINUX_RUNS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(60);
-const CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock quiet";
 
 fn summary(name: &str, mut ms: Vec<f64>) {
     ms.sort_by(|a, b| a.total_cmp(b));
@@ -50,22 +49,21 @@ fn main() {
     }
     summary("tiny guest: create -> first port-I/O exit", tiny);
 
-    let (Some(kernel), Some(initrd)) = (common::reference_kernel(), common::reference_initramfs()) else {
-        println!("SKIP Linux boot: reference kernel/initramfs missing");
+    let Some(guest) = common::test_guest(common::TestInit::REBOOT) else {
         return;
     };
-    let mut linux = VmConfig::new(kernel, CMDLINE);
+    let mut linux = guest.config_with_disks(Vec::new(), "quiet");
     linux.mem_mib = 512;
-    linux.initrd = Some(initrd);
+    let marker = common::INIT_MARKER.as_bytes();
     let mut in_process = Vec::new();
     for _ in 0..LINUX_RUNS {
         let t0 = Instant::now();
         let mut vm = build_microvm(&linux).expect("build Linux VM");
         vm.start().expect("start Linux VM");
-        assert!(vm.serial().wait_for(b"PVM-GUEST-USERSPACE", TIMEOUT), "no userspace");
+        assert!(vm.serial().wait_for(marker, TIMEOUT), "no userspace");
         in_process.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    summary("PVM Linux in-process: create -> PVM-GUEST-USERSPACE", in_process);
+    summary("Linux in-process: create -> userspace", in_process);
 
     let worker_exe = Path::new(env!("CARGO_BIN_EXE_capsule-vmm-worker"));
     let dir = tempfile::tempdir().expect("temp dir");
@@ -79,7 +77,7 @@ fn main() {
         worker.start().expect("start");
         loop {
             let text = std::fs::read(&log).unwrap_or_default();
-            if text.windows(19).any(|w| w == b"PVM-GUEST-USERSPACE") {
+            if text.windows(marker.len()).any(|w| w == marker) {
                 break;
             }
             assert!(t0.elapsed() < TIMEOUT, "no userspace via worker");
@@ -87,5 +85,5 @@ fn main() {
         }
         via_worker.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    summary("PVM Linux via worker process: spawn -> PVM-GUEST-USERSPACE", via_worker);
+    summary("Linux via worker process: spawn -> userspace", via_worker);
 }

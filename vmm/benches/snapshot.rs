@@ -12,7 +12,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use capsule_vmm::snapshot::{restore_microvm, save_snapshot, RestoreOverrides, SnapshotRef};
+use capsule_vmm::builder::build_microvm_from_snapshot;
+use capsule_vmm::snapshot::{save_snapshot, RestoreOverrides, SnapshotRef};
 use capsule_vmm::worker::WorkerHandle;
 use capsule_vmm::{build_microvm, MicroVm, VmConfig};
 
@@ -113,7 +114,7 @@ fn bench_restore(payload: &Path, dir: &Path, mem_mib: u64) {
     let mut restores = Vec::new();
     for _ in 0..RESTORE_RUNS {
         let t0 = Instant::now();
-        let (mut vm, _) = restore_microvm(&snap, &RestoreOverrides::default()).expect("restore");
+        let (mut vm, _) = build_microvm_from_snapshot(&snap, &RestoreOverrides::default()).expect("restore");
         vm.start().expect("start");
         restores.push(first_output_ms(&vm, t0));
     }

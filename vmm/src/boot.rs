@@ -1,7 +1,7 @@
 //! Loading a 64-bit Linux kernel and what it reads at entry: the ELF segments (linux-loader),
 //! the initrd, the command line and the zero page with its e820 map. Entry is the Linux 64-bit
-//! boot protocol (long mode, `rsi` = zero page), which is what the PVM reference loader proved
-//! on this kind of host; a PVH entry would start the kernel in 32-bit mode, which PVM emulates.
+//! boot protocol (long mode, `rsi` = zero page), the entry that works on PVM hosts
+//! (`arch/x86_64/PVM.md`); a PVH entry would start the kernel in 32-bit mode, which PVM emulates.
 //! It writes guest memory only; vCPU registers are the arch module's job.
 
 use std::fs::File;

@@ -22,7 +22,8 @@ pub const MAX_CMDLINE_BYTES: usize = 2048;
 pub const MAX_VIRTIO_DEVICES: usize = (MAX_DEVICE_GSI - MMIO_DEVICES_FIRST_GSI + 1) as usize;
 /// Lowest guest CID (0-2 are reserved by vsock).
 pub const MIN_GUEST_CID: u32 = 3;
-/// Longest Unix socket path, in bytes (sockaddr_un.sun_path minus the NUL).
+/// Longest Unix socket path, in bytes (`sockaddr_un.sun_path` minus the NUL). The one
+/// definition: the vsock config, the muxer's guest-initiated connects and the server use it.
 pub const MAX_UDS_PATH_BYTES: usize = 107;
 
 /// One virtio-blk disk. The first disk is `/dev/vda`, the next `/dev/vdb`, and so on.
@@ -150,6 +151,13 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_uds_limit_is_sun_path_minus_its_nul() {
+        // SAFETY: sockaddr_un is plain old data; all-zero bytes are a valid value.
+        let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        assert_eq!(MAX_UDS_PATH_BYTES + 1, addr.sun_path.len());
+    }
 
     fn valid() -> (tempfile::NamedTempFile, VmConfig) {
         let kernel = tempfile::NamedTempFile::new().unwrap();

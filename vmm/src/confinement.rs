@@ -40,6 +40,8 @@ const ALLOWED_SYSCALLS: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
+    // The vsock muxer's expiry timer (created before the filter, armed and disarmed after).
+    libc::SYS_timerfd_settime,
     // virtio-blk.
     libc::SYS_pread64,
     libc::SYS_pwrite64,

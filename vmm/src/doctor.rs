@@ -9,12 +9,14 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use crate::arch::x86_64::msr::{read_msr, MSR_PVM_IDENTIFY, PVM_SIGNATURE};
-use crate::vstate::vm::{host_is_pvm, KVM_API_VERSION, OPTIONAL_CAPS, PVM_GUEST_CMDLINE_QUIRKS, REQUIRED_CAPS};
+use crate::host;
+use crate::vstate::vm::{KVM_API_VERSION, OPTIONAL_CAPS, PVM_GUEST_CMDLINE_QUIRKS, REQUIRED_CAPS};
+
+/// Kept for callers outside the VMM; the one place is [`crate::host`].
+pub use crate::host::PVM_MAX_LINUX_VCPUS;
 
 /// The KVM device.
 pub const KVM_DEVICE: &str = "/dev/kvm";
-/// vCPUs a Linux guest should get on a PVM host (only the boot CPU opts in to native speed).
-pub const PVM_MAX_LINUX_VCPUS: u8 = 1;
 
 /// How KVM virtualizes here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,7 +72,7 @@ pub fn probe() -> HostReport {
         cpu_flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == name))
     };
     let (has_vmx, has_svm) = (flag("vmx"), flag("svm"));
-    let kvm_pvm_module = host_is_pvm();
+    let kvm_pvm_module = host::is_pvm();
     let mut report = HostReport {
         kvm_device: KVM_DEVICE.into(),
         kvm_accessible: false,
@@ -106,8 +108,9 @@ pub fn probe() -> HostReport {
         report.capabilities.push(CapabilityCheck { name, required, present: kvm.check_extension(cap) });
     }
     report.pvm_msr_signature = probe_pvm_msr(&kvm);
-    let pvm = kvm_pvm_module || report.pvm_msr_signature == Some(true);
-    report.virtualization = if pvm {
+    // The verdict is the VMM's own (`host::is_pvm`), so what the doctor says is what the VMM
+    // does; the MSR probe only cross-checks it.
+    report.virtualization = if kvm_pvm_module {
         Virtualization::Pvm
     } else if has_vmx {
         Virtualization::Vmx
@@ -117,6 +120,15 @@ pub fn probe() -> HostReport {
         Virtualization::Unknown
     };
     let missing: Vec<&str> = report.capabilities.iter().filter(|c| c.required && !c.present).map(|c| c.name).collect();
+    let optional_missing: Vec<&str> =
+        report.capabilities.iter().filter(|c| !c.required && !c.present).map(|c| c.name).collect();
+    if !optional_missing.is_empty() {
+        report.advice.push(format!(
+            "KVM here lacks {}: snapshots taken here leave that state out, and a snapshot that holds it \
+             is refused here with an error naming it",
+            optional_missing.join(", ")
+        ));
+    }
     report.can_run_vms = version == KVM_API_VERSION && missing.is_empty();
     if version != KVM_API_VERSION {
         report.advice.push(format!("KVM API version {version} is not the expected {KVM_API_VERSION}"));
@@ -124,13 +136,20 @@ pub fn probe() -> HostReport {
     if !missing.is_empty() {
         report.advice.push(format!("KVM lacks required capabilities: {}", missing.join(", ")));
     }
+    if report.pvm_msr_signature == Some(true) && !kvm_pvm_module {
+        report.advice.push(format!(
+            "a vCPU reads the PVM signature but {} is missing: capsule treats this host as hardware KVM \
+             and will not apply the PVM guest settings",
+            host::KVM_PVM_SYSFS
+        ));
+    }
     match report.virtualization {
         Virtualization::Pvm => {
-            report.max_linux_vcpus = Some(PVM_MAX_LINUX_VCPUS);
+            report.max_linux_vcpus = host::max_linux_vcpus();
             report.advice.push(
                 "KVM here is PVM (no VT-x/AMD-V): only a PVM-enabled guest kernel (CONFIG_PVM_GUEST, \
-                 see shared/guest) runs at native speed; a stock kernel runs in KVM's instruction \
-                 emulator at about 1 M instructions/s"
+                 which `capsule image build` builds on a PVM host) runs at native speed; a stock \
+                 kernel runs in KVM's instruction emulator at about 1 M instructions/s"
                     .into(),
             );
             report.advice.push(format!(

@@ -6,20 +6,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::VmConfig;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::StopRequest;
-use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState, SerialLog};
+use crate::devices::legacy::serial::SerialLog;
+use crate::devices::legacy::{LegacyDevices, LegacyDevicesState};
 use crate::virtio_wiring::{VirtioDeviceState, VirtioDevices};
 use crate::vstate::memory::{take_device_dirty, BackingKind, GuestMemoryBacking, GuestMemoryMmap};
-use crate::vstate::vcpu::{
-    complete_pending_io, saved_msr_indices, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VcpuState,
-    VcpuStateError, VmEvent,
-};
+use crate::vstate::vcpu::{complete_pending_io, spawn_vcpu, RunState, Vcpu, VcpuControl, VcpuError, VmEvent};
+use crate::vstate::vcpu_state::{saved_msr_indices, VcpuState, VcpuStateError};
 use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// How long `pause` waits for every vCPU to park.
@@ -55,7 +54,8 @@ pub enum MicroVmError {
 pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
-    pub serial: SerialDeviceState,
+    /// The UART, the i8042 and the reset-control register.
+    pub legacy: LegacyDevicesState,
     pub virtio: Vec<VirtioDeviceState>,
 }
 
@@ -68,7 +68,7 @@ pub struct MicroVm {
     mmio: Arc<Bus>,
     events: Option<Receiver<VmEvent>>,
     serial: Arc<SerialLog>,
-    serial_device: Arc<Mutex<SerialDevice>>,
+    legacy: LegacyDevices,
     /// The virtio transports and their device-event thread; dropped after the vCPUs stop.
     virtio: VirtioDevices,
     config: VmConfig,
@@ -102,7 +102,8 @@ pub struct MicroVmParts {
     /// Where the i8042 reset line asks the vCPUs to stop.
     pub stop_request: Arc<StopRequest>,
     pub serial: Arc<SerialLog>,
-    pub serial_device: Arc<Mutex<SerialDevice>>,
+    /// The port-I/O devices (on `pio`), kept for saving.
+    pub legacy: LegacyDevices,
     pub virtio: VirtioDevices,
     /// What the VM was built from (as restored, with overrides applied).
     pub config: VmConfig,
@@ -123,7 +124,7 @@ impl MicroVm {
             mmio: Arc::new(parts.mmio),
             events: Some(events),
             serial: parts.serial,
-            serial_device: parts.serial_device,
+            legacy: parts.legacy,
             virtio: parts.virtio,
             config: parts.config,
             dirty_logging: false,
@@ -215,10 +216,12 @@ impl MicroVm {
             return Err(MicroVmError::NotPaused(self.state()));
         }
         let msr_indices = Arc::new(saved_msr_indices(self.vm.kvm()).map_err(MicroVmError::VcpuState)?);
+        let caps = self.vm.host_caps();
         let mut vcpus = Vec::new();
         if self.threads.is_empty() {
             for vcpu in &self.pending {
-                vcpus.push(VcpuState::save(vcpu, &msr_indices).map_err(MicroVmError::VcpuState)?);
+                vcpus
+                    .push(VcpuState::save(&vcpu.fd, vcpu.index, &msr_indices, &caps).map_err(MicroVmError::VcpuState)?);
             }
         } else {
             let count = self.control.vcpu_count();
@@ -228,7 +231,7 @@ impl MicroVm {
                 let msr_indices = msr_indices.clone();
                 let job = Box::new(move |vcpu: &mut Vcpu| {
                     complete_pending_io(vcpu);
-                    let _ = tx.send((vcpu.index, VcpuState::save(vcpu, &msr_indices)));
+                    let _ = tx.send((vcpu.index, VcpuState::save(&vcpu.fd, vcpu.index, &msr_indices, &caps)));
                 });
                 self.control.run_on_parked(index, job);
             }
@@ -246,8 +249,7 @@ impl MicroVm {
             }
         }
         let vm = self.vm.save_state().map_err(MicroVmError::VmState)?;
-        let serial = self.serial_device.lock().unwrap_or_else(|p| p.into_inner()).save();
-        Ok(MachineState { vcpus, vm, serial, virtio: self.virtio.save() })
+        Ok(MachineState { vcpus, vm, legacy: self.legacy.save(), virtio: self.virtio.save() })
     }
 
     /// Starts (or restarts) tracking which pages change: KVM dirty logging on every slot for

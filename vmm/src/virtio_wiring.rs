@@ -1,10 +1,13 @@
 //! The integration point between the VMM core and the virtio device models in
 //! `devices::virtio`: it creates each device, gives it an MMIO window and a GSI (irqfd), adds
 //! it to the kernel command line and starts the device-event thread. Devices are numbered in
-//! this order: disks (vda, vdb, ...), vsock, rng. For a snapshot it saves each transport with
-//! what identifies its device ([`VirtioDeviceState`]) and rebuilds them from it. It never
-//! implements device behaviour.
+//! this order: disks (vda, vdb, ...), vsock, rng. Booting attaches them fresh
+//! ([`attach_virtio_devices`]); a restore rebuilds each from its saved state
+//! ([`restore_virtio_devices`], [`VirtioDeviceState`]) through its [`Persist`] impl, at the same
+//! windows and GSIs. Every device kind is one `AttachedDevice` variant, so a new device cannot
+//! be attached without saying how it saves. It never implements device behaviour.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,14 +18,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::layout::{MMIO_DEVICES_FIRST_GSI, MMIO_DEVICES_START, MMIO_DEVICE_WINDOW_BYTES};
 use crate::config::VmConfig;
 use crate::devices::bus::{Bus, BusDevice, BusError};
-use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
+use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState, SECTOR_BYTES};
 use crate::devices::virtio::device::SharedDevice;
 use crate::devices::virtio::event_loop::{DeviceEventLoop, EventLoopError};
-use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioError, MmioState, MmioTransport};
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError};
+use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioArgs, MmioError, MmioState, MmioTransport};
+use crate::devices::virtio::rng::{Rng, RngState};
+use crate::devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError, VsockState};
+use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{Vm, VmError};
+
+type Mem = GuestMemoryMmap;
 
 /// Errors from attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +82,16 @@ pub enum VirtioWiringError {
         #[source]
         source: MmioError,
     },
+    #[error("reading the size of disk {index} ({path})")]
+    DiskSize {
+        index: usize,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// What identifies a virtio device across a snapshot.
+/// What identifies a virtio device across a snapshot: what the configured device must match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioDeviceKind {
     /// A disk: its size must match on restore (the path may change).
@@ -92,29 +105,84 @@ pub enum VirtioDeviceKind {
     Rng,
 }
 
-/// One virtio device in a snapshot: its kind and its transport/queue state.
+/// A device's own state, by kind ([`Persist::State`] of each device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(BlockState),
+    Vsock(VsockState),
+    Rng(RngState),
+}
+
+impl DeviceState {
+    /// What identifies the device this state belongs to.
+    pub fn kind(&self) -> VirtioDeviceKind {
+        match self {
+            Self::Block(s) => VirtioDeviceKind::Block { bytes: s.bytes, read_only: s.read_only },
+            Self::Vsock(s) => VirtioDeviceKind::Vsock { guest_cid: s.guest_cid },
+            Self::Rng(_) => VirtioDeviceKind::Rng,
+        }
+    }
+}
+
+/// One virtio device in a snapshot: its own state and its transport/queue state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioDeviceState {
-    pub kind: VirtioDeviceKind,
+    pub device: DeviceState,
     pub transport: MmioState,
+}
+
+impl VirtioDeviceState {
+    /// What identifies the device.
+    pub fn kind(&self) -> VirtioDeviceKind {
+        self.device.kind()
+    }
+}
+
+/// One attached device, by kind, as the wiring holds it for saving.
+#[derive(Clone)]
+enum AttachedDevice {
+    Block(Arc<Mutex<Block<Mem>>>),
+    Vsock(Arc<Mutex<Vsock<Mem>>>),
+    Rng(Arc<Mutex<Rng<Mem>>>),
+}
+
+fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AttachedDevice {
+    /// The device as the transport and the event thread drive it.
+    fn shared(&self) -> SharedDevice<Mem> {
+        match self {
+            Self::Block(d) => d.clone(),
+            Self::Vsock(d) => d.clone(),
+            Self::Rng(d) => d.clone(),
+        }
+    }
+
+    fn save(&self) -> DeviceState {
+        match self {
+            Self::Block(d) => DeviceState::Block(lock(d).save()),
+            Self::Vsock(d) => DeviceState::Vsock(lock(d).save()),
+            Self::Rng(d) => DeviceState::Rng(lock(d).save()),
+        }
+    }
 }
 
 /// The attached virtio devices and their device-event thread.
 #[derive(Default)]
 pub struct VirtioDevices {
-    devices: Vec<(VirtioDeviceKind, Arc<Mutex<MmioBusDevice>>)>,
+    devices: Vec<(AttachedDevice, Arc<Mutex<MmioBusDevice>>)>,
     event_loop: Option<DeviceEventLoop>,
 }
 
 impl VirtioDevices {
-    /// Every transport's state, in device order. Quiesce first ([`VirtioDevices::pause`]).
+    /// Every device's and transport's state, in device order. Quiesce first
+    /// ([`VirtioDevices::pause`]).
     pub fn save(&self) -> Vec<VirtioDeviceState> {
         self.devices
             .iter()
-            .map(|(kind, transport)| VirtioDeviceState {
-                kind: kind.clone(),
-                transport: transport.lock().unwrap_or_else(|p| p.into_inner()).0.save(),
-            })
+            .map(|(device, transport)| VirtioDeviceState { device: device.save(), transport: lock(transport).0.save() })
             .collect()
     }
 
@@ -132,7 +200,7 @@ impl VirtioDevices {
 }
 
 /// Adapts the virtio-mmio transport to the bus.
-struct MmioBusDevice(MmioTransport<GuestMemoryMmap>);
+struct MmioBusDevice(MmioTransport<Mem>);
 
 impl BusDevice for MmioBusDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -148,75 +216,153 @@ pub fn device_slot(index: usize) -> (u64, u32) {
     (MMIO_DEVICES_START + index as u64 * MMIO_DEVICE_WINDOW_BYTES, MMIO_DEVICES_FIRST_GSI + index as u32)
 }
 
-/// Creates the devices `config` asks for, maps them and appends them to `cmdline`; with `saved`
-/// (a restore) each transport takes its saved state instead of starting fresh, and the vsock
-/// device tells the guest its connections are gone. Returns what must live as long as the VM.
+/// The GET_ID answer of disk `index`: `capsule-vda`, `capsule-vdb`, ...
+fn disk_id(index: usize) -> String {
+    format!("capsule-vd{}", char::from(b'a' + (index % 26) as u8))
+}
+
+/// Creates the devices `config` asks for, fresh, maps them and appends them to `cmdline`.
+/// Returns what must live as long as the VM.
 pub fn attach_virtio_devices(
     vm: &Vm,
-    memory: &GuestMemoryMmap,
+    memory: &Mem,
     config: &VmConfig,
     mmio: &mut Bus,
     cmdline: &mut String,
-    saved: Option<&[VirtioDeviceState]>,
 ) -> Result<VirtioDevices, VirtioWiringError> {
-    let mut devices: Vec<SharedDevice<GuestMemoryMmap>> = Vec::new();
-    let mut kinds: Vec<VirtioDeviceKind> = Vec::new();
-    let mut vsock_device = None;
-    for (index, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(BlockConfig {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            disk_id: format!("capsule-vd{}", char::from(b'a' + (index % 26) as u8)),
-        })
-        .map_err(|source| VirtioWiringError::Disk { index, path: disk.path.clone(), source })?;
-        kinds.push(VirtioDeviceKind::Block { bytes: block.capacity_sectors() * 512, read_only: disk.read_only });
-        devices.push(Arc::new(Mutex::new(block)));
-    }
-    if let Some(vsock) = &config.vsock {
-        let device =
-            Vsock::new(VsockDeviceConfig { guest_cid: u64::from(vsock.guest_cid), uds_path: vsock.uds_path.clone() })
-                .map_err(|source| VirtioWiringError::Vsock { path: vsock.uds_path.clone(), source })?;
-        kinds.push(VirtioDeviceKind::Vsock { guest_cid: u64::from(vsock.guest_cid) });
-        let device = Arc::new(Mutex::new(device));
-        vsock_device = Some(device.clone());
-        devices.push(device);
-    }
-    if config.rng {
-        kinds.push(VirtioDeviceKind::Rng);
-        devices.push(Arc::new(Mutex::new(Rng::new())));
-    }
-    if let Some(saved) = saved {
-        check_saved_devices(saved, &kinds)?;
-    }
-    if devices.is_empty() {
-        return Ok(VirtioDevices::default());
-    }
-
+    let devices = create_devices(config)?;
     let mut attached = Vec::with_capacity(devices.len());
-    for (index, (device, kind)) in devices.iter().zip(kinds).enumerate() {
+    for (index, device) in devices.into_iter().enumerate() {
         let (base, gsi) = device_slot(index);
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VirtioWiringError::EventFd { index, source })?;
-        vm.register_irqfd(&irq, gsi).map_err(|source| VirtioWiringError::Irqfd { index, source })?;
-        let transport = match saved.and_then(|s| s.get(index)) {
-            Some(state) => MmioTransport::restore(memory.clone(), device.clone(), irq, &state.transport)
-                .map_err(|source| VirtioWiringError::RestoreTransport { index, source })?,
-            None => MmioTransport::new(memory.clone(), device.clone(), irq)
-                .map_err(|source| VirtioWiringError::Transport { index, source })?,
-        };
-        let transport = Arc::new(Mutex::new(MmioBusDevice(transport)));
-        mmio.insert(transport.clone(), base, MMIO_DEVICE_WINDOW_BYTES)
-            .map_err(|source| VirtioWiringError::Bus { index, source })?;
-        attached.push((kind, transport));
+        let transport = place_transport(vm, mmio, index, |irq| {
+            MmioTransport::new(memory.clone(), device.shared(), irq)
+                .map_err(|source| VirtioWiringError::Transport { index, source })
+        })?;
+        attached.push((device, transport));
         if !cmdline.is_empty() {
             cmdline.push(' ');
         }
         cmdline.push_str(&kernel_cmdline_entry(base, gsi));
     }
-    if let (Some(_), Some(vsock)) = (saved, vsock_device) {
-        // Host-side connections did not survive the process change: tell the guest.
-        vsock.lock().unwrap_or_else(|p| p.into_inner()).send_transport_reset();
+    start(attached)
+}
+
+/// Rebuilds the devices `config` asks for, which must be the `saved` ones in order (disk paths
+/// may differ, sizes not), each device and transport from its saved state, at the same MMIO
+/// windows and GSIs. The guest parsed its command line long ago, so nothing is added to one.
+/// The vsock device tells the guest its connections are gone.
+pub fn restore_virtio_devices(
+    vm: &Vm,
+    memory: &Mem,
+    config: &VmConfig,
+    mmio: &mut Bus,
+    saved: &[VirtioDeviceState],
+) -> Result<VirtioDevices, VirtioWiringError> {
+    let kinds = configured_kinds(config)?;
+    check_saved_devices(saved, &kinds)?;
+    let mut attached = Vec::with_capacity(saved.len());
+    for (index, state) in saved.iter().enumerate() {
+        let device = restore_device(config, index, &state.device)?;
+        let transport = place_transport(vm, mmio, index, |irq| {
+            MmioTransport::restore(MmioArgs { mem: memory.clone(), device: device.shared(), irq }, &state.transport)
+                .map_err(|source| VirtioWiringError::RestoreTransport { index, source })
+        })?;
+        attached.push((device, transport));
     }
-    let event_loop = DeviceEventLoop::start(devices).map_err(VirtioWiringError::EventLoop)?;
+    for (device, _) in &attached {
+        if let AttachedDevice::Vsock(vsock) = device {
+            // Host-side connections did not survive the process change: tell the guest.
+            lock(vsock).send_transport_reset();
+        }
+    }
+    start(attached)
+}
+
+/// The devices of a config, fresh, in device order.
+fn create_devices(config: &VmConfig) -> Result<Vec<AttachedDevice>, VirtioWiringError> {
+    let mut devices = Vec::with_capacity(config.virtio_device_count());
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block =
+            Block::new(BlockConfig { path: disk.path.clone(), read_only: disk.read_only, disk_id: disk_id(index) })
+                .map_err(|source| VirtioWiringError::Disk { index, path: disk.path.clone(), source })?;
+        devices.push(AttachedDevice::Block(Arc::new(Mutex::new(block))));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device =
+            Vsock::new(VsockDeviceConfig { guest_cid: u64::from(vsock.guest_cid), uds_path: vsock.uds_path.clone() })
+                .map_err(|source| VirtioWiringError::Vsock { path: vsock.uds_path.clone(), source })?;
+        devices.push(AttachedDevice::Vsock(Arc::new(Mutex::new(device))));
+    }
+    if config.rng {
+        devices.push(AttachedDevice::Rng(Arc::new(Mutex::new(Rng::new()))));
+    }
+    Ok(devices)
+}
+
+/// What the devices of `config` are, in device order (a disk's size read from its file).
+fn configured_kinds(config: &VmConfig) -> Result<Vec<VirtioDeviceKind>, VirtioWiringError> {
+    let mut kinds = Vec::with_capacity(config.virtio_device_count());
+    for (index, disk) in config.disks.iter().enumerate() {
+        let len = std::fs::metadata(&disk.path)
+            .map_err(|source| VirtioWiringError::DiskSize { index, path: disk.path.clone(), source })?
+            .len();
+        kinds.push(VirtioDeviceKind::Block { bytes: len / SECTOR_BYTES * SECTOR_BYTES, read_only: disk.read_only });
+    }
+    if let Some(vsock) = &config.vsock {
+        kinds.push(VirtioDeviceKind::Vsock { guest_cid: u64::from(vsock.guest_cid) });
+    }
+    if config.rng {
+        kinds.push(VirtioDeviceKind::Rng);
+    }
+    Ok(kinds)
+}
+
+/// Device `index` of `config` in its saved `state` (the kinds were checked to match), with the
+/// live things the config names: a disk's path, the vsock socket.
+fn restore_device(config: &VmConfig, index: usize, state: &DeviceState) -> Result<AttachedDevice, VirtioWiringError> {
+    Ok(match state {
+        DeviceState::Block(s) => {
+            let path: PathBuf = config.disks.get(index).map(|d| d.path.clone()).unwrap_or_default();
+            let block =
+                Block::restore(path.clone(), s).map_err(|source| VirtioWiringError::Disk { index, path, source })?;
+            AttachedDevice::Block(Arc::new(Mutex::new(block)))
+        }
+        DeviceState::Vsock(s) => {
+            let path = config.vsock.as_ref().map(|v| v.uds_path.clone()).unwrap_or_default();
+            let vsock = Vsock::restore(path.clone(), s).map_err(|source| VirtioWiringError::Vsock { path, source })?;
+            AttachedDevice::Vsock(Arc::new(Mutex::new(vsock)))
+        }
+        DeviceState::Rng(s) => {
+            let rng = Rng::restore((), s).unwrap_or_else(|e| match e {});
+            AttachedDevice::Rng(Arc::new(Mutex::new(rng)))
+        }
+    })
+}
+
+/// Gives virtio device `index` its interrupt (an irqfd on its GSI), builds its transport with
+/// `make` and maps it at its MMIO window.
+fn place_transport(
+    vm: &Vm,
+    mmio: &mut Bus,
+    index: usize,
+    make: impl FnOnce(EventFd) -> Result<MmioTransport<Mem>, VirtioWiringError>,
+) -> Result<Arc<Mutex<MmioBusDevice>>, VirtioWiringError> {
+    let (base, gsi) = device_slot(index);
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VirtioWiringError::EventFd { index, source })?;
+    vm.register_irqfd(&irq, gsi).map_err(|source| VirtioWiringError::Irqfd { index, source })?;
+    let transport = Arc::new(Mutex::new(MmioBusDevice(make(irq)?)));
+    mmio.insert(transport.clone(), base, MMIO_DEVICE_WINDOW_BYTES)
+        .map_err(|source| VirtioWiringError::Bus { index, source })?;
+    Ok(transport)
+}
+
+/// Starts the device-event thread over the attached devices (none without devices).
+fn start(attached: Vec<(AttachedDevice, Arc<Mutex<MmioBusDevice>>)>) -> Result<VirtioDevices, VirtioWiringError> {
+    if attached.is_empty() {
+        return Ok(VirtioDevices::default());
+    }
+    let shared = attached.iter().map(|(device, _)| device.shared()).collect();
+    let event_loop = DeviceEventLoop::start(shared).map_err(VirtioWiringError::EventLoop)?;
     Ok(VirtioDevices { devices: attached, event_loop: Some(event_loop) })
 }
 
@@ -226,8 +372,9 @@ fn check_saved_devices(saved: &[VirtioDeviceState], configured: &[VirtioDeviceKi
         return Err(VirtioWiringError::DeviceCount { saved: saved.len(), configured: configured.len() });
     }
     for (index, (s, c)) in saved.iter().zip(configured).enumerate() {
-        if s.kind != *c {
-            return Err(VirtioWiringError::DeviceMismatch { index, saved: s.kind.clone(), configured: c.clone() });
+        let saved_kind = s.kind();
+        if saved_kind != *c {
+            return Err(VirtioWiringError::DeviceMismatch { index, saved: saved_kind, configured: c.clone() });
         }
     }
     Ok(())

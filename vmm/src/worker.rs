@@ -33,10 +33,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::builder::build_microvm;
+use crate::builder::{build_microvm, build_microvm_from_snapshot};
 use crate::config::VmConfig;
 use crate::microvm::MicroVm;
-use crate::snapshot::{restore_microvm, save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef};
+use crate::snapshot::{save_snapshot, RestoreOverrides, SnapshotInfo, SnapshotRef};
 use crate::vstate::vcpu::{RunState, VmEvent};
 use crate::worker_log::{open_worker_log, worker_log_path};
 
@@ -230,9 +230,9 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
 
     let built = match read_message::<ToWorker>(&mut reader)? {
         Some(ToWorker::Configure(config)) => build_microvm(&config).map(|vm| (vm, None)).map_err(|e| error_chain(&e)),
-        Some(ToWorker::Restore { dir, overrides }) => {
-            restore_microvm(&dir, &overrides).map(|(vm, parent)| (vm, Some(parent))).map_err(|e| error_chain(&e))
-        }
+        Some(ToWorker::Restore { dir, overrides }) => build_microvm_from_snapshot(&dir, &overrides)
+            .map(|(vm, parent)| (vm, Some(parent)))
+            .map_err(|e| error_chain(&e)),
         Some(other) => return Err(WorkerError::Protocol(format!("expected Configure or Restore, got {other:?}"))),
         None => return Ok(()),
     };

@@ -1,7 +1,8 @@
-//! Snapshot and restore of the prebuilt PVM Linux kernel through worker processes: the restored
+//! Snapshot and restore of the project's guest kernel through worker processes: the restored
 //! guest keeps running (its console continues to the reboot, kvm-clock continues from the saved
 //! value), and a vsock device survives the restore: the guest is sent a transport reset and
-//! the host reconnects on the new socket.
+//! the host reconnects on the new socket. The test guest's init sleeps a few seconds after
+//! reaching userspace, so the snapshot catches it mid-run.
 
 mod snapshot_common;
 
@@ -11,14 +12,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use capsule_vmm::devices::legacy::i8042::ResetSource;
+use capsule_vmm::devices::virtio::device::QueueSnapshot;
+use capsule_vmm::microvm::MachineState;
 use capsule_vmm::snapshot::{load_snapshot, RestoreOverrides};
+use capsule_vmm::virtio_wiring::VirtioDeviceKind;
 use capsule_vmm::worker::{WorkerEvent, WorkerHandle};
 use capsule_vmm::{VmConfig, VmEvent, VsockConfig};
 use snapshot_common::*;
 
-const CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-const USERSPACE_MARKER: &str = "PVM-GUEST-USERSPACE";
+const USERSPACE_MARKER: &str = INIT_MARKER;
+/// How long the guest's init sleeps after reaching userspace: the snapshot falls in it.
+const GUEST_LINGER: Duration = Duration::from_secs(3);
 /// How long the test leaves a snapshot before restoring it.
 const PAUSED_TIME: Duration = Duration::from_secs(1);
 /// virtio-vsock's event queue index.
@@ -37,21 +42,24 @@ fn wait_for_console(log: &Path, needle: &str, timeout: Duration) -> bool {
     false
 }
 
+/// The saved event queue of the vsock device (it follows the disks).
+fn vsock_event_queue(machine: &MachineState) -> QueueSnapshot {
+    let vsock = machine.virtio.iter().find(|d| matches!(d.kind(), VirtioDeviceKind::Vsock { .. }));
+    vsock.expect("a vsock device in the snapshot").transport.queues[VSOCK_EVENT_QUEUE]
+}
+
 fn console(log: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
 }
 
-fn linux_config(dir: &Path, vsock: Option<PathBuf>) -> Option<(VmConfig, PathBuf)> {
-    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
-        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
-    };
+/// The test guest's config (and its console log) in `dir`; `guest` must outlive the VMs.
+fn linux_config(guest: &TestGuest, dir: &Path, vsock: Option<PathBuf>) -> (VmConfig, PathBuf) {
     let log = dir.join("parent.log");
-    let mut config = VmConfig::new(kernel, CMDLINE);
+    let mut config = guest.config();
     config.mem_mib = 256;
-    config.initrd = Some(initrd);
     config.serial_log = Some(log.clone());
     config.vsock = vsock.map(|uds_path| VsockConfig { guest_cid: 3, uds_path });
-    Some((config, log))
+    (config, log)
 }
 
 /// Boots, pauses as soon as userspace prints, snapshots into `dir/snap` and stops the parent.
@@ -67,13 +75,11 @@ fn boot_and_snapshot(config: VmConfig, log: &Path, dir: &Path) -> PathBuf {
 
 #[test]
 fn restored_linux_guest_keeps_running_to_its_reboot() {
-    if !kvm_usable() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let Some((config, log)) = linux_config(tmp.path(), None) else {
+    let Some(guest) = test_guest(TestInit::lingering(GUEST_LINGER)) else {
         return;
     };
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, log) = linux_config(&guest, tmp.path(), None);
     let snap = boot_and_snapshot(config, &log, tmp.path());
     let parent_console = console(&log);
     assert!(
@@ -112,14 +118,12 @@ fn restored_linux_guest_keeps_running_to_its_reboot() {
 
 #[test]
 fn vsock_guest_gets_a_transport_reset_and_host_reconnects_after_restore() {
-    if !kvm_usable() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let parent_uds = tmp.path().join("parent.sock");
-    let Some((config, log)) = linux_config(tmp.path(), Some(parent_uds.clone())) else {
+    let Some(guest) = test_guest(TestInit::lingering(GUEST_LINGER)) else {
         return;
     };
+    let tmp = tempfile::tempdir().unwrap();
+    let parent_uds = tmp.path().join("parent.sock");
+    let (config, log) = linux_config(&guest, tmp.path(), Some(parent_uds.clone()));
     let parent = start_worker(config);
     assert!(
         wait_for_console(&log, USERSPACE_MARKER, BOOT_TIMEOUT),
@@ -134,7 +138,7 @@ fn vsock_guest_gets_a_transport_reset_and_host_reconnects_after_restore() {
     parent.snapshot(&snap, false).unwrap();
     parent.stop().unwrap();
     let saved = load_snapshot(&snap).unwrap();
-    let saved_events = saved.state.machine.virtio[0].transport.queues[VSOCK_EVENT_QUEUE];
+    let saved_events = vsock_event_queue(&saved.state.machine);
     assert!(saved_events.ready, "the guest driver set up the event queue");
 
     let restored_uds = tmp.path().join("restored.sock");
@@ -166,7 +170,7 @@ fn vsock_guest_gets_a_transport_reset_and_host_reconnects_after_restore() {
     let later = tmp.path().join("later");
     restored.snapshot(&later, false).unwrap();
     let after = load_snapshot(&later).unwrap();
-    let events = after.state.machine.virtio[0].transport.queues[VSOCK_EVENT_QUEUE];
+    let events = vsock_event_queue(&after.state.machine);
     assert_eq!(
         events.next_used,
         saved_events.next_used.wrapping_add(1),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use capsule_vmm::devices::legacy::i8042::ResetSource;
 use capsule_vmm::snapshot::{save_snapshot, SnapshotError};
-use capsule_vmm::{build_microvm, build_microvm_with, BootOptions, MicroVmError, RunState, VmConfig, VmEvent};
+use capsule_vmm::{build_microvm, build_microvm_for_boot, BootOptions, MicroVmError, RunState, VmConfig, VmEvent};
 use common::{asm, elf_payload, kvm_usable, COUNTER_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -190,7 +190,7 @@ fn every_vcpu_runs_with_its_own_apic_id_and_pauses() {
     let payload = elf_payload(&code);
     let mut config = config_for(payload.path());
     config.vcpus = 4;
-    let mut vm = build_microvm_with(&config, BootOptions { all_vcpus_at_entry: true }).unwrap();
+    let mut vm = build_microvm_for_boot(&config, BootOptions { all_vcpus_at_entry: true }).unwrap();
     vm.start().unwrap();
     let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
     loop {

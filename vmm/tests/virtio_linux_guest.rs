@@ -1,4 +1,4 @@
-//! The virtio devices under real Linux drivers: the prebuilt PVM kernel boots
+//! The virtio devices under real Linux drivers: the project's guest kernel boots
 //! with a virtio-blk disk and virtio-rng on virtio-mmio and its console shows
 //! the disk probed with the right capacity; with virtio-vsock, a host
 //! `CONNECT` to a guest port nobody listens on is refused by the guest kernel
@@ -12,27 +12,23 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use capsule_vmm::config::DiskConfig;
-use capsule_vmm::{build_microvm, VmConfig, VmEvent, VsockConfig};
-use common::{kvm_usable, reference_initramfs, reference_kernel};
+use capsule_vmm::{build_microvm, VmEvent, VsockConfig};
+use common::{test_guest, TestInit};
 
-const CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const DISK_SECTORS: u64 = 2048;
+/// How long the vsock test's guest runs after reaching userspace.
+const GUEST_LINGER: Duration = Duration::from_secs(1);
 
 #[test]
 fn linux_probes_virtio_blk_disk_with_its_capacity() {
-    if !kvm_usable() {
+    let Some(guest) = test_guest(TestInit::REBOOT) else {
         return;
-    }
-    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
-        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
     };
     let disk = tempfile::NamedTempFile::new().expect("disk file");
     disk.as_file().set_len(DISK_SECTORS * 512).expect("size disk");
-    let mut config = VmConfig::new(kernel, CMDLINE);
+    let mut config = guest.config_with_disks(vec![DiskConfig { path: disk.path().to_path_buf(), read_only: true }], "");
     config.mem_mib = 256;
-    config.initrd = Some(initrd);
-    config.disks.push(DiskConfig { path: disk.path().to_path_buf(), read_only: true });
     config.rng = true;
     let mut vm = build_microvm(&config).expect("build VM");
     vm.start().expect("start VM");
@@ -51,17 +47,15 @@ fn linux_probes_virtio_blk_disk_with_its_capacity() {
 
 #[test]
 fn linux_guest_refuses_host_connect_to_closed_vsock_port() {
-    if !kvm_usable() {
+    // The guest stays up a moment after userspace starts, so its kernel has time to refuse the
+    // connection before the reboot.
+    let Some(guest) = test_guest(TestInit::lingering(GUEST_LINGER)) else {
         return;
-    }
-    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
-        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let uds = dir.path().join("vsock.sock");
-    let mut config = VmConfig::new(kernel, CMDLINE);
+    let mut config = guest.config();
     config.mem_mib = 256;
-    config.initrd = Some(initrd);
     config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: uds.clone() });
     let mut vm = build_microvm(&config).expect("build VM");
     // The listener exists before the guest runs; the REQUEST waits for the driver.

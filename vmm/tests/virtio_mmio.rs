@@ -8,8 +8,9 @@ mod virtio_common;
 use std::sync::{Arc, Mutex};
 
 use capsule_vmm::devices::virtio::device::SharedDevice;
-use capsule_vmm::devices::virtio::mmio::{kernel_cmdline_entry, MmioState, MmioTransport};
+use capsule_vmm::devices::virtio::mmio::{kernel_cmdline_entry, MmioArgs, MmioState, MmioTransport};
 use capsule_vmm::devices::virtio::rng::Rng;
+use capsule_vmm::persist::Persist;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER, VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
@@ -276,7 +277,8 @@ fn snapshot_round_trip_resumes_queue_where_it_left_off() {
     assert_eq!(state.interrupt_status, 1);
     let dev: SharedDevice<Mem> = Arc::new(Mutex::new(Rng::<Mem>::new()));
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let mut t = MmioTransport::restore(b.mem.clone(), dev.clone(), irq, &state).expect("restore");
+    let mut t =
+        MmioTransport::restore(MmioArgs { mem: b.mem.clone(), device: dev.clone(), irq }, &state).expect("restore");
     assert_eq!(rd(&mut t, STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
     assert!(dev.lock().expect("lock").is_activated());
     assert_eq!(rd(&mut t, INTERRUPT_STATUS), 1, "pending interrupt survives");
@@ -295,11 +297,11 @@ fn restore_rejects_snapshot_for_another_device_shape() {
     state.queues.push(state.queues[0]);
     let dev: SharedDevice<Mem> = Arc::new(Mutex::new(Rng::<Mem>::new()));
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    assert!(MmioTransport::restore(b.mem.clone(), dev.clone(), irq, &state).is_err());
+    assert!(MmioTransport::restore(MmioArgs { mem: b.mem.clone(), device: dev.clone(), irq }, &state).is_err());
     state.queues.pop();
     state.queues[0].max_size = 1024;
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    assert!(MmioTransport::restore(b.mem.clone(), dev, irq, &state).is_err());
+    assert!(MmioTransport::restore(MmioArgs { mem: b.mem.clone(), device: dev, irq }, &state).is_err());
 }
 
 /// A `Write` into a shared buffer, for capturing log output.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use capsule_vmm::devices::virtio::device::{SharedDevice, VirtioDevice};
 use capsule_vmm::devices::virtio::event_loop::DeviceEventLoop;
-use capsule_vmm::devices::virtio::vsock::muxer::CONN_TX_BUF_BYTES;
+use capsule_vmm::devices::virtio::vsock::muxer::{CONNECT_LINE_TIMEOUT, CONN_TX_BUF_BYTES};
 use capsule_vmm::devices::virtio::vsock::packet::{
     Header, Op, HEADER_BYTES, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
@@ -507,4 +507,19 @@ fn dropping_the_device_removes_its_socket_and_refuses_reserved_cids() {
         let res = Vsock::<Mem>::new(VsockConfig { guest_cid: cid, uds_path: uds.clone() });
         assert!(res.is_err(), "CID {cid} accepted");
     }
+}
+
+#[test]
+fn a_host_stream_that_never_sends_connect_is_closed_by_the_event_thread_after_the_timeout() {
+    let mem = guest_memory();
+    let g = Guest::new(&mem);
+    let started = Instant::now();
+    let mut silent = UnixStream::connect(&g.uds).expect("connect");
+    silent.set_read_timeout(Some(CONNECT_LINE_TIMEOUT + WAIT)).expect("timeout");
+    let mut b = [0u8; 16];
+    let read = silent.read(&mut b);
+    let waited = started.elapsed();
+    assert!(matches!(read, Ok(0)), "expected EOF once the CONNECT line timed out, got {read:?}");
+    assert!(waited >= CONNECT_LINE_TIMEOUT, "closed after {waited:?}, before the {CONNECT_LINE_TIMEOUT:?} timeout");
+    assert_eq!(g.connections(), 0);
 }

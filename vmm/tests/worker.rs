@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use capsule_vmm::devices::legacy::i8042::ResetSource;
 use capsule_vmm::worker::{WorkerError, WorkerEvent, WorkerHandle};
 use capsule_vmm::{RunState, VmConfig, VmEvent};
-use common::{elf_payload, kvm_usable, reference_initramfs, reference_kernel};
+use common::{elf_payload, kvm_usable, test_guest, TestInit, INIT_MARKER};
 
 const WORKER_EXE: &str = env!("CARGO_BIN_EXE_capsule-vmm-worker");
-const REFERENCE_CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 reboot=k clocksource=kvm-clock";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// `loop: inc qword [0x5000]; jmp loop`
 const COUNTER_LOOP: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
@@ -27,18 +26,14 @@ fn process_exists(pid: u32) -> bool {
 }
 
 #[test]
-fn worker_boots_the_reference_kernel_and_reports_the_reboot() {
-    if !kvm_usable() {
+fn worker_boots_the_guest_kernel_and_reports_the_reboot() {
+    let Some(guest) = test_guest(TestInit::REBOOT) else {
         return;
-    }
-    let (Some(kernel), Some(initrd)) = (reference_kernel(), reference_initramfs()) else {
-        panic!("the reference kernel/initramfs under /work/shared/guest are missing");
     };
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
-    let mut config = VmConfig::new(kernel, REFERENCE_CMDLINE);
+    let mut config = guest.config();
     config.mem_mib = 512;
-    config.initrd = Some(initrd);
     config.serial_log = Some(log.clone());
     let started = Instant::now();
     let worker = WorkerHandle::spawn(Path::new(WORKER_EXE), config).unwrap();
@@ -47,7 +42,7 @@ fn worker_boots_the_reference_kernel_and_reports_the_reboot() {
     let elapsed = started.elapsed();
     let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
     assert_eq!(event, Some(WorkerEvent::Vm(VmEvent::Reset { source: ResetSource::I8042 })), "console:\n{console}");
-    assert!(console.contains("PVM-GUEST-USERSPACE"), "console:\n{console}");
+    assert!(console.contains(INIT_MARKER), "console:\n{console}");
     assert_eq!(worker.status().unwrap(), RunState::Stopped);
     worker.stop().unwrap();
     assert_eq!(worker.wait_event(Duration::from_secs(5)), Some(WorkerEvent::Exited { pid: worker.pid() }));

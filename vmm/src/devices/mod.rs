@@ -1,4 +1,5 @@
-//! Device models and the bus that routes guest accesses to them.
+//! Device models and the bus that routes guest accesses to them. Nothing here touches KVM
+//! file descriptors (the builder wires devices to KVM).
 
 pub mod bus;
 pub mod guest_log;

@@ -9,7 +9,12 @@ use serde::Serialize;
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
 /// The payload layout this build writes and accepts. Bump on any change to the state tree.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// - 1: the first layout.
+/// - 2: optional vCPU state is optional in the tree (XCRs, debug registers and the TSC rate as
+///   `Option`, the XSAVE area or the legacy FPU state as one enum), so a snapshot of a host
+///   without them restores. Version 1 files are refused; take the snapshot again.
+pub const FORMAT_VERSION: u32 = 2;
 /// Header bytes before the payload: magic, version, reserved, length, crc.
 pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest payload accepted (a state tree is a few hundred KiB; this bounds hostile input).
@@ -22,7 +27,7 @@ pub enum FormatError {
     Truncated { got: usize },
     #[error("state file does not start with the CAPSNAP magic (not a capsule snapshot, or corrupt)")]
     BadMagic,
-    #[error("snapshot format version {got} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("snapshot format version {got} is not supported (this build reads version {FORMAT_VERSION} only; take the snapshot again with this build)")]
     Version { got: u32 },
     #[error("reserved header word is {got:#x}, expected 0 (corrupt header)")]
     Reserved { got: u32 },

@@ -1,4 +1,6 @@
-//! Snapshots: saving a paused [`MicroVm`] to a directory and building a new VM from one.
+//! Snapshots on disk: the format, the files, saving a paused [`MicroVm`] into a directory,
+//! loading and checking one (and the chain of layers under it). Building a VM from a loaded
+//! snapshot is a recipe of [`crate::builder`] (`build_microvm_from_snapshot`).
 //!
 //! A snapshot directory holds `state.bin` (the [`MicrovmState`] tree in the versioned,
 //! checksummed container of [`format`](mod@format)) and `memory.bin` (guest RAM, file offset = RAM offset,
@@ -9,7 +11,7 @@
 //! partial directories of processes that no longer exist ([`partial_dir`]).
 //! `state.bin` is written last, so a partial directory also fails to load on its own.
 //!
-//! Restore maps `memory.bin` `MAP_PRIVATE` (pages load lazily from the page cache, writes are
+//! A restore maps `memory.bin` `MAP_PRIVATE` (pages load lazily from the page cache, writes are
 //! copy-on-write and stay in the restoring process), so N restores of one snapshot share its
 //! pages and diverge independently (fork).
 //!
@@ -28,13 +30,14 @@
 //! and a parent must not change once a child refers to it (the checksum check catches a
 //! replaced parent).
 //!
-//! What the state tree holds (NOTES-snapshot.md): every vCPU's CPUID, regs, sregs, XSAVE, XCRs,
-//! MSRs (index list plus the PVM VIF MSR 0x4b564d10 and kvmclock), LAPIC, events, MP state,
-//! debug registers and TSC rate; the PIC pair, IOAPIC, PIT2 and kvm-clock; the UART; every
-//! virtio transport with its queues. The vsock device tells the guest its connections were
-//! reset when it is restored; its listeners in the guest survive.
+//! What the state tree holds (`NOTES.md` next to this file says why): every vCPU's CPUID, regs,
+//! sregs, XSAVE (or FPU), XCRs, MSRs (index list plus the PVM VIF MSR 0x4b564d10 and
+//! kvmclock), LAPIC, events, MP state, debug registers and TSC rate, each optional piece only
+//! where the host offers it; the PIC pair, IOAPIC, PIT2 and kvm-clock; the UART; every virtio
+//! transport with its queues. The vsock device tells the guest its connections were reset when
+//! it is restored; its listeners in the guest survive.
 //!
-//! This module never runs the guest and never decides when to snapshot.
+//! This module never runs the guest, never builds a VM and never decides when to snapshot.
 
 pub mod format;
 pub mod linked_copy;
@@ -44,21 +47,15 @@ pub mod partial_dir;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{attach_legacy_devices, BuildError};
 use crate::config::VmConfig;
-use crate::devices::bus::Bus;
-use crate::devices::legacy::i8042::StopRequest;
-use crate::devices::legacy::serial::{SerialDevice, SerialError, SerialLog};
-use crate::microvm::{MachineState, MicroVm, MicroVmError, MicroVmParts};
-use crate::virtio_wiring::{self, VirtioWiringError};
-use crate::vstate::memory::{map_snapshot_memory, MemoryError, MemoryLayer, PageRun};
-use crate::vstate::vcpu::{Vcpu, VcpuStateError};
-use crate::vstate::vm::{host_is_pvm, Vm, VmError};
+use crate::host;
+use crate::microvm::{MachineState, MicroVm, MicroVmError};
+use crate::vstate::memory::{MemoryLayer, PageRun};
+use crate::vstate::vm::VmError;
 use format::FormatError;
 use memory_file::MemoryFileError;
 use partial_dir::{PartialDir, PartialDirError};
@@ -116,18 +113,6 @@ pub enum SnapshotError {
     HostKind { saved: &'static str, here: &'static str },
     #[error("restore overrides name {given} disks but the snapshot has {saved}")]
     DiskCount { given: usize, saved: usize },
-    #[error("creating the KVM VM")]
-    Vm(#[source] VmError),
-    #[error("mapping snapshot memory")]
-    Map(#[source] MemoryError),
-    #[error("restoring vCPU state")]
-    VcpuState(#[source] VcpuStateError),
-    #[error("restoring the serial console")]
-    Serial(#[source] SerialError),
-    #[error("attaching legacy devices")]
-    Legacy(#[source] BuildError),
-    #[error("restoring virtio devices")]
-    Virtio(#[source] VirtioWiringError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
@@ -293,7 +278,7 @@ pub fn save_snapshot(
     mem_file.sync_all().map_err(io_err("fsyncing memory file", &mem_path))?;
 
     let mem_bytes = crate::vstate::memory::ram_bytes(vm.memory());
-    let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host_is_pvm(), memory, machine };
+    let state = MicrovmState { config: vm.config().clone(), mem_bytes, pvm_host: host::is_pvm(), memory, machine };
     let (bytes, crc) =
         format::encode(&state).map_err(|source| SnapshotError::Format { path: tmp.join(STATE_FILE), source })?;
     write_state_file(&tmp.join(STATE_FILE), &bytes)?;
@@ -362,7 +347,7 @@ fn host_name(pvm: bool) -> &'static str {
 pub fn load_snapshot(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let (state, crc) = read_state(dir)?;
     let mem_bytes = state.mem_bytes;
-    let here = host_is_pvm();
+    let here = host::is_pvm();
     if state.pvm_host != here {
         return Err(SnapshotError::HostKind { saved: host_name(state.pvm_host), here: host_name(here) });
     }
@@ -425,89 +410,24 @@ fn read_chain_below(top: &Path, top_state: &MicrovmState) -> Result<Vec<(PathBuf
     Ok(below)
 }
 
-/// The saved config with a restore's overrides applied.
-fn restored_config(saved: &VmConfig, overrides: &RestoreOverrides) -> Result<VmConfig, SnapshotError> {
-    let mut config = saved.clone();
-    if let (Some(vsock), Some(path)) = (config.vsock.as_mut(), &overrides.vsock_uds) {
-        vsock.uds_path = path.clone();
-    }
-    if overrides.serial_log.is_some() {
-        config.serial_log = overrides.serial_log.clone();
-    }
-    if !overrides.disks.is_empty() {
-        if overrides.disks.len() != config.disks.len() {
-            return Err(SnapshotError::DiskCount { given: overrides.disks.len(), saved: config.disks.len() });
+impl RestoreOverrides {
+    /// The `saved` config with these overrides applied.
+    pub fn apply(&self, saved: &VmConfig) -> Result<VmConfig, SnapshotError> {
+        let mut config = saved.clone();
+        if let (Some(vsock), Some(path)) = (config.vsock.as_mut(), &self.vsock_uds) {
+            vsock.uds_path = path.clone();
         }
-        for (disk, path) in config.disks.iter_mut().zip(&overrides.disks) {
-            disk.path = path.clone();
+        if self.serial_log.is_some() {
+            config.serial_log = self.serial_log.clone();
         }
+        if !self.disks.is_empty() {
+            if self.disks.len() != config.disks.len() {
+                return Err(SnapshotError::DiskCount { given: self.disks.len(), saved: config.disks.len() });
+            }
+            for (disk, path) in config.disks.iter_mut().zip(&self.disks) {
+                disk.path = path.clone();
+            }
+        }
+        Ok(config)
     }
-    Ok(config)
-}
-
-/// Builds a VM from the snapshot at `dir` (not started: [`MicroVm::start`] resumes the guest
-/// where it was saved). Memory is mapped copy-on-write; dirty tracking is on, so the returned
-/// [`SnapshotRef`] can parent an incremental snapshot. Nothing runs unless every part of the
-/// state was accepted.
-pub fn restore_microvm(dir: &Path, overrides: &RestoreOverrides) -> Result<(MicroVm, SnapshotRef), SnapshotError> {
-    let loaded = load_snapshot(dir)?;
-    let state = &loaded.state;
-    let config = restored_config(&state.config, overrides)?;
-    let machine = &state.machine;
-
-    let vm = Vm::new().map_err(SnapshotError::Vm)?;
-    let memory = map_snapshot_memory(loaded.base, state.mem_bytes, &loaded.layers).map_err(SnapshotError::Map)?;
-    // Registered with dirty logging from the start: switching it on later costs milliseconds.
-    vm.set_dirty_logging(&memory.memory, true).map_err(SnapshotError::Vm)?;
-    vm.setup_irqchip().map_err(SnapshotError::Vm)?;
-    let mut vcpus = Vec::with_capacity(machine.vcpus.len());
-    for saved in &machine.vcpus {
-        let fd = vm.create_vcpu(saved.index).map_err(SnapshotError::Vm)?;
-        vcpus.push(Vcpu { fd, index: saved.index });
-    }
-    // NOTES-snapshot.md order: irqchip, PIT and clock, then each vCPU.
-    vm.restore_state(&machine.vm).map_err(SnapshotError::Vm)?;
-    for (vcpu, saved) in vcpus.iter().zip(&machine.vcpus) {
-        saved.restore(&vcpu.fd).map_err(SnapshotError::VcpuState)?;
-    }
-
-    // Devices last: restoring them may raise interrupts, which must land in the restored
-    // irqchip and LAPICs.
-    let serial = match &config.serial_log {
-        Some(path) => SerialLog::append_to_file(path).map_err(SnapshotError::Serial)?,
-        None => SerialLog::in_memory(),
-    };
-    let (uart, irq) = SerialDevice::restore(serial.clone(), &machine.serial).map_err(SnapshotError::Serial)?;
-    let stop_request = Arc::new(StopRequest::default());
-    let mut pio = Bus::new();
-    let serial_device =
-        attach_legacy_devices(&vm, &mut pio, uart, irq, &stop_request).map_err(SnapshotError::Legacy)?;
-    let mut mmio = Bus::new();
-    // The guest already parsed its command line; the entries built here are not used.
-    let mut unused_cmdline = String::new();
-    let virtio = virtio_wiring::attach_virtio_devices(
-        &vm,
-        &memory.memory,
-        &config,
-        &mut mmio,
-        &mut unused_cmdline,
-        Some(&machine.virtio),
-    )
-    .map_err(SnapshotError::Virtio)?;
-
-    let mut microvm = MicroVm::from_parts(MicroVmParts {
-        vm,
-        memory,
-        vcpus,
-        pio,
-        mmio,
-        stop_request,
-        serial,
-        serial_device: serial_device as Arc<Mutex<SerialDevice>>,
-        virtio,
-        config,
-    });
-    microvm.assume_dirty_tracking();
-    let dir = std::fs::canonicalize(&loaded.dir).unwrap_or(loaded.dir);
-    Ok((microvm, SnapshotRef { dir, crc: loaded.crc, depth: loaded.layers.len() }))
 }

@@ -18,18 +18,14 @@ pub const KVM_API_VERSION: i32 = 12;
 /// `KVM_PIT_SPEAKER_DUMMY`: the PIT's speaker port reads as a dummy.
 const KVM_PIT_SPEAKER_DUMMY: u32 = 1;
 
-/// Where the PVM KVM module shows itself.
-pub const KVM_PVM_SYSFS: &str = "/sys/module/kvm_pvm";
-
-/// Whether /dev/kvm is PVM (pagetable-based, no VT-x/AMD-V) rather than hardware KVM.
-pub fn host_is_pvm() -> bool {
-    std::path::Path::new(KVM_PVM_SYSFS).exists()
-}
+/// Kept for callers outside the VMM; the one place is [`crate::host`].
+pub use crate::host::{is_pvm as host_is_pvm, KVM_PVM_SYSFS};
 
 /// Kernel parameters a guest needs on a PVM host: under PVM the guest's `cpuid` runs natively
 /// and shows the host's PCID/INVPCID, but the host refuses CR4.PCIDE (the guest takes a #GP
 /// in early boot and halts) and cannot emulate INVPCID (KVM_EXIT_INTERNAL_ERROR). Measured on
-/// kvm_pvm 6.18.44-fc: without these the reference kernel hangs, with them it boots.
+/// kvm_pvm 6.18.44-fc: without these a PVM guest kernel hangs, with them it boots
+/// (`arch/x86_64/PVM.md`).
 ///
 /// `nogbpages`: the guest's native `cpuid` also shows the host's 1 GiB pages (pdpe1gb), so a
 /// guest whose RAM holds a whole 1 GiB-aligned GiB (any guest of 2048 MiB or more) maps it
@@ -37,7 +33,9 @@ pub fn host_is_pvm() -> bool {
 /// in sparse_init, then "Attempted to kill the idle task"). 2 MiB pages work.
 pub const PVM_GUEST_CMDLINE_QUIRKS: &[&str] = &["nopcid", "noinvpcid", "nogbpages"];
 
-/// Capabilities the VMM cannot run without, with a human name.
+/// Capabilities the VMM cannot run without, with a human name. The kvm-clock and vCPU-event
+/// ioctls are here too: every x86 KVM since Linux 2.6.33 has them, and a snapshot without them
+/// would restore a guest whose clock jumps or whose pending interrupt is lost.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "in-kernel irqchip"),
     (Cap::Irqfd, "irqfd"),
@@ -47,17 +45,57 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Pit2, "in-kernel PIT2"),
     (Cap::ImmediateExit, "immediate exit (pause)"),
     (Cap::ExtCpuid, "extended CPUID"),
+    (Cap::AdjustClock, "kvm-clock get/set (snapshots)"),
+    (Cap::VcpuEvents, "vCPU events (snapshots)"),
 ];
 
-/// Capabilities that later features (snapshots) use, with a human name.
+/// Capabilities whose state only some hosts have, with a human name that says what a snapshot
+/// does without it. [`HostCaps`] holds exactly these; a snapshot leaves out what the host does
+/// not offer, and a restore refuses a snapshot that holds what this host cannot take.
 pub const OPTIONAL_CAPS: &[(Cap, &str)] = &[
-    (Cap::AdjustClock, "kvm-clock adjust (snapshot restore)"),
-    (Cap::VcpuEvents, "vCPU events (snapshot)"),
-    (Cap::Xsave, "XSAVE state (snapshot)"),
-    (Cap::Xcrs, "XCRs (snapshot)"),
-    (Cap::Debugregs, "debug registers (snapshot)"),
-    (Cap::TscControl, "TSC frequency control"),
+    (Cap::Xsave, "XSAVE state (snapshots keep only the FPU/SSE state without it)"),
+    (Cap::Xcrs, "XCRs (snapshots have none without it; no XSAVE, no XCRs)"),
+    (Cap::Debugregs, "debug registers (snapshots leave them out without it)"),
+    (Cap::GetTscKhz, "TSC frequency read (snapshots leave the rate out without it)"),
+    (Cap::TscControl, "TSC frequency control (restores keep the host's rate without it)"),
 ];
+
+/// Which [`OPTIONAL_CAPS`] a host offers: what vCPU state a snapshot saves, and what a restore
+/// can write. Passed in, so that tests can play a host that lacks one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCaps {
+    /// `KVM_CAP_XSAVE`: the XSAVE area, else the legacy FPU state.
+    pub xsave: bool,
+    /// `KVM_CAP_XCRS`.
+    pub xcrs: bool,
+    /// `KVM_CAP_DEBUGREGS`.
+    pub debugregs: bool,
+    /// `KVM_CAP_GET_TSC_KHZ`.
+    pub get_tsc_khz: bool,
+    /// `KVM_CAP_TSC_CONTROL`: `KVM_SET_TSC_KHZ` works.
+    pub tsc_control: bool,
+}
+
+impl HostCaps {
+    /// A host that offers every optional capability.
+    pub const ALL: Self = Self { xsave: true, xcrs: true, debugregs: true, get_tsc_khz: true, tsc_control: true };
+
+    /// The capabilities `has` says are present (only [`OPTIONAL_CAPS`] are asked).
+    pub fn from_fn(has: impl Fn(Cap) -> bool) -> Self {
+        Self {
+            xsave: has(Cap::Xsave),
+            xcrs: has(Cap::Xcrs),
+            debugregs: has(Cap::Debugregs),
+            get_tsc_khz: has(Cap::GetTscKhz),
+            tsc_control: has(Cap::TscControl),
+        }
+    }
+
+    /// What this host's KVM offers (`KVM_CHECK_EXTENSION`).
+    pub fn probe(kvm: &Kvm) -> Self {
+        Self::from_fn(|cap| kvm.check_extension(cap))
+    }
+}
 
 /// Errors from creating and setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +150,11 @@ impl Vm {
     /// The /dev/kvm handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// Which optional vCPU state this host's KVM offers.
+    pub fn host_caps(&self) -> HostCaps {
+        HostCaps::probe(&self.kvm)
     }
 
     /// Registers every region of `memory` as a KVM memory slot.
@@ -224,5 +267,27 @@ impl Vm {
         self.fd.set_pit2(&state.pit).map_err(kvm_err("SET_PIT2"))?;
         let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
         self.fd.set_clock(&clock).map_err(kvm_err("SET_CLOCK"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_caps_hold_exactly_the_optional_caps() {
+        assert_eq!(HostCaps::from_fn(|_| true), HostCaps::ALL);
+        // Each optional capability moves exactly one field, and no required one moves any.
+        for (cap, name) in OPTIONAL_CAPS {
+            let without = HostCaps::from_fn(|c| c != *cap);
+            assert_ne!(without, HostCaps::ALL, "{name} is not in HostCaps");
+            let only = HostCaps::from_fn(|c| c == *cap);
+            assert_ne!(only, HostCaps::from_fn(|_| false), "{name} is not in HostCaps");
+        }
+        for (cap, name) in REQUIRED_CAPS {
+            assert_eq!(HostCaps::from_fn(|c| c != *cap), HostCaps::ALL, "required {name} is in HostCaps");
+        }
+        let fields = 5;
+        assert_eq!(OPTIONAL_CAPS.len(), fields, "a HostCaps field without a doctor line, or the reverse");
     }
 }

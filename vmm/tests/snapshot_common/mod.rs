@@ -13,7 +13,7 @@ use capsule_vmm::VmConfig;
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(unused_imports)]
-pub use common::{elf_payload, kvm_usable, reference_initramfs, reference_kernel, COUNTER_ADDR};
+pub use common::{elf_payload, kvm_usable, test_guest, TestGuest, TestInit, COUNTER_ADDR, INIT_DONE, INIT_MARKER};
 
 pub const WORKER_EXE: &str = env!("CARGO_BIN_EXE_capsule-vmm-worker");
 /// Guest address where [`COUNTER_AND_TSC`] stores the low half of `rdtsc`.

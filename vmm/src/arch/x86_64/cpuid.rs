@@ -1,5 +1,6 @@
 //! Per-vCPU CPUID: KVM's supported CPUID normalized for our topology (one socket, `n` cores, one
-//! thread each), APIC ids, and the hypervisor bit. Pure functions over `kvm_cpuid_entry2`.
+//! thread each), APIC ids, and the hypervisor bit. Pure functions over `kvm_cpuid_entry2`: they
+//! never issue an ioctl themselves.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 

@@ -1,4 +1,5 @@
-//! The boot GDT and the matching segment descriptors for `KVM_SET_SREGS`.
+//! The boot GDT and the matching segment descriptors for `KVM_SET_SREGS`. Pure values: it never
+//! writes guest memory or vCPU state itself.
 
 use kvm_bindings::kvm_segment;
 

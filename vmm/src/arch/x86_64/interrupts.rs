@@ -1,5 +1,5 @@
 //! LAPIC local-interrupt setup: LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as a PC
-//! BIOS leaves them.
+//! BIOS leaves them. It never touches the in-kernel irqchip (`vstate::vm` owns it).
 
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;

@@ -1,4 +1,5 @@
-//! The guest-physical memory map used at boot (the same one for Linux and for test payloads).
+//! The guest-physical memory map used at boot (the same one for Linux and for test payloads):
+//! constants only, it never writes memory.
 
 /// GDT used to enter long mode.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -24,8 +25,8 @@ pub const CMDLINE_MAX_BYTES: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of high memory; kernels are loaded at or above it.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
-/// TSS address for `KVM_SET_TSS_ADDR` (3 pages just below the BIOS area, as QEMU and the
-/// reference loader use).
+/// TSS address for `KVM_SET_TSS_ADDR` (3 pages just below the BIOS area, where QEMU puts it
+/// too).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// IOAPIC MMIO address.
 pub const IOAPIC_START: u64 = 0xfec0_0000;

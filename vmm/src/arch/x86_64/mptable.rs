@@ -1,6 +1,7 @@
 //! The Intel MultiProcessor Specification 1.4 table: one processor entry per vCPU, an ISA bus,
 //! one IOAPIC with identity-routed ISA IRQs, and LINT0/LINT1. Linux uses it to find APs when
-//! there is no ACPI. Built as bytes (pure), then written into the EBDA.
+//! there is no ACPI. Built as bytes (pure), then written into the EBDA; it never touches vCPU
+//! state.
 
 use vm_memory::{Bytes, GuestAddress};
 

@@ -1,4 +1,5 @@
-//! Initial MSR values for a booting vCPU, and the PVM identification MSR.
+//! Initial MSR values for a booting vCPU, and the PVM identification MSR. It never saves or
+//! restores the MSRs of a running vCPU (`vstate::vcpu_state` does).
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -13,7 +14,7 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
-/// PVM: reads `PVM_SIGNATURE` on a PVM host (see shared/guest/NOTES-kernel-abi.md).
+/// PVM: reads `PVM_SIGNATURE` on a PVM host (see `PVM.md` in this directory).
 pub const MSR_PVM_IDENTIFY: u32 = 0x4b56_4d11;
 /// Value of [`MSR_PVM_IDENTIFY`] on a PVM host: "PVM".
 pub const PVM_SIGNATURE: u64 = 0x4d_5650;

@@ -1,5 +1,6 @@
 //! Initial vCPU registers for 64-bit entry: identity page tables (U bit set everywhere, which
 //! PVM's shadow paging needs), the GDT, long-mode control registers and the entry `rip`/`rsi`.
+//! It only sets up a boot; it never saves or restores a running vCPU (`vstate::vcpu_state` does).
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;

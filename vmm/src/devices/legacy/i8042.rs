@@ -8,9 +8,11 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 /// i8042 data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
@@ -323,6 +325,68 @@ impl BusDevice for I8042 {
     }
 }
 
+/// Why a saved i8042 or reset-control state was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum I8042Error {
+    #[error("saved i8042 state queues {got} keyboard bytes, more than the {KBD_QUEUE_BYTES} it can hold")]
+    KbdQueue { got: usize },
+}
+
+/// The i8042 registers a snapshot keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub control: u8,
+    pub output_port: u8,
+    /// The byte waiting at port 0x60, and whether it came from the aux port.
+    pub output: Option<(u8, bool)>,
+    pub kbd_queue: Vec<u8>,
+    pub kbd_awaiting_parameter: Option<u8>,
+    pub awaiting_parameter: Option<u8>,
+    pub last_was_command: bool,
+}
+
+/// What a restored i8042 needs live: where it asks for a stop, and its keyboard interrupt line.
+#[derive(Debug)]
+pub struct I8042Args {
+    pub stop: Arc<StopRequest>,
+    pub kbd_irq: Option<EventFd>,
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type ConstructorArgs = I8042Args;
+    type Error = I8042Error;
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            output_port: self.output_port,
+            output: self.output,
+            kbd_queue: self.kbd_queue.iter().copied().collect(),
+            kbd_awaiting_parameter: self.kbd_awaiting_parameter,
+            awaiting_parameter: self.awaiting_parameter,
+            last_was_command: self.last_was_command,
+        }
+    }
+
+    fn restore(args: I8042Args, state: &I8042State) -> Result<Self, I8042Error> {
+        if state.kbd_queue.len() > KBD_QUEUE_BYTES {
+            return Err(I8042Error::KbdQueue { got: state.kbd_queue.len() });
+        }
+        Ok(Self {
+            stop: args.stop,
+            kbd_irq: args.kbd_irq,
+            control: state.control,
+            output_port: state.output_port,
+            output: state.output,
+            kbd_queue: state.kbd_queue.iter().copied().collect(),
+            kbd_awaiting_parameter: state.kbd_awaiting_parameter,
+            awaiting_parameter: state.awaiting_parameter,
+            last_was_command: state.last_was_command,
+        })
+    }
+}
+
 /// The 0xcf9 reset-control register.
 #[derive(Debug)]
 pub struct ResetControl {
@@ -334,6 +398,27 @@ impl ResetControl {
     /// A register that raises `stop` when the reset bit is written.
     pub fn new(stop: Arc<StopRequest>) -> Self {
         Self { stop, value: 0 }
+    }
+}
+
+/// The reset-control register a snapshot keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetControlState {
+    pub value: u8,
+}
+
+impl Persist for ResetControl {
+    type State = ResetControlState;
+    /// Where the restored register asks for a stop.
+    type ConstructorArgs = Arc<StopRequest>;
+    type Error = I8042Error;
+
+    fn save(&self) -> ResetControlState {
+        ResetControlState { value: self.value }
+    }
+
+    fn restore(stop: Arc<StopRequest>, state: &ResetControlState) -> Result<Self, I8042Error> {
+        Ok(Self { stop, value: state.value & !RESET_CONTROL_RESET_BIT })
     }
 }
 
@@ -380,6 +465,43 @@ mod tests {
     fn command_answer(kbd: &mut I8042, command: u8) -> Option<u8> {
         kbd.write(COMMAND_OFFSET, &[command]);
         (status(kbd) & STATUS_OUTPUT_FULL != 0).then(|| read_data(kbd))
+    }
+
+    #[test]
+    fn an_i8042_mid_conversation_round_trips_and_answers_on() {
+        let (kbd, stop) = controller();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut kbd = kbd.with_kbd_irq(irq.try_clone().unwrap());
+        kbd.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        kbd.write(DATA_OFFSET, &[0x47]);
+        // GET_ID: ACK waits in the output buffer, the two id bytes behind it.
+        kbd.write(DATA_OFFSET, &[KBD_CMD_GET_ID]);
+        let args = I8042Args { stop: stop.clone(), kbd_irq: Some(irq.try_clone().unwrap()) };
+        let mut restored = crate::persist::test_util::round_trip(&kbd, args);
+        assert_eq!(read_data(&mut restored), KBD_ACK);
+        assert_eq!(read_data(&mut restored), KBD_ID_MF2[0]);
+        assert_eq!(read_data(&mut restored), KBD_ID_MF2[1]);
+        assert_eq!(command_answer(&mut restored, CMD_READ_CTR), Some(0x47));
+        restored.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
+        assert_eq!(stop.take(), Some(ResetSource::I8042), "the restored controller still resets");
+
+        let mut rc = ResetControl::new(stop.clone());
+        rc.write(0, &[0x2]);
+        let mut rc = crate::persist::test_util::round_trip(&rc, stop.clone());
+        let mut value = [0u8];
+        rc.read(0, &mut value);
+        assert_eq!(value, [0x2]);
+        rc.write(0, &[0x6]);
+        assert_eq!(stop.take(), Some(ResetSource::ResetControl));
+    }
+
+    #[test]
+    fn a_saved_i8042_with_an_overlong_queue_is_refused() {
+        let (kbd, stop) = controller();
+        let mut state = kbd.save();
+        state.kbd_queue = vec![0; KBD_QUEUE_BYTES + 1];
+        let err = I8042::restore(I8042Args { stop, kbd_irq: None }, &state).unwrap_err();
+        assert!(err.to_string().contains("keyboard bytes"), "{err}");
     }
 
     #[test]

@@ -22,11 +22,9 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use super::chain::{total_len, Chain, ChainError, Segment};
-use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
-    VIRTIO_F_VERSION_1_BIT,
-};
+use super::device::{read_config_bytes, DeviceMemory, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1_BIT};
 use crate::devices::guest_log::GuestWarnLimiter;
+use crate::persist::Persist;
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -70,6 +68,16 @@ pub enum BlockError {
         /// The stat error.
         #[source]
         source: std::io::Error,
+    },
+    /// A restore found a backing file of another size than the saved disk.
+    #[error("block backing file {path} holds {actual} bytes but the saved disk held {saved}")]
+    SizeChanged {
+        /// The file.
+        path: PathBuf,
+        /// The saved disk's size (whole sectors).
+        saved: u64,
+        /// The file's size (whole sectors).
+        actual: u64,
     },
 }
 
@@ -229,7 +237,15 @@ impl<M> Block<M> {
         config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
         config_space.extend_from_slice(&MAX_SEGMENT_BYTES.to_le_bytes());
         config_space.extend_from_slice(&MAX_DATA_SEGMENTS.to_le_bytes());
-        Ok(Self { config, file, capacity_sectors, config_space, common: VirtioCommon::new(&[BLOCK_QUEUE_SIZE]) })
+        let mut features = VIRTIO_F_VERSION_1_BIT
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX);
+        if config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let common = VirtioCommon::new(VIRTIO_ID_BLOCK, features, &[BLOCK_QUEUE_SIZE]);
+        Ok(Self { config, file, capacity_sectors, config_space, common })
     }
 
     /// Disk size in 512-byte sectors.
@@ -245,6 +261,42 @@ impl<M> Block<M> {
     /// The backing file's path.
     pub fn path(&self) -> &Path {
         &self.config.path
+    }
+}
+
+/// What a snapshot keeps of a block device: what the guest saw of it. The backing file is
+/// handed in on restore (a fork gets its own copy) and must have the saved size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Disk size in bytes (whole sectors).
+    pub bytes: u64,
+    /// Whether the guest was told the disk is read-only.
+    pub read_only: bool,
+    /// The GET_ID answer.
+    pub disk_id: String,
+}
+
+impl<M> Persist for Block<M> {
+    type State = BlockState;
+    /// The backing file.
+    type ConstructorArgs = PathBuf;
+    type Error = BlockError;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            bytes: self.capacity_sectors * SECTOR_BYTES,
+            read_only: self.config.read_only,
+            disk_id: self.config.disk_id.clone(),
+        }
+    }
+
+    fn restore(path: PathBuf, state: &BlockState) -> Result<Self, BlockError> {
+        let block = Self::new(BlockConfig { path, read_only: state.read_only, disk_id: state.disk_id.clone() })?;
+        let actual = block.capacity_sectors * SECTOR_BYTES;
+        if actual != state.bytes {
+            return Err(BlockError::SizeChanged { path: block.config.path, saved: state.bytes, actual });
+        }
+        Ok(block)
     }
 }
 
@@ -425,46 +477,61 @@ fn read_at_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Block<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1_BIT
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_SIZE_MAX);
-        if self.config.read_only {
-            features |= 1 << VIRTIO_BLK_F_RO;
-        }
-        features
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.common.activate(ctx)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
-    }
-
     fn queue_notify(&mut self, _queue_index: u32) {
         self.process_queue();
     }
+}
 
-    fn reset(&mut self) {
-        self.common.reset();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::{activate, guest_memory, read_bytes, write_bytes, Driver, Mem};
+    use crate::persist::test_util::round_trip;
+
+    const DISK_BYTES: u64 = 64 * SECTOR_BYTES;
+
+    fn disk(dir: &tempfile::TempDir, name: &str, bytes: u64) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::File::create(&path).unwrap().set_len(bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_disk_round_trips_onto_a_copy_and_still_answers_get_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            BlockConfig { path: disk(&dir, "a.img", DISK_BYTES), read_only: true, disk_id: "capsule-vdq".into() };
+        let block: Block<Mem> = Block::new(config).unwrap();
+        let copy = disk(&dir, "copy.img", DISK_BYTES);
+        let mut restored = round_trip(&block, copy.clone());
+        assert_eq!(restored.path(), copy);
+        assert_eq!(restored.avail_features(), block.avail_features(), "still read-only");
+
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0);
+        let _irq = activate(&mut restored, &mem, vec![driver.queue()]);
+        let (hdr, data, status) = (0x10_0000, 0x10_1000, 0x10_2000);
+        write_bytes(&mem, hdr, &[VIRTIO_BLK_T_GET_ID as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        driver.add_chain(&[(hdr, REQUEST_HEADER_BYTES, false), (data, DISK_ID_BYTES as u32, true), (status, 1, true)]);
+        assert_eq!(restored.process_queue(), 1);
+        assert_eq!(driver.used(0).1, DISK_ID_BYTES as u32 + 1);
+        assert_eq!(&read_bytes(&mem, data, 11), b"capsule-vdq");
+        assert_eq!(read_bytes(&mem, status, 1), [VIRTIO_BLK_S_OK as u8]);
+    }
+
+    #[test]
+    fn a_disk_restores_only_onto_a_file_of_the_saved_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BlockConfig { path: disk(&dir, "a.img", DISK_BYTES), read_only: false, disk_id: "d".into() };
+        let state = Block::<Mem>::new(config).unwrap().save();
+        let bigger = disk(&dir, "big.img", 2 * DISK_BYTES);
+        let err = Block::<Mem>::restore(bigger, &state).map(|_| ()).unwrap_err();
+        assert!(matches!(err, BlockError::SizeChanged { saved: DISK_BYTES, .. }), "{err}");
     }
 }

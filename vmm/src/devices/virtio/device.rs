@@ -155,9 +155,11 @@ pub struct ActiveState<M> {
 
 /// What every device holds for the transport (Cloud Hypervisor's `VirtioCommon`): its queue
 /// sizes, its [`ActiveState`] once the driver activated it, and its budget of guest-triggered
-/// warnings. Devices delegate the bookkeeping methods of [`VirtioDevice`] here and serve their
+/// warnings. The bookkeeping methods of [`VirtioDevice`] default to it, and devices serve their
 /// queues with [`VirtioCommon::serve_queue`], adding only their own request logic.
 pub struct VirtioCommon<M> {
+    device_type: u32,
+    avail_features: u64,
     queue_sizes: Vec<u16>,
     /// Present between activation and reset.
     pub active: Option<ActiveState<M>>,
@@ -166,9 +168,26 @@ pub struct VirtioCommon<M> {
 }
 
 impl<M> VirtioCommon<M> {
-    /// A device with queues of these maximum sizes, not yet activated.
-    pub fn new(queue_sizes: &[u16]) -> Self {
-        Self { queue_sizes: queue_sizes.to_vec(), active: None, warnings: GuestWarnLimiter::new() }
+    /// A device of `device_type` offering `avail_features`, with queues of these maximum sizes,
+    /// not yet activated.
+    pub fn new(device_type: u32, avail_features: u64, queue_sizes: &[u16]) -> Self {
+        Self {
+            device_type,
+            avail_features,
+            queue_sizes: queue_sizes.to_vec(),
+            active: None,
+            warnings: GuestWarnLimiter::new(),
+        }
+    }
+
+    /// [`VirtioDevice::device_type`].
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    /// [`VirtioDevice::avail_features`].
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
     }
 
     /// [`VirtioDevice::queue_max_sizes`].
@@ -262,15 +281,34 @@ impl<M: GuestMemory> ActiveState<M> {
 /// Methods are called with the device locked, from a vCPU thread (register
 /// accesses, queue notifications) or from the device-event thread
 /// ([`VirtioDevice::process_events`]). None may block for long or panic.
-pub trait VirtioDevice<M>: Send {
-    /// Virtio device ID (include/uapi/linux/virtio_ids.h).
-    fn device_type(&self) -> u32;
-    /// The maximum size of each queue; the length is the queue count.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Features the device offers (VIRTIO_F_VERSION_1 included).
-    fn avail_features(&self) -> u64;
+///
+/// Every device keeps its shared bookkeeping in a [`VirtioCommon`] and hands it out through
+/// [`VirtioDevice::common`]/[`VirtioDevice::common_mut`]; the bookkeeping methods default to
+/// it, so a device writes only what is its own (and overrides `activate`/`reset` only to add
+/// to them).
+pub trait VirtioDevice<M: DeviceMemory>: Send {
     /// Reads the device configuration space; bytes beyond it read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver notified queue `queue_index` (QueueNotify).
+    fn queue_notify(&mut self, queue_index: u32);
+    /// The part every device shares (a device field named `common`: see
+    /// [`virtio_common_accessors`](crate::virtio_common_accessors)).
+    fn common(&self) -> &VirtioCommon<M>;
+    /// The part every device shares, to change.
+    fn common_mut(&mut self) -> &mut VirtioCommon<M>;
+
+    /// Virtio device ID (include/uapi/linux/virtio_ids.h).
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
+    /// Features the device offers (VIRTIO_F_VERSION_1 included).
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
+    /// The maximum size of each queue; the length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_max_sizes()
+    }
     /// Writes the device configuration space. Default: read-only config.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         tracing::warn!(
@@ -281,15 +319,21 @@ pub trait VirtioDevice<M>: Send {
         );
     }
     /// Starts the device with the queues the driver set up.
-    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError>;
+    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
+        self.common_mut().activate(ctx)
+    }
     /// Whether the device has been activated (and not reset since).
-    fn is_activated(&self) -> bool;
-    /// The driver notified queue `queue_index` (QueueNotify).
-    fn queue_notify(&mut self, queue_index: u32);
+    fn is_activated(&self) -> bool {
+        self.common().is_activated()
+    }
     /// Device reset (Status written 0): drop queues and backend connections.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.common_mut().reset();
+    }
     /// The activated queues' state (empty when not activated), for a snapshot.
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot>;
+    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.common().queue_snapshots()
+    }
     /// A file descriptor the device-event thread should watch for readability,
     /// if the device has host-side events.
     fn event_fd(&self) -> Option<RawFd> {
@@ -298,6 +342,20 @@ pub trait VirtioDevice<M>: Send {
     /// Called on the device-event thread when [`VirtioDevice::event_fd`] is
     /// readable.
     fn process_events(&mut self) {}
+}
+
+/// Writes [`VirtioDevice::common`] and [`VirtioDevice::common_mut`] for a device whose
+/// [`VirtioCommon`] is its field `common` (and whose memory type parameter is `M`).
+#[macro_export]
+macro_rules! virtio_common_accessors {
+    () => {
+        fn common(&self) -> &$crate::devices::virtio::device::VirtioCommon<M> {
+            &self.common
+        }
+        fn common_mut(&mut self) -> &mut $crate::devices::virtio::device::VirtioCommon<M> {
+            &mut self.common
+        }
+    };
 }
 
 /// Copies `config[offset..]` into `data`; bytes past the end read as zero.

@@ -197,7 +197,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::devices::virtio::device::{ActivateContext, ActivateError, QueueSnapshot, VirtioDevice};
+    use crate::devices::virtio::device::{VirtioCommon, VirtioDevice};
 
     type Mem = vm_memory::GuestMemoryMmap<()>;
 
@@ -205,29 +205,17 @@ mod tests {
     struct CountingDevice {
         evt: EventFd,
         served: Arc<AtomicUsize>,
+        common: VirtioCommon<Mem>,
     }
 
     impl VirtioDevice<Mem> for CountingDevice {
-        fn device_type(&self) -> u32 {
-            0
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[]
-        }
-        fn avail_features(&self) -> u64 {
-            0
-        }
         fn read_config(&self, _: u64, _: &mut [u8]) {}
-        fn activate(&mut self, _: ActivateContext<Mem>) -> Result<(), ActivateError> {
-            Ok(())
-        }
-        fn is_activated(&self) -> bool {
-            false
-        }
         fn queue_notify(&mut self, _: u32) {}
-        fn reset(&mut self) {}
-        fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-            Vec::new()
+        fn common(&self) -> &VirtioCommon<Mem> {
+            &self.common
+        }
+        fn common_mut(&mut self) -> &mut VirtioCommon<Mem> {
+            &mut self.common
         }
         fn event_fd(&self) -> Option<RawFd> {
             Some(self.evt.as_raw_fd())
@@ -254,7 +242,8 @@ mod tests {
         let served = Arc::new(AtomicUsize::new(0));
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let trigger = evt.try_clone().unwrap();
-        let device: SharedDevice<Mem> = Arc::new(Mutex::new(CountingDevice { evt, served: served.clone() }));
+        let device: SharedDevice<Mem> =
+            Arc::new(Mutex::new(CountingDevice { evt, served: served.clone(), common: VirtioCommon::new(0, 0, &[]) }));
         let event_loop = DeviceEventLoop::start(vec![device]).unwrap();
         trigger.write(1).unwrap();
         assert!(wait_until(|| served.load(Ordering::SeqCst) == 1));

@@ -9,6 +9,7 @@
 //! guest access is validated; bad ones are logged and ignored, never a panic.
 
 use crate::devices::guest_log::GuestWarnLimiter;
+use crate::persist::Persist;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -146,54 +147,6 @@ impl<M: DeviceMemory> MmioTransport<M> {
             config_generation: 0,
             warnings: GuestWarnLimiter::new(),
         })
-    }
-
-    /// Saves the register and queue state (see [`MmioState`]).
-    pub fn save(&self) -> MmioState {
-        let active = lock_device(&self.device).queue_snapshots();
-        let queues = if active.is_empty() { self.queues.iter().map(|q| q.state().into()).collect() } else { active };
-        MmioState {
-            device_status: self.device_status,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            acked_features: self.acked_features,
-            queue_select: self.queue_select,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            queues,
-        }
-    }
-
-    /// Rebuilds a transport from `state` around a freshly constructed
-    /// `device`; an activated device is re-activated with the saved queue
-    /// positions, and a pending interrupt is raised again.
-    pub fn restore(mem: M, device: SharedDevice<M>, irq: EventFd, state: &MmioState) -> Result<Self, MmioError> {
-        let mut t = Self::new(mem, device, irq)?;
-        if state.queues.len() != t.queues.len() {
-            return Err(MmioError::QueueCount { expected: t.queues.len(), actual: state.queues.len() });
-        }
-        for (index, (slot, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
-            let max_size = slot.max_size();
-            if saved.max_size != max_size {
-                return Err(MmioError::InvalidQueueState { index, max_size, source: None });
-            }
-            *slot = Queue::try_from(QueueState::from(*saved)).map_err(|source| MmioError::InvalidQueueState {
-                index,
-                max_size,
-                source: Some(source),
-            })?;
-        }
-        t.device_status = state.device_status;
-        t.device_features_select = state.device_features_select;
-        t.driver_features_select = state.driver_features_select;
-        t.acked_features = state.acked_features & t.avail_features;
-        t.queue_select = state.queue_select;
-        t.config_generation = state.config_generation;
-        if t.device_status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.device_status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
-            t.activate();
-        }
-        t.interrupt.restore_status(state.interrupt_status);
-        Ok(t)
     }
 
     /// The device's interrupt line (InterruptStatus and the irqfd).
@@ -555,7 +508,110 @@ impl<M: DeviceMemory> MmioTransport<M> {
     }
 }
 
+/// What a restored transport needs live: guest memory, the freshly restored device, and the
+/// irqfd registered for its GSI.
+pub struct MmioArgs<M> {
+    pub mem: M,
+    pub device: SharedDevice<M>,
+    pub irq: EventFd,
+}
+
+impl<M: DeviceMemory> Persist for MmioTransport<M> {
+    type State = MmioState;
+    type ConstructorArgs = MmioArgs<M>;
+    type Error = MmioError;
+
+    /// Saves the register and queue state (see [`MmioState`]).
+    fn save(&self) -> MmioState {
+        let active = lock_device(&self.device).queue_snapshots();
+        let queues = if active.is_empty() { self.queues.iter().map(|q| q.state().into()).collect() } else { active };
+        MmioState {
+            device_status: self.device_status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Rebuilds a transport from `state` around a freshly constructed
+    /// `device`; an activated device is re-activated with the saved queue
+    /// positions, and a pending interrupt is raised again.
+    fn restore(args: MmioArgs<M>, state: &MmioState) -> Result<Self, MmioError> {
+        let mut t = Self::new(args.mem, args.device, args.irq)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(MmioError::QueueCount { expected: t.queues.len(), actual: state.queues.len() });
+        }
+        for (index, (slot, saved)) in t.queues.iter_mut().zip(&state.queues).enumerate() {
+            let max_size = slot.max_size();
+            if saved.max_size != max_size {
+                return Err(MmioError::InvalidQueueState { index, max_size, source: None });
+            }
+            *slot = Queue::try_from(QueueState::from(*saved)).map_err(|source| MmioError::InvalidQueueState {
+                index,
+                max_size,
+                source: Some(source),
+            })?;
+        }
+        t.device_status = state.device_status;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.acked_features = state.acked_features & t.avail_features;
+        t.queue_select = state.queue_select;
+        t.config_generation = state.config_generation;
+        if t.device_status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.device_status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+            t.activate();
+        }
+        t.interrupt.restore_status(state.interrupt_status);
+        Ok(t)
+    }
+}
+
 /// Config-space accesses may be 1, 2, 4 or 8 bytes and must stay in the window.
 fn config_access_ok(offset: u64, len: usize) -> bool {
     matches!(len, 1 | 2 | 4 | 8) && offset.checked_add(len as u64).is_some_and(|end| end <= MMIO_WINDOW_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::test_utils::{guest_memory, Mem};
+    use crate::persist::test_util::round_trip;
+
+    fn write(t: &mut MmioTransport<Mem>, offset: u32, value: u32) {
+        t.write(u64::from(offset), &value.to_le_bytes());
+    }
+
+    fn read(t: &mut MmioTransport<Mem>, offset: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(offset), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_transport_mid_negotiation_round_trips_and_negotiates_on() {
+        let mem = guest_memory();
+        let rng: SharedDevice<Mem> = Arc::new(Mutex::new(Rng::<Mem>::new()));
+        let mut t = MmioTransport::new(mem.clone(), rng, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        write(&mut t, reg::VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        write(&mut t, reg::VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        write(&mut t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        write(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        let device: SharedDevice<Mem> = Arc::new(Mutex::new(Rng::<Mem>::new()));
+        let args = MmioArgs { mem, device, irq: EventFd::new(libc::EFD_NONBLOCK).unwrap() };
+        let mut restored = round_trip(&t, args);
+        // Features word 1 holds VIRTIO_F_VERSION_1; the driver goes on from where it was.
+        assert_eq!(read(&mut restored, reg::VIRTIO_MMIO_DEVICE_FEATURES), (VIRTIO_F_VERSION_1_BIT >> 32) as u32);
+        write(&mut restored, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut restored, reg::VIRTIO_MMIO_DRIVER_FEATURES, (VIRTIO_F_VERSION_1_BIT >> 32) as u32);
+        let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        write(&mut restored, reg::VIRTIO_MMIO_STATUS, status);
+        assert_eq!(read(&mut restored, reg::VIRTIO_MMIO_STATUS), status);
+    }
 }

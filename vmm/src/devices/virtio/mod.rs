@@ -31,11 +31,12 @@
 //!
 //! # Snapshots
 //!
-//! [`mmio::MmioTransport::save`] returns a serde [`mmio::MmioState`] (registers
-//! and queue positions); [`mmio::MmioTransport::restore`] rebuilds the window
-//! around a freshly constructed device (devices are rebuilt from their serde
-//! configs, [`block::BlockConfig`] and [`vsock::VsockConfig`]) and re-activates
-//! it. Vsock connections do not survive: after restoring, call
+//! Every device and the transport implement [`crate::persist::Persist`]: `save` gives plain
+//! serde facts ([`block::BlockState`], [`vsock::VsockState`], [`rng::RngState`],
+//! [`mmio::MmioState`] with the registers and queue positions), `restore` rebuilds the device
+//! from them and the live things handed in (a disk's path, the vsock socket path; guest
+//! memory, the device and its irqfd for the transport, which re-activates an activated device).
+//! Vsock connections do not survive: after restoring, call
 //! [`vsock::Vsock::send_transport_reset`] so the guest drops its sockets too.
 //!
 //! ```
@@ -66,4 +67,6 @@ pub mod event_loop;
 pub mod fuzzing;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+mod test_utils;
 pub mod vsock;

@@ -4,11 +4,13 @@
 //! Owns the single request queue. It never blocks (getrandom on the urandom
 //! pool) and gives at most [`MAX_RNG_BYTES_PER_REQUEST`] per request.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::chain::{write_segments, Chain, Segment};
-use super::device::{ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice};
+use super::device::{DeviceMemory, VirtioCommon, VirtioDevice};
 use crate::devices::guest_log::GuestWarnLimiter;
+use crate::persist::Persist;
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -59,7 +61,26 @@ impl<M> Default for Rng<M> {
 impl<M> Rng<M> {
     /// A new, not yet activated entropy device.
     pub fn new() -> Self {
-        Self { common: VirtioCommon::new(&[RNG_QUEUE_SIZE]) }
+        Self { common: VirtioCommon::new(VIRTIO_ID_RNG, super::device::VIRTIO_F_VERSION_1_BIT, &[RNG_QUEUE_SIZE]) }
+    }
+}
+
+/// What a snapshot keeps of the entropy device: nothing but that it exists (its queue lives
+/// in the transport's state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {}
+
+impl<M> Persist for Rng<M> {
+    type State = RngState;
+    type ConstructorArgs = ();
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> RngState {
+        RngState {}
+    }
+
+    fn restore((): (), _state: &RngState) -> Result<Self, Self::Error> {
+        Ok(Self::new())
     }
 }
 
@@ -97,40 +118,34 @@ fn fill_request<M: DeviceMemory>(mem: &M, segments: &[Segment], warnings: &mut G
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Rng<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        super::device::VIRTIO_F_VERSION_1_BIT
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // virtio-rng has no configuration space.
         data.fill(0);
     }
 
-    fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
-        self.common.activate(ctx)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
-    }
-
     fn queue_notify(&mut self, _queue_index: u32) {
         self.process_queue();
     }
+}
 
-    fn reset(&mut self) {
-        self.common.reset();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::{activate, guest_memory, Driver, Mem};
+    use crate::persist::test_util::round_trip;
+
+    #[test]
+    fn the_entropy_device_round_trips_and_still_fills_buffers() {
+        let rng: Rng<Mem> = Rng::new();
+        let mut restored = round_trip(&rng, ());
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0);
+        let _irq = activate(&mut restored, &mem, vec![driver.queue()]);
+        driver.add_chain(&[(0x10_0000, 64, true)]);
+        assert_eq!(restored.process_queue(), 1);
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used(0).1, 64);
     }
 }

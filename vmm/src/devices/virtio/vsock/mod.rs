@@ -1,10 +1,14 @@
 //! virtio-vsock (device ID 19), hybrid: guest vsock streams are carried to
-//! host Unix sockets by the [`muxer`], as in Firecracker.
+//! host Unix sockets by the [`muxer`], each stream a [`csm`] connection state
+//! machine, with the [`handshake`] lines on the host side, as in Firecracker.
 //!
 //! Owns the three queues (RX 0, TX 1, event 2), moving validated packets
 //! between them and the muxer, and the transport-reset event sent after a
 //! snapshot restore. It never interprets connection state itself.
 
+pub mod csm;
+pub mod handshake;
+pub mod kill_queue;
 pub mod muxer;
 pub mod packet;
 
@@ -18,9 +22,9 @@ use vm_memory::Bytes;
 
 use super::chain::Chain;
 use super::device::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, QueueSnapshot, VirtioCommon, VirtioDevice,
-    VIRTIO_F_VERSION_1_BIT,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMemory, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1_BIT,
 };
+use crate::persist::Persist;
 use muxer::{Muxer, MuxerError};
 use packet::{read_tx_chain, rx_payload_capacity, write_rx_packet, EVENT_TRANSPORT_RESET};
 
@@ -72,7 +76,11 @@ impl<M> Vsock<M> {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
         let muxer = Muxer::new(config.guest_cid, &config.uds_path).map_err(VsockError::Muxer)?;
-        Ok(Self { config, muxer, common: VirtioCommon::new(&[VSOCK_QUEUE_SIZE; 3]) })
+        Ok(Self {
+            config,
+            muxer,
+            common: VirtioCommon::new(VIRTIO_ID_VSOCK, VIRTIO_F_VERSION_1_BIT, &[VSOCK_QUEUE_SIZE; 3]),
+        })
     }
 
     /// The device's configuration.
@@ -83,6 +91,30 @@ impl<M> Vsock<M> {
     /// Number of live connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+}
+
+/// What a snapshot keeps of a vsock device: the guest's CID. Connections are not kept (the
+/// host side of each is a socket of the old process): a restored device starts with none and
+/// the wiring sends the guest a transport reset once the device is active again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+}
+
+impl<M> Persist for Vsock<M> {
+    type State = VsockState;
+    /// The host Unix socket to bind (a fork gets its own).
+    type ConstructorArgs = PathBuf;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
+        VsockState { guest_cid: self.config.guest_cid }
+    }
+
+    fn restore(uds_path: PathBuf, state: &VsockState) -> Result<Self, VsockError> {
+        Self::new(VsockConfig { guest_cid: state.guest_cid, uds_path })
     }
 }
 
@@ -177,17 +209,7 @@ impl<M: DeviceMemory> Vsock<M> {
 }
 
 impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.common.queue_max_sizes()
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1_BIT
-    }
+    crate::virtio_common_accessors!();
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { __le64 guest_cid; }
@@ -199,14 +221,6 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
         // Host connections may have arrived before the driver was ready.
         self.process_rx();
         Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.common.is_activated()
-    }
-
-    fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
-        self.common.queue_snapshots()
     }
 
     fn queue_notify(&mut self, queue_index: u32) {
@@ -233,5 +247,27 @@ impl<M: DeviceMemory> VirtioDevice<M> for Vsock<M> {
     fn process_events(&mut self) {
         self.muxer.process_events();
         self.process_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::Mem;
+    use crate::persist::test_util::round_trip;
+
+    #[test]
+    fn a_vsock_device_round_trips_onto_its_own_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("parent.sock");
+        let fork = dir.path().join("fork.sock");
+        let device: Vsock<Mem> = Vsock::new(VsockConfig { guest_cid: 7, uds_path: parent.clone() }).unwrap();
+        let restored = round_trip(&device, fork.clone());
+        let mut cid = [0u8; 8];
+        restored.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 7);
+        assert_eq!(restored.connection_count(), 0, "connections are not carried over");
+        std::os::unix::net::UnixStream::connect(&fork).expect("the restored device listens on its new socket");
+        std::os::unix::net::UnixStream::connect(&parent).expect("the parent keeps its own");
     }
 }

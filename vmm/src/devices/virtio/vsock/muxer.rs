@@ -2,50 +2,67 @@
 //! streams (the Firecracker "hybrid vsock" scheme).
 //!
 //! - Host-initiated: a host process connects to `uds_path` and sends
-//!   `CONNECT <port>\n`; the muxer sends REQUEST to the guest port and, on the
-//!   guest's RESPONSE, answers `OK <local_port>\n` on the stream.
+//!   `CONNECT <port>\n` ([`super::handshake`]); the muxer sends REQUEST to the guest port and,
+//!   on the guest's RESPONSE, answers `OK <local_port>\n` on the stream.
 //! - Guest-initiated: a REQUEST to (CID 2, port P) connects to `<uds_path>_P`;
 //!   no listener there means RST.
 //!
-//! Owns every connection, the listener and an epoll over their fds (exposed
-//! as one fd to the device-event thread). A connection is only changed
-//! through `Muxer::sync`, which then re-derives its epoll interest, its
-//! place in the RX queue, and its removal, so the rules live in one place.
-//! It never touches guest memory: packets come in as [`TxPacket`] and go out
-//! as (header, payload).
+//! Owns every connection (each a [`Connection`] state machine over its
+//! `UnixStream`), the listener and an epoll over their fds (exposed as one fd
+//! to the device-event thread). A connection is only changed through
+//! `Muxer::mutate`, which then re-derives its epoll interest, its place in the
+//! RX queue, and its removal, so the rules live in one place (Firecracker's
+//! `apply_conn_mutation`). It never touches guest memory: packets come in as
+//! [`TxPacket`] and go out as (header, payload).
+//!
+//! Bad peers are expired (Firecracker's kill queue, [`KillQueue`]): a host stream that never
+//! finishes its `CONNECT` line, a connection whose REQUEST (or RST) the guest never answers,
+//! and a half-closed connection that moves no bytes, each bounded by time (the `*_TIMEOUT`
+//! constants) and by count. A timerfd in the muxer's epoll wakes the device-event thread at
+//! the earliest deadline; with nothing to expire it is not armed, so an idle VM stays idle.
 
+use crate::config::MAX_UDS_PATH_BYTES;
 use crate::devices::guest_log::GuestWarnLimiter;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
-use std::io::{ErrorKind, Read, Write};
-use std::net::Shutdown;
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::packet::{Header, Op, TxPacket, HOST_CID, MAX_PAYLOAD_BYTES, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::csm::{ConnState, Connection, Interest, RxPacket};
+pub use super::csm::{CONN_TX_BUF_BYTES, CREDIT_UPDATE_THRESHOLD_BYTES};
+pub use super::handshake::{parse_connect_line, MAX_CONNECT_LINE_BYTES};
+use super::kill_queue::{Expiry, KillQueue};
+pub use super::kill_queue::{CONNECT_LINE_TIMEOUT, GUEST_RESPONSE_TIMEOUT, HALF_CLOSED_IDLE_TIMEOUT};
+use super::packet::{Header, Op, TxPacket, HOST_CID, TYPE_STREAM};
 
-/// Receive buffer we advertise per connection (guest → host bytes we hold).
-pub const CONN_TX_BUF_BYTES: u32 = 256 * 1024;
-/// Send a CREDIT_UPDATE once this many forwarded bytes are unannounced.
-pub const CREDIT_UPDATE_THRESHOLD_BYTES: u32 = CONN_TX_BUF_BYTES / 2;
 /// Most live connections per device.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Most host streams that have not yet sent their CONNECT line.
+/// Most host streams that have not yet sent their CONNECT line; more are closed at once.
 pub const MAX_PENDING_HOST_STREAMS: usize = 64;
-/// Longest accepted `CONNECT <port>\n` line.
-pub const MAX_CONNECT_LINE_BYTES: usize = 32;
+/// Most host-initiated connections waiting for the guest's RESPONSE (or for their REQUEST to
+/// go out); a `CONNECT` beyond them is refused.
+pub const MAX_CONNECTIONS_AWAITING_GUEST: usize = 64;
+/// Most half-closed connections; past it the one idle longest is reset.
+pub const MAX_HALF_CLOSED_CONNECTIONS: usize = 64;
 /// Most control packets (RSTs for unknown connections) queued for the guest.
 pub const MAX_QUEUED_CONTROL_PACKETS: usize = 256;
 /// First local port handed out for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Epoll token of the listener.
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Epoll token of the expiry timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// Shortest timer wait (a zero wait would disarm the timerfd).
+const MIN_TIMER_WAIT: Duration = Duration::from_millis(1);
 /// Events taken from epoll per wait.
 const MAX_EVENTS_PER_WAIT: usize = 64;
 
@@ -64,10 +81,13 @@ pub enum MuxerError {
     /// Setting up epoll failed.
     #[error("setting up the vsock muxer epoll failed")]
     Epoll(#[source] std::io::Error),
+    /// Creating the expiry timer failed.
+    #[error("creating the vsock muxer's expiry timer failed")]
+    Timer(#[source] vmm_sys_util::errno::Error),
 }
 
 /// A connection's identity: our (host) port and the guest's port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnKey {
     /// Host-side port.
     pub local_port: u32,
@@ -75,182 +95,40 @@ pub struct ConnKey {
     pub peer_port: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ConnState {
-    /// Host-initiated, REQUEST sent or queued, waiting for the guest's RESPONSE.
-    LocalInit,
-    /// Data may flow.
-    Established,
-}
-
-/// Control packets a connection still owes the guest.
-#[derive(Clone, Copy, Debug, Default)]
-struct PendingControl {
-    request: bool,
-    response: bool,
-    credit_update: bool,
-    credit_request: bool,
-    shutdown: bool,
-    rst: bool,
-}
-
-struct Connection {
-    stream: UnixStream,
-    state: ConnState,
-    pending: PendingControl,
-    /// Guest's receive buffer size and consumed count (its credit to us).
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// Bytes we have sent the guest.
-    rx_cnt: u32,
-    /// Bytes from the guest we have written to the host stream.
-    fwd_cnt: u32,
-    /// fwd_cnt as last told to the guest.
-    last_fwd_cnt_sent: u32,
-    /// `OK <port>\n` not yet written to the host.
-    ack_line: Vec<u8>,
-    /// Guest bytes not yet written to the host stream.
-    tx_buf: VecDeque<u8>,
-    /// The host stream has data we have not read (epoll said so).
-    host_readable: bool,
-    /// The host closed its write side.
-    host_eof: bool,
-    /// The guest will send no more (SHUTDOWN SEND).
-    guest_shut_send: bool,
-    /// The guest will receive no more (SHUTDOWN RCV).
-    guest_shut_rcv: bool,
-    /// We already shut the host stream's write side.
-    host_write_shut: bool,
+/// A connection and the muxer's bookkeeping about it.
+struct MuxConn {
+    conn: Connection<UnixStream>,
     /// Queued in `rx_ready`.
     in_rx_queue: bool,
     /// Current epoll interest (None: not registered).
     registered: Option<EventSet>,
-    /// Remove once the pending RST has been delivered.
-    closing: bool,
-    /// A CREDIT_REQUEST went out and the guest has not answered yet.
-    credit_requested: bool,
+    /// What its kill-queue deadline guards, and its byte count when the deadline was set.
+    watched: Option<(Expiry, u64)>,
 }
 
-impl Connection {
-    fn new(stream: UnixStream, state: ConnState, peer: &Header) -> Self {
-        Self {
-            stream,
-            state,
-            pending: PendingControl::default(),
-            peer_buf_alloc: peer.buf_alloc,
-            peer_fwd_cnt: peer.fwd_cnt,
-            rx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            ack_line: Vec::new(),
-            tx_buf: VecDeque::new(),
-            host_readable: false,
-            host_eof: false,
-            guest_shut_send: false,
-            guest_shut_rcv: false,
-            host_write_shut: false,
-            in_rx_queue: false,
-            registered: None,
-            closing: false,
-            credit_requested: false,
-        }
+impl MuxConn {
+    fn new(conn: Connection<UnixStream>) -> Self {
+        Self { conn, in_rx_queue: false, registered: None, watched: None }
     }
+}
 
-    /// Bytes the guest can still take from us.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = self.rx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
+/// What a kill-queue deadline is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Target {
+    /// A host stream still sending its `CONNECT` line.
+    Pending(RawFd),
+    Conn(ConnKey),
+}
 
-    fn can_send_data(&self) -> bool {
-        self.state == ConnState::Established && !self.host_eof && !self.guest_shut_rcv && !self.closing
+fn event_set(interest: Interest) -> EventSet {
+    let mut ev = EventSet::empty();
+    if interest.readable {
+        ev |= EventSet::IN;
     }
-
-    fn wants_rx(&self) -> bool {
-        let p = self.pending;
-        p.request
-            || p.response
-            || p.rst
-            || p.credit_update
-            || p.credit_request
-            || p.shutdown
-            || (self.host_readable && self.can_send_data() && self.peer_credit() > 0)
+    if interest.writable {
+        ev |= EventSet::OUT;
     }
-
-    fn desired_interest(&self) -> EventSet {
-        let mut ev = EventSet::empty();
-        if self.can_send_data() && !self.host_readable && self.peer_credit() > 0 {
-            ev |= EventSet::IN;
-        }
-        if !self.closing && (!self.ack_line.is_empty() || !self.tx_buf.is_empty()) {
-            ev |= EventSet::OUT;
-        }
-        ev
-    }
-
-    fn update_peer_credit(&mut self, h: &Header) {
-        if (h.buf_alloc, h.fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt) {
-            self.credit_requested = false;
-        }
-        self.peer_buf_alloc = h.buf_alloc;
-        self.peer_fwd_cnt = h.fwd_cnt;
-    }
-
-    /// Queues an RST and marks the connection for removal.
-    fn reset(&mut self) {
-        self.pending = PendingControl { rst: true, ..PendingControl::default() };
-        self.closing = true;
-    }
-
-    /// Writes the ack line and buffered guest bytes to the host stream.
-    fn flush_to_host(&mut self) {
-        while !self.ack_line.is_empty() {
-            match self.stream.write(&self.ack_line) {
-                Ok(n) => {
-                    self.ack_line.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "vsock: host stream write failed, resetting");
-                    self.reset();
-                    return;
-                }
-            }
-        }
-        while !self.tx_buf.is_empty() {
-            let (front, _) = self.tx_buf.as_slices();
-            match self.stream.write(front) {
-                Ok(0) => {
-                    self.reset();
-                    return;
-                }
-                Ok(n) => {
-                    self.tx_buf.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "vsock: host stream write failed, resetting");
-                    self.reset();
-                    return;
-                }
-            }
-        }
-        if self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD_BYTES {
-            self.pending.credit_update = true;
-        }
-        if self.tx_buf.is_empty() && self.guest_shut_send && !self.host_write_shut {
-            // Best effort: the host may already have closed its side.
-            let _ = self.stream.shutdown(Shutdown::Write);
-            self.host_write_shut = true;
-        }
-        if self.tx_buf.is_empty() && self.guest_shut_send && self.guest_shut_rcv {
-            // The guest closed both directions and everything is delivered.
-            self.reset();
-        }
-    }
+    ev
 }
 
 /// A host stream that has not finished its `CONNECT <port>\n` line.
@@ -270,7 +148,7 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
-    conns: HashMap<ConnKey, Connection>,
+    conns: HashMap<ConnKey, MuxConn>,
     pending_hosts: HashMap<RawFd, PendingHost>,
     fd_owner: HashMap<RawFd, FdOwner>,
     control_queue: VecDeque<Header>,
@@ -278,6 +156,14 @@ pub struct Muxer {
     next_local_port: u32,
     /// Budget of warnings the guest's packets can trigger.
     warnings: GuestWarnLimiter,
+    /// Deadlines of the streams and connections that wait on a peer.
+    kill_queue: KillQueue<Target>,
+    /// Fires at the earliest deadline (a stale, earlier one fires once for nothing).
+    timer: TimerFd,
+    /// When the timer is armed to fire.
+    armed: Option<Instant>,
+    /// The time of the call being handled (`Instant::now()`, or the one `expire` is given).
+    now: Instant,
 }
 
 impl Muxer {
@@ -295,6 +181,10 @@ impl Muxer {
         epoll
             .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))
             .map_err(MuxerError::Epoll)?;
+        let timer = TimerFd::new().map_err(MuxerError::Timer)?;
+        epoll
+            .ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))
+            .map_err(MuxerError::Epoll)?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -307,6 +197,10 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             warnings: GuestWarnLimiter::new(),
+            kill_queue: KillQueue::default(),
+            timer,
+            armed: None,
+            now: Instant::now(),
         })
     }
 
@@ -337,11 +231,19 @@ impl Muxer {
         }
         self.control_queue.clear();
         self.rx_ready.clear();
+        self.kill_queue.clear_all();
+        self.disarm();
     }
 
     /// Handles host-side readiness: new host connections, CONNECT lines,
     /// readable and writable streams.
     pub fn process_events(&mut self) {
+        self.now = Instant::now();
+        self.process_ready();
+        self.rearm();
+    }
+
+    fn process_ready(&mut self) {
         let mut events = vec![EpollEvent::default(); MAX_EVENTS_PER_WAIT];
         loop {
             let n = match self.epoll.wait(0, &mut events) {
@@ -358,23 +260,28 @@ impl Muxer {
                     self.accept_host_streams();
                     continue;
                 }
+                if token == TIMER_TOKEN {
+                    // Disarming also clears the timer's readiness.
+                    self.disarm();
+                    self.expire(self.now);
+                    continue;
+                }
                 let fd = token as RawFd;
                 match self.fd_owner.get(&fd) {
                     Some(FdOwner::Pending) => self.read_connect_line(fd),
                     Some(FdOwner::Conn(key)) => {
                         let key = *key;
                         let set = ev.event_set();
-                        if let Some(conn) = self.conns.get_mut(&key) {
+                        self.mutate(key, |conn, _| {
                             if set
                                 .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
                             {
-                                conn.host_readable = true;
+                                conn.notify_readable();
                             }
                             if set.contains(EventSet::OUT) {
-                                conn.flush_to_host();
+                                conn.notify_writable();
                             }
-                        }
-                        self.sync(key);
+                        });
                     }
                     None => {}
                 }
@@ -413,12 +320,14 @@ impl Muxer {
             }
             self.fd_owner.insert(fd, FdOwner::Pending);
             self.pending_hosts.insert(fd, PendingHost { stream, line: Vec::new() });
+            self.kill_queue.set(Target::Pending(fd), Expiry::ConnectLine, self.now);
         }
     }
 
     fn drop_pending(&mut self, fd: RawFd) -> Option<PendingHost> {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         self.fd_owner.remove(&fd);
+        self.kill_queue.clear(Target::Pending(fd));
         self.pending_hosts.remove(&fd)
     }
 
@@ -465,16 +374,20 @@ impl Muxer {
             tracing::warn!(limit = MAX_CONNECTIONS, "vsock: connection limit reached, refusing host CONNECT");
             return;
         }
+        let awaiting = self.conns.values().filter(|e| e.conn.state() == ConnState::LocalInit).count();
+        if awaiting >= MAX_CONNECTIONS_AWAITING_GUEST {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS_AWAITING_GUEST,
+                "vsock: too many connections wait for the guest to answer, refusing host CONNECT"
+            );
+            return;
+        }
         let Some(local_port) = self.allocate_local_port(peer_port) else {
             tracing::warn!("vsock: no free local port, refusing host CONNECT");
             return;
         };
         let key = ConnKey { local_port, peer_port };
-        let mut conn = Connection::new(pending.stream, ConnState::LocalInit, &Header::default());
-        conn.pending.request = true;
-        self.fd_owner.insert(fd, FdOwner::Conn(key));
-        self.conns.insert(key, conn);
-        self.sync(key);
+        self.add(key, Connection::new_local_init(pending.stream, local_port));
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> Option<u32> {
@@ -491,6 +404,12 @@ impl Muxer {
 
     /// Handles one validated packet from the guest's TX queue.
     pub fn handle_guest_packet(&mut self, pkt: TxPacket) {
+        self.now = Instant::now();
+        self.handle_packet(pkt);
+        self.rearm();
+    }
+
+    fn handle_packet(&mut self, pkt: TxPacket) {
         let h = pkt.header;
         if h.dst_cid != HOST_CID {
             crate::guest_warn!(
@@ -509,55 +428,7 @@ impl Muxer {
             }
             return;
         }
-        let Some(conn) = self.conns.get_mut(&key) else {
-            return;
-        };
-        conn.update_peer_credit(&h);
-        match (pkt.op, conn.state) {
-            (Op::Rst, _) => {
-                self.remove(key);
-                return;
-            }
-            (Op::Response, ConnState::LocalInit) => {
-                conn.state = ConnState::Established;
-                conn.pending.request = false;
-                conn.ack_line = format!("OK {}\n", key.local_port).into_bytes();
-                conn.flush_to_host();
-            }
-            (Op::Rw, ConnState::Established) => {
-                if conn.guest_shut_send {
-                    crate::guest_warn!(self.warnings, "vsock: guest sent data after SHUTDOWN SEND, resetting");
-                    conn.reset();
-                } else if conn.tx_buf.len() + pkt.payload.len() > CONN_TX_BUF_BYTES as usize {
-                    crate::guest_warn!(
-                        self.warnings,
-                        limit = CONN_TX_BUF_BYTES,
-                        "vsock: guest overran the advertised credit, resetting connection"
-                    );
-                    conn.reset();
-                } else {
-                    conn.tx_buf.extend(pkt.payload.iter());
-                    conn.flush_to_host();
-                }
-            }
-            (Op::CreditUpdate, ConnState::Established) => {}
-            (Op::CreditRequest, ConnState::Established) => conn.pending.credit_update = true,
-            (Op::Shutdown, ConnState::Established) => {
-                conn.guest_shut_rcv |= h.flags & SHUTDOWN_RCV != 0;
-                conn.guest_shut_send |= h.flags & SHUTDOWN_SEND != 0;
-                conn.flush_to_host();
-            }
-            (op, state) => {
-                crate::guest_warn!(
-                    self.warnings,
-                    ?op,
-                    ?state,
-                    "vsock: guest op not valid in connection state, resetting"
-                );
-                conn.reset();
-            }
-        }
-        self.sync(key);
+        self.mutate(key, |conn, warnings| conn.recv_pkt(&pkt, warnings));
     }
 
     fn guest_connect(&mut self, key: ConnKey, h: &Header) {
@@ -580,12 +451,7 @@ impl Muxer {
                 return;
             }
         };
-        let fd = stream.as_raw_fd();
-        let mut conn = Connection::new(stream, ConnState::Established, h);
-        conn.pending.response = true;
-        self.fd_owner.insert(fd, FdOwner::Conn(key));
-        self.conns.insert(key, conn);
-        self.sync(key);
+        self.add(key, Connection::new_peer_init(stream, h));
     }
 
     fn queue_rst(&mut self, key: ConnKey) {
@@ -603,123 +469,68 @@ impl Muxer {
 
     /// The next packet for the guest, with at most `max_payload` data bytes.
     pub fn next_rx(&mut self, max_payload: usize) -> Option<(Header, Vec<u8>)> {
+        self.now = Instant::now();
+        let packet = self.next_packet(max_payload);
+        self.rearm();
+        packet
+    }
+
+    fn next_packet(&mut self, max_payload: usize) -> Option<(Header, Vec<u8>)> {
         if let Some(h) = self.control_queue.pop_front() {
             return Some((h, Vec::new()));
         }
         while let Some(key) = self.rx_ready.pop_front() {
-            let Some(conn) = self.conns.get_mut(&key) else {
+            let Some(entry) = self.conns.get_mut(&key) else {
                 continue;
             };
-            conn.in_rx_queue = false;
-            let packet = self.next_conn_packet(key, max_payload);
-            self.sync(key);
-            if packet.is_some() {
-                return packet;
+            entry.in_rx_queue = false;
+            let guest_cid = self.guest_cid;
+            let packet = self.mutate(key, |conn, _| conn.next_packet(max_payload)).flatten();
+            if let Some(RxPacket { op, flags, fwd_cnt, payload }) = packet {
+                return Some((make_header(guest_cid, key, op, payload.len() as u32, flags, fwd_cnt), payload));
             }
         }
         None
     }
 
-    fn next_conn_packet(&mut self, key: ConnKey, max_payload: usize) -> Option<(Header, Vec<u8>)> {
-        let guest_cid = self.guest_cid;
-        let conn = self.conns.get_mut(&key)?;
-        let fwd_cnt = conn.fwd_cnt;
-        let p = &mut conn.pending;
-        let control = if std::mem::take(&mut p.rst) {
-            Some((Op::Rst, 0))
-        } else if std::mem::take(&mut p.request) {
-            Some((Op::Request, 0))
-        } else if std::mem::take(&mut p.response) {
-            Some((Op::Response, 0))
-        } else if std::mem::take(&mut p.shutdown) {
-            // The host closed its write side; it may still read the guest's reply.
-            Some((Op::Shutdown, SHUTDOWN_SEND))
-        } else if std::mem::take(&mut p.credit_update) {
-            Some((Op::CreditUpdate, 0))
-        } else if std::mem::take(&mut p.credit_request) {
-            Some((Op::CreditRequest, 0))
-        } else {
-            None
-        };
-        if let Some((op, flags)) = control {
-            conn.last_fwd_cnt_sent = fwd_cnt;
-            let h = make_header(guest_cid, key, op, 0, flags, fwd_cnt);
-            return Some((h, Vec::new()));
-        }
-        if !(conn.host_readable && conn.can_send_data()) {
-            return None;
-        }
-        let credit = conn.peer_credit() as usize;
-        if credit == 0 {
-            if !conn.credit_requested {
-                conn.credit_requested = true;
-                conn.pending.credit_request = true;
-            }
-            return None;
-        }
-        let want = credit.min(max_payload).min(MAX_PAYLOAD_BYTES);
-        if want == 0 {
-            return None;
-        }
-        let mut buf = vec![0u8; want];
-        let read = loop {
-            match conn.stream.read(&mut buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                other => break other,
-            }
-        };
-        match read {
-            Ok(0) => {
-                conn.host_eof = true;
-                conn.host_readable = false;
-                if conn.guest_shut_send {
-                    conn.reset();
-                } else {
-                    conn.pending.shutdown = true;
-                }
-                None
-            }
-            Ok(n) => {
-                buf.truncate(n);
-                conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
-                conn.last_fwd_cnt_sent = fwd_cnt;
-                if conn.peer_credit() == 0 && !conn.credit_requested {
-                    // Out of credit with data possibly waiting: ask the guest.
-                    conn.credit_requested = true;
-                    conn.pending.credit_request = true;
-                }
-                let h = make_header(guest_cid, key, Op::Rw, n as u32, 0, fwd_cnt);
-                Some((h, buf))
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                conn.host_readable = false;
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "vsock: host stream read failed, resetting");
-                conn.reset();
-                None
-            }
-        }
+    /// Adds a new connection under `key` and brings its bookkeeping in step.
+    fn add(&mut self, key: ConnKey, conn: Connection<UnixStream>) {
+        self.fd_owner.insert(conn.stream().as_raw_fd(), FdOwner::Conn(key));
+        self.conns.insert(key, MuxConn::new(conn));
+        self.sync(key);
+    }
+
+    /// Changes connection `key` (if it exists) with `change`, then re-derives its RX-queue
+    /// membership, epoll interest and removal: the one way a connection changes.
+    fn mutate<T>(
+        &mut self,
+        key: ConnKey,
+        change: impl FnOnce(&mut Connection<UnixStream>, &mut GuestWarnLimiter) -> T,
+    ) -> Option<T> {
+        let entry = self.conns.get_mut(&key)?;
+        let result = change(&mut entry.conn, &mut self.warnings);
+        self.sync(key);
+        Some(result)
     }
 
     /// Re-derives a connection's RX-queue membership, epoll interest and removal.
     fn sync(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(&key) else {
+        let Some(entry) = self.conns.get_mut(&key) else {
             return;
         };
-        if conn.closing && !conn.pending.rst {
+        if entry.conn.is_closed() {
             // RST delivered (or never owed): the connection is gone.
             self.remove(key);
             return;
         }
-        if conn.wants_rx() && !conn.in_rx_queue {
-            conn.in_rx_queue = true;
+        if entry.conn.wants_rx() && !entry.in_rx_queue {
+            entry.in_rx_queue = true;
             self.rx_ready.push_back(key);
         }
-        let desired = conn.desired_interest();
-        let fd = conn.stream.as_raw_fd();
-        let result = match (conn.registered, desired.is_empty()) {
+        let newly_half_closed = Self::watch(&mut self.kill_queue, key, entry, self.now);
+        let desired = event_set(entry.conn.interest());
+        let fd = entry.conn.stream().as_raw_fd();
+        let result = match (entry.registered, desired.is_empty()) {
             (None, true) => Ok(()),
             (None, false) => self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(desired, fd as u64)),
             (Some(_), true) => self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
@@ -727,22 +538,120 @@ impl Muxer {
             (Some(_), false) => self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(desired, fd as u64)),
         };
         match result {
-            Ok(()) => conn.registered = (!desired.is_empty()).then_some(desired),
+            Ok(()) => entry.registered = (!desired.is_empty()).then_some(desired),
             Err(e) => {
                 tracing::error!(error = %e, "vsock: epoll update failed, resetting connection");
-                conn.reset();
-                if !conn.in_rx_queue {
-                    conn.in_rx_queue = true;
+                entry.conn.kill();
+                if !entry.in_rx_queue {
+                    entry.in_rx_queue = true;
                     self.rx_ready.push_back(key);
+                }
+            }
+        }
+        if newly_half_closed && self.kill_queue.count(Expiry::HalfClosed) > MAX_HALF_CLOSED_CONNECTIONS {
+            if let Some(Target::Conn(oldest)) = self.kill_queue.oldest(Expiry::HalfClosed) {
+                crate::guest_warn!(
+                    self.warnings,
+                    limit = MAX_HALF_CLOSED_CONNECTIONS,
+                    "vsock: too many half-closed connections, resetting the one idle longest"
+                );
+                self.expel(oldest);
+            }
+        }
+    }
+
+    /// Brings `entry`'s kill-queue deadline in step with what it waits for: set when it starts
+    /// waiting, refreshed when a half-closed connection moved bytes, dropped when it no longer
+    /// waits. Returns whether it just became half-closed.
+    fn watch(kill_queue: &mut KillQueue<Target>, key: ConnKey, entry: &mut MuxConn, now: Instant) -> bool {
+        let wanted = entry.conn.expiry();
+        let moved = entry.conn.bytes_moved();
+        let unchanged = match (wanted, entry.watched) {
+            (None, None) => true,
+            (Some(Expiry::HalfClosed), Some((Expiry::HalfClosed, at))) => at == moved,
+            (Some(kind), Some((was, _))) => kind == was,
+            _ => false,
+        };
+        if unchanged {
+            return false;
+        }
+        let newly_half_closed =
+            wanted == Some(Expiry::HalfClosed) && entry.watched.map(|(kind, _)| kind) != Some(Expiry::HalfClosed);
+        match wanted {
+            Some(kind) => kill_queue.set(Target::Conn(key), kind, now),
+            None => kill_queue.clear(Target::Conn(key)),
+        }
+        entry.watched = wanted.map(|kind| (kind, moved));
+        newly_half_closed
+    }
+
+    /// Drops connection `key` at once (its host stream closes) and queues an RST for the guest.
+    fn expel(&mut self, key: ConnKey) {
+        self.remove(key);
+        self.queue_rst(key);
+    }
+
+    /// Expires every stream and connection whose deadline is at or before `now`: a host
+    /// stream without its `CONNECT` line is closed; a connection is dropped (its host stream
+    /// closes) and the guest gets an RST.
+    pub fn expire(&mut self, now: Instant) {
+        self.now = now;
+        while let Some((target, kind)) = self.kill_queue.pop_expired(now) {
+            match target {
+                Target::Pending(fd) => {
+                    tracing::warn!(
+                        timeout = ?CONNECT_LINE_TIMEOUT,
+                        "vsock: host stream sent no CONNECT line in time, closing it"
+                    );
+                    self.drop_pending(fd);
+                }
+                Target::Conn(key) => {
+                    crate::guest_warn!(
+                        self.warnings,
+                        ?kind,
+                        timeout = ?kind.timeout(),
+                        local_port = key.local_port,
+                        peer_port = key.peer_port,
+                        "vsock: connection made no progress in time, resetting it"
+                    );
+                    self.expel(key);
                 }
             }
         }
     }
 
+    /// Arms the timer for the earliest deadline, unless it is armed to fire earlier already.
+    fn rearm(&mut self) {
+        let Some(next) = self.kill_queue.next_deadline() else {
+            return;
+        };
+        if self.armed.is_some_and(|at| at <= next) {
+            return;
+        }
+        let wait = next.saturating_duration_since(Instant::now()).max(MIN_TIMER_WAIT);
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.armed = Some(next),
+            Err(e) => tracing::error!(error = %e, "vsock: arming the expiry timer failed"),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+        if let Err(e) = self.timer.clear() {
+            tracing::error!(error = %e, "vsock: disarming the expiry timer failed");
+        }
+    }
+
+    /// When the expiry timer is armed to fire (for tests: an idle muxer arms none).
+    pub fn armed_deadline(&self) -> Option<Instant> {
+        self.armed
+    }
+
     fn remove(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.remove(&key) {
-            let fd = conn.stream.as_raw_fd();
-            if conn.registered.is_some() {
+        self.kill_queue.clear(Target::Conn(key));
+        if let Some(entry) = self.conns.remove(&key) {
+            let fd = entry.conn.stream().as_raw_fd();
+            if entry.registered.is_some() {
                 let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             self.fd_owner.remove(&fd);
@@ -759,14 +668,6 @@ impl Drop for Muxer {
             }
         }
     }
-}
-
-/// Parses `CONNECT <port>` (without the newline).
-pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?;
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    let port = text.strip_prefix("CONNECT ")?;
-    port.trim().parse().ok()
 }
 
 /// A packet header from the host side of `key` to the guest.
@@ -792,10 +693,10 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     let bytes = path.as_bytes();
     // SAFETY: sockaddr_un is plain old data; all-zero bytes are a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.len() > MAX_UDS_PATH_BYTES || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::new(
             ErrorKind::InvalidInput,
-            format!("socket path must be under {} bytes without NUL", addr.sun_path.len()),
+            format!("socket path must be at most {MAX_UDS_PATH_BYTES} bytes without NUL"),
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -820,3 +721,7 @@ fn connect_nonblocking(path: &OsStr) -> std::io::Result<UnixStream> {
     }
     Ok(UnixStream::from(socket))
 }
+
+#[cfg(test)]
+#[path = "muxer_tests.rs"]
+mod tests;
