@@ -259,7 +259,7 @@ fn a_fork_copies_memory_processes_and_disk_and_then_diverges() {
 
 #[test]
 fn more_vcpus_than_a_pvm_host_allows_is_a_clear_error() {
-    if !capsule_vmm::vstate::vm::host_is_pvm() {
+    if !capsule_vmm::host::is_pvm() {
         eprintln!("SKIP: this host's KVM is not PVM; the limit only applies there");
         return;
     }
@@ -736,7 +736,7 @@ fn forking_several_at_once_takes_the_parents_state_once() {
     assert_eq!(py(&parent.connect().expect("the parent runs on"), "x"), "7");
 
     // On PVM a child asking for 2 vCPUs fails alone; the others are made.
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if capsule_vmm::host::is_pvm() {
         let mut two = spec("kvm-m-two");
         two.vcpus = 2;
         let made = parent.fork_many(&[spec("kvm-m-ok"), two]);

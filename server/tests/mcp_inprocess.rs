@@ -390,7 +390,7 @@ async fn more_vcpus_than_the_host_allows_gets_an_explanation() {
     assert!(is_error(&r));
     let t = text(&r);
     assert!(t.contains(&format!("vcpus={}", host.max_vcpus + 1)), "{t}");
-    if capsule_vmm::vstate::vm::host_is_pvm() {
+    if capsule_vmm::host::is_pvm() {
         assert!(t.contains("PVM") && t.contains("exactly one vCPU"), "{t}");
     }
     f.cleanup().await;

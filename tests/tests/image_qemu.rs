@@ -36,7 +36,7 @@ impl Drop for Qemu {
 /// The accelerator for this image on this host, or why it cannot run here.
 fn accelerator(info: &ImageInfo) -> Result<&'static [&'static str], String> {
     let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    let pvm_host = Path::new("/sys/module/kvm_pvm").exists();
+    let pvm_host = capsule_vmm::host::is_pvm();
     match info.flavour {
         // qemu 7.2 fails to set IA32_ARCH_CAPABILITIES (MSR 0x10a) on this PVM
         // host and aborts, so that feature is masked.

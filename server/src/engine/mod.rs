@@ -137,8 +137,8 @@ pub trait Engine: Send + Sync + 'static {
 
 /// Host limits common to every engine on this host: PVM allows one vCPU.
 pub fn detect_host_limits() -> HostLimits {
-    if capsule_vmm::vstate::vm::host_is_pvm() {
-        let max = u32::from(capsule_vmm::doctor::PVM_MAX_LINUX_VCPUS);
+    if capsule_vmm::host::is_pvm() {
+        let max = u32::from(capsule_vmm::host::PVM_MAX_LINUX_VCPUS);
         HostLimits {
             max_vcpus: max,
             why: Some(format!(

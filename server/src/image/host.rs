@@ -43,10 +43,10 @@ pub enum HostVirt {
     None,
 }
 
-/// Detects the host's virtualization: `/sys/module/kvm_pvm` means PVM, a
+/// Detects the host's virtualization: a PVM KVM ([`capsule_vmm::host::is_pvm`]) means PVM, a
 /// `vmx` or `svm` CPU flag means hardware virtualization.
 pub fn detect_virt() -> HostVirt {
-    if Path::new("/sys/module/kvm_pvm").exists() {
+    if capsule_vmm::host::is_pvm() {
         return HostVirt::Pvm;
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

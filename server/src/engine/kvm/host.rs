@@ -4,8 +4,9 @@
 //! It reads the host; it never changes it.
 
 use capsule_vmm::config::{MAX_VCPUS, MIN_VCPUS};
-use capsule_vmm::doctor::{HostReport, PVM_MAX_LINUX_VCPUS};
-use capsule_vmm::vstate::vm::host_is_pvm;
+use capsule_vmm::doctor::HostReport;
+use capsule_vmm::host::is_pvm;
+use capsule_vmm::host::PVM_MAX_LINUX_VCPUS;
 
 /// A vCPU count this host cannot give a guest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +31,7 @@ pub enum VcpuError {
 
 /// Checks that the host can give a Linux guest `vcpus` vCPUs.
 pub fn check_vcpus(vcpus: u32) -> Result<u8, VcpuError> {
-    if host_is_pvm() && vcpus > u32::from(PVM_MAX_LINUX_VCPUS) {
+    if is_pvm() && vcpus > u32::from(PVM_MAX_LINUX_VCPUS) {
         return Err(VcpuError::Pvm { asked: vcpus });
     }
     u8::try_from(vcpus)
@@ -54,7 +55,7 @@ mod tests {
 
     #[test]
     fn too_many_vcpus_on_pvm_is_refused_with_the_reason() {
-        if !host_is_pvm() {
+        if !is_pvm() {
             assert!(check_vcpus(2).is_ok());
             return;
         }

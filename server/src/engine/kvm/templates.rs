@@ -24,8 +24,9 @@ use crate::engine::MachineSpec;
 
 /// Where templates live, under the engine's root (sandbox ids never start with a dot).
 pub(super) const TEMPLATES_DIR: &str = ".templates";
-/// Version of the template recipe (boot + warm-up), part of each template's directory name:
-/// templates of an older recipe are stale and deleted like those of another image.
+/// Version of the template recipe (boot + warm-up), part of each template's directory name
+/// together with the VMM's snapshot format: templates of an older recipe or format are stale and
+/// deleted like those of another image.
 const TEMPLATE_RECIPE: &str = "w1";
 /// How long the warm-up cell may take.
 const TEMPLATE_WARM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -76,8 +77,14 @@ impl Templates {
         templates
     }
 
+    /// What every current template's directory name holds: the image, the recipe and the
+    /// snapshot format.
+    fn generation(&self) -> String {
+        format!("{}-{TEMPLATE_RECIPE}s{}", self.image_version, capsule_vmm::snapshot::format::FORMAT_VERSION)
+    }
+
     fn remove_stale(&self) {
-        let current = format!("-{}-{TEMPLATE_RECIPE}-", self.image_version);
+        let current = format!("-{}-", self.generation());
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
