@@ -7,7 +7,6 @@
 //! and our VMM fails, the bug is in the VMM.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
