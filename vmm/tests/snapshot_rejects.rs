@@ -9,13 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use capsule_vmm::snapshot::{RestoreOverrides, MEMORY_FILE, STATE_FILE};
-use capsule_vmm::worker::{WorkerError, WorkerHandle};
+use capsule_vmm::worker::{RemoteErrorKind, WorkerError, WorkerHandle};
 use snapshot_common::*;
 
 fn restore_error(dir: &Path) -> String {
     match WorkerHandle::restore(Path::new(WORKER_EXE), dir, RestoreOverrides::default()) {
         Ok(_) => panic!("the damaged snapshot {} was accepted", dir.display()),
-        Err(WorkerError::BuildFailed(message)) => message,
+        Err(WorkerError::BuildFailed(error)) => {
+            assert_eq!(error.kind, RemoteErrorKind::InvalidInput, "a damaged snapshot is bad input: {error}");
+            error.to_string()
+        }
         Err(other) => panic!("expected a clear refusal, got {other}"),
     }
 }
@@ -92,7 +95,7 @@ fn corrupt_truncated_wrong_version_and_mismatched_snapshots_are_refused() {
     let overrides = RestoreOverrides { disks: vec![disk], ..Default::default() };
     match WorkerHandle::restore(Path::new(WORKER_EXE), &good, overrides) {
         Err(WorkerError::BuildFailed(message)) => {
-            assert!(message.contains("1 disks but the snapshot has 0"), "{message}")
+            assert!(message.to_string().contains("1 disks but the snapshot has 0"), "{message}")
         }
         other => panic!("mismatched disks accepted: {other:?}"),
     }
@@ -184,8 +187,8 @@ fn a_fork_gets_its_own_disk_copy_only_if_it_has_the_saved_size() {
     let overrides = RestoreOverrides { disks: vec![wrong], ..Default::default() };
     match WorkerHandle::restore(Path::new(WORKER_EXE), &snap, overrides) {
         Err(WorkerError::BuildFailed(message)) => assert!(
-            message.contains(&format!("bytes: {}", 2 * DISK_BYTES))
-                && message.contains(&format!("bytes: {DISK_BYTES}")),
+            message.to_string().contains(&format!("bytes: {}", 2 * DISK_BYTES))
+                && message.to_string().contains(&format!("bytes: {DISK_BYTES}")),
             "{message}"
         ),
         other => panic!("a disk of the wrong size was accepted: {other:?}"),

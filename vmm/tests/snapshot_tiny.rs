@@ -48,8 +48,8 @@ fn restored_counter_continues_from_the_saved_value_with_equal_memory() {
     // Running, the counter continues from the saved value.
     assert_eq!(restored.start().unwrap(), RunState::Running);
     match restored.snapshot(&tmp.path().join("running"), false) {
-        Err(WorkerError::Refused { message, .. }) => {
-            assert!(message.contains("must be paused"), "{message}")
+        Err(WorkerError::Refused { error, .. }) => {
+            assert!(error.to_string().contains("must be paused"), "{error}")
         }
         other => panic!("a running VM was snapshotted: {other:?}"),
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capsule_vmm::devices::legacy::i8042::ResetSource;
-use capsule_vmm::worker::{WorkerError, WorkerEvent, WorkerHandle};
+use capsule_vmm::worker::{ControlSocket, VmEnded, WorkerError, WorkerEvent, WorkerHandle};
 use capsule_vmm::{RunState, VmConfig, VmEvent};
 use common::{elf_payload, kvm_usable, test_guest, TestInit, INIT_MARKER};
 
@@ -120,9 +120,10 @@ fn a_worker_exits_when_its_controller_goes_away() {
     let mut child = command.spawn().unwrap();
     drop(theirs);
     let mut writer = ours.try_clone().unwrap();
-    let configure = capsule_vmm::worker::ToWorker::Configure(counter_config(payload.path()));
+    let configure =
+        capsule_vmm::worker::protocol::ToWorker::Configure { config: counter_config(payload.path()), control: None };
     writeln!(writer, "{}", serde_json::to_string(&configure).unwrap()).unwrap();
-    let start = capsule_vmm::worker::ToWorker::Request { id: 1, op: capsule_vmm::worker::Op::Start };
+    let start = capsule_vmm::worker::protocol::ToWorker::Request { id: 1, op: capsule_vmm::worker::Op::Start };
     writeln!(writer, "{}", serde_json::to_string(&start).unwrap()).unwrap();
     let mut reader = BufReader::new(ours.try_clone().unwrap());
     let mut ready = String::new();
@@ -201,4 +202,85 @@ fn a_workers_log_lands_in_a_file_beside_its_serial_log() {
     let log =
         std::fs::read_to_string(&log_path).unwrap_or_else(|e| panic!("no worker log at {}: {e}", log_path.display()));
     assert!(log.contains("could not build the VM") && log.contains("/nonexistent/vmlinux"), "worker log:\n{log}");
+}
+
+/// `mov ecx, 0x200000; spin: dec ecx; jnz spin; ud2` (no IDT: a triple fault after a while).
+const SPIN_THEN_TRIPLE_FAULT: [u8; 11] = [0xb9, 0x00, 0x00, 0x20, 0x00, 0xff, 0xc9, 0x75, 0xfc, 0x0f, 0x0b];
+
+/// Kills a worker let go by its handle when the test ends, however it ends: an outliving worker
+/// has no handle to do it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with plain integers, on a worker this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+fn control_socket(dir: &Path) -> ControlSocket {
+    ControlSocket { path: dir.join("control.sock"), ended: dir.join("vm-ended.json") }
+}
+
+#[test]
+fn an_outliving_worker_runs_on_without_its_controller_and_takes_the_next_one() {
+    if !kvm_usable() {
+        return;
+    }
+    let payload = elf_payload(&COUNTER_LOOP);
+    let dir = tempfile::tempdir().unwrap();
+    let control = control_socket(dir.path());
+    let first = WorkerHandle::spawn_outliving(Path::new(WORKER_EXE), counter_config(payload.path()), &control).unwrap();
+    first.start().unwrap();
+    let pid = first.pid();
+    let _cleanup = KillOnDrop(pid);
+    // The controller goes (its end of the control connection closes).
+    first.detach();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(process_exists(pid), "the worker ended with its controller");
+
+    let second = WorkerHandle::attach(&control).expect("a new controller attaches");
+    assert_eq!(second.pid(), pid);
+    assert_eq!(second.status().unwrap(), RunState::Running, "the VM ran on meanwhile");
+    // One controller at a time.
+    match WorkerHandle::attach(&control) {
+        Err(WorkerError::BuildFailed(error)) => assert!(error.to_string().contains("another controller"), "{error}"),
+        other => panic!("a second controller was let in: {other:?}"),
+    }
+    assert_eq!(second.pause().unwrap(), RunState::Paused);
+    assert_eq!(second.resume().unwrap(), RunState::Running);
+    // Dropping an attached handle kills the worker, as dropping a spawned one does.
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_exists(pid) && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+    {
+        assert!(Instant::now() < deadline, "worker {pid} survived its attached handle");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_vm_that_ends_with_no_controller_leaves_word_of_how() {
+    if !kvm_usable() {
+        return;
+    }
+    let payload = elf_payload(&SPIN_THEN_TRIPLE_FAULT);
+    let dir = tempfile::tempdir().unwrap();
+    let control = control_socket(dir.path());
+    let worker =
+        WorkerHandle::spawn_outliving(Path::new(WORKER_EXE), counter_config(payload.path()), &control).unwrap();
+    worker.start().unwrap();
+    let _cleanup = KillOnDrop(worker.pid());
+    worker.detach();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.ended.exists() {
+        assert!(Instant::now() < deadline, "no word of the VM's end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ended: VmEnded = serde_json::from_slice(&std::fs::read(&control.ended).unwrap()).unwrap();
+    assert_eq!(ended.event, VmEvent::TripleFault { vcpu: 0 });
+    match WorkerHandle::attach(&control) {
+        Err(WorkerError::NotListening { .. }) => {}
+        other => panic!("a worker with no VM still listens: {other:?}"),
+    }
 }
