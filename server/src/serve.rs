@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::daemon::client::{self, ClientError};
-use crate::daemon::hello::{Hello, HELLO_VERSION};
+use crate::daemon::hello::{Hello, GOODBYE, HELLO_VERSION};
 use crate::daemon::open::{self, OpenError};
 use crate::mcp::http::{self, HttpError, HttpOptions};
 use crate::settings::{resolve, EngineChoice, SettingsArgs, SettingsError};
@@ -135,12 +135,19 @@ async fn hold_http_listener(
             .map_err(|e| ServeError::Daemon(ClientError::Io(e)))?;
         let daemon_gone = async move {
             let mut stream = stream;
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink).await;
+            let mut said = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut said).await;
+            said
         };
         tokio::select! {
             _ = crate::daemon::shutdown_signal() => return Ok(()),
-            _ = daemon_gone => eprintln!("capsule: the daemon went away; starting it again"),
+            said = daemon_gone => {
+                if String::from_utf8_lossy(&said).contains(GOODBYE) {
+                    eprintln!("capsule: the daemon was shut down (capsule shutdown); stopping");
+                    return Ok(());
+                }
+                eprintln!("capsule: the daemon went away; starting it again");
+            }
         }
     }
 }

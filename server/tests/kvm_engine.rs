@@ -289,11 +289,7 @@ fn a_paused_machine_is_found_again_by_a_new_engine_after_a_restart() {
     drop(engine);
 
     let engine = self::engine(root.path().to_path_buf()).expect("engine again");
-    let Err(err) = engine.reattach(&spec("kvm-r"), &saved, false) else {
-        panic!("a machine recorded running cannot come back")
-    };
-    assert_eq!(err.kind(), ErrorKind::Lost, "{err}");
-    let mut machine = engine.reattach(&spec("kvm-r"), &saved, true).expect("reattach");
+    let mut machine = engine.reattach(&spec("kvm-r"), &saved, true).expect("reattach").machine;
     machine.check_alive().expect("paused to disk counts as alive");
     machine.resume().expect("resume from the saved snapshot");
     assert_eq!(sh(&machine.connect().unwrap(), "cat /root/kept"), "kept\n");
@@ -593,7 +589,7 @@ fn later_pauses_write_incremental_layers_that_resume_and_survive_a_restart() {
     drop(machine);
     drop(engine);
     let engine = self::engine(root.path().to_path_buf()).expect("engine again");
-    let mut machine = engine.reattach(&spec("kvm-i"), &saved, true).expect("reattach");
+    let mut machine = engine.reattach(&spec("kvm-i"), &saved, true).expect("reattach").machine;
     resume_check_and_advance(&mut machine, 5, 6);
     // The reattached sandbox keeps stacking layers on the same chain.
     let (_, generation, layers) = timed_pause(&mut machine);
@@ -748,4 +744,65 @@ fn forking_several_at_once_takes_the_parents_state_once() {
         assert!(!root.path().join("kvm-m-two").exists(), "nothing is left of the refused child");
     }
     parent.kill().expect("kill the parent");
+}
+
+#[test]
+fn a_running_machine_outlives_its_engine_and_the_next_engine_attaches_to_it() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut machine = engine.create(&spec("kvm-o")).expect("create");
+    let client = machine.connect().expect("connect");
+    py(&client, "kept = 'interpreter state'");
+    let pid = spawn(&client, &ticker("/root/ticks"));
+    assert_ticking(&client, pid, "/root/ticks");
+    let before: u64 = sh(&client, "wc -l < /root/ticks").trim().parse().unwrap();
+    let saved = machine.saved_state();
+    // The server goes away without stopping anything (as `kill -9` of the daemon does).
+    machine.release();
+    drop(engine);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let engine = self::engine(root.path().to_path_buf()).expect("engine again");
+    let found = engine.reattach(&spec("kvm-o"), &saved, false).expect("reattach a running machine");
+    assert!(found.rolled_back.is_none(), "its worker was still there: {:?}", found.rolled_back);
+    let mut machine = found.machine;
+    let client = machine.connect().expect("connect to the same guest");
+    let after: u64 = sh(&client, "wc -l < /root/ticks").trim().parse().unwrap();
+    assert!(after > before, "the background loop ran on while no engine watched: {before} then {after}");
+    assert_eq!(py(&client, "kept"), "'interpreter state'");
+    // Its next pause is whole, and it resumes from it.
+    machine.pause().expect("pause");
+    machine.resume().expect("resume");
+    assert_eq!(py(&machine.connect().unwrap(), "kept"), "'interpreter state'");
+    machine.kill().expect("kill");
+}
+
+#[test]
+fn a_machine_whose_worker_died_while_no_engine_watched_rolls_back_to_its_newest_snapshot() {
+    let Some((root, engine)) = engine_in_tempdir() else {
+        return;
+    };
+    let mut machine = engine.create(&spec("kvm-b")).expect("create");
+    sh(&machine.connect().unwrap(), "echo before > /root/mark");
+    machine.pause().expect("pause");
+    machine.resume().expect("resume");
+    sh(&machine.connect().unwrap(), "echo after > /root/mark");
+    let saved = machine.saved_state();
+    let worker = machine.process_id().expect("a live worker");
+    machine.release();
+    drop(engine);
+    // The worker dies while nothing watches (a host OOM kill, a host restart).
+    // SAFETY: kill(2) with plain integers, on the worker this test's engine started.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let engine = self::engine(root.path().to_path_buf()).expect("engine again");
+    let found = engine.reattach(&spec("kvm-b"), &saved, false).expect("rolled back, not lost");
+    let rolled = found.rolled_back.expect("the loss is reported");
+    assert!(rolled.why.contains("worker was gone"), "{rolled:?}");
+    let mut machine = found.machine;
+    machine.resume().expect("resume from the newest snapshot");
+    assert_eq!(sh(&machine.connect().unwrap(), "cat /root/mark"), "before\n", "back at the pause");
+    machine.kill().expect("kill");
 }

@@ -8,6 +8,7 @@ Environment:
   CARGO_TARGET_DIR   where cargo built them (default: <repo>/target)
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -128,20 +129,30 @@ def daemon_pid(state_dir: str) -> int | None:
     return None if state in ("Z", "X") else pid
 
 
+def lock_is_free(state_dir: str) -> bool:
+    """Whether no daemon holds the state directory's lock (released only once every thread of
+    the daemon is gone: a group leader shows as a zombie while its other threads still exit)."""
+    try:
+        with open(os.path.join(state_dir, "daemon.lock")) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def kill9_daemon(state_dir: str) -> int:
-    """SIGKILLs the daemon of `state_dir` (its workers and agents run on) and waits until it is gone."""
+    """SIGKILLs the daemon of `state_dir` (its workers and agents run on) and waits until it is
+    gone for good (its lock released)."""
     pid = daemon_pid(state_dir)
     assert pid, f"no daemon runs for {state_dir}"
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 10
     while time.time() < deadline:
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
+        if lock_is_free(state_dir) or daemon_pid(state_dir) not in (None, pid):
             return pid
-        if state == "Z":
-            return pid
-        time.sleep(0.02)
+        time.sleep(0.01)
     raise AssertionError(f"daemon {pid} did not die")
 
 

@@ -10,7 +10,7 @@ use rmcp::ServiceExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::hello::{Hello, Welcome, HELLO_VERSION, MAX_HELLO_BYTES};
+use super::hello::{Hello, Welcome, GOODBYE, HELLO_VERSION, MAX_HELLO_BYTES};
 use super::socket::{my_uid, peer_uid};
 use super::Daemon;
 use crate::mcp::http::{self, HttpOptions};
@@ -172,7 +172,11 @@ async fn serve_http_listener(
         .with_graceful_shutdown(async move {
             tokio::select! {
                 _ = holder_gone => {}
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.cancelled() => {
+                    // A daemon that stops on purpose says so: the holder then stops too, where
+                    // a daemon that died is started again.
+                    let _ = writer.write_all(format!("{GOODBYE}\n").as_bytes()).await;
+                }
             }
             // Open SSE streams would keep a graceful shutdown waiting forever.
             end_sessions();

@@ -11,6 +11,9 @@ use crate::mcp::http::HttpOptions;
 
 /// Version of this handshake.
 pub const HELLO_VERSION: u32 = 1;
+/// The line a daemon that stops on purpose sends its HTTP holders before it closes their
+/// connections (a daemon that dies sends nothing).
+pub const GOODBYE: &str = "{\"goodbye\":\"the capsule daemon was shut down\"}";
 /// Longest hello line, in bytes.
 pub const MAX_HELLO_BYTES: usize = 16 * 1024;
 

@@ -87,6 +87,25 @@ impl EngineError {
     }
 }
 
+/// A machine rolled back to its newest snapshot after its VM was lost: it is paused there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollBack {
+    /// How the VM was lost.
+    pub why: String,
+    /// When the snapshot it is back at was written (ms since the Unix epoch).
+    pub snapshot_unix_ms: u64,
+}
+
+/// A machine found again after a server restart.
+pub struct Reattached {
+    /// The machine.
+    pub machine: Box<dyn Machine>,
+    /// Set when the machine was recorded running but its VM was gone (the host restarted, or
+    /// its worker ended while no server watched it): it was rolled back to its newest snapshot
+    /// and is paused there.
+    pub rolled_back: Option<RollBack>,
+}
+
 /// A VM (or stand-in) for one sandbox. All calls block.
 pub trait Machine: Send {
     /// A connected, handshaken agent client; reuses the live connection when there is one.
@@ -113,6 +132,15 @@ pub trait Machine: Send {
     fn process_id(&self) -> Option<u32> {
         None
     }
+    /// Lets the machine go without stopping it, as a crash of this process would: an engine
+    /// whose machines outlive it reattaches to it after a restart. (The default drops it.)
+    fn release(self: Box<Self>) {}
+    /// Rolls a machine whose VM was lost (`why`) back to its newest snapshot, paused there;
+    /// `None` when the engine keeps no snapshots to roll back to.
+    fn roll_back(&mut self, why: &str) -> Option<Result<RollBack, EngineError>> {
+        let _ = why;
+        None
+    }
 }
 
 /// A kind of machine.
@@ -125,14 +153,14 @@ pub trait Engine: Send + Sync + 'static {
     fn fork_note(&self) -> Option<&'static str>;
     /// Creates and starts a machine.
     fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError>;
-    /// Finds a machine again after a server restart, from its saved state.
-    /// `paused` says whether it was recorded paused (it must stay paused).
-    fn reattach(
-        &self,
-        spec: &MachineSpec,
-        saved: &serde_json::Value,
-        paused: bool,
-    ) -> Result<Box<dyn Machine>, EngineError>;
+    /// Finds a machine again after a server restart, from its saved state. `paused` says
+    /// whether it was recorded paused (it must stay paused).
+    fn reattach(&self, spec: &MachineSpec, saved: &serde_json::Value, paused: bool) -> Result<Reattached, EngineError>;
+    /// Frees whatever a sandbox `id` that has no machine any more (it failed, or was being made
+    /// when the server stopped) may have left: a process, files. Best effort.
+    fn discard(&self, id: &str) {
+        let _ = id;
+    }
 }
 
 /// Host limits common to every engine on this host: PVM allows one vCPU.

@@ -28,7 +28,7 @@ use capsule_agent::client::AgentClient;
 use capsule_agent::client::ClientError;
 use capsule_vmm::config::MAX_UDS_PATH_BYTES;
 
-use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec};
+use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec, Reattached};
 
 /// How long a new agent may take to listen and answer the handshake.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -244,7 +244,7 @@ impl Engine for TestEngine {
         _spec: &MachineSpec,
         saved: &serde_json::Value,
         paused: bool,
-    ) -> Result<Box<dyn Machine>, EngineError> {
+    ) -> Result<Reattached, EngineError> {
         let pid = saved
             .get("pid")
             .and_then(serde_json::Value::as_u64)
@@ -258,7 +258,7 @@ impl Engine for TestEngine {
         let mut machine =
             AgentProcess { pid, dir, agent_bin: self.agent_bin.clone(), client: None, paused, exited: None };
         machine.check_alive()?;
-        Ok(Box::new(machine))
+        Ok(Reattached { machine: Box::new(machine), rolled_back: None })
     }
 }
 

@@ -234,6 +234,18 @@ impl ServerHandler for CapsuleMcp {
                 ))
             }
         };
-        Ok(result.into())
+        Ok(this.with_notice(result).into())
+    }
+}
+
+impl CapsuleMcp {
+    /// `result` with, first, anything its sandbox's owner has not been told yet (a roll-back
+    /// while the server was down).
+    fn with_notice(&self, mut result: rmcp::model::CallToolResult) -> rmcp::model::CallToolResult {
+        let id = result.structured_content.as_ref().and_then(|s| s.get("sandbox_id")).and_then(|v| v.as_str());
+        if let Some(notice) = id.and_then(|id| self.manager.take_notice(id)) {
+            result.content.insert(0, rmcp::model::ContentBlock::text(format!("Note: {notice}")));
+        }
+        result
     }
 }

@@ -56,6 +56,11 @@ fn manager_hint(e: &ManagerError) -> String {
             " Omit sandbox_id to use the default sandbox, or call list_sandboxes.".into()
         }
         ManagerError::NoDefault => "; run_code or run_command creates it".into(),
+        ManagerError::RolledBack { .. } => {
+            ". It is paused at that snapshot, and the next call resumes it there: check what it holds, then redo \
+             what was lost."
+                .into()
+        }
         ManagerError::Failed { .. } => " Delete it with kill_sandbox and create a new one (or omit sandbox_id to get \
                                          a fresh default sandbox)."
             .into(),

@@ -28,6 +28,14 @@ pub enum ManagerError {
         /// Why.
         reason: String,
     },
+    /// The sandbox's VM was lost, and the sandbox was rolled back to its newest snapshot.
+    #[error("sandbox {id}: {note}")]
+    RolledBack {
+        /// The sandbox.
+        id: String,
+        /// What happened and what was lost.
+        note: String,
+    },
     /// A limit was reached.
     #[error("limit reached: {0}")]
     Limit(LimitError),

@@ -38,7 +38,7 @@ use super::admission::{self, CreateRequest, LimitError};
 pub use super::error::ManagerError;
 use super::lifecycle;
 use crate::config::{Limits, Timers};
-use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec};
+use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec, Reattached, RollBack};
 use crate::record::{SandboxRecord, SandboxState};
 use crate::registry::{now_ms, Registry};
 
@@ -95,6 +95,8 @@ pub(super) struct Slot {
     snapshot: StdMutex<SandboxRecord>,
     pub(super) busy: AtomicUsize,
     pub(super) last_used_ms: AtomicU64,
+    /// Something its owner has not been told yet (a roll-back while the server was down).
+    notice: StdMutex<Option<String>>,
 }
 
 impl Slot {
@@ -105,6 +107,7 @@ impl Slot {
             snapshot: StdMutex::new(record.clone()),
             last_used_ms: AtomicU64::new(now_ms()),
             busy: AtomicUsize::new(0),
+            notice: StdMutex::new(None),
             inner: AsyncMutex::new(SlotInner { record, machine }),
         })
     }
@@ -187,6 +190,38 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+/// What a restarted manager found of a recorded sandbox.
+enum Found {
+    /// Its machine, as it was.
+    Machine(SharedMachine),
+    /// Its machine, rolled back to its newest snapshot because its VM was lost.
+    RolledBack(SharedMachine, RollBack),
+    /// Nothing usable: why.
+    Lost(String),
+    /// Nothing, and none was expected (failed or deleted).
+    Nothing,
+}
+
+/// How a roll-back reads: what was lost and since when.
+pub(super) fn rollback_note(rolled: &RollBack) -> String {
+    let age_s = now_ms().saturating_sub(rolled.snapshot_unix_ms) / 1000;
+    format!(
+        "its VM was lost ({}), so it was rolled back to its newest snapshot, taken {} ago; what it did since then \
+         is lost",
+        rolled.why,
+        human_age(age_s)
+    )
+}
+
+fn human_age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
 /// Runs `f` on a sandbox's machine on the blocking pool.
 pub(super) async fn blocking<T: Send + 'static>(
     machine: &SharedMachine,
@@ -252,43 +287,61 @@ impl Manager {
         };
         for mut record in manager.inner.registry.load_live()? {
             let from = record.state;
-            let (machine, failure) = manager.reattach(&record);
-            if let Some(reason) = failure {
-                record.state = SandboxState::Failed;
-                record.failure = Some(reason.clone());
+            let mut notice = None;
+            let (machine, change) = match manager.reattach(&record) {
+                Found::Machine(m) => (Some(m), None),
+                Found::RolledBack(m, rolled) => {
+                    let note = rollback_note(&rolled);
+                    notice = Some(format!("Sandbox {}: {note}.", record.id));
+                    (Some(m), Some((SandboxState::Paused, format!("restart: {note}"))))
+                }
+                Found::Lost(reason) => {
+                    manager.inner.engine.discard(&record.id);
+                    record.failure = Some(reason.clone());
+                    (None, Some((SandboxState::Failed, format!("restart: {reason}"))))
+                }
+                Found::Nothing => (None, None),
+            };
+            if let Some((state, reason)) = change {
+                record.state = state;
                 record.updated_ms = now_ms();
-                manager.inner.registry.record_transition(&record, from, &format!("restart: {reason}"))?;
+                record.paused_ms = (state == SandboxState::Paused).then_some(record.updated_ms);
+                if let Some(m) = &machine {
+                    record.engine_state = lock(m).saved_state();
+                }
+                manager.inner.registry.record_transition(&record, from, &reason)?;
             }
             if record.is_default && record.state != SandboxState::Failed {
                 lock(&manager.inner.defaults).insert(record.owner.clone(), record.id.clone());
             }
             let slot = Slot::new(record, machine);
+            *lock(&slot.notice) = notice;
             lock(&manager.inner.slots).insert(slot.id.clone(), slot);
         }
         Ok(manager)
     }
 
     /// The machine of a sandbox recorded before a restart, or why it is lost.
-    fn reattach(&self, record: &SandboxRecord) -> (Option<SharedMachine>, Option<String>) {
+    fn reattach(&self, record: &SandboxRecord) -> Found {
         let engine = &self.inner.engine;
         match record.state {
-            SandboxState::Creating => (None, Some("the server stopped while it was being created".to_string())),
-            SandboxState::Running | SandboxState::Paused if record.engine != engine.name() => (
-                None,
-                Some(format!(
-                    "it was made by the {} engine, but this server runs the {} engine",
-                    record.engine,
-                    engine.name()
-                )),
-            ),
+            SandboxState::Creating => Found::Lost("the server stopped while it was being created".to_string()),
+            SandboxState::Running | SandboxState::Paused if record.engine != engine.name() => Found::Lost(format!(
+                "it was made by the {} engine, but this server runs the {} engine",
+                record.engine,
+                engine.name()
+            )),
             SandboxState::Running | SandboxState::Paused => {
                 let paused = record.state == SandboxState::Paused;
                 match engine.reattach(&spec_of(record), &record.engine_state, paused) {
-                    Ok(m) => (Some(Arc::new(StdMutex::new(m))), None),
-                    Err(e) => (None, Some(format!("its VM was lost while the server was down ({})", error_chain(&e)))),
+                    Ok(Reattached { machine, rolled_back: None }) => Found::Machine(Arc::new(StdMutex::new(machine))),
+                    Ok(Reattached { machine, rolled_back: Some(rolled) }) => {
+                        Found::RolledBack(Arc::new(StdMutex::new(machine)), rolled)
+                    }
+                    Err(e) => Found::Lost(format!("its VM was lost while the server was down ({})", error_chain(&e))),
                 }
             }
-            SandboxState::Failed | SandboxState::Deleted => (None, None),
+            SandboxState::Failed | SandboxState::Deleted => Found::Nothing,
         }
     }
 
@@ -639,10 +692,35 @@ impl Manager {
         match blocking(&machine, op).await {
             Ok(value) => Ok(value),
             Err(e) if e.kind() == ErrorKind::Lost => {
-                Err(self.fail(slot, inner, &format!("{died} ({})", error_chain(&e))))
+                Err(self.lost(slot, inner, &machine, format!("{died} ({})", error_chain(&e))).await)
             }
             Err(e) => Err(ManagerError::Engine(e)),
         }
+    }
+
+    /// A sandbox whose VM was lost (`why`): rolled back to its newest snapshot (paused there)
+    /// where the engine keeps one, else failed. Returns the error that says which.
+    async fn lost(&self, slot: &Slot, inner: &mut SlotInner, machine: &SharedMachine, why: String) -> ManagerError {
+        let reason = why.clone();
+        let rolled = blocking(machine, move |m| m.roll_back(&reason)).await;
+        match rolled {
+            Some(Ok(rolled)) => {
+                let note = rollback_note(&rolled);
+                if let Err(e) = self.transition(slot, inner, SandboxState::Paused, &note) {
+                    return e;
+                }
+                ManagerError::RolledBack { id: slot.id.clone(), note }
+            }
+            Some(Err(e)) => self.fail(slot, inner, &format!("{why}; rolling it back failed too ({})", error_chain(&e))),
+            None => self.fail(slot, inner, &why),
+        }
+    }
+
+    /// What the owner of sandbox `id` has not been told yet, if anything (taken: it is told once).
+    pub fn take_notice(&self, id: &str) -> Option<String> {
+        let slot = lock(&self.inner.slots).get(id).cloned()?;
+        let notice = lock(&slot.notice).take();
+        notice
     }
 
     /// Holds a running sandbox for one call (default sandbox when `id` is `None`,
@@ -686,7 +764,10 @@ impl Manager {
                 })
                 .await;
                 Ok(match alive {
-                    Err(why) => m.fail(&slot, &mut inner, &format!("the guest crashed ({})", error_chain(&why))),
+                    Err(why) => {
+                        let why = format!("the guest crashed ({})", error_chain(&why));
+                        m.lost(&slot, &mut inner, &machine, why).await
+                    }
                     Ok(()) => ManagerError::ConnectionLost { id, detail },
                 })
             })
@@ -756,9 +837,16 @@ impl Manager {
         if inner.record.state == SandboxState::Deleted {
             return Ok(());
         }
-        if let Some(machine) = inner.machine.take() {
-            if let Err(e) = blocking(&machine, |m| m.kill()).await {
-                tracing::warn!(sandbox = %slot.id, error = %error_chain(&e), "killing the machine failed; deleting the record anyway");
+        match inner.machine.take() {
+            Some(machine) => {
+                if let Err(e) = blocking(&machine, |m| m.kill()).await {
+                    tracing::warn!(sandbox = %slot.id, error = %error_chain(&e), "killing the machine failed; deleting the record anyway");
+                }
+            }
+            // A failed sandbox: whatever it left behind goes too.
+            None => {
+                let (engine, id) = (self.inner.engine.clone(), slot.id.clone());
+                let _ = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
             }
         }
         self.transition(slot, inner, SandboxState::Deleted, reason)?;

@@ -82,6 +82,6 @@ fn start_child(parent: &KvmMachine, files: SandboxFiles, generation: u64) -> Res
         parent.trash.clone(),
         files,
         rootfs,
-        &parent.files.snapshot(generation),
+        &parent.files.own_snapshot(generation),
     )
 }

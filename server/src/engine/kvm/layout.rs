@@ -5,6 +5,8 @@
 //!   rw.ext4            the writable disk (/dev/vdb in the guest)
 //!   rootfs.ext4        a hard link to the image's read-only root filesystem (/dev/vda)
 //!   vsock.sock         the host end of the hybrid vsock
+//!   control.sock       where the VM's worker takes a new controller (it outlives the daemon)
+//!   vm-ended.json      how the VM ended, left by a worker no controller was there to tell
 //!   serial.log         the serial console
 //!   snapshot-origin/   a linked copy of the chain the sandbox was made from
 //!   snapshot-<N>/      its own snapshots, newest last (see `chain`)
@@ -17,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capsule_vmm::config::MAX_UDS_PATH_BYTES;
+use capsule_vmm::snapshot::STATE_FILE;
+use capsule_vmm::worker::ControlSocket;
 use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
 
 use crate::image::ImageInfo;
@@ -91,6 +95,35 @@ impl SandboxFiles {
         self.dir.join(format!("snapshot-{generation}"))
     }
 
+    /// Where the sandbox's worker listens for a new controller, and leaves word of its VM's end.
+    pub(super) fn control(&self) -> ControlSocket {
+        ControlSocket { path: self.dir.join("control.sock"), ended: self.dir.join("vm-ended.json") }
+    }
+
+    /// The sandbox's own snapshot of `generation`; generation 0 is the copy it was made from
+    /// ([`SandboxFiles::origin`]).
+    pub(super) fn own_snapshot(&self, generation: u64) -> PathBuf {
+        if generation == 0 {
+            self.origin()
+        } else {
+            self.snapshot(generation)
+        }
+    }
+
+    /// The newest whole snapshot of the sandbox (its generation, 0 for its origin) and when it
+    /// was written.
+    pub(super) fn newest_snapshot(&self) -> Option<(u64, std::time::SystemTime)> {
+        let written = |dir: &Path| std::fs::metadata(dir.join(STATE_FILE)).and_then(|m| m.modified()).ok();
+        let newest = std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.strip_prefix("snapshot-")?.parse::<u64>().ok())
+            .filter(|generation| *generation > 0)
+            .filter_map(|generation| Some((generation, written(&self.snapshot(generation))?)))
+            .max_by_key(|(generation, _)| *generation);
+        newest.or_else(|| Some((0, written(&self.origin())?)))
+    }
+
     /// Whether `name` (a directory entry of this sandbox) is one of its own snapshots.
     pub(super) fn is_snapshot_name(name: &str) -> bool {
         name.starts_with("snapshot-")
@@ -126,11 +159,12 @@ impl SandboxFiles {
         self.dir.join("snapshot-origin")
     }
 
-    /// Creates the directory and checks the socket path fits a `sockaddr_un`.
+    /// Creates the directory and checks that its socket paths fit a `sockaddr_un`.
     pub(super) fn create_dir(&self) -> Result<(), LayoutError> {
-        let uds = self.vsock_uds();
-        if uds.as_os_str().len() > MAX_UDS_PATH_BYTES {
-            return Err(LayoutError::SocketPathTooLong { path: uds });
+        for uds in [self.vsock_uds(), self.control().path] {
+            if uds.as_os_str().len() > MAX_UDS_PATH_BYTES {
+                return Err(LayoutError::SocketPathTooLong { path: uds });
+            }
         }
         std::fs::create_dir_all(&self.dir)
             .map_err(|source| LayoutError::Io { what: format!("cannot create {}", self.dir.display()), source })
@@ -172,6 +206,26 @@ pub fn copy_disk(from: &Path, to: &Path) -> Result<(), LayoutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_whole_snapshot_is_the_highest_generation_else_the_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SandboxFiles::new(dir.path());
+        assert_eq!(files.newest_snapshot(), None);
+        let whole = |path: PathBuf| {
+            std::fs::create_dir_all(&path).unwrap();
+            std::fs::write(path.join(STATE_FILE), b"x").unwrap();
+        };
+        whole(files.origin());
+        assert_eq!(files.newest_snapshot().map(|(g, _)| g), Some(0));
+        whole(files.snapshot(2));
+        whole(files.snapshot(10));
+        // A partial one (no state file yet) does not count.
+        std::fs::create_dir_all(files.snapshot(11)).unwrap();
+        assert_eq!(files.newest_snapshot().map(|(g, _)| g), Some(10));
+        assert_eq!(files.own_snapshot(0), files.origin());
+        assert_eq!(files.own_snapshot(10), files.snapshot(10));
+    }
 
     #[test]
     fn boot_config_puts_the_rootfs_first_read_only_and_keeps_the_cmdline() {

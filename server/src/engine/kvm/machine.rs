@@ -3,12 +3,14 @@
 //!
 //! ```text
 //!   Live { worker, client, ... } ──pause──▶ OnDisk { generation } ──resume──▶ Live
-//!            │                                    │
-//!            └──────────────kill─────────────▶ Killed ◀──────────kill──────┘
+//!        │   └────roll back (the VM was lost)───────▲   │
+//!        └──────────────kill─────────────▶ Killed ◀──────────kill──────┘
 //! ```
-//! A live VM that ended (guest panic, worker crash) stays `Live` with its [`Death`] recorded:
-//! every later call reports that death. Restoring a new worker replaces the residence whole, so
-//! a worker, its events, its death and its agent client always belong together.
+//! A live VM that ended (guest panic, worker crash) stays `Live` with its [`Death`] recorded
+//! until it is rolled back to its newest snapshot (or killed). Restoring a new worker replaces
+//! the residence whole, so a worker, its events, its death and its agent client always belong
+//! together. Workers outlive the daemon ([`WorkerHandle::restore_outliving`]): a new daemon
+//! attaches to them on their control socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -28,7 +30,7 @@ use super::guest_link::{
 use super::layout::SandboxFiles;
 use super::{fork, worker_err, KvmError, SavedState};
 use crate::engine::trash::Trash;
-use crate::engine::{EngineError, Machine, MachineSpec};
+use crate::engine::{EngineError, Machine, MachineSpec, RollBack};
 
 /// How a live VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +204,38 @@ impl KvmMachine {
         Self { worker_exe, trash, files, rootfs, residence, chain }
     }
 
+    /// A machine whose worker (running it since before a server restart) it attached to. Its
+    /// chain is what is on disk now: forks may have written snapshots the registry never heard
+    /// of, so the newest one on disk is the one its next pause follows (a full one: the
+    /// worker's dirty tracking may start from any of them).
+    pub(super) fn attached(
+        worker_exe: PathBuf,
+        trash: Arc<Trash>,
+        files: SandboxFiles,
+        rootfs: PathBuf,
+        worker: WorkerHandle,
+    ) -> Self {
+        let generation = files.newest_snapshot().map_or(0, |(generation, _)| generation);
+        let residence = Residence::Live(Live::new(worker, false));
+        Self { worker_exe, trash, files, rootfs, residence, chain: Chain::at(generation, None) }
+    }
+
+    /// Rolls the machine back to its newest snapshot, paused there (its worker, if any, is
+    /// stopped). The VM was lost as `why` says.
+    pub(super) fn roll_back_to_newest(&mut self, why: &str) -> Result<RollBack, KvmError> {
+        self.stop_worker();
+        let Some((generation, written)) = self.files.newest_snapshot() else {
+            return Err(KvmError::NoSnapshot(self.files.dir().to_path_buf()));
+        };
+        let _ = std::fs::remove_file(self.files.control().ended);
+        self.chain = Chain::at(generation, None);
+        self.residence = Residence::OnDisk { generation };
+        let snapshot_unix_ms =
+            written.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
+        tracing::warn!(dir = %self.files.dir().display(), generation, why, "rolled back to the newest snapshot");
+        Ok(RollBack { why: why.to_string(), snapshot_unix_ms })
+    }
+
     /// The live worker's state, with its events read; an error when the VM ended or is not live.
     fn live(&mut self) -> Result<&mut Live, KvmError> {
         match &mut self.residence {
@@ -246,8 +280,8 @@ impl KvmMachine {
             serial_log: Some(self.files.serial_log()),
             disks: vec![self.rootfs.clone(), self.files.writable_disk()],
         };
-        let worker =
-            WorkerHandle::restore(&self.worker_exe, dir, overrides).map_err(worker_err("restore the snapshot"))?;
+        let worker = WorkerHandle::restore_outliving(&self.worker_exe, dir, overrides, &self.files.control())
+            .map_err(worker_err("restore the snapshot"))?;
         self.residence = Residence::Live(Live::new(worker, true));
         self.live()?.worker.start().map_err(worker_err("start the VM"))?;
         Ok(())
@@ -387,7 +421,7 @@ impl Machine for KvmMachine {
     fn resume(&mut self) -> Result<(), EngineError> {
         match self.disk_generation() {
             Some(generation) => {
-                let dir = self.files.snapshot(generation);
+                let dir = self.files.own_snapshot(generation);
                 if let Err(e) = self.restore(&dir) {
                     // Still on disk: the snapshot is untouched, so a later resume can try again.
                     self.residence = Residence::OnDisk { generation };
@@ -422,6 +456,16 @@ impl Machine for KvmMachine {
             return Ok(());
         }
         self.live().map(drop).map_err(EngineError::from)
+    }
+
+    fn release(mut self: Box<Self>) {
+        if let Residence::Live(live) = std::mem::replace(&mut self.residence, Residence::Killed) {
+            live.worker.detach();
+        }
+    }
+
+    fn roll_back(&mut self, why: &str) -> Option<Result<RollBack, EngineError>> {
+        Some(self.roll_back_to_newest(why).map_err(EngineError::from))
     }
 
     fn process_id(&self) -> Option<u32> {

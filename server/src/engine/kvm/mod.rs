@@ -34,7 +34,7 @@ use std::sync::Arc;
 use capsule_vmm::worker::{WorkerError, WorkerHandle};
 
 use super::trash::Trash;
-use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec};
+use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec, Reattached};
 use crate::image::{create_writable_disk, ImageError, ImageInfo};
 use chain::Chain;
 pub use chain::MAX_INCREMENTAL_LAYERS;
@@ -101,6 +101,9 @@ pub enum KvmError {
     /// The sandbox directory has no parent to put forks in.
     #[error("the sandbox directory has no parent")]
     NoRoot,
+    /// A machine whose VM was lost has no snapshot to roll back to.
+    #[error("the sandbox in {0} has no snapshot to roll back to")]
+    NoSnapshot(PathBuf),
     /// No child of a fork could be prepared, so the parent's state was not taken.
     #[error("no fork could be prepared")]
     NothingToFork,
@@ -113,7 +116,9 @@ impl KvmError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            KvmError::Gone(_) | KvmError::Killed | KvmError::EndedWithServer(_) => ErrorKind::Lost,
+            KvmError::Gone(_) | KvmError::Killed | KvmError::EndedWithServer(_) | KvmError::NoSnapshot(_) => {
+                ErrorKind::Lost
+            }
             KvmError::Worker { source, .. } if worker_lost(source) => ErrorKind::Lost,
             KvmError::Vcpus(_) => ErrorKind::Limit,
             KvmError::Layout(LayoutError::SocketPathTooLong { .. }) => ErrorKind::Limit,
@@ -173,13 +178,26 @@ impl KvmEngine {
         &self.image
     }
 
-    /// Boots a fresh guest with its files in `files`, and waits for its agent.
-    fn boot_in(&self, files: SandboxFiles, spec: &MachineSpec, vcpus: u8) -> Result<KvmMachine, KvmError> {
+    /// Boots a fresh guest with its files in `files`, and waits for its agent. A sandbox's
+    /// worker outlives the daemon (`outliving`); a template's, which lives only to be saved, does
+    /// not.
+    fn boot_in(
+        &self,
+        files: SandboxFiles,
+        spec: &MachineSpec,
+        vcpus: u8,
+        outliving: bool,
+    ) -> Result<KvmMachine, KvmError> {
         files.create_dir()?;
         create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
         let image = ImageInfo { rootfs: files.adopt_rootfs(&self.image.rootfs), ..self.image.clone() };
         let config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
-        let worker = WorkerHandle::spawn(&self.worker_exe, config).map_err(worker_err("boot"))?;
+        let worker = if outliving {
+            WorkerHandle::spawn_outliving(&self.worker_exe, config, &files.control())
+        } else {
+            WorkerHandle::spawn(&self.worker_exe, config)
+        }
+        .map_err(worker_err("boot"))?;
         let mut machine = KvmMachine::booted(self.worker_exe.clone(), self.trash.clone(), files, image.rootfs, worker)?;
         let client = machine.connect_within(AGENT_READY_TIMEOUT)?;
         set_guest_clock(&client)?;
@@ -197,7 +215,7 @@ impl KvmEngine {
 
     fn build(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
         let vcpus = check_vcpus(spec.vcpus)?;
-        let template = self.templates.get_or_build(spec, vcpus, |files| self.boot_in(files, spec, vcpus))?;
+        let template = self.templates.get_or_build(spec, vcpus, |files| self.boot_in(files, spec, vcpus, false))?;
         match self.restore_template(spec, &template) {
             Ok(machine) => Ok(machine),
             Err(e) => {
@@ -210,7 +228,7 @@ impl KvmEngine {
                 );
                 self.templates.discard(&template);
                 let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
-                self.boot_in(SandboxFiles::new(self.root.join(&spec.id)), spec, vcpus)
+                self.boot_in(SandboxFiles::new(self.root.join(&spec.id)), spec, vcpus, true)
             }
         }
     }
@@ -239,17 +257,23 @@ impl Engine for KvmEngine {
         }
     }
 
-    fn reattach(
-        &self,
-        spec: &MachineSpec,
-        saved: &serde_json::Value,
-        paused: bool,
-    ) -> Result<Box<dyn Machine>, EngineError> {
+    fn reattach(&self, spec: &MachineSpec, saved: &serde_json::Value, paused: bool) -> Result<Reattached, EngineError> {
         let saved: SavedState =
             serde_json::from_value(saved.clone()).map_err(|e| KvmError::BadSavedState(format!("{e}: {saved}")))?;
         let files = SandboxFiles::new(&saved.dir);
+        let (exe, trash) = (self.worker_exe.clone(), self.trash.clone());
         if !paused {
-            return Err(KvmError::EndedWithServer(spec.id.clone()).into());
+            let lost = match WorkerHandle::attach(&files.control()) {
+                Ok(worker) => {
+                    let machine = KvmMachine::attached(exe, trash, files, saved.rootfs, worker);
+                    return Ok(Reattached { machine: Box::new(machine), rolled_back: None });
+                }
+                Err(e) => lost_while_down(&files, &e),
+            };
+            let chain = Chain::at(0, None);
+            let mut machine = KvmMachine::on_disk(exe, trash, files, saved.rootfs, chain);
+            let rolled_back = machine.roll_back_to_newest(&lost)?;
+            return Ok(Reattached { machine: Box::new(machine), rolled_back: Some(rolled_back) });
         }
         let Some(generation) = saved.snapshot_generation else {
             return Err(KvmError::BadSavedState(format!(
@@ -258,15 +282,41 @@ impl Engine for KvmEngine {
             ))
             .into());
         };
-        if !files.snapshot(generation).is_dir() {
+        if !files.own_snapshot(generation).is_dir() {
             return Err(KvmError::BadSavedState(format!(
                 "the snapshot {} is gone",
-                files.snapshot(generation).display()
+                files.own_snapshot(generation).display()
             ))
             .into());
         }
         let chain = Chain::at(generation, saved.chain_layers);
-        Ok(Box::new(KvmMachine::on_disk(self.worker_exe.clone(), self.trash.clone(), files, saved.rootfs, chain)))
+        let machine = KvmMachine::on_disk(exe, trash, files, saved.rootfs, chain);
+        Ok(Reattached { machine: Box::new(machine), rolled_back: None })
+    }
+
+    fn discard(&self, id: &str) {
+        let files = SandboxFiles::new(self.root.join(id));
+        if let Ok(worker) = WorkerHandle::attach(&files.control()) {
+            let _ = worker.stop();
+        }
+        if files.dir().exists() {
+            self.trash.discard(files.dir());
+        }
+    }
+}
+
+/// How the VM of a sandbox recorded running was lost while no server watched it.
+fn lost_while_down(files: &SandboxFiles, attach: &WorkerError) -> String {
+    let ended = std::fs::read(files.control().ended)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<capsule_vmm::worker::VmEnded>(&bytes).ok());
+    match ended {
+        Some(ended) => format!("its VM ended ({:?}) while capsule was not running", ended.event),
+        None => format!(
+            "its VM's worker was gone when capsule started again (the host restarted, or the worker was \
+             killed or crashed while capsule was not running: {})",
+            capsule_vmm::worker::error_chain(attach)
+        ),
     }
 }
 
