@@ -5,9 +5,11 @@
 //!
 //! 1. **Round trip.** `tools/call run_command {"command":"true"}` through a real
 //!    `capsule serve` child process over MCP stdio (newline-delimited JSON-RPC spoken here by
-//!    hand), against the same `Exec` of `sh -c true` sent straight to a machine of the same
-//!    engine through `capsule::engine` (no MCP, no manager). Both run interleaved, one call of
-//!    each per round, so a noisy host loads them alike. Prints p50 and p99 of both and the ratios.
+//!    hand; `capsule serve` relays it to the daemon it started), and the same call on the
+//!    daemon's own Unix socket (no relay), against the same `Exec` of `sh -c true` sent straight
+//!    to a machine of the same engine through `capsule::engine` (no MCP, no manager). All run
+//!    interleaved, one call of each per round, so a noisy host loads them alike. Prints p50 and
+//!    p99 of each, the ratios, and what the relay adds.
 //! 2. **Sandbox ready: template against cold boot** (KVM engine only). It times a cold boot
 //!    (built from the engine's public boot pieces) and an `Engine::create` that restores the
 //!    template, interleaved, each until `true` has answered, plus a resume from a pause
@@ -23,7 +25,7 @@
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,16 +109,42 @@ fn measure_interleaved(n: usize, variants: &mut [&mut dyn FnMut() -> Result<()>]
 // ---------------------------------------------------------------------------------------------
 // An MCP client over stdio, by hand
 
-/// A `capsule serve` child process and the JSON-RPC session on its stdin/stdout.
+/// An MCP session spoken by hand: to a `capsule serve` child process on its stdin/stdout, or
+/// straight to the daemon on its socket.
 struct StdioServer {
-    child: Child,
-    stdin: Option<BufWriter<ChildStdin>>,
-    stdout: BufReader<ChildStdout>,
+    child: Option<Child>,
+    stdin: Option<Box<dyn Write>>,
+    stdout: Box<dyn BufRead>,
     next_id: u64,
     log: PathBuf,
 }
 
 impl StdioServer {
+    /// An MCP session on the daemon's own socket in `state_dir` (the daemon must run), as the
+    /// client `owner`: what `capsule serve` relays to, without the relay.
+    fn on_daemon_socket(state_dir: &Path, owner: &str) -> Result<Self> {
+        let socket = state_dir.join(capsule::daemon::socket::SOCKET_FILE);
+        let stream = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("cannot connect to {}", socket.display()))?;
+        let hello = capsule::daemon::hello::Hello::Mcp {
+            version: capsule::daemon::hello::HELLO_VERSION,
+            owner: Some(owner.to_string()),
+            settings: String::new(),
+        };
+        let (reader, welcome) =
+            capsule::daemon::client::greet(&stream, &hello).map_err(|e| anyhow!(error_chain(&e)))?;
+        let _ = welcome;
+        let mut server = StdioServer {
+            child: None,
+            stdin: Some(Box::new(stream)),
+            stdout: Box::new(reader),
+            next_id: 1,
+            log: state_dir.join(capsule::daemon::socket::LOG_FILE),
+        };
+        server.initialize()?;
+        Ok(server)
+    }
+
     /// Starts `capsule serve --engine ENGINE` with its state under `state_dir` and its stderr
     /// in `state_dir/server.log`, and runs the MCP handshake.
     fn start(bins: &Binaries, engine: EngineKind, state_dir: &Path) -> Result<Self> {
@@ -137,8 +165,20 @@ impl StdioServer {
             .with_context(|| format!("cannot start {}", bins.capsule.display()))?;
         let stdin = child.stdin.take().context("no stdin pipe")?;
         let stdout = child.stdout.take().context("no stdout pipe")?;
-        let mut server =
-            StdioServer { child, stdin: Some(BufWriter::new(stdin)), stdout: BufReader::new(stdout), next_id: 1, log };
+        let mut server = StdioServer {
+            child: Some(child),
+            stdin: Some(Box::new(BufWriter::new(stdin))),
+            stdout: Box::new(BufReader::new(stdout)),
+            next_id: 1,
+            log,
+        };
+        server.initialize()?;
+        Ok(server)
+    }
+
+    /// The MCP handshake.
+    fn initialize(&mut self) -> Result<()> {
+        let server = self;
         let init = server.request(
             "initialize",
             json!({
@@ -151,7 +191,7 @@ impl StdioServer {
             bail!("initialize answered without serverInfo: {init}");
         }
         server.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))?;
-        Ok(server)
+        Ok(())
     }
 
     fn send(&mut self, message: &Value) -> Result<()> {
@@ -206,9 +246,10 @@ impl StdioServer {
     /// [`SERVER_EXIT_TIMEOUT`].
     fn stop(mut self) -> Result<()> {
         drop(self.stdin.take());
+        let Some(child) = self.child.as_mut() else { return Ok(()) };
         let deadline = Instant::now() + SERVER_EXIT_TIMEOUT;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = child.try_wait()? {
                 if !status.success() {
                     eprintln!("note: capsule serve ended with {status}; see {}", self.log.display());
                 }
@@ -216,19 +257,35 @@ impl StdioServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.child.kill()?;
-        self.child.wait()?;
+        child.kill()?;
+        child.wait()?;
         bail!("capsule serve did not exit within {SERVER_EXIT_TIMEOUT:?} of its stdin closing; killed it")
     }
 }
 
 impl Drop for StdioServer {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
+}
+
+/// Stops the daemon a benchmark's `capsule serve` started (`capsule shutdown`).
+fn shutdown_daemon(bins: &Binaries, state_dir: &Path) -> Result<()> {
+    let status = std::process::Command::new(&bins.capsule)
+        .args(["shutdown", "--state-dir"])
+        .arg(state_dir)
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {} shutdown", bins.capsule.display()))?;
+    if !status.success() {
+        bail!("capsule shutdown ended with {status}");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,32 +321,47 @@ fn bench_round_trip(kind: EngineKind, bins: &Binaries, engine: &Arc<dyn Engine>,
     let mut direct = Owned(engine.create(&default_spec("bench-direct")).context("create the direct sandbox")?);
     let first_create = created.elapsed();
 
-    let mut server = StdioServer::start(bins, kind, &state_dir.join("serve"))?;
+    let serve_dir = state_dir.join("serve");
+    let mut server = StdioServer::start(bins, kind, &serve_dir)?;
     // The first run_command creates the default sandbox (on kvm: builds the server's template); untimed.
     let first = server.call_tool("run_command", json!({"command": COMMAND}))?;
     let sandbox_id = first["sandbox_id"].as_str().context("run_command returned no sandbox_id")?.to_string();
+    // The same daemon, without the relay (a client of its own, with its own default sandbox).
+    let mut socket = StdioServer::on_daemon_socket(&serve_dir, "capsule-evals-socket")?;
+    let first = socket.call_tool("run_command", json!({"command": COMMAND}))?;
+    let socket_sandbox = first["sandbox_id"].as_str().context("run_command returned no sandbox_id")?.to_string();
 
     // As the manager does per call: ask the machine for its (live, reused) agent connection.
     let mut via_engine = || exec_true(&direct.0.connect()?);
-    let mut via_mcp = || {
-        let r = server.call_tool("run_command", json!({"command": COMMAND}))?;
+    let run_true = |session: &mut StdioServer| {
+        let r = session.call_tool("run_command", json!({"command": COMMAND}))?;
         if r["exit_code"] != 0 {
             bail!("run_command {COMMAND:?} over MCP: exit_code {}", r["exit_code"]);
         }
         Ok(())
     };
-    let measured = measure_interleaved(n, &mut [&mut via_engine, &mut via_mcp]);
-    let cleanup = server.call_tool("kill_sandbox", json!({"sandbox_id": sandbox_id}));
-    let stopped = server.stop();
+    let mut via_mcp = || run_true(&mut server);
+    let mut via_socket = || run_true(&mut socket);
+    let measured = measure_interleaved(n, &mut [&mut via_engine, &mut via_mcp, &mut via_socket]);
+    let cleanup = server
+        .call_tool("kill_sandbox", json!({"sandbox_id": sandbox_id}))
+        .and(socket.call_tool("kill_sandbox", json!({"sandbox_id": socket_sandbox})));
+    let stopped = server.stop().and(socket.stop()).and(shutdown_daemon(bins, &serve_dir));
     let stats = measured?;
-    cleanup.context("kill the MCP default sandbox")?;
+    cleanup.context("kill the MCP default sandboxes")?;
     stopped?;
 
-    let (engine_stats, mcp_stats) = (&stats[0], &stats[1]);
+    let (engine_stats, mcp_stats, socket_stats) = (&stats[0], &stats[1], &stats[2]);
     show(&format!("(a) direct {} engine: Machine::connect + AgentClient::exec", kind.name()), engine_stats);
-    show("(b) MCP stdio tools/call run_command", mcp_stats);
-    ratio("ratio b/a (what MCP + manager + a process hop add)", mcp_stats, engine_stats);
-    println!("  difference b−a at p50: {:.3} ms", ms(mcp_stats.p50()) - ms(engine_stats.p50()));
+    show("(b) MCP stdio tools/call run_command (capsule serve relaying to the daemon)", mcp_stats);
+    show("(c) the same call on the daemon's own socket (no relay)", socket_stats);
+    ratio("ratio b/a (what MCP + manager + the relay + process hops add)", mcp_stats, engine_stats);
+    ratio("ratio c/a (what MCP + manager add)", socket_stats, engine_stats);
+    println!(
+        "  what the relay adds, b−c: {:.3} ms at p50, {:.3} ms at p99",
+        ms(mcp_stats.p50()) - ms(socket_stats.p50()),
+        ms(mcp_stats.p99()) - ms(socket_stats.p99())
+    );
     Ok(first_create)
 }
 
