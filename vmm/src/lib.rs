@@ -17,6 +17,7 @@ pub mod devices;
 pub mod doctor;
 pub mod host;
 pub mod microvm;
+pub mod net;
 pub mod persist;
 pub mod snapshot;
 pub mod virtio_wiring;
