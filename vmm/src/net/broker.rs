@@ -261,12 +261,10 @@ mod tests {
         let (a, b) = seqpacket_pair().unwrap();
         let huge = WorkerToBroker::Blocked { what: "x".repeat(MAX_BROKER_MESSAGE_BYTES) };
         assert!(matches!(send(&a, &huge, None), Err(BrokerError::TooLong(_))));
-        // SAFETY: write(2) of a buffer we own to a socket we own.
         let garbage = b"{not json";
-        assert_eq!(
-            unsafe { libc::write(a.as_raw_fd(), garbage.as_ptr().cast(), garbage.len()) },
-            garbage.len() as isize
-        );
+        // SAFETY: write(2) of a buffer we own to a socket we own.
+        let written = unsafe { libc::write(a.as_raw_fd(), garbage.as_ptr().cast(), garbage.len()) };
+        assert_eq!(written, garbage.len() as isize);
         assert!(matches!(receive::<WorkerToBroker>(&b), Err(BrokerError::Invalid(_))));
         drop(a);
         assert!(matches!(receive::<WorkerToBroker>(&b), Err(BrokerError::Closed)));
