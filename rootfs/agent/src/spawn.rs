@@ -56,7 +56,21 @@ pub enum SpawnMode {
 impl SpawnMode {
     /// The fastest mode this build supports.
     pub const DEFAULT: SpawnMode = if cfg!(target_arch = "x86_64") { SpawnMode::Vfork } else { SpawnMode::Fork };
+
+    /// The mode [`spawn`] uses: [`Self::DEFAULT`], unless the agent was started
+    /// with [`SPAWN_MODE_ENV`]`=fork` (a diagnostic knob, for measuring).
+    pub fn configured() -> SpawnMode {
+        static MODE: OnceLock<SpawnMode> = OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var(SPAWN_MODE_ENV).as_deref() {
+            Ok("fork") => SpawnMode::Fork,
+            _ => SpawnMode::DEFAULT,
+        })
+    }
 }
+
+/// Environment variable that makes the agent spawn fork-style (`fork`), to
+/// compare the two modes in one build.
+pub const SPAWN_MODE_ENV: &str = "CAPSULE_AGENT_SPAWN_MODE";
 
 /// Which session and process group the child gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,9 +297,9 @@ pub struct Child {
     status: Option<ExitStatus>,
 }
 
-/// Starts a child in [`SpawnMode::DEFAULT`].
+/// Starts a child in [`SpawnMode::configured`].
 pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Child, SpawnError> {
-    spawn_with_mode(spec, SpawnMode::DEFAULT)
+    spawn_with_mode(spec, SpawnMode::configured())
 }
 
 /// Starts a child in `mode`. Returns once its program runs (or it failed
