@@ -64,8 +64,13 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&socket)?;
-    let agent =
-        Agent::new(AgentConfig { work_dir: dir.path().to_owned(), state_dir: dir.path().join("state"), pid1: false });
+    let agent = Agent::new(AgentConfig {
+        work_dir: dir.path().to_owned(),
+        state_dir: dir.path().join("state"),
+        pid1: false,
+        cgroup_root: None,
+        protection: Default::default(),
+    });
     std::thread::spawn(move || agent.serve(|| listener.accept().map(|(s, _)| s)));
     let (client, _) = AgentClient::connect_unix(&socket).context("connect to the in-process agent")?;
 
@@ -137,6 +142,7 @@ fn main() -> Result<()> {
                 language: Language::Python,
                 code: code.into(),
                 output_cap_bytes: None,
+                limits: None,
             }),
             TIMEOUT,
         )

@@ -186,6 +186,7 @@ fn warm(machine: &mut dyn Machine) -> Result<Duration> {
         language: Language::Python,
         code: WARM_CELL.to_string(),
         output_cap_bytes: None,
+        limits: None,
     });
     let (events, reply) = client.call(op, Some(WARM_TIMEOUT)).context("run the warm-up cell")?;
     let took = started.elapsed();

@@ -304,6 +304,7 @@ mod tests {
             agent_version: "hostile".into(),
             capabilities: vec![],
             pid1: false,
+            containment: None,
         };
         write_frame(&mut stream, &AgentFrame { id: 0, body: AgentMessage::Hello(reply) }).expect("hello reply");
         let request: ClientFrame = read_frame(&mut stream).expect("request").expect("a request");
@@ -327,6 +328,8 @@ mod tests {
             timed_out: false,
             stdout_bytes: 0,
             stderr_bytes: 0,
+            limit: None,
+            escaped_killed: 0,
         };
         write_frame(&mut stream, &AgentFrame { id: request.id, body: AgentMessage::Done(Reply::Exit(done)) })
             .expect("done");

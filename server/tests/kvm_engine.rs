@@ -85,6 +85,7 @@ fn py_in(client: &AgentClient, context: &str, code: &str) -> String {
                 language: Language::Python,
                 code: code.into(),
                 output_cap_bytes: None,
+                limits: None,
             }),
             CALL_TIMEOUT,
         )

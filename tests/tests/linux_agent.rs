@@ -108,6 +108,7 @@ fn image_boots_in_our_vmm_and_the_agent_serves_over_vsock() {
                 language: Language::Python,
                 code: "1+1".into(),
                 output_cap_bytes: None,
+                limits: None,
             }),
             Some(CALL_TIMEOUT),
         )

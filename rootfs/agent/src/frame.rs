@@ -134,7 +134,7 @@ pub(crate) fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize>
 
 /// An error and its `source()` chain on one line (`outer: cause: root cause`),
 /// for logs and disconnect reasons.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -201,6 +201,8 @@ mod tests {
                     stdin: Some(vec![0, 255, 1]),
                     background: false,
                     output_cap_bytes: None,
+                    limits: None,
+                    pty: None,
                 }),
             }),
         }

@@ -2,8 +2,8 @@
 //! environment, and the init loop that reaps every orphan.
 //!
 //! Layout of the boot: the kernel mounted the shared read-only base disk as
-//! `/` (`root=/dev/vda ro`). [`setup_filesystems`] mounts proc, sysfs and
-//! devtmpfs, stages the per-sandbox writable disk (`/dev/vdb`, ext4; a tmpfs
+//! `/` (`root=/dev/vda ro`). [`setup_filesystems`] mounts proc, sysfs,
+//! cgroup2 (at [`CGROUP_MOUNT`]) and devtmpfs, stages the per-sandbox writable disk (`/dev/vdb`, ext4; a tmpfs
 //! when absent) and an overlay of the two under `/run/capsule`, moves the API
 //! mounts into the overlay and `pivot_root`s into it, so `/` is writable.
 //!
@@ -18,6 +18,8 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
+/// Where PID 1 mounts cgroup v2 (the agent's cgroup root in a guest).
+pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 /// Staging area of the overlay (on the first tmpfs at `/run`).
 const STAGING_DIR: &str = "/run/capsule";
 /// The per-sandbox writable disk.
@@ -140,6 +142,8 @@ pub fn setup_filesystems() -> bool {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     log_step(unless_mounted(mount("proc", "/proc", "proc", nosuid_nodev_noexec, "")));
     log_step(unless_mounted(mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "")));
+    // Submounts of /sys move with it into the overlay root below.
+    log_step(unless_mounted(mount("cgroup2", CGROUP_MOUNT, "cgroup2", nosuid_nodev_noexec, "")));
     log_step(unless_mounted(mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")));
     ensure_console_fds();
     log_step(mount_tmpfs("/run", "0755"));

@@ -1,21 +1,26 @@
 //! The capsule guest agent binary.
 //!
-//! - `capsule-agent --listen-unix PATH [--work-dir DIR] [--state-dir DIR]`:
+//! - `capsule-agent --listen-unix PATH [--work-dir DIR] [--state-dir DIR] [--cgroup-root DIR]`:
 //!   serves the protocol on a Unix socket as an ordinary host process (tests,
-//!   the fake engine). Machine-wide operations answer `Unsupported`.
+//!   the fake engine). Machine-wide operations answer `Unsupported`. With
+//!   `--cgroup-root` (a cgroup v2 directory the caller owns) it contains its
+//!   commands as in a guest, moving itself into `DIR/agent`.
 //! - As PID 1 of a guest (or with `--pid1`, which must never be used on a
-//!   host: it mounts over `/`): sets up the filesystems and the overlay root,
-//!   prints `capsule-agent: init ok`, then serves on vsock port
-//!   [`AGENT_VSOCK_PORT`] and prints `capsule-agent ready`. Arguments it does
-//!   not know are ignored there (the kernel passes its own to init). With
-//!   `--listen-unix PATH` it serves there instead of vsock (PID 1 tests in a
-//!   pid + mount namespace).
+//!   host: it mounts over `/`): protects itself (`oom_score_adj`, open-files
+//!   limit), sets up the filesystems, the overlay root and its cgroups (under
+//!   `/sys/fs/cgroup`, or `--cgroup-root`), prints `capsule-agent: init ok`,
+//!   then serves on vsock port [`AGENT_VSOCK_PORT`] and prints
+//!   `capsule-agent ready`. Arguments it does not know are ignored there (the
+//!   kernel passes its own to init). With `--listen-unix PATH` it serves there
+//!   instead of vsock (PID 1 tests in a pid + mount namespace).
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use capsule_agent::budget::{protect_self, Protection};
+use capsule_agent::cgroup::CgroupTree;
 use capsule_agent::init;
 use capsule_agent::protocol::AGENT_VSOCK_PORT;
 use capsule_agent::server::{Agent, AgentConfig};
@@ -40,6 +45,7 @@ struct Args {
     listen_unix: Option<PathBuf>,
     work_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
     pid1: bool,
 }
 
@@ -52,6 +58,7 @@ fn parse_args(strict: bool) -> Result<Args, String> {
             Some("--listen-unix") => args.listen_unix = Some(value("--listen-unix")?),
             Some("--work-dir") => args.work_dir = Some(value("--work-dir")?),
             Some("--state-dir") => args.state_dir = Some(value("--state-dir")?),
+            Some("--cgroup-root") => args.cgroup_root = Some(value("--cgroup-root")?),
             Some("--pid1") => args.pid1 = true,
             _ if !strict => {}
             _ => return Err(format!("unknown argument {arg:?}")),
@@ -60,8 +67,8 @@ fn parse_args(strict: bool) -> Result<Args, String> {
     Ok(args)
 }
 
-const USAGE: &str =
-    "usage: capsule-agent --listen-unix PATH [--work-dir DIR] [--state-dir DIR]   (as PID 1: no arguments needed)";
+const USAGE: &str = "usage: capsule-agent --listen-unix PATH [--work-dir DIR] [--state-dir DIR] [--cgroup-root DIR]   \
+                     (as PID 1: no arguments needed)";
 
 fn main() {
     // SAFETY: getpid(2) has no preconditions.
@@ -88,11 +95,24 @@ fn host_main(args: Args) {
     let work_dir = args.work_dir.unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| "/".into()));
     let state_dir =
         args.state_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("capsule-agent-{}", std::process::id())));
-    serve_unix(Agent::new(AgentConfig { work_dir, state_dir, pid1: false }), &path)
+    let protection = protected(false);
+    let config = AgentConfig { work_dir, state_dir, pid1: false, cgroup_root: args.cgroup_root, protection };
+    serve_unix(Agent::new(config), &path)
+}
+
+/// [`protect_self`], logging what failed.
+fn protected(guest: bool) -> Protection {
+    let (protection, errors) = protect_self(guest);
+    for e in errors {
+        let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
+        init::console(&format!("capsule-agent: {e}{cause}"));
+    }
+    protection
 }
 
 fn pid1_main(args: Args) -> ! {
     init::install_panic_hook();
+    let protection = protected(true);
     let overlay_ok = init::setup_filesystems();
     if overlay_ok {
         init::console(init::INIT_OK_LINE);
@@ -104,8 +124,21 @@ fn pid1_main(args: Args) -> ! {
     let default_state_dir = if overlay_ok { GUEST_STATE_DIR } else { GUEST_FALLBACK_STATE_DIR };
     let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir.into());
     let listen_unix = args.listen_unix;
+    let cgroup_root = args.cgroup_root.unwrap_or_else(|| init::CGROUP_MOUNT.into());
+    // PID 1 moves itself into the agent's cgroup before it forks the server
+    // (which inherits it and sets the tree up again, idempotently).
+    if let Err(e) = CgroupTree::establish(&cgroup_root) {
+        init::console(&format!("capsule-agent: no containment: {}", capsule_agent::frame::error_chain(&e)));
+    }
     init::init_loop(move || {
-        let agent = Agent::new(AgentConfig { work_dir: work_dir.clone(), state_dir: state_dir.clone(), pid1: true });
+        let config = AgentConfig {
+            work_dir: work_dir.clone(),
+            state_dir: state_dir.clone(),
+            pid1: true,
+            cgroup_root: Some(cgroup_root.clone()),
+            protection,
+        };
+        let agent = Agent::new(config);
         match &listen_unix {
             // Tests of PID 1 mode in a namespace reach it through /proc/<pid>/root/<path>.
             Some(path) => serve_unix(agent, path),

@@ -11,13 +11,35 @@
 //! depends on per-connection state beyond the requests in flight: processes
 //! and language contexts live in the agent, not in the connection.
 //!
+//! # Containment (capability [`capability::CGROUPS`])
+//!
+//! Every command ([`Op::Exec`]) and every context's interpreter runs in its
+//! own cgroup (v2) under the agent's `workloads/` cgroup, with `pids.max` and
+//! `memory.max`/`memory.high` ([`ProcessLimits`]; the guest's defaults and
+//! ceilings are in [`HelloReply::containment`]). The agent itself lives in
+//! `agent/` beside it, with memory reserved for it, so a fork bomb or a memory
+//! hog is stopped, reported ([`ExitStatus::limit`], [`CodeOutcome::limit`]),
+//! and the agent goes on answering.
+//!
+//! # Testing an unresponsive agent (the freeze hook)
+//!
+//! Because the agent has a cgroup of its own, a command can freeze it with
+//! the cgroup-v2 freezer, PID 1 included:
+//! `echo 1 > /sys/fs/cgroup/agent/cgroup.freeze`. From then on the agent
+//! reads and answers nothing (not even [`Op::Ping`]) while commands and
+//! contexts keep running, exactly what a host must survive when a guest stops
+//! answering. Writing `0` there thaws it (for instance from a background
+//! command started beforehand: `(sleep 5; echo 0 > /sys/fs/cgroup/agent/cgroup.freeze) &`),
+//! and the agent carries on where it stopped. Nothing in the agent blocks it.
+//!
 //! This module holds plain data only. Framing lives in [`crate::frame`];
 //! behaviour lives in the agent and the client.
 
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol. The agent refuses a host whose major version differs.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol. The agent refuses a host whose version differs.
+/// 2: process limits and limit outcomes, interactive background processes.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -50,7 +72,21 @@ pub mod capability {
     pub const BASH: &str = "bash";
     /// Sets the guest clock and adds entropy (needs privileges: PID 1 in a guest).
     pub const CLOCK_AND_ENTROPY: &str = "clock-and-entropy";
+    /// Every command and context runs in its own cgroup with [`ProcessLimits`]
+    /// (see [`HelloReply::containment`]); without it limits are not enforced
+    /// and the limit fields of outcomes stay empty.
+    pub const CGROUPS: &str = "cgroups";
+    /// Background processes take input ([`Op::WriteProcess`](super::Op::WriteProcess))
+    /// and can run on a pseudo-terminal ([`ExecRequest::pty`](super::ExecRequest::pty)).
+    pub const INTERACTIVE: &str = "interactive";
 }
+
+/// Most bytes of one [`Op::WriteProcess`] (also the most a process may have
+/// queued and not yet read).
+pub const MAX_PENDING_INPUT_BYTES: usize = 1024 * 1024;
+
+/// Largest pseudo-terminal size in rows and in columns.
+pub const MAX_PTY_SIDE: u16 = 1000;
 
 // ---------------------------------------------------------------------------
 // Host → agent
@@ -105,6 +141,11 @@ pub enum Op {
     /// Background: replies [`Reply::Started`] at once.
     Exec(ExecRequest),
     /// Sends a signal to a process (by guest pid). Replies [`Reply::Unit`].
+    /// For a process the agent started: its process group gets it while its
+    /// leader runs, and signal 9 kills the command's whole cgroup, so
+    /// processes that escaped the group die too; once a background leader
+    /// exited, what it left running in its cgroup gets the signal. Any other
+    /// pid gets it alone.
     Signal {
         /// Guest process id.
         pid: u32,
@@ -134,6 +175,10 @@ pub enum Op {
         name: String,
         /// Its language.
         language: Language,
+        /// Limits of its interpreter (and everything its cells start); the
+        /// guest's defaults when `None`. They last for the context's life,
+        /// restarts included.
+        limits: Option<ProcessLimits>,
     },
     /// Restarts a context's interpreter, dropping its state.
     ResetContext {
@@ -206,6 +251,31 @@ pub enum Op {
         /// Reboot instead of powering off.
         reboot: bool,
     },
+    /// Queues input for a background process's stdin (its pipe, or its
+    /// terminal with [`ExecRequest::pty`]). Replies [`Reply::InputQueued`] at
+    /// once; the agent writes it as the process reads. Fails with
+    /// [`ErrorKind::Closed`] once the process exited or its stdin was closed,
+    /// [`ErrorKind::InvalidArgument`] for a foreground process, and
+    /// [`ErrorKind::TooLarge`] when `data` would put more than
+    /// [`MAX_PENDING_INPUT_BYTES`] unread in the queue.
+    WriteProcess {
+        /// Guest pid of a process the agent started in the background.
+        pid: u32,
+        /// The bytes (may be empty, e.g. to only close).
+        data: Vec<u8>,
+        /// After `data`, close stdin: the process reads end of file. On a
+        /// terminal this sends the end-of-file character (Ctrl-D) instead,
+        /// which a program reading a line sees as end of file.
+        close_stdin: bool,
+    },
+    /// Changes the size of a background process's terminal (it gets `SIGWINCH`).
+    /// Fails with [`ErrorKind::InvalidArgument`] when it has none.
+    ResizePty {
+        /// Guest pid of a process started with [`ExecRequest::pty`].
+        pid: u32,
+        /// The new size.
+        size: PtySize,
+    },
 }
 
 /// The command an [`Op::Exec`] runs.
@@ -226,20 +296,66 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Extra environment variables, applied over the agent's default environment.
     pub env: Vec<(String, String)>,
-    /// Bytes fed to stdin, which is then closed. `None` gives an empty stdin.
+    /// Foreground: bytes fed to stdin, which is then closed; `None` gives an
+    /// empty stdin. Background: stdin is a pipe the agent keeps open for
+    /// [`Op::WriteProcess`]; these bytes are written first (at most
+    /// [`MAX_PENDING_INPUT_BYTES`]).
     pub stdin: Option<Vec<u8>>,
     /// Start in the background and reply [`Reply::Started`] at once.
     pub background: bool,
     /// Per-stream cap on output streamed back; [`DEFAULT_OUTPUT_CAP_BYTES`] when `None`.
     pub output_cap_bytes: Option<u64>,
+    /// Limits of the command's cgroup; the guest's defaults when `None`
+    /// (see [`HelloReply::containment`]).
+    pub limits: Option<ProcessLimits>,
+    /// Run on a pseudo-terminal of this size (background commands only): the
+    /// process gets a new session with the terminal as its controlling tty on
+    /// stdin, stdout and stderr; its output is one stream, read as stdout by
+    /// [`Op::ReadProcessOutput`], and [`Op::WriteProcess`] types into it.
+    pub pty: Option<PtySize>,
+}
+
+/// Limits of one command's or context's cgroup. A field left `None` takes the
+/// guest's default ([`Containment`]); a value above the guest's ceiling is
+/// refused with [`ErrorKind::InvalidArgument`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProcessLimits {
+    /// Most processes and threads alive at once in the cgroup (`pids.max`), at least 1.
+    pub pids_max: Option<u32>,
+    /// Most memory of the cgroup (`memory.max`), page cache included, at
+    /// least [`MIN_MEMORY_MAX_BYTES`]. Past 90% of it (`memory.high`) the
+    /// kernel reclaims and slows the cgroup down; at it, the out-of-memory
+    /// killer kills a process of this cgroup (never the agent's).
+    pub memory_max_bytes: Option<u64>,
+}
+
+/// Smallest [`ProcessLimits::memory_max_bytes`] the agent accepts.
+pub const MIN_MEMORY_MAX_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The size of a pseudo-terminal, each side 1 to [`MAX_PTY_SIDE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows (lines).
+    pub rows: u16,
+    /// Columns (characters per line).
+    pub cols: u16,
 }
 
 impl ExecRequest {
     /// Runs `command` with every other field at its default: the agent's
     /// working directory and environment, an empty stdin, in the foreground,
-    /// with the default output cap.
+    /// with the default output cap and limits, without a terminal.
     pub fn new(command: Command) -> ExecRequest {
-        ExecRequest { command, cwd: None, env: Vec::new(), stdin: None, background: false, output_cap_bytes: None }
+        ExecRequest {
+            command,
+            cwd: None,
+            env: Vec::new(),
+            stdin: None,
+            background: false,
+            output_cap_bytes: None,
+            limits: None,
+            pty: None,
+        }
     }
 
     /// [`ExecRequest::new`] for a `/bin/sh -c` script.
@@ -286,6 +402,12 @@ pub struct RunCodeRequest {
     pub code: String,
     /// Per-stream cap on output streamed back; [`DEFAULT_OUTPUT_CAP_BYTES`] when `None`.
     pub output_cap_bytes: Option<u64>,
+    /// Limits of the context's interpreter when this request creates the
+    /// context (see [`Op::CreateContext`]). For an existing context `None`
+    /// or its own limits are accepted; other limits are refused with
+    /// [`ErrorKind::InvalidArgument`] (reset does not change them: remove
+    /// and create the context).
+    pub limits: Option<ProcessLimits>,
 }
 
 /// Parameters of [`Op::WriteFile`].
@@ -351,6 +473,25 @@ pub struct HelloReply {
     pub capabilities: Vec<String>,
     /// Whether the agent runs as PID 1 of a guest.
     pub pid1: bool,
+    /// The guest's limits for commands and contexts; `None` when the agent
+    /// cannot contain them (no cgroup v2 with the pids and memory controllers).
+    pub containment: Option<Containment>,
+}
+
+/// What [`ProcessLimits`] default to in this guest, and how far they may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Containment {
+    /// `pids_max` when a request leaves it out.
+    pub default_pids_max: u32,
+    /// The largest `pids_max` a request may ask for (what the guest can give
+    /// all commands together while keeping a reserve for the agent).
+    pub max_pids_max: u32,
+    /// `memory_max_bytes` when a request leaves it out.
+    pub default_memory_max_bytes: u64,
+    /// The largest `memory_max_bytes` a request may ask for (the guest's
+    /// memory less a reserve for the kernel and the agent; also the cap on
+    /// all commands and contexts together).
+    pub max_memory_max_bytes: u64,
 }
 
 /// Which output stream a chunk belongs to.
@@ -426,6 +567,11 @@ pub enum Reply {
     },
     /// A cell ended (successfully or with an exception, which came as [`Event::Error`]).
     CodeDone(CodeOutcome),
+    /// Answer to [`Op::WriteProcess`].
+    InputQueued {
+        /// Bytes queued for the process and not yet written to it, these included.
+        pending_bytes: u64,
+    },
     /// Answer to [`Op::ListProcesses`].
     Processes(Vec<ProcessInfo>),
     /// Answer to [`Op::ReadProcessOutput`].
@@ -460,6 +606,38 @@ pub struct ExitStatus {
     pub stdout_bytes: u64,
     /// Total bytes the process wrote to stderr (streamed or not).
     pub stderr_bytes: u64,
+    /// A limit of the command's cgroup that stopped it or one of its
+    /// processes; `None` when none did (or the agent has no cgroups).
+    pub limit: Option<LimitHit>,
+    /// Processes of the command other than its leader (`pid`) that were
+    /// still running when the agent killed the command's cgroup, and died
+    /// with it: those that outlived a foreground leader (they escaped its
+    /// process group or were left running in the background; the host may say
+    /// "N processes it left running were killed"), and those killed with the
+    /// command on a timeout, a cancel, the pids limit or `Signal` 9.
+    pub escaped_killed: u32,
+}
+
+/// A cgroup limit that ended a command, a process of it, or a context's interpreter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LimitHit {
+    /// The command tried to have more than `max` processes and threads at
+    /// once: a fork failed at `pids.max`, and the agent killed the whole
+    /// cgroup at once (a fork bomb never stops by itself). The host may say
+    /// "the command started more than {max} processes and was stopped (pids limit)".
+    Pids {
+        /// Its `pids.max`.
+        max: u32,
+    },
+    /// The out-of-memory killer killed a process of the cgroup at its
+    /// `memory.max` (`memory.events` counted an `oom_kill`); the leader
+    /// itself may have survived (e.g. a shell reporting a killed child). The
+    /// host may say "killed by the out-of-memory killer at {max_bytes in MiB}
+    /// MiB (memory limit)".
+    Memory {
+        /// Its `memory.max`, in bytes.
+        max_bytes: u64,
+    },
 }
 
 /// How a cell ended.
@@ -475,6 +653,13 @@ pub struct CodeOutcome {
     pub context_restarted: bool,
     /// For bash cells: the exit status of the cell's last command.
     pub exit_code: Option<i32>,
+    /// A limit of the context's cgroup that the cell hit: with
+    /// [`LimitHit::Pids`] the agent killed the interpreter and everything it
+    /// started; with [`LimitHit::Memory`] the out-of-memory killer killed the
+    /// interpreter or a process it started. When the interpreter died,
+    /// `context_restarted` is set and an [`Event::Error`] named
+    /// `ContextRestarted` says why; other contexts are untouched.
+    pub limit: Option<LimitHit>,
 }
 
 /// A process the agent started.
@@ -588,6 +773,12 @@ pub enum ErrorKind {
     Io,
     /// A bug or broken invariant in the agent.
     Internal,
+    /// The agent is at one of its own capacity limits (concurrent requests,
+    /// connections, background processes, contexts) and refuses more until
+    /// some finish; the message names the limit. Retrying later may succeed.
+    Busy,
+    /// The target no longer takes input: the process exited or its stdin was closed.
+    Closed,
 }
 
 /// A failed request's error.

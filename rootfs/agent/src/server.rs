@@ -2,8 +2,12 @@
 //! worker threads, cancellation, and the single writer per connection.
 //!
 //! Each connection has one reader thread (decodes [`ClientFrame`]s), one
-//! worker thread per request, and one writer (a mutex over the stream) that
-//! all of them send [`AgentFrame`]s through. A frame that is too big or does
+//! worker thread per request (from a pool capped at
+//! [`MAX_REQUEST_WORKERS`]; past it a request fails with `Busy`), and one
+//! writer (a mutex over the stream) that all of them send [`AgentFrame`]s
+//! through. `Ping` is answered by the reader itself, so it needs no worker
+//! and is answered however busy the agent is. At most [`MAX_CONNECTIONS`]
+//! connections are served at once; more are refused at the handshake. A frame that is too big or does
 //! not decode, a bad handshake, or a duplicate request id ends THAT
 //! connection with a logged reason; the agent keeps serving the others and
 //! new ones. When a connection ends, its in-flight requests are cancelled;
@@ -18,11 +22,13 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::budget::{Protection, MAX_CONNECTIONS, MAX_REQUEST_WORKERS};
 use crate::cancel::{CancelToken, StopReason};
+use crate::cgroup::CgroupTree;
 use crate::context::{Contexts, ContextsConfig};
 use crate::files::Files;
 use crate::frame::{error_chain, read_frame, write_frame, FrameError};
@@ -35,10 +41,13 @@ use crate::protocol::{
     HelloReply, Op, Reply, Request, RequestId, DEFAULT_OUTPUT_CAP_BYTES, PROTOCOL_VERSION,
 };
 use crate::system;
-use crate::workers::WorkerPool;
+use crate::workers::{PoolError, WorkerPool};
 
 /// Pause after a failed `accept`, so a persistent error (EMFILE) cannot spin.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long a refused connection's Hello is waited for (the accept loop waits with it).
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Where the agent works and keeps its files.
 #[derive(Debug, Clone)]
@@ -49,6 +58,11 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Whether the agent is PID 1 of a guest (enables clock, entropy, shutdown).
     pub pid1: bool,
+    /// The cgroup v2 directory under which the agent keeps itself (`agent/`)
+    /// and its workloads (`workloads/`); `None`: no containment.
+    pub cgroup_root: Option<PathBuf>,
+    /// What the agent changed about itself (see [`crate::budget::protect_self`]).
+    pub protection: Protection,
 }
 
 /// The agent: everything that outlives a connection.
@@ -58,6 +72,8 @@ pub struct Agent {
     files: Files,
     contexts: Contexts,
     workers: WorkerPool,
+    cgroups: Option<Arc<CgroupTree>>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -144,16 +160,32 @@ impl Agent {
                 eprintln!("capsule-agent: cannot create {}: {e}", dir.display());
             }
         }
+        let cgroups = config.cgroup_root.as_deref().and_then(|root| match CgroupTree::establish(root) {
+            Ok(tree) => {
+                if let Some(why) = tree.no_limits_reason() {
+                    eprintln!("capsule-agent: commands get their own cgroups but no limits: {why}");
+                }
+                Some(Arc::new(tree))
+            }
+            Err(e) => {
+                eprintln!("capsule-agent: no containment: {}", error_chain(&e));
+                None
+            }
+        });
         let contexts = Contexts::new(ContextsConfig {
             work_dir: config.work_dir.clone(),
             state_dir: config.state_dir.join("contexts"),
+            cgroups: cgroups.clone(),
+            protection: config.protection,
             ..ContextsConfig::default()
         });
         Arc::new(Agent {
-            processes: Processes::new(&config.work_dir, &config.state_dir),
+            processes: Processes::new(&config.work_dir, &config.state_dir, cgroups.clone(), config.protection),
             files: Files::new(&config.work_dir),
             contexts,
-            workers: WorkerPool::new(),
+            workers: WorkerPool::new(MAX_REQUEST_WORKERS),
+            cgroups,
+            connections: Arc::default(),
             config,
         })
     }
@@ -162,6 +194,10 @@ impl Agent {
     pub fn hello_reply(&self) -> HelloReply {
         let mut capabilities = vec![capability::EXEC.to_owned(), capability::FILES.to_owned()];
         capabilities.extend([capability::PYTHON, capability::JAVASCRIPT, capability::BASH].map(str::to_owned));
+        capabilities.push(capability::INTERACTIVE.to_owned());
+        if self.cgroups.is_some() {
+            capabilities.push(capability::CGROUPS.to_owned());
+        }
         if self.config.pid1 {
             capabilities.push(capability::CLOCK_AND_ENTROPY.to_owned());
         }
@@ -170,6 +206,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities,
             pid1: self.config.pid1,
+            containment: self.cgroups.as_ref().and_then(|t| t.policy()).map(|p| p.containment()),
         }
     }
 
@@ -178,10 +215,16 @@ impl Agent {
         loop {
             match accept() {
                 Ok(stream) => {
+                    // Over the cap, refused here: no thread per refused connection.
+                    let Some(slot) = ConnectionSlot::take(&self.connections) else {
+                        refuse_connection(stream);
+                        continue;
+                    };
                     let agent = Arc::clone(self);
-                    let spawned = std::thread::Builder::new()
-                        .name("agent-conn".into())
-                        .spawn(move || agent.serve_connection(stream));
+                    let spawned = std::thread::Builder::new().name("agent-conn".into()).spawn(move || {
+                        let _slot = slot;
+                        agent.serve_admitted(stream);
+                    });
                     if let Err(e) = spawned {
                         eprintln!("capsule-agent: cannot start a connection thread: {e}");
                     }
@@ -194,8 +237,18 @@ impl Agent {
         }
     }
 
-    /// Serves one connection until it ends; never panics.
+    /// Serves one connection until it ends; never panics. Past
+    /// [`MAX_CONNECTIONS`] at once, the handshake is answered with `Busy` and
+    /// the connection closed.
     pub fn serve_connection(self: &Arc<Self>, stream: UnixStream) {
+        match ConnectionSlot::take(&self.connections) {
+            Some(_slot) => self.serve_admitted(stream),
+            None => refuse_connection(stream),
+        }
+    }
+
+    /// Serves a connection that holds a slot.
+    fn serve_admitted(self: &Arc<Self>, stream: UnixStream) {
         let writer = match stream.try_clone() {
             Ok(w) => Arc::new(ConnWriter { stream: Mutex::new(w), dead: AtomicBool::new(false) }),
             Err(e) => {
@@ -261,6 +314,11 @@ impl Agent {
                     if frame.id == 0 {
                         return protocol_failure(0, "request id 0 is reserved for the handshake".into());
                     }
+                    if matches!(request.op, Op::Ping) {
+                        // Answered here: no worker needed, however busy the agent is.
+                        writer.send(&AgentFrame { id: frame.id, body: AgentMessage::Done(Reply::Pong) });
+                        continue;
+                    }
                     let token = CancelToken::with_timeout(request.timeout_ms.map(Duration::from_millis));
                     {
                         let mut map = lock(in_flight);
@@ -277,8 +335,18 @@ impl Agent {
                         self.workers.execute(move || agent.run_request(request, &token, &responder, &in_flight_w));
                     if let Err(e) = spawned {
                         lock(in_flight).remove(&frame.id);
-                        Responder { id: frame.id, writer: Arc::clone(writer) }
-                            .finish(Err(error(ErrorKind::Internal, format!("cannot start a worker thread: {e}"))));
+                        let failure = match e {
+                            PoolError::Full { max } => error(
+                                ErrorKind::Busy,
+                                format!(
+                                    "the agent is running {max} requests at once (its cap); retry when some finish"
+                                ),
+                            ),
+                            PoolError::Spawn(e) => {
+                                error(ErrorKind::Busy, format!("the agent cannot start a request thread now: {e}"))
+                            }
+                        };
+                        Responder { id: frame.id, writer: Arc::clone(writer) }.finish(Err(failure));
                     }
                 }
             }
@@ -332,7 +400,9 @@ impl Agent {
                 capped.finish();
                 outcome.map(Reply::CodeDone)
             }
-            Op::CreateContext { name, language } => self.contexts.create(&name, language).map(|()| Reply::Unit),
+            Op::CreateContext { name, language, limits } => {
+                self.contexts.create(&name, language, limits.as_ref()).map(|()| Reply::Unit)
+            }
             Op::ResetContext { name } => self.contexts.reset(&name).map(|()| Reply::Unit),
             Op::RemoveContext { name } => self.contexts.remove(&name).map(|()| Reply::Unit),
             Op::ListContexts => Ok(Reply::Contexts(self.contexts.list())),
@@ -348,8 +418,44 @@ impl Agent {
             Op::SetClock { unix_time_ns } => system::set_clock(self.config.pid1, unix_time_ns).map(|()| Reply::Unit),
             Op::AddEntropy { bytes } => system::add_entropy(self.config.pid1, &bytes).map(|()| Reply::Unit),
             Op::Shutdown { .. } => system::check_shutdown(self.config.pid1).map(|()| Reply::Unit),
+            Op::WriteProcess { pid, data, close_stdin } => self
+                .processes
+                .write_input(pid, &data, close_stdin)
+                .map(|pending_bytes| Reply::InputQueued { pending_bytes }),
+            Op::ResizePty { pid, size } => self.processes.resize_pty(pid, size).map(|()| Reply::Unit),
         }
     }
+}
+
+/// One of the [`MAX_CONNECTIONS`] connection slots, released on drop.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<ConnectionSlot> {
+        if count.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(Arc::clone(count)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers a connection over the cap with a `Busy` failure of its handshake, then closes it.
+fn refuse_connection(mut stream: UnixStream) {
+    eprintln!("capsule-agent: refusing a connection: {MAX_CONNECTIONS} are open");
+    // Read the Hello first (briefly), so the host reads the refusal rather than a reset.
+    let _ = stream.set_read_timeout(Some(REFUSAL_READ_TIMEOUT));
+    let _ = read_frame::<ClientFrame, _>(&mut stream);
+    let message = format!("the agent serves at most {MAX_CONNECTIONS} connections at once; close one and retry");
+    let _ =
+        write_frame(&mut stream, &AgentFrame { id: 0, body: AgentMessage::Failed(error(ErrorKind::Busy, message)) });
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 fn stop_error(reason: StopReason) -> AgentError {

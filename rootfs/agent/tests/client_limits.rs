@@ -33,6 +33,7 @@ fn hostile_agent(
                 agent_version: "hostile".into(),
                 capabilities: Vec::new(),
                 pid1: false,
+                containment: None,
             }),
         };
         write_frame(&mut guest, &reply).unwrap();
@@ -144,6 +145,8 @@ fn exec_keeps_at_most_the_cap_per_stream_whatever_the_agent_sends() {
             timed_out: false,
             stdout_bytes: 50,
             stderr_bytes: 3,
+            limit: None,
+            escaped_killed: 0,
         };
         send(&mut guest, id, AgentMessage::Done(Reply::Exit(status)));
         while next_request(&mut guest).is_some() {}

@@ -72,7 +72,13 @@ impl Run {
 }
 
 fn run_with(contexts: &Contexts, context: &str, language: Language, code: &str, cancel: &CancelToken) -> Run {
-    let req = RunCodeRequest { context: context.to_string(), language, code: code.to_string(), output_cap_bytes: None };
+    let req = RunCodeRequest {
+        context: context.to_string(),
+        language,
+        code: code.to_string(),
+        output_cap_bytes: None,
+        limits: None,
+    };
     let mut events = Vec::new();
     let outcome = contexts.run_code(&req, cancel, &mut |e| events.push((Instant::now(), e)));
     Run { events, outcome }
@@ -324,9 +330,9 @@ fn names_and_languages_are_checked() {
     let mismatch = run(&f, "a.b-c_9", Language::Bash, "echo hi").outcome.expect_err("language mismatch accepted");
     assert_eq!(mismatch.kind, ErrorKind::InvalidArgument);
     assert!(mismatch.message.contains("python context"), "{}", mismatch.message);
-    let taken = f.contexts.create("a.b-c_9", Language::Python).expect_err("duplicate create");
+    let taken = f.contexts.create("a.b-c_9", Language::Python, None).expect_err("duplicate create");
     assert_eq!(taken.kind, ErrorKind::AlreadyExists);
-    f.contexts.create("js", Language::JavaScript).expect("create");
+    f.contexts.create("js", Language::JavaScript, None).expect("create");
     assert!(f.contexts.list().iter().any(|c| c.name == "js" && c.pid.is_some()));
     f.contexts.remove("js").expect("remove");
     assert_eq!(f.contexts.remove("js").expect_err("second remove").kind, ErrorKind::NotFound);

@@ -5,8 +5,8 @@
 
 use capsule_agent::frame::{encode_frame, FrameDecoder, FRAME_HEADER_BYTES};
 use capsule_agent::protocol::{
-    ClientFrame, ClientMessage, Command, ExecRequest, Hello, Language, Op, Request, RunCodeRequest, WriteFileRequest,
-    WritePosition, MAX_FRAME_BYTES,
+    ClientFrame, ClientMessage, Command, ExecRequest, Hello, Language, Op, ProcessLimits, PtySize, Request,
+    RunCodeRequest, WriteFileRequest, WritePosition, MAX_FRAME_BYTES,
 };
 
 /// xorshift64: reproducible without a dependency.
@@ -34,12 +34,15 @@ fn valid_frames() -> Vec<ClientFrame> {
             stdin: Some(vec![1, 2, 3]),
             background: true,
             output_cap_bytes: Some(10),
+            limits: Some(ProcessLimits { pids_max: Some(64), memory_max_bytes: None }),
+            pty: Some(PtySize { rows: 24, cols: 80 }),
         }),
         Op::RunCode(RunCodeRequest {
             context: "default".into(),
             language: Language::Python,
             code: "1+1".into(),
             output_cap_bytes: None,
+            limits: None,
         }),
         Op::WriteFile(WriteFileRequest {
             path: "/a/b".into(),

@@ -20,6 +20,7 @@ fn cell(code: &str, cap: Option<u64>) -> Op {
         language: Language::Python,
         code: code.into(),
         output_cap_bytes: cap,
+        limits: None,
     })
 }
 

@@ -252,6 +252,7 @@ impl CapsuleMcp {
             },
             code: p.code,
             output_cap_bytes: Some(self.shaping.output_cap_bytes as u64),
+            limits: None,
         });
         let budget = EventBudget {
             output_bytes_per_stream: self.shaping.output_cap_bytes as u64,
@@ -400,6 +401,8 @@ impl CapsuleMcp {
             stdin: p.stdin.map(String::into_bytes),
             background,
             output_cap_bytes: Some(self.shaping.output_cap_bytes as u64),
+            limits: None,
+            pty: None,
         });
         if background {
             return match self.quick(&lease, "run_command", op).await? {

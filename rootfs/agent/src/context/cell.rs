@@ -65,6 +65,9 @@ pub enum Ending {
     Killed,
     /// [`Abort`] asked for it; the interpreter was killed.
     Aborted(Abort),
+    /// A fork failed at the context's `pids.max`: the interpreter and
+    /// everything it started were killed (a runaway never stops by itself).
+    PidsLimit,
 }
 
 /// What running a cell came to.
@@ -117,6 +120,11 @@ pub fn run(
         };
         let ready = interp.poll(slice)?;
         forward_output(interp, ready, emit)?;
+        if ready.pids_event && interp.cgroup().is_some_and(|c| c.pids_limit_hit()) {
+            interp.kill();
+            drain_output(interp, emit)?;
+            return Ok(CellReport { ending: Ending::PidsLimit, stop });
+        }
         if ready.messages {
             for message in interp.read_messages()? {
                 // The driver flushed before writing this message: what the cell

@@ -1,19 +1,25 @@
-//! One interpreter process of a context: spawning it with its private pipes,
-//! reading what it writes, signalling and killing its process group.
+//! One interpreter process of a context: spawning it (into its own cgroup,
+//! with its private pipes), reading what it writes, signalling it, and
+//! killing it with everything it started.
 //!
-//! Owns the process and its file descriptors: fd 3 (cells in), fd 4 (driver
-//! messages out), stdout and stderr (pipes), and for bash its stdin. It never
-//! interprets a cell's events or decides on timeouts: that is [`super::cell`].
+//! Owns the process, its cgroup and its file descriptors: fd 3 (cells in),
+//! fd 4 (driver messages out), stdout and stderr (pipes), and for bash its
+//! stdin. It never interprets a cell's events or decides on timeouts: that
+//! is [`super::cell`].
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
+use crate::budget::Protection;
+use crate::cgroup::Cgroup;
+use crate::process::merged_env;
 use crate::protocol::{Language, Stream};
+use crate::spawn::{self, Child, Session, SpawnError, SpawnSpec};
 
 use super::driver::{self, DriverError, DriverMessage, Launch, MAX_DRIVER_MESSAGE_BYTES};
 
@@ -21,9 +27,6 @@ use super::driver::{self, DriverError, DriverMessage, Launch, MAX_DRIVER_MESSAGE
 const DRIVER_CMD_FD: RawFd = 3;
 /// The fd on which a driver writes its messages.
 const DRIVER_MSG_FD: RawFd = 4;
-/// Pipe ends are moved at or above this fd, so the child's `dup2` onto 3 and 4
-/// can never clobber one of them.
-const LOWEST_PIPE_FD: RawFd = 10;
 /// Bytes read from one pipe per read call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -42,7 +45,7 @@ pub enum InterpreterError {
         work_dir: String,
         /// Why not.
         #[source]
-        source: io::Error,
+        source: Box<SpawnError>,
     },
     /// Reading or writing the interpreter's pipes failed.
     #[error("i/o with the interpreter failed while {doing}")]
@@ -70,15 +73,19 @@ pub struct Readiness {
     pub stderr: bool,
     /// The message pipe is readable or closed.
     pub messages: bool,
+    /// The cgroup's `pids.events` changed: a fork may have failed at the limit.
+    pub pids_event: bool,
 }
 
-/// A running interpreter. Dropping it kills its process group.
+/// A running interpreter. Dropping it kills its process group and its cgroup.
 pub struct Interpreter {
     child: Child,
     pid: i32,
     language: Language,
+    /// Its cgroup (`None` when the agent has none); removed when dropped.
+    cgroup: Option<Cgroup>,
     cmd: File,
-    stdin: Option<ChildStdin>,
+    stdin: Option<File>,
     messages: File,
     stdout: File,
     stderr: File,
@@ -96,28 +103,6 @@ impl std::fmt::Debug for Interpreter {
     }
 }
 
-/// A pipe whose both ends sit at or above [`LOWEST_PIPE_FD`], close-on-exec.
-fn high_pipe() -> Result<(OwnedFd, OwnedFd), InterpreterError> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(InterpreterError::Pipe(io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((raise_fd(r)?, raise_fd(w)?))
-}
-
-fn raise_fd(fd: OwnedFd) -> Result<OwnedFd, InterpreterError> {
-    // SAFETY: F_DUPFD_CLOEXEC on an open fd returns a new fd or -1; no memory is involved.
-    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, LOWEST_PIPE_FD) };
-    if high < 0 {
-        return Err(InterpreterError::Pipe(io::Error::last_os_error()));
-    }
-    // SAFETY: fcntl returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(high) })
-}
-
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL take and return plain ints.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -132,65 +117,63 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 impl Interpreter {
-    /// Starts an interpreter in its own process group, in `work_dir`.
-    pub fn spawn(launch: &Launch, work_dir: &Path, language: Language) -> Result<Self, InterpreterError> {
-        let (cmd_r, cmd_w) = high_pipe()?;
-        let (msg_r, msg_w) = high_pipe()?;
-        let mut command = Command::new(&launch.program);
-        command
-            .args(&launch.args)
-            .current_dir(work_dir)
-            .stdin(if launch.stdin_preamble.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        for (key, value) in &launch.env {
-            command.env(key, value);
-        }
-        let (child_cmd, child_msg) = (cmd_r.as_raw_fd(), msg_w.as_raw_fd());
-        // SAFETY: the closure runs in the forked child before exec and calls only
-        // async-signal-safe functions (dup2, signal) on fds that are open in it.
-        unsafe {
-            command.pre_exec(move || {
-                // dup2 clears close-on-exec on the new fds; the originals (>= 10) close at exec.
-                if libc::dup2(child_cmd, DRIVER_CMD_FD) < 0 || libc::dup2(child_msg, DRIVER_MSG_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The agent may ignore these (PID 1 does); the interpreter needs SIGINT live.
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
-                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
-                libc::signal(libc::SIGTERM, libc::SIG_DFL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(|source| InterpreterError::Spawn {
+    /// Starts an interpreter in its own process group, in `work_dir`, born
+    /// in `cgroup` (which it then owns).
+    pub fn spawn(
+        launch: &Launch,
+        work_dir: &Path,
+        language: Language,
+        cgroup: Option<Cgroup>,
+        protection: Protection,
+    ) -> Result<Self, InterpreterError> {
+        let pipe = || spawn::pipe().map_err(InterpreterError::Pipe);
+        let (cmd_r, cmd_w) = pipe()?;
+        let (msg_r, msg_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let stdin = if launch.stdin_preamble.is_some() { Some(pipe()?) } else { None };
+        let null = File::open("/dev/null").map_err(InterpreterError::Pipe)?;
+        let stdin_child: BorrowedFd<'_> = stdin.as_ref().map_or(null.as_fd(), |(r, _)| r.as_fd());
+        let env: Vec<(String, String)> = launch.env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let env = merged_env(&env);
+        let args: Vec<OsString> =
+            std::iter::once(launch.program.as_os_str().to_owned()).chain(launch.args.iter().cloned()).collect();
+        let fds = [
+            (0, stdin_child),
+            (1, out_w.as_fd()),
+            (2, err_w.as_fd()),
+            (DRIVER_CMD_FD, cmd_r.as_fd()),
+            (DRIVER_MSG_FD, msg_w.as_fd()),
+        ];
+        let spec = SpawnSpec {
+            program: OsStr::new(launch.program.as_os_str()),
+            args: &args,
+            env: &env,
+            cwd: work_dir,
+            fds: &fds,
+            session: Session::NewProcessGroup,
+            cgroup: cgroup.as_ref().map(|c| c.dir_fd()),
+            protection,
+        };
+        // The agent may ignore or handle signals (PID 1 does); the spawner
+        // resets every one to its default, so the interpreter has SIGINT live.
+        let child = spawn::spawn(&spec).map_err(|source| InterpreterError::Spawn {
             program: launch.program.display().to_string(),
             work_dir: work_dir.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
-        drop(cmd_r);
-        drop(msg_w);
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            // Cannot happen (both were asked for as pipes); never leave the child behind.
-            // SAFETY: kill(2) on the child's own process group.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _reaped = child.wait();
-            return Err(InterpreterError::Io {
-                doing: "taking stdout and stderr",
-                source: io::Error::other("no pipe"),
-            });
-        };
-        let stdin = child.stdin.take();
+        drop((cmd_r, msg_w, out_w, err_w, null));
         // From here on, dropping `interp` on an error kills the process group.
         let mut interp = Self {
             pid: i32::try_from(child.id()).unwrap_or(i32::MAX),
             child,
             language,
+            cgroup,
             cmd: File::from(cmd_w),
-            stdin,
+            stdin: stdin.map(|(_, w)| File::from(w)),
             messages: File::from(msg_r),
-            stdout: OwnedFd::from(stdout).into(),
-            stderr: OwnedFd::from(stderr).into(),
+            stdout: File::from(out_r),
+            stderr: File::from(err_r),
             message_buf: Vec::new(),
             stdout_closed: false,
             stderr_closed: false,
@@ -206,6 +189,11 @@ impl Interpreter {
             input.write_all(pre).map_err(io_err("writing the driver set-up"))?;
         }
         Ok(interp)
+    }
+
+    /// Its cgroup, when it has one.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
     }
 
     /// The interpreter's pid (also its process group id).
@@ -239,13 +227,15 @@ impl Interpreter {
             events: libc::POLLIN,
             revents: 0,
         };
+        let pids_events = self.cgroup.as_ref().and_then(|c| c.pids_events_fd()).map_or(-1, |fd| fd.as_raw_fd());
         let mut fds = [
             entry(&self.stdout, self.stdout_closed),
             entry(&self.stderr, self.stderr_closed),
             entry(&self.messages, self.messages_closed),
+            libc::pollfd { fd: pids_events, events: libc::POLLPRI, revents: 0 },
         ];
         let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `fds` holds 3 initialised pollfd entries that outlive the call.
+        // SAFETY: `fds` holds 4 initialised pollfd entries that outlive the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -255,7 +245,12 @@ impl Interpreter {
             return Err(InterpreterError::Io { doing: "polling the pipes", source: e });
         }
         let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-        Ok(Readiness { stdout: ready(&fds[0]), stderr: ready(&fds[1]), messages: ready(&fds[2]) })
+        Ok(Readiness {
+            stdout: ready(&fds[0]),
+            stderr: ready(&fds[1]),
+            messages: ready(&fds[2]),
+            pids_event: fds[3].revents & (libc::POLLPRI | libc::POLLERR) != 0,
+        })
     }
 
     /// Reads what one output stream has now (empty when nothing, or at its end).
@@ -341,13 +336,16 @@ impl Interpreter {
         self.exit
     }
 
-    /// Kills the whole process group and reaps the interpreter.
+    /// Kills the whole process group and cgroup, and reaps the interpreter.
     pub fn kill(&mut self) {
         if self.group_killed {
             return;
         }
         // Once: after the group is empty its id may be reused by someone else.
         self.group_killed = true;
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup.kill();
+        }
         // SAFETY: kill(2) with a negative pid signals our own child's process group.
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         if self.exit.is_none() {

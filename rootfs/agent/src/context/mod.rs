@@ -1,9 +1,10 @@
 //! Persistent language contexts behind `run_code`: named, long-lived Python,
 //! JavaScript (node) and Bash interpreters, Jupyter-like.
 //!
-//! Owns the table of contexts, one interpreter process (its own process group)
-//! per context, the rule that a context runs one cell at a time, and what the
-//! client is told when an interpreter has to be restarted. The drivers live in
+//! Owns the table of contexts, one interpreter process (its own process group
+//! and cgroup, with the context's limits) per context, the rule that a context
+//! runs one cell at a time, and what the client is told when an interpreter
+//! has to be restarted (a timeout, a crash, or a limit of its cgroup). The drivers live in
 //! [`driver`], processes in [`interpreter`], the cell wait loop in [`cell`].
 //! It never applies output caps (the caller does, on the events it emits) and
 //! never touches the protocol stream.
@@ -18,9 +19,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::budget::{Protection, MAX_CONTEXTS};
 use crate::cancel::{CancelToken, StopReason};
+use crate::cgroup::limits::{resolve_request, ResolvedLimits};
+use crate::cgroup::{CgroupError, CgroupTree};
 use crate::lock::lock;
-use crate::protocol::{AgentError, CodeError, CodeOutcome, ContextInfo, ErrorKind, Event, Language, RunCodeRequest};
+use crate::protocol::{
+    AgentError, CodeError, CodeOutcome, ContextInfo, ErrorKind, Event, Language, LimitHit, ProcessLimits,
+    RunCodeRequest,
+};
 
 use cell::{Abort, CellReport, Ending, StartupFailure};
 pub use cell::{INTERRUPT_GRACE, STARTUP_TIMEOUT};
@@ -47,6 +54,10 @@ pub struct ContextsConfig {
     pub node: PathBuf,
     /// The bash shell.
     pub bash: PathBuf,
+    /// Where interpreters get their cgroups (`None`: no containment).
+    pub cgroups: Option<Arc<CgroupTree>>,
+    /// What the agent changed about itself that interpreters must not inherit.
+    pub protection: Protection,
 }
 
 impl Default for ContextsConfig {
@@ -57,6 +68,8 @@ impl Default for ContextsConfig {
             python: PathBuf::from("python3"),
             node: PathBuf::from("node"),
             bash: PathBuf::from("/bin/bash"),
+            cgroups: None,
+            protection: Protection::default(),
         }
     }
 }
@@ -154,6 +167,35 @@ pub enum ContextError {
         /// What it was doing.
         doing: &'static str,
     },
+    /// As many contexts as the agent keeps exist.
+    #[error("{MAX_CONTEXTS} contexts exist (the agent's cap); remove one before creating {name:?}")]
+    TooMany {
+        /// The context that was not created.
+        name: String,
+    },
+    /// A request's limits are not acceptable (or cannot be enforced).
+    #[error("{0}")]
+    Limits(AgentError),
+    /// A cell asked for other limits than its existing context has.
+    #[error(
+        "context {name:?} already exists with limits {has:?}; it keeps them for its life (remove it and create it \
+         again to change them)"
+    )]
+    LimitsDiffer {
+        /// The context.
+        name: String,
+        /// Its limits.
+        has: ProcessLimits,
+    },
+    /// The interpreter's cgroup could not be made.
+    #[error("cannot create the cgroup of context {name:?}")]
+    Cgroup {
+        /// The context.
+        name: String,
+        /// Why.
+        #[source]
+        source: CgroupError,
+    },
 }
 
 impl ContextError {
@@ -170,6 +212,10 @@ impl ContextError {
             ContextError::StartupDied { .. } | ContextError::StartupTooSlow { .. } => ErrorKind::Io,
             ContextError::Cancelled => ErrorKind::Cancelled,
             ContextError::Timeout { .. } => ErrorKind::Timeout,
+            ContextError::TooMany { .. } => ErrorKind::Busy,
+            ContextError::Limits(e) => e.kind,
+            ContextError::LimitsDiffer { .. } => ErrorKind::InvalidArgument,
+            ContextError::Cgroup { .. } => ErrorKind::Io,
         }
     }
 }
@@ -218,6 +264,8 @@ const _: fn() = || {
 struct Context {
     name: String,
     language: Language,
+    /// The limits of its interpreter's cgroup, for its whole life.
+    limits: Option<ResolvedLimits>,
     /// Whether a cell (or reset/remove) holds the context; cells queue on it.
     busy: Mutex<bool>,
     freed: Condvar,
@@ -245,10 +293,11 @@ impl Drop for Held<'_> {
 }
 
 impl Context {
-    fn new(name: &str, language: Language) -> Self {
+    fn new(name: &str, language: Language, limits: Option<ResolvedLimits>) -> Self {
         Self {
             name: name.to_string(),
             language,
+            limits,
             busy: Mutex::new(false),
             freed: Condvar::new(),
             slot: Mutex::new(None),
@@ -313,9 +362,9 @@ impl Contexts {
         self.run_code_inner(req, cancel, emit).map_err(AgentError::from)
     }
 
-    /// Creates a context and starts its interpreter.
-    pub fn create(&self, name: &str, language: Language) -> Result<(), AgentError> {
-        self.create_inner(name, language).map_err(AgentError::from)
+    /// Creates a context (with `limits`, or the guest's defaults) and starts its interpreter.
+    pub fn create(&self, name: &str, language: Language, limits: Option<&ProcessLimits>) -> Result<(), AgentError> {
+        self.create_inner(name, language, limits).map_err(AgentError::from)
     }
 
     /// Restarts a context's interpreter, dropping its state (a running cell is killed).
@@ -361,9 +410,15 @@ impl Contexts {
         lock(&self.table).get(name).cloned().ok_or_else(|| ContextError::NotFound { name: name.to_string() })
     }
 
-    fn create_inner(&self, name: &str, language: Language) -> Result<(), ContextError> {
+    /// The limits `asked` resolves to in this agent.
+    fn resolve(&self, asked: Option<&ProcessLimits>) -> Result<Option<ResolvedLimits>, ContextError> {
+        resolve_request(self.config.cgroups.as_ref().and_then(|t| t.policy()), asked).map_err(ContextError::Limits)
+    }
+
+    fn create_inner(&self, name: &str, language: Language, limits: Option<&ProcessLimits>) -> Result<(), ContextError> {
         validate_name(name)?;
         self.check_running()?;
+        let limits = self.resolve(limits)?;
         let context = {
             let mut table = lock(&self.table);
             if let Some(existing) = table.get(name) {
@@ -372,7 +427,10 @@ impl Contexts {
                     language: existing.language.as_str(),
                 });
             }
-            let context = Arc::new(Context::new(name, language));
+            if table.len() >= MAX_CONTEXTS {
+                return Err(ContextError::TooMany { name: name.to_string() });
+            }
+            let context = Arc::new(Context::new(name, language, limits));
             table.insert(name.to_string(), context.clone());
             context
         };
@@ -416,15 +474,26 @@ impl Contexts {
         Ok(())
     }
 
-    /// The context for a cell: the existing one (same language) or a new one.
+    /// The context for a cell: the existing one (same language, same limits
+    /// when the cell names some) or a new one.
     fn context_for(&self, req: &RunCodeRequest) -> Result<Arc<Context>, ContextError> {
         validate_name(&req.context)?;
         self.check_running()?;
+        let limits = self.resolve(req.limits.as_ref())?;
         let mut table = lock(&self.table);
+        if !table.contains_key(&req.context) && table.len() >= MAX_CONTEXTS {
+            return Err(ContextError::TooMany { name: req.context.clone() });
+        }
         let context = table
             .entry(req.context.clone())
-            .or_insert_with(|| Arc::new(Context::new(&req.context, req.language)))
+            .or_insert_with(|| Arc::new(Context::new(&req.context, req.language, limits)))
             .clone();
+        if req.limits.is_some() && context.limits != limits {
+            return Err(ContextError::LimitsDiffer {
+                name: req.context.clone(),
+                has: context.limits.map(|l| l.as_request()).unwrap_or_default(),
+            });
+        }
         if context.language != req.language {
             return Err(ContextError::LanguageMismatch {
                 name: req.context.clone(),
@@ -453,8 +522,16 @@ impl Contexts {
         }
         let language = context.language.as_str();
         let launch = driver::launch(&self.config, context.language)?;
-        let mut interp = Interpreter::spawn(&launch, &self.config.work_dir, context.language)
-            .map_err(|source| ContextError::Interpreter { name: context.name.clone(), language, source })?;
+        let cgroup = match &self.config.cgroups {
+            Some(tree) => Some(
+                tree.create("ctx", context.limits)
+                    .map_err(|source| ContextError::Cgroup { name: context.name.clone(), source })?,
+            ),
+            None => None,
+        };
+        let mut interp =
+            Interpreter::spawn(&launch, &self.config.work_dir, context.language, cgroup, self.config.protection)
+                .map_err(|source| ContextError::Interpreter { name: context.name.clone(), language, source })?;
         match cell::wait_ready(&mut interp, cancel) {
             Ok(()) => {}
             Err(StartupFailure::Stopped(StopReason::Cancelled)) => return Err(ContextError::Cancelled),
@@ -543,7 +620,14 @@ impl Contexts {
                 },
             });
         };
+        let ooms_before = interp.cgroup().map_or(0, |c| c.oom_kills());
         let report = cell::run(interp, &req.code, count, cancel, &context.abort, emit);
+        // Read before the interpreter (and its cgroup) may be stopped below.
+        let memory_hit = interp
+            .cgroup()
+            .filter(|c| c.oom_kills() > ooms_before)
+            .and_then(|c| c.limits())
+            .map(|l| LimitHit::Memory { max_bytes: l.memory_max_bytes });
         let report = match report {
             Ok(report) => report,
             Err(source) => {
@@ -560,6 +644,7 @@ impl Contexts {
                     timed_out: cancel.stop_reason() == Some(StopReason::TimedOut),
                     context_restarted: true,
                     exit_code: None,
+                    limit: memory_hit,
                 });
             }
         };
@@ -570,6 +655,7 @@ impl Contexts {
             timed_out: stop == Some(StopReason::TimedOut),
             context_restarted: lost,
             exit_code: None,
+            limit: memory_hit,
         };
         let language = context.language.as_str();
         match ending {
@@ -580,10 +666,14 @@ impl Contexts {
                 if context.language == Language::Bash {
                     outcome.exit_code = status.code();
                 }
-                let how = match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
-                    (Some(code), _) => format!("exited with status {code}"),
-                    (None, Some(signal)) => format!("was killed by signal {signal}"),
-                    (None, None) => "ended".to_string(),
+                let how = match (memory_hit, status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+                    (Some(LimitHit::Memory { max_bytes }), _, _) => format!(
+                        "was killed by the out-of-memory killer at {} MiB (the context's memory limit)",
+                        max_bytes / (1024 * 1024)
+                    ),
+                    (_, Some(code), _) => format!("exited with status {code}"),
+                    (_, None, Some(signal)) => format!("was killed by signal {signal}"),
+                    (_, None, None) => "ended".to_string(),
                 };
                 emit(Event::Error(restart_error(format!(
                     "the {language} interpreter {how} while running this cell: the context's state ({}) was lost; \
@@ -609,6 +699,18 @@ impl Contexts {
             Ending::Aborted(Abort::Removed) => {
                 context.stop_interpreter(&mut held.slot);
                 return Err(ContextError::Removed { name: context.name.clone() });
+            }
+            Ending::PidsLimit => {
+                let max = context.limits.map_or(0, |l| l.pids_max);
+                context.stop_interpreter(&mut held.slot);
+                outcome.context_restarted = true;
+                outcome.limit = Some(LimitHit::Pids { max });
+                emit(Event::Error(restart_error(format!(
+                    "the cell started more than {max} processes and threads (the context's pids limit), so the \
+                     {language} interpreter and everything it started were killed: the context's state ({}) was \
+                     lost; the next cell starts a fresh interpreter",
+                    state_words(context.language)
+                ))));
             }
             Ending::Aborted(Abort::Reset) => {
                 context.stop_interpreter(&mut held.slot);
@@ -655,6 +757,7 @@ fn timed_out_before_running(
         timed_out: true,
         context_restarted: false,
         exit_code: None,
+        limit: None,
     }
 }
 

@@ -155,6 +155,7 @@ fn warm(client: &AgentClient, warm_up: &WarmUp) {
         language: warm_up.language,
         code: warm_up.code.clone(),
         output_cap_bytes: None,
+        limits: None,
     });
     match client.call(op, Some(TEMPLATE_WARM_TIMEOUT)) {
         Ok((events, Reply::CodeDone(outcome))) if !outcome.timed_out => {
