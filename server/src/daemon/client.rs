@@ -7,7 +7,7 @@
 //! stdout closed, stderr to `daemon.log`), and waits for the daemon's one ready line on a pipe.
 //! Two callers racing both start one; the loser finds the lock held and the winner's socket.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -175,33 +175,9 @@ pub fn greet(stream: &UnixStream, hello: &Hello) -> Result<(BufReader<UnixStream
 pub fn relay_stdio(settings: &SettingsArgs, resolved: &Resolved, owner: Option<String>) -> Result<(), ClientError> {
     let stream = connect_or_start(settings, resolved)?;
     let hello = Hello::Mcp { version: HELLO_VERSION, owner, settings: resolved.digest() };
-    let (mut from_daemon, _) = greet(&stream, &hello)?;
-    let mut to_daemon = stream.try_clone().map_err(ClientError::Io)?;
-    let upstream = std::thread::Builder::new()
-        .name("relay-stdin".into())
-        .spawn(move || {
-            let _ = copy_flushing(&mut std::io::stdin().lock(), &mut to_daemon);
-            let _ = to_daemon.shutdown(std::net::Shutdown::Write);
-        })
-        .map_err(ClientError::Io)?;
-    let copied = copy_flushing(&mut from_daemon, &mut std::io::stdout().lock());
-    drop(upstream);
-    copied.map_err(ClientError::Io)
-}
-
-/// Copies `from` to `to`, flushing after every read, so that each message is passed on at once.
-fn copy_flushing(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buffer) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buffer[..n])?;
-        to.flush()?;
-    }
+    let (from_daemon, _) = greet(&stream, &hello)?;
+    let to_daemon = stream.try_clone().map_err(ClientError::Io)?;
+    super::relay::relay(to_daemon, from_daemon).map_err(ClientError::Io)
 }
 
 /// Asks the daemon of `state_dir` for every sandbox; `None` when no daemon runs.

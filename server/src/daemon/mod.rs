@@ -25,6 +25,7 @@ pub mod client;
 pub mod connection;
 pub mod hello;
 pub mod open;
+pub mod relay;
 pub mod socket;
 
 use std::os::fd::{FromRawFd, RawFd};

@@ -174,7 +174,9 @@ pub fn router_with_shutdown(
         };
         Ok(CapsuleMcp::new(manager.clone(), owner, shaping))
     };
-    let mut config = StreamableHttpServerConfig::default();
+    // The same limit as the stdio relay's: a bigger body is answered 413, naming the limit.
+    let mut config =
+        StreamableHttpServerConfig::default().with_max_request_body_bytes(crate::daemon::relay::MAX_MESSAGE_BYTES);
     if !opts.listen.ip().is_loopback() {
         // Host-header checks guard loopback servers against DNS rebinding; off
         // loopback the bearer token does that job.
