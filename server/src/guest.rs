@@ -153,6 +153,9 @@ pub enum GuestError {
     /// No reply within the deadline plus grace.
     #[error("the sandbox did not answer within {0:?}")]
     NoReply(Duration),
+    /// The agent answered no liveness ping for this long while a call ran.
+    #[error("the sandbox's agent stopped answering (no answer to a liveness ping for {} s)", .0.as_secs())]
+    Silent(Duration),
     /// The request could not be sent.
     #[error("cannot send the request to the sandbox")]
     Send(#[source] ClientError),
@@ -172,8 +175,7 @@ impl GuestError {
 
     /// Whether the connection (and maybe the guest) is gone.
     pub fn is_lost(&self) -> bool {
-        matches!(self, GuestError::Lost(_) | GuestError::NoReply(_))
-            || matches!(self, GuestError::Send(ClientError::Disconnected(_)))
+        matches!(self, GuestError::Lost(_)) || matches!(self, GuestError::Send(ClientError::Disconnected(_)))
     }
 }
 
@@ -261,6 +263,89 @@ pub enum Step {
     Done(Reply),
     /// The request failed.
     Failed(GuestError),
+}
+
+/// How often a call in flight checks that the agent still answers.
+pub const LIVENESS_EVERY: Duration = Duration::from_secs(5);
+/// How long one liveness ping may take before it counts as missed.
+pub const LIVENESS_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Missed pings in a row after which the agent counts as silent.
+pub const LIVENESS_MISSES: u32 = 2;
+
+/// The liveness watch of one call: pings the agent every [`LIVENESS_EVERY`] while the call runs
+/// and says when [`LIVENESS_MISSES`] pings in a row went unanswered. A hung agent is found in
+/// about half a minute, not at the end of the call's own (up to an hour long) deadline.
+#[derive(Debug)]
+pub struct Liveness {
+    client: AgentClient,
+    next_at: tokio::time::Instant,
+    ping: Option<tokio::task::JoinHandle<bool>>,
+    misses: u32,
+    silent_since: Option<tokio::time::Instant>,
+}
+
+impl Liveness {
+    /// A watch over the agent behind `client`; its first ping goes out after [`LIVENESS_EVERY`].
+    pub fn new(client: &AgentClient) -> Self {
+        Self {
+            client: client.clone(),
+            next_at: tokio::time::Instant::now() + LIVENESS_EVERY,
+            ping: None,
+            misses: 0,
+            silent_since: None,
+        }
+    }
+
+    /// Resolves once the agent counts as silent, with how long it has been. Cancel-safe: it may
+    /// be polled in a `select!` that drops it at every other event.
+    pub async fn silent(&mut self) -> Duration {
+        loop {
+            match &mut self.ping {
+                None => {
+                    tokio::time::sleep_until(self.next_at).await;
+                    let client = self.client.clone();
+                    self.ping = Some(tokio::spawn(async move {
+                        let ping = call(&client, Op::Ping, LIVENESS_PING_TIMEOUT);
+                        matches!(tokio::time::timeout(LIVENESS_PING_TIMEOUT, ping).await, Ok(Ok(Reply::Pong)))
+                    }));
+                }
+                Some(ping) => {
+                    let sent = self.next_at;
+                    let answered = ping.await.unwrap_or(false);
+                    self.ping = None;
+                    self.next_at = tokio::time::Instant::now() + LIVENESS_EVERY;
+                    if answered {
+                        self.misses = 0;
+                        self.silent_since = None;
+                        continue;
+                    }
+                    self.misses += 1;
+                    let since = *self.silent_since.get_or_insert(sent);
+                    if self.misses >= LIVENESS_MISSES {
+                        return since.elapsed();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        if let Some(ping) = self.ping.take() {
+            ping.abort();
+        }
+    }
+}
+
+/// Runs `op` (a quick request) to its end like [`call`], and fails it with
+/// [`GuestError::Silent`] as soon as the agent stops answering pings.
+pub async fn watched_call(client: &AgentClient, op: Op, timeout: Duration) -> Result<Reply, GuestError> {
+    let mut liveness = Liveness::new(client);
+    tokio::select! {
+        result = call(client, op, timeout) => result,
+        silent = liveness.silent() => Err(GuestError::Silent(silent)),
+    }
 }
 
 /// Runs a quick request to its end, ignoring events.

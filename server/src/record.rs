@@ -18,16 +18,19 @@ pub enum SandboxState {
     Deleted,
     /// Broken (its VM died); its in-memory state is lost.
     Failed,
+    /// Its VM runs, but its agent stopped answering.
+    Unresponsive,
 }
 
 impl SandboxState {
     /// Every state.
-    pub const ALL: [SandboxState; 5] = [
+    pub const ALL: [SandboxState; 6] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Paused,
         SandboxState::Deleted,
         SandboxState::Failed,
+        SandboxState::Unresponsive,
     ];
 
     /// The lowercase name (as the registry stores it).
@@ -38,6 +41,7 @@ impl SandboxState {
             SandboxState::Paused => "paused",
             SandboxState::Deleted => "deleted",
             SandboxState::Failed => "failed",
+            SandboxState::Unresponsive => "unresponsive",
         }
     }
 
@@ -45,6 +49,14 @@ impl SandboxState {
     pub fn parse(name: &str) -> Option<SandboxState> {
         SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
     }
+}
+
+/// What a sandbox was created with beyond its size: settings every command in it runs under.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxSettings {
+    /// Most processes one command or code context may run at once (`None`: the guest's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u32>,
 }
 
 /// Everything the registry keeps about one sandbox.
@@ -70,6 +82,8 @@ pub struct SandboxRecord {
     pub idle_timeout_ms: u64,
     /// Environment for everything run in it.
     pub env: BTreeMap<String, String>,
+    /// What every command in it runs under.
+    pub settings: SandboxSettings,
     /// Whether it is its owner's default sandbox.
     pub is_default: bool,
     /// The sandbox it was forked from.
@@ -91,12 +105,15 @@ pub struct SandboxRecord {
 impl SandboxRecord {
     /// Whether it counts against the sandbox limit.
     pub fn is_live(&self) -> bool {
-        matches!(self.state, SandboxState::Creating | SandboxState::Running | SandboxState::Paused)
+        matches!(
+            self.state,
+            SandboxState::Creating | SandboxState::Running | SandboxState::Paused | SandboxState::Unresponsive
+        )
     }
 
     /// Whether it holds memory (counts against the memory budget).
     pub fn holds_memory(&self) -> bool {
-        matches!(self.state, SandboxState::Creating | SandboxState::Running)
+        matches!(self.state, SandboxState::Creating | SandboxState::Running | SandboxState::Unresponsive)
     }
 }
 

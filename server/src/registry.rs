@@ -49,6 +49,8 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL
     );
     CREATE INDEX transitions_by_sandbox ON transitions(sandbox_id, seq);",
+    // 2: per-sandbox settings (limits every command runs under), as JSON.
+    "ALTER TABLE sandboxes ADD COLUMN settings_json TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// Errors of the registry.
@@ -142,8 +144,8 @@ impl Registry {
         tx.execute(
             "INSERT INTO sandboxes (id, owner, name, state, template, vcpus, memory_mib, disk_mib,
                 idle_timeout_ms, env_json, is_default, parent_id, created_ms, updated_ms, paused_ms,
-                failure, engine, engine_state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                failure, engine, engine_state, settings_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 r.id,
                 r.owner,
@@ -163,6 +165,7 @@ impl Registry {
                 r.failure,
                 r.engine,
                 r.engine_state.to_string(),
+                serde_json::to_string(&r.settings).unwrap_or_else(|_| "{}".into()),
             ],
         )?;
         tx.execute(
@@ -211,7 +214,7 @@ impl Registry {
         let mut stmt = conn.prepare(
             "SELECT id, owner, name, state, template, vcpus, memory_mib, disk_mib, idle_timeout_ms,
                 env_json, is_default, parent_id, created_ms, updated_ms, paused_ms, failure, engine,
-                engine_state
+                engine_state, settings_json
              FROM sandboxes WHERE state != 'deleted' ORDER BY created_ms, id",
         )?;
         let rows = stmt.query_map([], |row| {
@@ -234,6 +237,7 @@ impl Registry {
                 row.get::<_, Option<String>>(15)?,
                 row.get::<_, String>(16)?,
                 row.get::<_, String>(17)?,
+                row.get::<_, String>(18)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -257,12 +261,14 @@ impl Registry {
                 failure,
                 engine,
                 engine_state,
+                settings,
             ) = row?;
             let corrupt = |what: String| RegistryError::Corrupt { id: id.clone(), what };
             let state = SandboxState::parse(&state).ok_or_else(|| corrupt(format!("unknown state {state:?}")))?;
             let env: BTreeMap<String, String> = serde_json::from_str(&env).map_err(|e| corrupt(format!("env: {e}")))?;
             let engine_state: serde_json::Value =
                 serde_json::from_str(&engine_state).map_err(|e| corrupt(format!("engine state: {e}")))?;
+            let settings = serde_json::from_str(&settings).map_err(|e| corrupt(format!("settings: {e}")))?;
             out.push(SandboxRecord {
                 id,
                 owner,
@@ -274,6 +280,7 @@ impl Registry {
                 disk_mib,
                 idle_timeout_ms: idle.max(0) as u64,
                 env,
+                settings,
                 is_default,
                 parent_id,
                 created_ms: created.max(0) as u64,
@@ -306,6 +313,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::SandboxSettings;
 
     fn record(id: &str) -> SandboxRecord {
         SandboxRecord {
@@ -319,6 +327,7 @@ mod tests {
             disk_mib: 1024,
             idle_timeout_ms: 1000,
             env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+            settings: SandboxSettings { pids_max: Some(64) },
             is_default: true,
             parent_id: None,
             created_ms: 1,

@@ -742,7 +742,7 @@ async fn run_code_that_floods_results_and_output_returns_a_bounded_result_with_n
     }
     let s = ok("run_code", &r);
     let results = s["results"].as_array().unwrap();
-    let max = capsule::mcp::handler::MAX_RESULTS_PER_CALL as usize;
+    let max = capsule::mcp::code::MAX_RESULTS_PER_CALL as usize;
     assert_eq!(results.len(), max + 1, "the displays up to the cap, plus the cell's value");
     assert_eq!(results[0]["text"], "0");
     assert_eq!(results[max]["text"], "'done'");

@@ -15,8 +15,8 @@ from conftest import capsule_bin, kill9_daemon, server_env
 from scenarios import ok
 
 TOOLS = {
-    "run_code", "run_command", "read_process", "kill_process", "write_file", "read_file", "list_files",
-    "create_sandbox", "list_sandboxes", "pause", "resume", "fork", "kill_sandbox",
+    "run_code", "run_command", "read_process", "kill_process", "write_process", "write_file", "read_file",
+    "list_files", "create_sandbox", "list_sandboxes", "pause", "resume", "fork", "restart_sandbox", "kill_sandbox",
 }
 
 

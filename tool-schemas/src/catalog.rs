@@ -147,6 +147,8 @@ pub fn catalog() -> Vec<ToolSpec> {
             ReadProcessParams => ReadProcessResult),
         tool!("kill_process", "Kill a process", ro = false, destructive = true, idempotent = true,
             KillProcessParams => KillProcessResult),
+        tool!("write_process", "Send input to a process", ro = false, destructive = false, idempotent = false,
+            WriteProcessParams => WriteProcessResult),
         tool!("write_file", "Write a file", ro = false, destructive = true, idempotent = false,
             WriteFileParams => WriteFileResult),
         tool!("read_file", "Read a file", ro = true, destructive = false, idempotent = true,
@@ -163,6 +165,8 @@ pub fn catalog() -> Vec<ToolSpec> {
             ResumeSandboxParams => SandboxResult),
         tool!("fork", "Fork a sandbox", ro = false, destructive = false, idempotent = false,
             ForkSandboxParams => ForkSandboxResult),
+        tool!("restart_sandbox", "Restart a sandbox", ro = false, destructive = true, idempotent = false,
+            RestartSandboxParams => RestartSandboxResult),
         tool!("kill_sandbox", "Delete a sandbox", ro = false, destructive = true, idempotent = true,
             KillSandboxParams => SandboxResult),
     ]

@@ -51,9 +51,9 @@ use std::time::{Duration, Instant};
 use crate::frame::{encode_frame, error_chain, read_frame, read_full, write_frame, FrameError};
 use crate::lock::lock;
 use crate::protocol::{
-    AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, Event, ExecRequest, ExitStatus, Hello,
-    HelloReply, Op, Reply, Request, RequestId, Stream, WriteFileRequest, WritePosition, DEFAULT_OUTPUT_CAP_BYTES,
-    MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
+    AgentError, AgentFrame, AgentMessage, ClientFrame, ClientMessage, Containment, Event, ExecRequest, ExitStatus,
+    Hello, HelloReply, Op, Reply, Request, RequestId, Stream, WriteFileRequest, WritePosition,
+    DEFAULT_OUTPUT_CAP_BYTES, MAX_FILE_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 
 /// How long the handshake (and a hybrid-vsock `CONNECT`) may take.
@@ -205,6 +205,8 @@ struct Inner {
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     write_timeout: Duration,
+    /// The limits the agent enforces, as its handshake said (`None`: it enforces none).
+    containment: Option<Containment>,
 }
 
 impl Inner {
@@ -333,6 +335,7 @@ impl AgentClient {
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(1),
             write_timeout: options.write_timeout,
+            containment: hello_reply.containment,
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -340,6 +343,12 @@ impl AgentClient {
             .spawn(move || reader_loop(reader, weak))
             .map_err(ClientError::Io)?;
         Ok((AgentClient { inner }, hello_reply))
+    }
+
+    /// The process limits the agent enforces (its handshake's [`HelloReply::containment`]);
+    /// `None` when it has no cgroups to enforce them with.
+    pub fn containment(&self) -> Option<Containment> {
+        self.inner.containment
     }
 
     /// Why the connection ended, if it has.

@@ -135,6 +135,8 @@ pub trait Machine: Send {
     /// Lets the machine go without stopping it, as a crash of this process would: an engine
     /// whose machines outlive it reattaches to it after a restart. (The default drops it.)
     fn release(self: Box<Self>) {}
+    /// Stops the machine but keeps its files (its disk), for [`Engine::restart`]. Idempotent.
+    fn stop(&mut self);
     /// Rolls a machine whose VM was lost (`why`) back to its newest snapshot, paused there;
     /// `None` when the engine keeps no snapshots to roll back to.
     fn roll_back(&mut self, why: &str) -> Option<Result<RollBack, EngineError>> {
@@ -156,6 +158,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Finds a machine again after a server restart, from its saved state. `paused` says
     /// whether it was recorded paused (it must stay paused).
     fn reattach(&self, spec: &MachineSpec, saved: &serde_json::Value, paused: bool) -> Result<Reattached, EngineError>;
+    /// Boots sandbox `spec` again on its own disk: its files are kept, whatever ran in it is
+    /// lost. `old` is its machine, stopped first, when it still has one (a failed sandbox has
+    /// none).
+    fn restart(&self, spec: &MachineSpec, old: Option<&mut Box<dyn Machine>>) -> Result<Box<dyn Machine>, EngineError>;
     /// Frees whatever a sandbox `id` that has no machine any more (it failed, or was being made
     /// when the server stopped) may have left: a process, files. Best effort.
     fn discard(&self, id: &str) {

@@ -260,6 +260,24 @@ impl Engine for TestEngine {
         machine.check_alive()?;
         Ok(Reattached { machine: Box::new(machine), rolled_back: None })
     }
+
+    fn restart(&self, spec: &MachineSpec, old: Option<&mut Box<dyn Machine>>) -> Result<Box<dyn Machine>, EngineError> {
+        if let Some(old) = old {
+            old.stop();
+        }
+        let dir = self.root.join(&spec.id);
+        if !dir.join("work").is_dir() {
+            return Err(
+                TestEngineError::Gone(format!("its work directory {} is gone", dir.join("work").display())).into()
+            );
+        }
+        let mut machine = self.spawn_agent(&dir, &spec.env).map_err(EngineError::Test)?;
+        if let Err(e) = machine.connect() {
+            machine.stop();
+            return Err(e);
+        }
+        Ok(Box::new(machine))
+    }
 }
 
 /// One agent host process.
@@ -424,7 +442,7 @@ impl Machine for AgentProcess {
         Ok(Box::new(machine))
     }
 
-    fn kill(&mut self) -> Result<(), EngineError> {
+    fn stop(&mut self) {
         if let Some(client) = self.client.take() {
             client.close();
         }
@@ -440,6 +458,10 @@ impl Machine for AgentProcess {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+    }
+
+    fn kill(&mut self) -> Result<(), EngineError> {
+        self.stop();
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -3,15 +3,19 @@
 //! - [`CapsuleMcp`]: the rmcp `ServerHandler`. It lists exactly the tools of
 //!   `capsule-tool-schemas` (names, descriptions, annotations, input and output
 //!   schemas come from there, so the golden files are what clients see) and
-//!   dispatches calls to [`handler`].
+//!   dispatches calls to the tools: [`code`], [`processes`], [`files`], [`sandboxes`], over the
+//!   shared call machinery of [`handler`].
 //! - [`shaping`]: what results look like.
 //! - [`http`]: streamable HTTP at `/mcp` with token and Origin checks.
 //!
 //! Protocol misuse (unknown tool) is a JSON-RPC error; everything a model can
 //! fix (bad arguments included) is an `isError` result.
 
+pub mod code;
+pub mod files;
 pub mod handler;
 pub mod http;
+pub mod processes;
 pub mod sandboxes;
 pub mod shaping;
 pub mod tool_error;
@@ -218,6 +222,7 @@ impl ServerHandler for CapsuleMcp {
             "run_command" => dispatch(name, args, |p| self_.run_command(p, ctx)).await,
             "read_process" => dispatch(name, args, |p| self_.read_process(p)).await,
             "kill_process" => dispatch(name, args, |p| self_.kill_process(p)).await,
+            "write_process" => dispatch(name, args, |p| self_.write_process(p)).await,
             "write_file" => dispatch(name, args, |p| self_.write_file(p)).await,
             "read_file" => dispatch(name, args, |p| self_.read_file(p)).await,
             "list_files" => dispatch(name, args, |p| self_.list_files(p)).await,
@@ -226,6 +231,7 @@ impl ServerHandler for CapsuleMcp {
             "pause" => dispatch(name, args, |p| self_.pause(p)).await,
             "resume" => dispatch(name, args, |p| self_.resume(p)).await,
             "fork" => dispatch(name, args, |p| self_.fork(p)).await,
+            "restart_sandbox" => dispatch(name, args, |p| self_.restart_sandbox(p)).await,
             "kill_sandbox" => dispatch(name, args, |p| self_.kill_sandbox(p)).await,
             other => {
                 return Err(McpError::invalid_params(

@@ -1,11 +1,12 @@
-//! The sandbox tools (create, list, pause, resume, fork, kill) and how a sandbox looks on the
+//! The sandbox tools (create, list, pause, resume, fork, restart, kill) and how a sandbox looks on the
 //! wire: the manager's records mapped to the tool contract's types.
 
 use std::time::Duration;
 
 use capsule_tool_schemas::{
     CreateSandboxParams, CreateSandboxResult, ForkSandboxParams, ForkSandboxResult, KillSandboxParams,
-    ListSandboxesParams, ListSandboxesResult, PauseSandboxParams, ResumeSandboxParams, SandboxInfo, SandboxResult,
+    ListSandboxesParams, ListSandboxesResult, PauseSandboxParams, RestartSandboxParams, RestartSandboxResult,
+    ResumeSandboxParams, SandboxInfo, SandboxResult, DEFAULT_PIDS_MAX,
 };
 use rmcp::model::CallToolResult;
 
@@ -24,6 +25,7 @@ pub fn wire_state(state: SandboxState) -> capsule_tool_schemas::SandboxState {
         SandboxState::Paused => Wire::Paused,
         SandboxState::Deleted => Wire::Deleted,
         SandboxState::Failed => Wire::Failed,
+        SandboxState::Unresponsive => Wire::Unresponsive,
     }
 }
 
@@ -42,6 +44,7 @@ pub fn sandbox_info(record: &SandboxRecord) -> SandboxInfo {
         parent_id: record.parent_id.clone(),
         created_unix_ms: record.created_ms,
         failure: record.failure.clone(),
+        pids_max: record.settings.pids_max.unwrap_or(DEFAULT_PIDS_MAX),
     }
 }
 
@@ -56,6 +59,7 @@ impl CapsuleMcp {
             env: p.env.unwrap_or_default(),
             name: p.name,
             make_default: p.make_default,
+            pids_max: p.pids_max,
         };
         if req.idle_timeout == Some(Duration::ZERO) {
             return Err(ToolError::BadParameter("idle_timeout_s must be at least 1".into()));
@@ -117,6 +121,18 @@ impl CapsuleMcp {
             push_section(&mut text, None, n);
         }
         Ok(tool_result(&ForkSandboxResult { parent_id, sandboxes, note }, text, Vec::new(), false))
+    }
+
+    pub(super) async fn restart_sandbox(&self, p: RestartSandboxParams) -> Result<CallToolResult, ToolError> {
+        let (record, was) = self.manager.restart(&self.owner, p.sandbox_id.as_deref()).await?;
+        let sandbox = sandbox_info(&record);
+        let note = format!(
+            "Sandbox {} was {}; its VM was booted again on its own disk: its files are kept, but the processes \
+             and interpreter state it had are gone (run setup cells again).",
+            sandbox.sandbox_id,
+            was.as_str()
+        );
+        Ok(tool_result(&RestartSandboxResult { sandbox, note: note.clone() }, note, Vec::new(), false))
     }
 
     pub(super) async fn kill_sandbox(&self, p: KillSandboxParams) -> Result<CallToolResult, ToolError> {

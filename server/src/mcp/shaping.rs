@@ -10,7 +10,7 @@
 //! Pure functions over results; no I/O, no sandbox logic.
 
 use capsule_agent::protocol::{Event, Stream};
-use capsule_tool_schemas::{OutputStream, Truncation};
+use capsule_tool_schemas::{LimitHit, OutputStream, Truncation};
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde::Serialize;
 
@@ -124,6 +124,27 @@ impl OutputCollector {
     }
 }
 
+/// What a limit cost, as the model reads it; `what` is "the command" or "the cell".
+pub fn limit_note(limit: &LimitHit, what: &str) -> String {
+    match limit {
+        LimitHit::Pids { max } => format!(
+            "[{what} started more than {max} processes and was stopped (pids limit): all of its processes were \
+             killed. A sandbox created with a larger pids_max allows more]"
+        ),
+        LimitHit::Memory { max_mib } => format!(
+            "[a process of {what} was killed by the out-of-memory killer at {max_mib} MiB (memory limit). Use \
+             less memory, or create a sandbox with more memory_mib]"
+        ),
+    }
+}
+
+/// What the end of a command cost the processes it left behind.
+pub fn left_running_note(killed: u32) -> String {
+    format!(
+        "[{killed} process(es) it left running were killed when it ended; start long-lived processes with \
+         run_command background=true]"
+    )
+}
 /// The note a model reads about a cut stream.
 pub fn truncation_note(t: &Truncation) -> String {
     let name = match t.stream {
@@ -198,6 +219,16 @@ pub fn error_result(message: String) -> CallToolResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limit_notes_name_the_limit_and_what_to_do() {
+        let pids = limit_note(&LimitHit::Pids { max: 64 }, "the command");
+        assert!(pids.starts_with("[the command started more than 64 processes and was stopped (pids limit)"), "{pids}");
+        assert!(pids.contains("pids_max"), "{pids}");
+        let memory = limit_note(&LimitHit::Memory { max_mib: 300 }, "the cell");
+        assert!(memory.contains("out-of-memory killer at 300 MiB (memory limit)"), "{memory}");
+        assert!(left_running_note(3).starts_with("[3 process(es) it left running were killed"));
+    }
 
     #[test]
     fn streams_are_capped_and_the_note_says_how_much_and_where() {

@@ -61,8 +61,9 @@ fn manager_hint(e: &ManagerError) -> String {
              what was lost."
                 .into()
         }
-        ManagerError::Failed { .. } => " Delete it with kill_sandbox and create a new one (or omit sandbox_id to get \
-                                         a fresh default sandbox)."
+        ManagerError::Failed { .. } => " restart_sandbox boots it again on its disk (its files are kept), or delete \
+                                         it with kill_sandbox and create a new one (or omit sandbox_id to get a fresh \
+                                         default sandbox)."
             .into(),
         ManagerError::Limit(LimitError::Count { retention_s, .. }) => format!(
             ". Delete ones you no longer need with kill_sandbox (list_sandboxes shows them). Sandboxes of ended \
@@ -77,6 +78,10 @@ fn manager_hint(e: &ManagerError) -> String {
             format!("; wait for them to finish (or kill their processes), then {operation}")
         }
         ManagerError::ConnectionLost { .. } => ", so retry the call".into(),
+        ManagerError::Unresponsive { .. } => ". Something in it may be starving its agent (a runaway process): call \
+                                               restart_sandbox to boot it again (its files are kept; processes and \
+                                               interpreter state are lost), or retry later if it may recover."
+            .into(),
         ManagerError::Engine(_) => ". Try again; if it keeps failing, kill_sandbox it and create a new one.".into(),
         ManagerError::Registry(_) => {
             "; retry, and if it persists check the server's state directory (disk full or read-only?)".into()
@@ -99,6 +104,8 @@ pub fn hint_for(kind: Option<ErrorKind>) -> &'static str {
         Some(ErrorKind::Unsupported) => " This sandbox's agent cannot do that.",
         Some(ErrorKind::AlreadyExists) => " Pick another name or path.",
         Some(ErrorKind::DirectoryNotEmpty) => " Remove its contents first.",
+        Some(ErrorKind::Closed) => " The process exited or its input was closed: read_process shows how it ended.",
+        Some(ErrorKind::Busy) => " Let it read what it was sent first (read_process shows its progress), then send more.",
         _ => " Retry; if it keeps failing, inspect the sandbox with run_command.",
     }
 }

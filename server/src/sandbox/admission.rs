@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use capsule_tool_schemas::{MAX_PIDS_MAX, MIN_PIDS_MAX};
+
 use crate::config::Limits;
 use crate::engine::{HostLimits, MachineSpec};
 use crate::record::{SandboxRecord, SandboxState};
@@ -43,6 +45,8 @@ pub struct CreateRequest {
     pub name: Option<String>,
     /// Make it the owner's default (`None`: only if the owner has none).
     pub make_default: Option<bool>,
+    /// Most processes one command or context may run at once (`None`: the default).
+    pub pids_max: Option<u32>,
 }
 
 /// A limit a request would pass.
@@ -137,6 +141,11 @@ pub fn validate(req: &CreateRequest, limits: &Limits, host: &HostLimits) -> Resu
     if let Some(key) = req.env.keys().find(|key| key.is_empty() || key.contains('=') || key.contains('\0')) {
         return bad(format!("environment variable name {key:?} is invalid"));
     }
+    if let Some(pids) = req.pids_max {
+        if !(MIN_PIDS_MAX..=MAX_PIDS_MAX).contains(&pids) {
+            return bad(format!("pids_max={pids} is out of range: use {MIN_PIDS_MAX} to {MAX_PIDS_MAX}"));
+        }
+    }
     let template = req.template.clone().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
     if template != DEFAULT_TEMPLATE {
         return bad(format!("unknown template {template:?}; the templates are: {DEFAULT_TEMPLATE}"));
@@ -182,6 +191,7 @@ mod tests {
             (CreateRequest { disk_mib: Some(1), ..Default::default() }, "disk_mib=1 is out of range"),
             (CreateRequest { name: Some(String::new()), ..Default::default() }, "name must be 1 to 64 bytes"),
             (CreateRequest { template: Some("gpu".into()), ..Default::default() }, "unknown template \"gpu\""),
+            (CreateRequest { pids_max: Some(8), ..Default::default() }, "pids_max=8 is out of range: use 16 to 32768"),
         ];
         for (req, want) in cases {
             let err = validate(&req, &limits, &host()).unwrap_err().to_string();

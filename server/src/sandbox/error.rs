@@ -70,6 +70,14 @@ pub enum ManagerError {
         /// What broke.
         detail: String,
     },
+    /// The sandbox's VM runs but its agent does not answer.
+    #[error("sandbox {id} is unresponsive: {detail}")]
+    Unresponsive {
+        /// The sandbox.
+        id: String,
+        /// How it stopped answering.
+        detail: String,
+    },
     /// The engine failed.
     #[error("the sandbox engine failed")]
     Engine(#[source] EngineError),

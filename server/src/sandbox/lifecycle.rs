@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! creating → running ⇄ paused → deleted
-//!     └──────→ failed ←──┘  (any live state can fail; failed → deleted)
+//!     │         ⇅ unresponsive (its agent stopped answering; → running again when it answers
+//!     │                          or is restarted, paused, or deleted)
+//!     └──────→ failed ←──┘  (any live state can fail; failed → deleted, or running by a restart)
 //! ```
 //! The manager asks [`check`] before every transition; an illegal one is a
 //! bug or a race and is refused, never applied.
@@ -33,7 +35,13 @@ pub fn check(from: SandboxState, to: SandboxState) -> Result<(), IllegalTransiti
             | (Paused, Running)
             | (Paused, Deleted)
             | (Paused, Failed)
+            | (Running, Unresponsive)
+            | (Unresponsive, Running)
+            | (Unresponsive, Paused)
+            | (Unresponsive, Deleted)
+            | (Unresponsive, Failed)
             | (Failed, Deleted)
+            | (Failed, Running)
     );
     if legal {
         Ok(())
@@ -48,14 +56,15 @@ mod tests {
     use SandboxState::*;
 
     #[test]
-    fn deleted_is_final_and_failed_only_deletes() {
-        for to in [Creating, Running, Paused, Failed, Deleted] {
+    fn deleted_is_final_and_failed_only_deletes_or_restarts() {
+        for to in [Creating, Running, Paused, Failed, Deleted, Unresponsive] {
             assert!(check(Deleted, to).is_err(), "deleted → {to:?}");
         }
-        for to in [Creating, Running, Paused, Failed] {
+        for to in [Creating, Paused, Failed, Unresponsive] {
             assert!(check(Failed, to).is_err(), "failed → {to:?}");
         }
         assert!(check(Failed, Deleted).is_ok());
+        assert!(check(Failed, Running).is_ok(), "restart_sandbox boots a failed sandbox again");
     }
 
     #[test]
@@ -64,5 +73,21 @@ mod tests {
         assert!(check(Paused, Running).is_ok());
         assert!(check(Creating, Paused).is_err());
         assert!(check(Paused, Paused).is_err());
+    }
+}
+
+#[cfg(test)]
+mod unresponsive_tests {
+    use super::*;
+    use SandboxState::*;
+
+    #[test]
+    fn an_unresponsive_sandbox_can_come_back_pause_or_go_but_not_be_created_again() {
+        assert!(check(Running, Unresponsive).is_ok());
+        for to in [Running, Paused, Deleted, Failed] {
+            assert!(check(Unresponsive, to).is_ok(), "unresponsive → {to:?}");
+        }
+        assert!(check(Unresponsive, Creating).is_err());
+        assert!(check(Paused, Unresponsive).is_err(), "a paused VM runs nothing to stop answering");
     }
 }

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use capsule_agent::client::AgentClient;
+use capsule_tool_schemas::DEFAULT_PIDS_MAX;
 use capsule_vmm::worker::error_chain;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -38,12 +39,11 @@ use super::admission::{self, CreateRequest, LimitError};
 pub use super::error::ManagerError;
 use super::lifecycle;
 use crate::config::{Limits, Timers};
-use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec, Reattached, RollBack};
-use crate::record::{SandboxRecord, SandboxState};
+use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec};
+use crate::record::{SandboxRecord, SandboxSettings, SandboxState};
 use crate::registry::{now_ms, Registry};
 
 /// How long a machine whose agent connection broke may take to show it died.
-const AGENT_LOSS_SETTLE: Duration = Duration::from_millis(500);
 /// A sandbox still `creating` this long after it was admitted, with nobody
 /// working on it, is marked failed by the timers and stops counting against
 /// the limits. (An engine call in progress holds the sandbox's lock, so it is
@@ -134,6 +134,8 @@ pub struct Lease {
     pub client: AgentClient,
     /// The sandbox's environment (merged into every command).
     pub env: std::collections::BTreeMap<String, String>,
+    /// Most processes one command or context in it may run at once.
+    pub pids_max: u32,
     slot: Arc<Slot>,
 }
 
@@ -187,38 +189,6 @@ pub struct Manager {
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager").field("engine", &self.inner.engine.name()).finish()
-    }
-}
-
-/// What a restarted manager found of a recorded sandbox.
-enum Found {
-    /// Its machine, as it was.
-    Machine(SharedMachine),
-    /// Its machine, rolled back to its newest snapshot because its VM was lost.
-    RolledBack(SharedMachine, RollBack),
-    /// Nothing usable: why.
-    Lost(String),
-    /// Nothing, and none was expected (failed or deleted).
-    Nothing,
-}
-
-/// How a roll-back reads: what was lost and since when.
-pub(super) fn rollback_note(rolled: &RollBack) -> String {
-    let age_s = now_ms().saturating_sub(rolled.snapshot_unix_ms) / 1000;
-    format!(
-        "its VM was lost ({}), so it was rolled back to its newest snapshot, taken {} ago; what it did since then \
-         is lost",
-        rolled.why,
-        human_age(age_s)
-    )
-}
-
-fn human_age(seconds: u64) -> String {
-    match seconds {
-        s if s < 120 => format!("{s} s"),
-        s if s < 7200 => format!("{} min", s / 60),
-        s if s < 172_800 => format!("{} h", s / 3600),
-        s => format!("{} days", s / 86_400),
     }
 }
 
@@ -285,64 +255,10 @@ impl Manager {
                 reserved_mib: AtomicU64::new(0),
             }),
         };
-        for mut record in manager.inner.registry.load_live()? {
-            let from = record.state;
-            let mut notice = None;
-            let (machine, change) = match manager.reattach(&record) {
-                Found::Machine(m) => (Some(m), None),
-                Found::RolledBack(m, rolled) => {
-                    let note = rollback_note(&rolled);
-                    notice = Some(format!("Sandbox {}: {note}.", record.id));
-                    (Some(m), Some((SandboxState::Paused, format!("restart: {note}"))))
-                }
-                Found::Lost(reason) => {
-                    manager.inner.engine.discard(&record.id);
-                    record.failure = Some(reason.clone());
-                    (None, Some((SandboxState::Failed, format!("restart: {reason}"))))
-                }
-                Found::Nothing => (None, None),
-            };
-            if let Some((state, reason)) = change {
-                record.state = state;
-                record.updated_ms = now_ms();
-                record.paused_ms = (state == SandboxState::Paused).then_some(record.updated_ms);
-                if let Some(m) = &machine {
-                    record.engine_state = lock(m).saved_state();
-                }
-                manager.inner.registry.record_transition(&record, from, &reason)?;
-            }
-            if record.is_default && record.state != SandboxState::Failed {
-                lock(&manager.inner.defaults).insert(record.owner.clone(), record.id.clone());
-            }
-            let slot = Slot::new(record, machine);
-            *lock(&slot.notice) = notice;
-            lock(&manager.inner.slots).insert(slot.id.clone(), slot);
+        for record in manager.inner.registry.load_live()? {
+            manager.recover(record)?;
         }
         Ok(manager)
-    }
-
-    /// The machine of a sandbox recorded before a restart, or why it is lost.
-    fn reattach(&self, record: &SandboxRecord) -> Found {
-        let engine = &self.inner.engine;
-        match record.state {
-            SandboxState::Creating => Found::Lost("the server stopped while it was being created".to_string()),
-            SandboxState::Running | SandboxState::Paused if record.engine != engine.name() => Found::Lost(format!(
-                "it was made by the {} engine, but this server runs the {} engine",
-                record.engine,
-                engine.name()
-            )),
-            SandboxState::Running | SandboxState::Paused => {
-                let paused = record.state == SandboxState::Paused;
-                match engine.reattach(&spec_of(record), &record.engine_state, paused) {
-                    Ok(Reattached { machine, rolled_back: None }) => Found::Machine(Arc::new(StdMutex::new(machine))),
-                    Ok(Reattached { machine, rolled_back: Some(rolled) }) => {
-                        Found::RolledBack(Arc::new(StdMutex::new(machine)), rolled)
-                    }
-                    Err(e) => Found::Lost(format!("its VM was lost while the server was down ({})", error_chain(&e))),
-                }
-            }
-            SandboxState::Failed | SandboxState::Deleted => Found::Nothing,
-        }
     }
 
     /// Runs a manager operation on its own task and waits for it. The task runs
@@ -378,6 +294,16 @@ impl Manager {
     /// The registry (read-only uses, e.g. tests and diagnostics).
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// The slot of sandbox `id`, whoever owns it.
+    pub(super) fn slot(&self, id: &str) -> Option<Arc<Slot>> {
+        lock(&self.inner.slots).get(id).cloned()
+    }
+
+    /// Whether `owner` has a default sandbox.
+    pub(super) fn has_default(&self, owner: &Owner) -> bool {
+        lock(&self.inner.defaults).contains_key(&owner.id)
     }
 
     pub(super) fn slots(&self) -> Vec<Arc<Slot>> {
@@ -548,6 +474,7 @@ impl Manager {
                 .try_into()
                 .unwrap_or(u64::MAX),
             env: spec.env.clone(),
+            settings: SandboxSettings { pids_max: req.pids_max },
             is_default: false,
             parent_id: None,
             created_ms: now,
@@ -598,7 +525,7 @@ impl Manager {
         let _ = self.fail(slot, inner, reason);
     }
 
-    fn set_default(&self, owner: &Owner, slot: &Slot, inner: &mut SlotInner) -> Result<(), ManagerError> {
+    pub(super) fn set_default(&self, owner: &Owner, slot: &Slot, inner: &mut SlotInner) -> Result<(), ManagerError> {
         let previous = lock(&self.inner.defaults).insert(owner.id.clone(), slot.id.clone());
         if let Some(prev) = previous.filter(|p| p != &slot.id) {
             self.inner.registry.set_default(&prev, false)?;
@@ -654,10 +581,11 @@ impl Manager {
     }
 
     /// Brings a sandbox to `running` (resuming it if paused) and connects to its agent.
-    async fn ensure_running(&self, slot: &Slot, inner: &mut SlotInner) -> Result<AgentClient, ManagerError> {
+    pub(super) async fn ensure_running(&self, slot: &Slot, inner: &mut SlotInner) -> Result<AgentClient, ManagerError> {
         match inner.record.state {
             SandboxState::Running => {}
             SandboxState::Paused => self.resume_locked(slot, inner, "resumed by a call").await?,
+            SandboxState::Unresponsive => return self.recheck_unresponsive(slot, inner).await,
             _ => return Err(unusable(slot, &inner.record, "it cannot take calls")),
         }
         self.on_machine(slot, inner, |m| m.connect(), "the guest crashed").await
@@ -681,7 +609,7 @@ impl Manager {
     /// Runs one engine call on the sandbox's machine. A machine that is missing,
     /// or found lost by the call, fails the sandbox; `died` says what happened
     /// (the engine's reason is appended).
-    async fn on_machine<T: Send + 'static>(
+    pub(super) async fn on_machine<T: Send + 'static>(
         &self,
         slot: &Slot,
         inner: &mut SlotInner,
@@ -698,22 +626,19 @@ impl Manager {
         }
     }
 
-    /// A sandbox whose VM was lost (`why`): rolled back to its newest snapshot (paused there)
-    /// where the engine keeps one, else failed. Returns the error that says which.
-    async fn lost(&self, slot: &Slot, inner: &mut SlotInner, machine: &SharedMachine, why: String) -> ManagerError {
-        let reason = why.clone();
-        let rolled = blocking(machine, move |m| m.roll_back(&reason)).await;
-        match rolled {
-            Some(Ok(rolled)) => {
-                let note = rollback_note(&rolled);
-                if let Err(e) = self.transition(slot, inner, SandboxState::Paused, &note) {
-                    return e;
-                }
-                ManagerError::RolledBack { id: slot.id.clone(), note }
-            }
-            Some(Err(e)) => self.fail(slot, inner, &format!("{why}; rolling it back failed too ({})", error_chain(&e))),
-            None => self.fail(slot, inner, &why),
+    /// Registers a recovered sandbox's slot, with what its owner has not been told yet.
+    pub(super) fn insert_recovered(
+        &self,
+        record: SandboxRecord,
+        machine: Option<SharedMachine>,
+        notice: Option<String>,
+    ) {
+        if record.is_default && record.state != SandboxState::Failed {
+            lock(&self.inner.defaults).insert(record.owner.clone(), record.id.clone());
         }
+        let slot = Slot::new(record, machine);
+        *lock(&slot.notice) = notice;
+        lock(&self.inner.slots).insert(slot.id.clone(), slot);
     }
 
     /// What the owner of sandbox `id` has not been told yet, if anything (taken: it is told once).
@@ -733,46 +658,15 @@ impl Manager {
             let client = m.ensure_running(&slot, &mut inner).await?;
             slot.busy.fetch_add(1, Ordering::AcqRel);
             slot.touch();
-            Ok(Lease { id: slot.id.clone(), client, env: inner.record.env.clone(), slot: slot.clone() })
+            Ok(Lease {
+                id: slot.id.clone(),
+                client,
+                env: inner.record.env.clone(),
+                pids_max: inner.record.settings.pids_max.unwrap_or(DEFAULT_PIDS_MAX),
+                slot: slot.clone(),
+            })
         })
         .await
-    }
-
-    /// Called when a call lost its agent connection: marks the sandbox failed if
-    /// its machine died, and returns the error to report.
-    pub async fn agent_lost(&self, id: &str, detail: &str) -> ManagerError {
-        let (id, detail) = (id.to_owned(), detail.to_owned());
-        let judged = self
-            .detached(|m| async move {
-                let Some(slot) = lock(&m.inner.slots).get(&id).cloned() else {
-                    return Ok(ManagerError::Failed { id, reason: detail });
-                };
-                let mut inner = slot.inner.lock().await;
-                let Some(machine) = inner.machine.clone() else {
-                    return Ok(m.fail(&slot, &mut inner, "the guest crashed (no machine)"));
-                };
-                // A dying machine may still look alive for a moment after its connection broke.
-                let alive = blocking(&machine, |m| {
-                    let deadline = std::time::Instant::now() + AGENT_LOSS_SETTLE;
-                    loop {
-                        let alive = m.check_alive();
-                        if alive.is_err() || std::time::Instant::now() >= deadline {
-                            return alive;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                })
-                .await;
-                Ok(match alive {
-                    Err(why) => {
-                        let why = format!("the guest crashed ({})", error_chain(&why));
-                        m.lost(&slot, &mut inner, &machine, why).await
-                    }
-                    Ok(()) => ManagerError::ConnectionLost { id, detail },
-                })
-            })
-            .await;
-        judged.unwrap_or_else(|e| e)
     }
 
     /// Pauses a sandbox (the default when `id` is `None`).
@@ -783,7 +677,7 @@ impl Manager {
             let mut inner = slot.inner.lock().await;
             match inner.record.state {
                 SandboxState::Paused => return Ok(inner.record.clone()),
-                SandboxState::Running => {}
+                SandboxState::Running | SandboxState::Unresponsive => {}
                 _ => return Err(unusable(&slot, &inner.record, "it cannot be paused")),
             }
             refuse_if_busy(&slot, "pause")?;
@@ -864,7 +758,7 @@ impl Manager {
             .detached(|m| async move {
                 for slot in m.slots() {
                     let mut inner = slot.inner.lock().await;
-                    if inner.record.state == SandboxState::Running {
+                    if matches!(inner.record.state, SandboxState::Running | SandboxState::Unresponsive) {
                         if let Err(e) = m.pause_locked(&slot, &mut inner, "server shutting down").await {
                             tracing::warn!(sandbox = %slot.id, error = %error_chain(&e), "cannot pause on shutdown");
                         }

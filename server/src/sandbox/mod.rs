@@ -6,6 +6,8 @@
 //!   pauses and deletes sandboxes; records every transition in the registry
 //!   before reporting it.
 //! - [`fork`]: N children from one moment of a parent.
+//! - [`health`]: dead VMs, silent agents, and restarting a sandbox.
+//! - [`recovery`]: what a restarted manager finds of each recorded sandbox.
 //! - [`timers`]: idle auto-pause and retention deletion.
 //!
 //! The records and their states are [`crate::record`]'s.
@@ -15,8 +17,10 @@
 pub mod admission;
 pub mod error;
 pub mod fork;
+pub mod health;
 pub mod lifecycle;
 pub mod manager;
+pub mod recovery;
 pub mod timers;
 
 pub use crate::record::{SandboxRecord, SandboxState};

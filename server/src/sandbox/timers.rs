@@ -129,6 +129,7 @@ mod tests {
             disk_mib: spec.disk_mib,
             idle_timeout_ms: 60_000,
             env: BTreeMap::new(),
+            settings: Default::default(),
             is_default: false,
             parent_id: None,
             created_ms: long_ago,

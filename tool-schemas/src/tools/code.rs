@@ -86,4 +86,6 @@ pub struct RunCodeResult {
     pub results_left_out: u64,
     /// Images left out because this result was full (the text says the limits).
     pub images_left_out: u64,
+    /// A limit the cell ran into (the context was then restarted), if any.
+    pub limit: Option<LimitHit>,
 }

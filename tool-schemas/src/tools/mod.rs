@@ -38,6 +38,18 @@ pub const MAX_LIST_DEPTH: u32 = 8;
 pub const MAX_LIST_ENTRIES: usize = 2000;
 /// Most copies one `fork` call makes.
 pub const MAX_FORK_COUNT: u32 = 8;
+/// Processes one command (or one code context) may run at once, unless its sandbox was
+/// created with another `pids_max`.
+pub const DEFAULT_PIDS_MAX: u32 = 1024;
+/// Fewest processes a sandbox's `pids_max` may allow.
+pub const MIN_PIDS_MAX: u32 = 16;
+/// Most processes a sandbox's `pids_max` may allow (a small guest's kernel allows fewer, and
+/// says so when a command starts).
+pub const MAX_PIDS_MAX: u32 = 32768;
+/// Longest side of a pseudo-terminal, in rows or columns.
+pub const MAX_PTY_SIDE: u16 = 1000;
+/// Most input bytes one `write_process` call sends.
+pub const MAX_PROCESS_INPUT_BYTES: usize = 1024 * 1024;
 /// Default number of bytes per stream `read_process` returns.
 pub const DEFAULT_PROCESS_READ_BYTES: u64 = 32 * 1024;
 
@@ -59,6 +71,25 @@ pub enum SandboxState {
     Deleted,
     /// Broken (its VM died); its in-memory state is lost. Kill it and create a new one.
     Failed,
+    /// Its VM runs but its agent stopped answering (a runaway process may starve it).
+    /// `restart_sandbox` brings it back.
+    Unresponsive,
+}
+
+/// A limit a command or a code cell ran into, and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LimitHit {
+    /// It tried to run more processes than allowed and was stopped, all of it.
+    Pids {
+        /// The limit: processes at once.
+        max: u32,
+    },
+    /// The out-of-memory killer killed a process of it at its memory limit.
+    Memory {
+        /// The limit, in MiB.
+        max_mib: u64,
+    },
 }
 
 /// A sandbox as the tools report it.
@@ -88,6 +119,8 @@ pub struct SandboxInfo {
     pub created_unix_ms: u64,
     /// Why it failed, when `state` is `failed`.
     pub failure: Option<String>,
+    /// Processes one command or code context may run at once.
+    pub pids_max: u32,
 }
 
 /// Programming languages of `run_code`.

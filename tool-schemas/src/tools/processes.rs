@@ -34,6 +34,14 @@ pub struct RunCommandParams {
     pub timeout_s: Option<u64>,
     /// Start in the background and return its process id at once. Default false.
     pub background: Option<bool>,
+    /// With `background`: run it on a pseudo-terminal, for programs that need one (prompts,
+    /// REPLs, `top`); `read_process` then returns what the terminal shows (stdout and stderr
+    /// together). Default false.
+    pub pty: Option<bool>,
+    /// Rows of the pseudo-terminal (with `pty`). Default 24, at most 1000.
+    pub rows: Option<u16>,
+    /// Columns of the pseudo-terminal (with `pty`). Default 80, at most 1000.
+    pub cols: Option<u16>,
 }
 
 /// Result of `run_command`.
@@ -57,10 +65,14 @@ pub struct RunCommandResult {
     pub timed_out: bool,
     /// Streams cut to fit this result, and where their full text lives.
     pub truncated: Vec<Truncation>,
+    /// A limit it ran into (it was stopped, or a process of it was killed), if any.
+    pub limit: Option<LimitHit>,
+    /// Processes it left running that were killed when it ended.
+    pub processes_killed: u32,
 }
 
 // ---------------------------------------------------------------------------
-// read_process / kill_process
+// read_process / kill_process / write_process
 // ---------------------------------------------------------------------------
 
 /// Read the new output of a background process (started by `run_command` with
@@ -102,6 +114,8 @@ pub struct ReadProcessResult {
     pub next_stdout_offset: u64,
     /// Pass as `stderr_offset` next time.
     pub next_stderr_offset: u64,
+    /// A limit it ran into (it was stopped, or a process of it was killed), once it ended.
+    pub limit: Option<LimitHit>,
 }
 
 /// Stop a process in a sandbox by sending it a signal (default SIGKILL).
@@ -125,4 +139,31 @@ pub struct KillProcessResult {
     pub pid: u32,
     /// The signal sent.
     pub signal: i32,
+}
+
+/// Send input to a background process (started by `run_command` with `background: true`), as
+/// if typed: answer a prompt, feed a REPL, drive an interactive CLI. Then use `read_process`
+/// for its answer. Set `close_stdin` to end its input (on a pseudo-terminal: Ctrl-D).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteProcessParams {
+    /// The process id `run_command` returned.
+    pub pid: u32,
+    /// Sandbox of the process. Default: this session's default sandbox.
+    pub sandbox_id: Option<String>,
+    /// The input, as text (at most 1 MiB). Include `\n` where Enter would be pressed.
+    pub input: String,
+    /// End the process's input after this. Default false.
+    pub close_stdin: Option<bool>,
+}
+
+/// Result of `write_process`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WriteProcessResult {
+    /// The sandbox of the process.
+    pub sandbox_id: String,
+    /// The process id.
+    pub pid: u32,
+    /// Input bytes the process has not read yet (this call's included).
+    pub pending_bytes: u64,
 }

@@ -37,6 +37,9 @@ pub struct CreateSandboxParams {
     /// Make it this session's default sandbox (the one used when `sandbox_id` is omitted).
     /// Default: true when the session has no default sandbox yet.
     pub make_default: Option<bool>,
+    /// Most processes one command or code context may run at once; past it the command is
+    /// stopped, whole (so a fork bomb cannot take the sandbox down). 16 to 32768; default 1024.
+    pub pids_max: Option<u32>,
 }
 
 /// Result of `create_sandbox`.
@@ -111,6 +114,25 @@ pub struct ListSandboxesResult {
     pub sandboxes: Vec<SandboxInfo>,
     /// The default sandbox's id, if it exists yet.
     pub default_sandbox_id: Option<String>,
+}
+
+/// Restart a sandbox that stopped answering (`unresponsive`) or `failed`: its VM is booted
+/// again on its own disk, so its files are kept, but its processes and interpreter state are
+/// lost. Works on a running or paused sandbox too (a clean slate with the same files).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSandboxParams {
+    /// Sandbox to restart. Default: this session's default sandbox.
+    pub sandbox_id: Option<String>,
+}
+
+/// Result of `restart_sandbox`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RestartSandboxResult {
+    /// The sandbox, running again.
+    pub sandbox: SandboxInfo,
+    /// What it came back from and what was lost.
+    pub note: String,
 }
 
 /// Delete a sandbox for good: its processes, files and memory are gone. Use it

@@ -134,6 +134,11 @@ impl SandboxFiles {
         self.dir.join("rootfs.ext4")
     }
 
+    /// The sandbox's own root filesystem, when it adopted one.
+    pub(super) fn own_rootfs(&self) -> Option<PathBuf> {
+        Some(self.rootfs()).filter(|own| own.is_file())
+    }
+
     /// Gives the sandbox its own name (a hard link) for the read-only root filesystem at
     /// `shared` and returns it, so that the image cache may drop that image while the sandbox
     /// still needs it (a paused sandbox resumes on it, a fork inherits it). Where no link can be

@@ -464,6 +464,10 @@ impl Machine for KvmMachine {
         }
     }
 
+    fn stop(&mut self) {
+        self.stop_worker();
+    }
+
     fn roll_back(&mut self, why: &str) -> Option<Result<RollBack, EngineError>> {
         Some(self.roll_back_to_newest(why).map_err(EngineError::from))
     }

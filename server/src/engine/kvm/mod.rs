@@ -92,12 +92,9 @@ pub enum KvmError {
     /// Saved state from the registry cannot be used.
     #[error("saved machine state is unusable: {0}")]
     BadSavedState(String),
-    /// A machine recorded running cannot come back after a restart: its VM ended with the server.
-    #[error(
-        "sandbox {0} was running when the server stopped, and a running VM ends with the server (only \
-         paused sandboxes, saved to disk, come back)"
-    )]
-    EndedWithServer(String),
+    /// A sandbox to boot again has no writable disk any more.
+    #[error("its disk {0} is gone, so it cannot be booted again")]
+    DiskGone(PathBuf),
     /// The sandbox directory has no parent to put forks in.
     #[error("the sandbox directory has no parent")]
     NoRoot,
@@ -116,9 +113,7 @@ impl KvmError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            KvmError::Gone(_) | KvmError::Killed | KvmError::EndedWithServer(_) | KvmError::NoSnapshot(_) => {
-                ErrorKind::Lost
-            }
+            KvmError::Gone(_) | KvmError::Killed | KvmError::DiskGone(_) | KvmError::NoSnapshot(_) => ErrorKind::Lost,
             KvmError::Worker { source, .. } if worker_lost(source) => ErrorKind::Lost,
             KvmError::Vcpus(_) => ErrorKind::Limit,
             KvmError::Layout(LayoutError::SocketPathTooLong { .. }) => ErrorKind::Limit,
@@ -190,7 +185,37 @@ impl KvmEngine {
     ) -> Result<KvmMachine, KvmError> {
         files.create_dir()?;
         create_writable_disk(&files.writable_disk(), u64::from(spec.disk_mib)).map_err(KvmError::Image)?;
-        let image = ImageInfo { rootfs: files.adopt_rootfs(&self.image.rootfs), ..self.image.clone() };
+        let rootfs = files.adopt_rootfs(&self.image.rootfs);
+        self.start_booted(files, rootfs, spec, vcpus, outliving)
+    }
+
+    /// Boots the guest of a sandbox that already has its disk (and its own root filesystem, when
+    /// it adopted one), for a restart. Its next snapshot follows the newest one on disk (as a
+    /// full one: nothing of the old boot is a parent of the new).
+    fn boot_again(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
+        let files = SandboxFiles::new(self.root.join(&spec.id));
+        if !files.writable_disk().is_file() {
+            return Err(KvmError::DiskGone(files.writable_disk()));
+        }
+        let vcpus = check_vcpus(spec.vcpus)?;
+        let rootfs = files.own_rootfs().unwrap_or_else(|| self.image.rootfs.clone());
+        let _ = std::fs::remove_file(files.control().ended);
+        let newest = files.newest_snapshot().map_or(0, |(generation, _)| generation);
+        let mut machine = self.start_booted(files, rootfs, spec, vcpus, true)?;
+        machine.chain = Chain::at(newest, None);
+        Ok(machine)
+    }
+
+    /// Starts a worker that boots the image with `rootfs` for `files`, and waits for its agent.
+    fn start_booted(
+        &self,
+        files: SandboxFiles,
+        rootfs: PathBuf,
+        spec: &MachineSpec,
+        vcpus: u8,
+        outliving: bool,
+    ) -> Result<KvmMachine, KvmError> {
+        let image = ImageInfo { rootfs, ..self.image.clone() };
         let config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
         let worker = if outliving {
             WorkerHandle::spawn_outliving(&self.worker_exe, config, &files.control())
@@ -292,6 +317,16 @@ impl Engine for KvmEngine {
         let chain = Chain::at(generation, saved.chain_layers);
         let machine = KvmMachine::on_disk(exe, trash, files, saved.rootfs, chain);
         Ok(Reattached { machine: Box::new(machine), rolled_back: None })
+    }
+
+    fn restart(&self, spec: &MachineSpec, old: Option<&mut Box<dyn Machine>>) -> Result<Box<dyn Machine>, EngineError> {
+        if let Some(old) = old {
+            old.stop();
+        } else if let Ok(worker) = WorkerHandle::attach(&SandboxFiles::new(self.root.join(&spec.id)).control()) {
+            // A failed sandbox's worker may linger (its VM hung rather than ended).
+            let _ = worker.stop();
+        }
+        Ok(Box::new(self.boot_again(spec)?))
     }
 
     fn discard(&self, id: &str) {
