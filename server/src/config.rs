@@ -107,11 +107,18 @@ pub struct Timers {
     pub idle_pause_after: Duration,
     /// Time a paused sandbox is kept before deletion.
     pub retention: Duration,
+    /// When a silent agent marks its sandbox unresponsive (not in the config file: the
+    /// defaults suit every host; tests shorten them).
+    pub liveness: crate::guest::LivenessTimings,
 }
 
 impl Default for Timers {
     fn default() -> Self {
-        Self { idle_pause_after: DEFAULT_IDLE_PAUSE_AFTER, retention: DEFAULT_RETENTION }
+        Self {
+            idle_pause_after: DEFAULT_IDLE_PAUSE_AFTER,
+            retention: DEFAULT_RETENTION,
+            liveness: crate::guest::LivenessTimings::default(),
+        }
     }
 }
 

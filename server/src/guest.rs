@@ -271,13 +271,43 @@ pub const LIVENESS_EVERY: Duration = Duration::from_secs(5);
 pub const LIVENESS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Missed pings in a row after which the agent counts as silent.
 pub const LIVENESS_MISSES: u32 = 2;
+/// How long a call on an unresponsive sandbox waits for its agent's answer to a ping.
+pub const UNRESPONSIVE_RECHECK: Duration = Duration::from_secs(3);
 
-/// The liveness watch of one call: pings the agent every [`LIVENESS_EVERY`] while the call runs
-/// and says when [`LIVENESS_MISSES`] pings in a row went unanswered. A hung agent is found in
-/// about half a minute, not at the end of the call's own (up to an hour long) deadline.
+/// When an agent counts as silent: pinged every `every`, a ping unanswered after
+/// `ping_timeout` is missed, and `misses` missed in a row make it silent. `recheck` is how long
+/// a later call waits for a ping's answer before it fails fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessTimings {
+    /// Time between pings.
+    pub every: Duration,
+    /// How long one ping may take.
+    pub ping_timeout: Duration,
+    /// Missed pings in a row that make the agent silent.
+    pub misses: u32,
+    /// How long a call on an unresponsive sandbox waits for a ping's answer.
+    pub recheck: Duration,
+}
+
+impl Default for LivenessTimings {
+    fn default() -> Self {
+        Self {
+            every: LIVENESS_EVERY,
+            ping_timeout: LIVENESS_PING_TIMEOUT,
+            misses: LIVENESS_MISSES,
+            recheck: UNRESPONSIVE_RECHECK,
+        }
+    }
+}
+
+/// The liveness watch of one call: pings the agent every [`LivenessTimings::every`] while the
+/// call runs and says when [`LivenessTimings::misses`] pings in a row went unanswered. With the
+/// defaults a hung agent is found in about half a minute, not at the end of the call's own (up
+/// to an hour long) deadline.
 #[derive(Debug)]
 pub struct Liveness {
     client: AgentClient,
+    timings: LivenessTimings,
     next_at: tokio::time::Instant,
     ping: Option<tokio::task::JoinHandle<bool>>,
     misses: u32,
@@ -285,11 +315,12 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// A watch over the agent behind `client`; its first ping goes out after [`LIVENESS_EVERY`].
-    pub fn new(client: &AgentClient) -> Self {
+    /// A watch over the agent behind `client`; its first ping goes out after `timings.every`.
+    pub fn new(client: &AgentClient, timings: LivenessTimings) -> Self {
         Self {
             client: client.clone(),
-            next_at: tokio::time::Instant::now() + LIVENESS_EVERY,
+            timings,
+            next_at: tokio::time::Instant::now() + timings.every,
             ping: None,
             misses: 0,
             silent_since: None,
@@ -304,16 +335,17 @@ impl Liveness {
                 None => {
                     tokio::time::sleep_until(self.next_at).await;
                     let client = self.client.clone();
+                    let within = self.timings.ping_timeout;
                     self.ping = Some(tokio::spawn(async move {
-                        let ping = call(&client, Op::Ping, LIVENESS_PING_TIMEOUT);
-                        matches!(tokio::time::timeout(LIVENESS_PING_TIMEOUT, ping).await, Ok(Ok(Reply::Pong)))
+                        let ping = call(&client, Op::Ping, within);
+                        matches!(tokio::time::timeout(within, ping).await, Ok(Ok(Reply::Pong)))
                     }));
                 }
                 Some(ping) => {
                     let sent = self.next_at;
                     let answered = ping.await.unwrap_or(false);
                     self.ping = None;
-                    self.next_at = tokio::time::Instant::now() + LIVENESS_EVERY;
+                    self.next_at = tokio::time::Instant::now() + self.timings.every;
                     if answered {
                         self.misses = 0;
                         self.silent_since = None;
@@ -321,7 +353,7 @@ impl Liveness {
                     }
                     self.misses += 1;
                     let since = *self.silent_since.get_or_insert(sent);
-                    if self.misses >= LIVENESS_MISSES {
+                    if self.misses >= self.timings.misses {
                         return since.elapsed();
                     }
                 }
@@ -340,8 +372,13 @@ impl Drop for Liveness {
 
 /// Runs `op` (a quick request) to its end like [`call`], and fails it with
 /// [`GuestError::Silent`] as soon as the agent stops answering pings.
-pub async fn watched_call(client: &AgentClient, op: Op, timeout: Duration) -> Result<Reply, GuestError> {
-    let mut liveness = Liveness::new(client);
+pub async fn watched_call(
+    client: &AgentClient,
+    op: Op,
+    timeout: Duration,
+    timings: LivenessTimings,
+) -> Result<Reply, GuestError> {
+    let mut liveness = Liveness::new(client, timings);
     tokio::select! {
         result = call(client, op, timeout) => result,
         silent = liveness.silent() => Err(GuestError::Silent(silent)),

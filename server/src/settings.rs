@@ -159,6 +159,7 @@ pub fn resolve(args: &SettingsArgs) -> Result<Resolved, SettingsError> {
     let timers = Timers {
         idle_pause_after: duration(&args.idle_pause_after, &file.timers.idle_pause_after, t.idle_pause_after)?,
         retention: duration(&args.retention, &file.timers.retention, t.retention)?,
+        liveness: t.liveness,
     };
     let engine = match (args.engine, file.engine.as_deref()) {
         (Some(e), _) => e,

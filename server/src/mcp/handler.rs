@@ -18,8 +18,8 @@ use rmcp::RoleServer;
 
 use super::tool_error::{hint_for, ToolError};
 use super::CapsuleMcp;
-use crate::guest::{self, GuestCall, GuestError, Liveness, Overflow, Step, QUICK_OP_TIMEOUT};
-use crate::sandbox::health::{answers_ping, UNRESPONSIVE_RECHECK};
+use crate::guest::{self, GuestCall, GuestError, Liveness, LivenessTimings, Overflow, Step, QUICK_OP_TIMEOUT};
+use crate::sandbox::health::answers_ping;
 use crate::sandbox::Lease;
 
 /// Longest code cell or command line, in bytes.
@@ -112,6 +112,7 @@ impl<'a> Notifier<'a> {
 /// MCP cancellation, watches that the agent still answers, and returns the final step.
 async fn drive(
     client: &AgentClient,
+    timings: LivenessTimings,
     call: &mut GuestCall,
     notifier: &mut Notifier<'_>,
     mut on_event: impl FnMut(&Event),
@@ -121,7 +122,7 @@ async fn drive(
     let mut seen_bytes = 0u64;
     let deadline = call.wall_limit().map(|l| tokio::time::Instant::now() + l);
     let mut cancelled = false;
-    let mut liveness = Liveness::new(client);
+    let mut liveness = Liveness::new(client, timings);
     loop {
         let sleep = async {
             match deadline {
@@ -174,7 +175,7 @@ impl CapsuleMcp {
         }
         let silent = match &e {
             GuestError::Silent(_) => true,
-            GuestError::NoReply(_) => !answers_ping(&lease.client, UNRESPONSIVE_RECHECK).await,
+            GuestError::NoReply(_) => !answers_ping(&lease.client, lease.liveness.recheck).await,
             _ => false,
         };
         if silent {
@@ -186,7 +187,7 @@ impl CapsuleMcp {
 
     /// Runs a quick request (files, process queries, signals) under the liveness watch.
     pub(super) async fn quick(&self, lease: &Lease, what: &str, op: Op) -> Result<Reply, ToolError> {
-        match guest::watched_call(&lease.client, op, QUICK_OP_TIMEOUT).await {
+        match guest::watched_call(&lease.client, op, QUICK_OP_TIMEOUT, lease.liveness).await {
             Ok(reply) => Ok(reply),
             Err(e) => Err(self.guest_error(lease, what, e).await),
         }
@@ -215,7 +216,7 @@ impl CapsuleMcp {
             ticks: 0,
             logged_bytes: 0,
         };
-        match drive(&lease.client, &mut call, &mut notifier, on_event).await {
+        match drive(&lease.client, lease.liveness, &mut call, &mut notifier, on_event).await {
             Ok(reply) => Ok((reply, call.overflow())),
             Err(e) => Err(self.guest_error(lease, what, e).await),
         }

@@ -24,8 +24,6 @@ use crate::registry::now_ms;
 
 /// How long a dying machine may still look alive after its connection broke.
 const AGENT_LOSS_SETTLE: Duration = Duration::from_millis(500);
-/// How long a call on an unresponsive sandbox waits for its agent's answer to a ping.
-pub const UNRESPONSIVE_RECHECK: Duration = Duration::from_secs(3);
 
 /// How a roll-back reads: what was lost and since when.
 pub(super) fn rollback_note(rolled: &RollBack) -> String {
@@ -152,10 +150,11 @@ impl Manager {
         inner: &mut SlotInner,
     ) -> Result<AgentClient, ManagerError> {
         let client = self.on_machine(slot, inner, |m| m.connect(), "the guest crashed").await?;
-        if !answers_ping(&client, UNRESPONSIVE_RECHECK).await {
+        let within = self.inner.config.timers.liveness.recheck;
+        if !answers_ping(&client, within).await {
             return Err(ManagerError::Unresponsive {
                 id: slot.id.clone(),
-                detail: format!("its agent still did not answer within {} s", UNRESPONSIVE_RECHECK.as_secs()),
+                detail: format!("its agent still did not answer within {} ms", within.as_millis()),
             });
         }
         self.transition(slot, inner, SandboxState::Running, "its agent answers again")?;
@@ -204,7 +203,12 @@ impl Manager {
             inner.machine = Some(Arc::new(StdMutex::new(machine)));
             inner.record.failure = None;
             let reason = format!("restarted on request (it was {})", was.as_str());
-            m.transition(&slot, &mut inner, SandboxState::Running, &reason)?;
+            if was == SandboxState::Running {
+                // Running again, on a new machine: only its engine state changed.
+                m.commit_state(&slot, &mut inner, SandboxState::Running, &reason)?;
+            } else {
+                m.transition(&slot, &mut inner, SandboxState::Running, &reason)?;
+            }
             if !m.has_default(&owner) {
                 m.set_default(&owner, &slot, &mut inner)?;
             }

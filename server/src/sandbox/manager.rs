@@ -35,7 +35,7 @@ use capsule_tool_schemas::DEFAULT_PIDS_MAX;
 use capsule_vmm::worker::error_chain;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::admission::{self, CreateRequest, LimitError};
+use super::admission::{self, CreateRequest};
 pub use super::error::ManagerError;
 use super::lifecycle;
 use crate::config::{Limits, Timers};
@@ -136,6 +136,8 @@ pub struct Lease {
     pub env: std::collections::BTreeMap<String, String>,
     /// Most processes one command or context in it may run at once.
     pub pids_max: u32,
+    /// When its agent counts as silent.
+    pub liveness: crate::guest::LivenessTimings,
     slot: Arc<Slot>,
 }
 
@@ -156,28 +158,16 @@ pub(super) struct Inner {
     pub(super) engine: Arc<dyn Engine>,
     pub(super) registry: Registry,
     pub(super) config: ManagerConfig,
-    slots: StdMutex<HashMap<String, Arc<Slot>>>,
+    pub(super) slots: StdMutex<HashMap<String, Arc<Slot>>>,
     /// Owner → default sandbox id.
     defaults: StdMutex<HashMap<String, String>>,
     /// Owner → lock held while its default sandbox is being created.
     default_creation: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Held while new sandboxes are checked against the limits and registered (or memory is
     /// reserved for a resume), so that concurrent requests cannot together pass a limit.
-    admission: StdMutex<()>,
+    pub(super) admission: StdMutex<()>,
     /// Memory reserved by resumes in progress, in MiB (their records still say paused).
-    reserved_mib: AtomicU64,
-}
-
-/// Memory reserved for a resume until the sandbox is recorded running (or the resume failed).
-pub(super) struct Reservation<'a> {
-    manager: &'a Manager,
-    mib: u64,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.manager.inner.reserved_mib.fetch_sub(self.mib, Ordering::AcqRel);
-    }
+    pub(super) reserved_mib: AtomicU64,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -373,6 +363,19 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         let from = inner.record.state;
         lifecycle::check(from, to).map_err(|source| ManagerError::Illegal { id: slot.id.clone(), source })?;
+        self.commit_state(slot, inner, to, reason)
+    }
+
+    /// Records `inner`'s sandbox in state `to` (checked by the caller) with its machine's
+    /// current engine state, in the registry and the slot.
+    pub(super) fn commit_state(
+        &self,
+        slot: &Slot,
+        inner: &mut SlotInner,
+        to: SandboxState,
+        reason: &str,
+    ) -> Result<(), ManagerError> {
+        let from = inner.record.state;
         let mut next = inner.record.clone();
         next.state = to;
         next.updated_ms = now_ms();
@@ -400,46 +403,6 @@ impl Manager {
             let _ = self.inner.registry.set_default(&slot.id, false);
         }
         ManagerError::Failed { id: slot.id.clone(), reason: reason.to_string() }
-    }
-
-    /// Checks that `extra_count` new sandboxes holding `extra_mib` fit, beside the memory that
-    /// resumes in progress have reserved.
-    pub(super) fn check_capacity(&self, extra_count: usize, extra_mib: u64) -> Result<(), ManagerError> {
-        let records: Vec<SandboxRecord> = self.slots().iter().map(|s| s.record()).collect();
-        let config = &self.inner.config;
-        let reserved = self.inner.reserved_mib.load(Ordering::Acquire);
-        Ok(admission::check_capacity(
-            &records,
-            &config.limits,
-            config.timers.retention,
-            extra_count,
-            extra_mib + reserved,
-        )
-        .map_err(|e| match e {
-            LimitError::Memory { used_mib, budget_mib, needed_mib } => {
-                LimitError::Memory { used_mib: used_mib + reserved, budget_mib, needed_mib: needed_mib - reserved }
-            }
-            other => other,
-        })?)
-    }
-
-    /// Reserves `mib` of the memory budget for a resume, atomically with respect to other
-    /// admissions and reservations.
-    pub(super) fn reserve_memory(&self, mib: u64) -> Result<Reservation<'_>, ManagerError> {
-        let _admission = lock(&self.inner.admission);
-        self.check_capacity(0, mib)?;
-        self.inner.reserved_mib.fetch_add(mib, Ordering::AcqRel);
-        Ok(Reservation { manager: self, mib })
-    }
-
-    /// Checks the limits for one new sandbox and registers it, atomically with
-    /// respect to other admissions (a `creating` record counts against them).
-    pub(super) fn admit(&self, slot: &Arc<Slot>, record: &SandboxRecord, reason: &str) -> Result<(), ManagerError> {
-        let _admission = lock(&self.inner.admission);
-        self.check_capacity(1, u64::from(record.memory_mib))?;
-        self.inner.registry.insert(record, reason)?;
-        lock(&self.inner.slots).insert(slot.id.clone(), slot.clone());
-        Ok(())
     }
 
     /// Creates a sandbox for `owner`.
@@ -663,6 +626,7 @@ impl Manager {
                 client,
                 env: inner.record.env.clone(),
                 pids_max: inner.record.settings.pids_max.unwrap_or(DEFAULT_PIDS_MAX),
+                liveness: m.inner.config.timers.liveness,
                 slot: slot.clone(),
             })
         })

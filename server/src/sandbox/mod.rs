@@ -2,6 +2,7 @@
 //!
 //! - [`lifecycle`]: which state transitions are legal.
 //! - [`admission`]: what a new sandbox is and whether it fits the limits.
+//! - [`capacity`]: those limits applied to the live sandboxes, atomically.
 //! - [`manager`]: creates, resolves (default sandbox, unknown ids), resumes,
 //!   pauses and deletes sandboxes; records every transition in the registry
 //!   before reporting it.
@@ -15,6 +16,7 @@
 //! Nothing here speaks MCP; nothing here knows how a VM works (that is the engine).
 
 pub mod admission;
+pub mod capacity;
 pub mod error;
 pub mod fork;
 pub mod health;
