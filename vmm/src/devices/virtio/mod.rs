@@ -66,6 +66,7 @@ pub mod device;
 pub mod event_loop;
 pub mod fuzzing;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;
