@@ -190,10 +190,55 @@ pub fn rx_header() -> [u8; HEADER_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::{guest_memory, write_bytes};
     use vm_memory::GuestAddress;
 
     fn seg(addr: u64, len: u32, writable: bool) -> Segment {
         Segment { addr: GuestAddress(addr), len, writable }
+    }
+
+    fn chain(segments: Vec<Segment>) -> Chain {
+        Chain { head_index: 0, segments }
+    }
+
+    #[test]
+    fn each_bad_tx_chain_is_refused_for_its_own_reason() {
+        let mem = guest_memory();
+        let frame_len = (HEADER_BYTES + MIN_FRAME_BYTES) as u32;
+        let writable = chain(vec![seg(0, HEADER_BYTES as u32, false), seg(0x100, 60, true)]);
+        assert!(matches!(read_tx_frame(&mem, &writable), Err(FrameError::TxWritable(1))));
+        let header_only = chain(vec![seg(0, HEADER_BYTES as u32, false)]);
+        assert!(matches!(read_tx_frame(&mem, &header_only), Err(FrameError::TxTooShort(12))));
+        let over = chain(vec![seg(0, MAX_TX_CHAIN_BYTES as u32 - 1, false), seg(0, 2, false)]);
+        assert!(matches!(read_tx_frame(&mem, &over), Err(FrameError::TxTooLong(65551))));
+        let many = chain(vec![seg(0, 1, false); MAX_FRAME_DESCRIPTORS + 1]);
+        assert!(matches!(read_tx_frame(&mem, &many), Err(FrameError::TooManyDescriptors(65))));
+        write_bytes(&mem, 0, &[0, 4]); // gso_type VIRTIO_NET_HDR_GSO_TCPV6
+        let gso = chain(vec![seg(0, frame_len, false)]);
+        assert!(matches!(read_tx_frame(&mem, &gso), Err(FrameError::TxOffload { flags: 0, gso_type: 4 })));
+        write_bytes(&mem, 0, &[0, 0]);
+        assert_eq!(read_tx_frame(&mem, &gso).unwrap().len(), MIN_FRAME_BYTES, "the same chain, header fixed");
+    }
+
+    #[test]
+    fn each_bad_rx_buffer_is_refused_for_its_own_reason() {
+        let read_only = chain(vec![seg(0, 100, true), seg(0x100, 100, false)]);
+        assert!(matches!(rx_buffer(read_only), Err(FrameError::RxReadOnly(1))));
+        let small = chain(vec![seg(0, 6, true), seg(0x100, 5, true)]);
+        assert!(matches!(rx_buffer(small), Err(FrameError::RxBufferTooSmall(11))));
+        let many = chain(vec![seg(0, 64, true); MAX_FRAME_DESCRIPTORS + 1]);
+        assert!(matches!(rx_buffer(many), Err(FrameError::TooManyDescriptors(65))));
+    }
+
+    #[test]
+    fn a_frame_is_written_only_into_a_buffer_it_fits() {
+        let mem = guest_memory();
+        let buffer = rx_buffer(chain(vec![seg(0x1000, (HEADER_BYTES + 20) as u32, true)])).unwrap();
+        assert!(matches!(
+            write_rx_frame(&mem, &buffer, &[0; 21]),
+            Err(FrameError::FrameTooBigForBuffer { frame: 21, capacity: 20 })
+        ));
+        assert_eq!(write_rx_frame(&mem, &buffer, &[0; 20]).unwrap(), (HEADER_BYTES + 20) as u32);
     }
 
     #[test]
