@@ -1,12 +1,14 @@
 //! Device tests for virtio-net: a loopback backend, both queues driven from the driver side
 //! (virtio-queue's `MockSplitQueue`), good and hostile chains. Compiled for unit tests only.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::frame::{rx_header, HEADER_BYTES, MAX_FRAME_DESCRIPTORS, MAX_TX_CHAIN_BYTES};
 use super::loopback::{loopback_pair, LoopbackPeer};
 use super::*;
-use crate::devices::virtio::device::Interrupt;
+use crate::devices::virtio::device::{Interrupt, SharedDevice};
+use crate::devices::virtio::event_loop::DeviceEventLoop;
 use crate::devices::virtio::test_utils::{activate, guest_memory, read_bytes, write_bytes, Driver, Mem};
 use crate::persist::test_util::round_trip;
 
@@ -271,4 +273,25 @@ fn a_snapshot_of_a_device_with_other_features_is_refused() {
     };
     let err = Net::<Mem>::restore(Box::new(backend), &state).map(|_| ()).unwrap_err();
     assert!(matches!(err, NetError::FeaturesChanged { .. }), "{err}");
+}
+
+#[test]
+fn the_event_loop_delivers_a_host_frame_as_soon_as_the_backend_has_it() {
+    let mem = guest_memory();
+    let (backend, peer) = loopback_pair(8).unwrap();
+    let mut net = Net::new(NetConfig { mac: MAC }, Box::new(backend)).unwrap();
+    let (mut rx, tx) = (Driver::new(&mem, RX_RINGS), Driver::new(&mem, TX_RINGS));
+    let _irq = activate(&mut net, &mem, vec![rx.queue(), tx.queue()]);
+    rx.add_chain(&[(BUF, LINUX_RX_BUFFER_BYTES, true)]);
+    let device: SharedDevice<Mem> = Arc::new(Mutex::new(net));
+    let events = DeviceEventLoop::start(vec![device]).unwrap();
+
+    assert!(peer.send_to_guest(ethernet_frame(60, 3)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rx.used_idx() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rx.used(0), (0, HEADER_BYTES as u32 + 60), "delivered by the device-event thread");
+    assert_eq!(read_bytes(&mem, BUF + HEADER_BYTES as u64, 60), ethernet_frame(60, 3));
+    drop(events);
 }
