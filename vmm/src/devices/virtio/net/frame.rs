@@ -66,8 +66,8 @@ pub enum FrameError {
         /// The header's gso_type byte.
         gso_type: u8,
     },
-    /// The RX buffer cannot even hold the header.
-    #[error("RX buffer holds {0} bytes, less than the {HEADER_BYTES}-byte header")]
+    /// The RX buffer cannot hold the header and the shortest frame.
+    #[error("RX buffer holds {0} bytes, less than {HEADER_BYTES} of header and {MIN_FRAME_BYTES} of frame")]
     RxBufferTooSmall(u64),
     /// A host frame outside [`MIN_FRAME_BYTES`]..=[`MAX_FRAME_BYTES`].
     #[error("host frame of {0} bytes is outside {MIN_FRAME_BYTES}..={MAX_FRAME_BYTES}")]
@@ -126,7 +126,7 @@ fn check_tx_header(bytes: &[u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// A validated guest RX buffer: device-writable descriptors with room for at least the header.
+/// A validated guest RX buffer: device-writable descriptors with room for the header and a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxBuffer {
     segments: Vec<Segment>,
@@ -134,22 +134,26 @@ pub struct RxBuffer {
 }
 
 impl RxBuffer {
-    /// Room for a frame, in bytes (the buffer's length less the header, at most
-    /// [`MAX_FRAME_BYTES`]).
+    /// Room for a frame, in bytes: the buffer's length less the header, at least
+    /// [`MIN_FRAME_BYTES`] and at most [`MAX_FRAME_BYTES`].
     pub fn frame_capacity(&self) -> usize {
         self.capacity
     }
 }
 
 /// Checks one guest RX chain: every descriptor device-writable, at most
-/// [`MAX_FRAME_DESCRIPTORS`], at least [`HEADER_BYTES`] long.
+/// [`MAX_FRAME_DESCRIPTORS`], room for the header and at least the shortest frame (a buffer no
+/// frame fits is refused, rather than dropping every frame offered to it).
 pub fn rx_buffer(chain: Chain) -> Result<RxBuffer, FrameError> {
     check_descriptor_count(&chain)?;
     if let Some(index) = chain.segments.iter().position(|s| !s.writable) {
         return Err(FrameError::RxReadOnly(index));
     }
     let len = total_len(&chain.segments);
-    let room = len.checked_sub(HEADER_BYTES as u64).ok_or(FrameError::RxBufferTooSmall(len))?;
+    let room = len
+        .checked_sub(HEADER_BYTES as u64)
+        .filter(|room| *room >= MIN_FRAME_BYTES as u64)
+        .ok_or(FrameError::RxBufferTooSmall(len))?;
     let capacity = usize::try_from(room).unwrap_or(usize::MAX).min(MAX_FRAME_BYTES);
     Ok(RxBuffer { segments: chain.segments, capacity })
 }
@@ -250,8 +254,10 @@ mod tests {
     fn an_rx_buffer_caps_its_capacity_at_the_largest_frame() {
         let chain = Chain { head_index: 0, segments: vec![seg(0, u32::MAX, true), seg(0, u32::MAX, true)] };
         assert_eq!(rx_buffer(chain).unwrap().frame_capacity(), MAX_FRAME_BYTES);
-        let exact = Chain { head_index: 0, segments: vec![seg(0, HEADER_BYTES as u32, true)] };
-        assert_eq!(rx_buffer(exact).unwrap().frame_capacity(), 0);
+        let smallest = Chain { head_index: 0, segments: vec![seg(0, (HEADER_BYTES + MIN_FRAME_BYTES) as u32, true)] };
+        assert_eq!(rx_buffer(smallest).unwrap().frame_capacity(), MIN_FRAME_BYTES);
+        let header_only = Chain { head_index: 0, segments: vec![seg(0, HEADER_BYTES as u32, true)] };
+        assert!(matches!(rx_buffer(header_only), Err(FrameError::RxBufferTooSmall(12))));
     }
 
     #[test]

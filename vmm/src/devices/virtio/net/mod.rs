@@ -103,7 +103,7 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Their bytes (Ethernet frames, no header).
     pub rx_bytes: u64,
-    /// Guest RX buffers refused (read-only, smaller than the header, bad chain), or that could
+    /// Guest RX buffers refused (read-only, too small for any frame, bad chain), or that could
     /// not be written (their frame is lost).
     pub rx_buffers_malformed: u64,
     /// Host frames dropped because the guest's RX buffer was too small for them.

@@ -158,10 +158,10 @@ fn malformed_rx_buffers_are_refused_and_the_queue_keeps_working() {
     let mut f = Fixture::new(&mem, 8);
     let frame = ethernet_frame(80, 9);
     assert!(f.peer.send_to_guest(frame.clone()));
-    // A read-only descriptor, a zero-length one, one shorter than the header.
+    // A read-only descriptor, a zero-length one, one with room for the header only.
     f.rx.add_chain(&[(BUF, LINUX_RX_BUFFER_BYTES, false)]);
     f.rx.add_chain(&[(BUF, 0, true)]);
-    f.rx.add_chain(&[(BUF, HEADER_BYTES as u32 - 1, true)]);
+    f.rx.add_chain(&[(BUF, HEADER_BYTES as u32, true)]);
     // Outside guest memory, and too many descriptors.
     f.rx.add_chain(&[(OUTSIDE_MEMORY, LINUX_RX_BUFFER_BYTES, true)]);
     let many: Vec<_> = (0..MAX_FRAME_DESCRIPTORS as u64 + 1).map(|i| (BUF + 64 * i, 64, true)).collect();
