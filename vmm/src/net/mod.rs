@@ -1,5 +1,6 @@
 //! Guest networking: the protocol between a VM's worker and the daemon that brokers what the
-//! guest may reach ([`broker`]). (The virtio-net device and the user-space stack that ends the
-//! guest's connections in the worker come next.)
+//! guest may reach ([`broker`]). The guest's interface is the virtio-net device
+//! ([`crate::devices::virtio::net`]); the user-space stack that ends the guest's connections in
+//! the worker comes next, as that device's [`NetBackend`](crate::devices::virtio::net::NetBackend).
 
 pub mod broker;

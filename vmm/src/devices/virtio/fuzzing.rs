@@ -2,7 +2,7 @@
 //! virtqueue with one descriptor chain, which is fed through the same code
 //! the devices run ([`Chain::collect`], [`super::block::parse_request`] and
 //! the block request path, [`super::vsock::packet::read_tx_chain`] and the
-//! muxer).
+//! muxer, [`super::net::frame::read_tx_frame`] and a whole [`Net`] device).
 //!
 //! Used by the cargo-fuzz targets in `vmm/fuzz/` and by the deterministic
 //! smoke test `vmm/tests/virtio_fuzz_smoke.rs`. These functions must never
@@ -20,6 +20,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::block::{parse_request, Block, BlockConfig};
 use super::chain::Chain;
 use super::device::{ActivateContext, Interrupt, VirtioDevice};
+use super::net::frame::{read_tx_frame, MIN_FRAME_BYTES};
+use super::net::loopback::loopback_pair;
+use super::net::{Net, NetConfig, TX_QUEUE};
 use super::vsock::muxer::Muxer;
 use super::vsock::packet::{parse_tx_packet, read_tx_chain, MAX_PAYLOAD_BYTES};
 
@@ -45,6 +48,13 @@ const USED_RING_ADDR: u64 = 0x200;
 const PAYLOAD_ADDR: u64 = 0x1000;
 /// Guest CID used by the vsock cases.
 const FUZZ_GUEST_CID: u64 = 3;
+/// The net cases' second queue (RX): the same descriptor table, its own rings.
+const NET_RX_AVAIL_RING_ADDR: u64 = 0x300;
+const NET_RX_USED_RING_ADDR: u64 = 0x400;
+/// MAC of the net cases' device.
+const FUZZ_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+/// Longest host frame the net cases queue for the guest (MTU 1500).
+const FUZZ_HOST_FRAME_BYTES: usize = 1514;
 
 /// Builds guest memory with a ready queue whose available ring holds one
 /// chain, from `data`: byte 0 picks the descriptor count (1..=16), then 16
@@ -172,4 +182,61 @@ pub fn vsock_packet(data: &[u8]) -> FuzzOutcome {
         }
     });
     FuzzOutcome::Accepted
+}
+
+/// A second ready queue over `mem`'s descriptor table whose available ring offers the same
+/// chain (head 0) that [`queue_from_bytes`] put in the first.
+fn second_queue_over_the_same_chain(mem: &GuestMemoryMmap<()>) -> Option<Queue> {
+    mem.write_obj(0u16, GuestAddress(NET_RX_AVAIL_RING_ADDR)).ok()?;
+    mem.write_obj(1u16.to_le(), GuestAddress(NET_RX_AVAIL_RING_ADDR + 2)).ok()?;
+    mem.write_obj(0u16, GuestAddress(NET_RX_AVAIL_RING_ADDR + 4)).ok()?;
+    let mut queue = Queue::new(FUZZ_QUEUE_SIZE).ok()?;
+    queue.set_desc_table_address(Some(DESC_TABLE_ADDR as u32), Some(0));
+    queue.set_avail_ring_address(Some(NET_RX_AVAIL_RING_ADDR as u32), Some(0));
+    queue.set_used_ring_address(Some(NET_RX_USED_RING_ADDR as u32), Some(0));
+    queue.set_ready(true);
+    Some(queue)
+}
+
+/// Fuzz target: one guest virtio-net TX chain, read as a frame, then served by a real [`Net`]
+/// device over a loopback backend, where the same chain is also offered as an RX buffer for a
+/// host frame made of the input (so both directions' checks see it).
+pub fn net_frame(data: &[u8]) -> FuzzOutcome {
+    let Some((mem, mut queue)) = queue_from_bytes(data) else {
+        return FuzzOutcome::NoChain;
+    };
+    let Some(desc_chain) = queue.pop_descriptor_chain(&mem) else {
+        return FuzzOutcome::NoChain;
+    };
+    let parsed = Chain::collect(desc_chain).ok().is_some_and(|chain| read_tx_frame(&mem, &chain).is_ok());
+    // Serve the same chain through the whole device.
+    let Some((mem, tx_queue)) = queue_from_bytes(data) else {
+        return FuzzOutcome::NoChain;
+    };
+    if let (Some(rx_queue), Ok((backend, peer)), Ok(irq)) =
+        (second_queue_over_the_same_chain(&mem), loopback_pair(4), EventFd::new(EFD_NONBLOCK))
+    {
+        if let Ok(mut net) = Net::new(NetConfig { mac: FUZZ_MAC }, Box::new(backend)) {
+            let mut frame = data.to_vec();
+            frame.resize(frame.len().clamp(MIN_FRAME_BYTES, FUZZ_HOST_FRAME_BYTES), 0);
+            peer.send_to_guest(frame);
+            let ctx = ActivateContext {
+                mem,
+                queues: vec![rx_queue, tx_queue],
+                interrupt: Arc::new(Interrupt::new(irq)),
+                acked_features: net.avail_features(),
+            };
+            // Activation offers the frame to the RX buffer; the notify sends the TX chain.
+            if net.activate(ctx).is_ok() {
+                net.queue_notify(TX_QUEUE as u32);
+                net.process_events();
+            }
+            while peer.take_from_guest().is_some() {}
+        }
+    }
+    if parsed {
+        FuzzOutcome::Accepted
+    } else {
+        FuzzOutcome::Rejected
+    }
 }

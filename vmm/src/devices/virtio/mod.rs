@@ -1,5 +1,5 @@
 //! Virtio devices of the embedded VMM: the virtio-mmio transport (version 2,
-//! non-legacy) and the devices behind it (block, vsock, rng), plus the
+//! non-legacy) and the devices behind it (block, vsock, rng, net), plus the
 //! per-VM device event thread.
 //!
 //! This module owns the guest-facing device models. It never touches KVM file
@@ -27,17 +27,28 @@
 //! virtio-vsock is built with [`vsock::Vsock::new`]`(VsockConfig { guest_cid,
 //! uds_path })`; it binds `uds_path` at once, so host processes may connect
 //! (`CONNECT <port>\n`, answered `OK <local_port>\n`) even before the guest
-//! driver is up. It is the one device that needs the event loop.
+//! driver is up. It needs the event loop, as does virtio-net.
+//!
+//! virtio-net ([`net::Net`], not attached by vmmcore yet) is built with
+//! [`net::Net::new`]`(NetConfig { mac }, Box::new(backend))`: two queues (RX 0,
+//! TX 1), no offloads, a fixed MAC and link up. Whatever carries its Ethernet
+//! frames implements [`net::NetBackend`] (`transmit`, `receive`, `event_fd`,
+//! `process_events`); the device's event fd is the backend's, so the event loop
+//! delivers host→guest frames as they come, and guest notifications deliver those
+//! that waited for RX buffers. [`net::loopback`] is an in-memory backend for
+//! tests. The steps to wire it are in the [`net`] module's docs.
 //!
 //! # Snapshots
 //!
 //! Every device and the transport implement [`crate::persist::Persist`]: `save` gives plain
 //! serde facts ([`block::BlockState`], [`vsock::VsockState`], [`rng::RngState`],
-//! [`mmio::MmioState`] with the registers and queue positions), `restore` rebuilds the device
-//! from them and the live things handed in (a disk's path, the vsock socket path; guest
-//! memory, the device and its irqfd for the transport, which re-activates an activated device).
+//! [`net::NetState`], [`mmio::MmioState`] with the registers and queue positions), `restore`
+//! rebuilds the device from them and the live things handed in (a disk's path, the vsock
+//! socket path, a fresh net backend; guest memory, the device and its irqfd for the transport,
+//! which re-activates an activated device).
 //! Vsock connections do not survive: after restoring, call
-//! [`vsock::Vsock::send_transport_reset`] so the guest drops its sockets too.
+//! [`vsock::Vsock::send_transport_reset`] so the guest drops its sockets too. Nor do frames in
+//! flight through a net backend: the guest's TCP connections through it time out or reset.
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
@@ -66,6 +77,7 @@ pub mod device;
 pub mod event_loop;
 pub mod fuzzing;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 mod test_utils;

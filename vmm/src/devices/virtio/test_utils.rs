@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -58,6 +58,27 @@ impl<'a> Driver<'a> {
             .collect();
         self.mock.add_desc_chains(&raw, head).expect("add chain");
         self.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
+        head
+    }
+
+    /// Posts one descriptor pointing at an indirect table written at `table`, holding the
+    /// chain of `(address, length, device-writable)` descriptors; returns its head.
+    pub(crate) fn add_indirect_chain(&mut self, mem: &Mem, table: u64, descs: &[(u64, u32, bool)]) -> u16 {
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let next = if last { 0 } else { i as u16 + 1 };
+            let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            mem.write_obj(raw, GuestAddress(table + 16 * i as u64)).expect("write indirect table");
+        }
+        let head = self.next_desc;
+        let table_bytes = 16 * descs.len() as u32;
+        let raw = RawDescriptor::from(SplitDescriptor::new(table, table_bytes, VRING_DESC_F_INDIRECT as u16, 0));
+        self.mock.add_desc_chains(&[raw], head).expect("add indirect chain");
+        self.next_desc = (head + 1) % QUEUE_SIZE;
         head
     }
 
