@@ -4,9 +4,8 @@
 //! that in `allowlist` mode an address is reachable only while an allowed name's answer that
 //! holds it is valid.
 //!
-//! Every check passes two layers, the server's policy and the sandbox's, in that order for
-//! the absolute refusals and then sandbox first (its reasons are the ones a model can act
-//! on). Per layer:
+//! Every check passes two layers, the sandbox's policy and the server's, the sandbox's first
+//! (its reasons are the ones a model can act on). Per layer:
 //!
 //! - never, whatever the rules: unspecified, loopback, multicast and broadcast addresses, and
 //!   the host's own addresses (given to [`Egress::new`]), also inside IPv4-mapped, NAT64 and
@@ -127,7 +126,10 @@ impl Egress {
             Ok(name) => name,
             Err(why) => return Decision::Refuse(format!("{name:?} is not a DNS name: {why}")),
         };
-        for layer in self.layers().iter().rev() {
+        if let Some(why) = self.mode_refusal() {
+            return Decision::Refuse(why);
+        }
+        for layer in self.layers() {
             if let Some(refusal) = layer.resolve_refusal(&name) {
                 return Decision::Refuse(refusal);
             }
@@ -205,7 +207,7 @@ impl Egress {
             }
             _ => None,
         };
-        if let Some(why) = self.absolute_refusal(ip) {
+        if let Some(why) = self.mode_refusal().or_else(|| self.absolute_refusal(ip)) {
             return Decision::Refuse(why);
         }
         let names: Vec<&str> = resolved_name.iter().chain(first_host.iter()).map(String::as_str).collect();
@@ -221,6 +223,12 @@ impl Egress {
             }
         }
         Decision::Allow
+    }
+
+    /// `none` in either layer, the server's first (its reason says more).
+    fn mode_refusal(&self) -> Option<String> {
+        let [sandbox, server] = self.layers();
+        server.mode_refusal().or_else(|| sandbox.mode_refusal())
     }
 
     /// Refusals no rule overrides.
@@ -242,7 +250,7 @@ impl Egress {
     /// if `None` by any rule for every port), before names: absolute refusals, address deny
     /// rules, special ranges without an allow rule, `none`.
     fn address_refusal(&self, ip: IpAddr, port: Option<u16>) -> Option<String> {
-        if let Some(why) = self.absolute_refusal(ip) {
+        if let Some(why) = self.mode_refusal().or_else(|| self.absolute_refusal(ip)) {
             return Some(why);
         }
         for layer in self.layers() {

@@ -241,7 +241,7 @@ impl fmt::Display for Rule {
         match &self.target {
             Target::Name(name) => write!(f, "{name}")?,
             Target::Cidr(cidr) => {
-                let host = cidr.prefix() == 32 || cidr.prefix() == 128;
+                let host = *cidr == Cidr::host(cidr.addr());
                 let text = if host { cidr.addr().to_string() } else { cidr.to_string() };
                 if cidr.addr().is_ipv6() && self.ports != Ports::Any {
                     write!(f, "[{text}]")?
