@@ -9,6 +9,7 @@ pub mod engine;
 pub mod guest;
 pub mod image;
 pub mod mcp;
+pub mod network;
 pub mod ps;
 pub mod record;
 pub mod registry;

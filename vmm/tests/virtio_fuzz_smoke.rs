@@ -1,11 +1,13 @@
 //! The fuzz targets of `vmm/fuzz/` on stable: every entry point runs over a few
 //! thousand deterministic pseudo-random inputs (fixed seed), half of them
-//! shaped like plausible descriptor chains so they reach the parsers. A panic
-//! anywhere in the device code fails the test.
+//! shaped like plausible descriptor chains (or ClientHellos and HTTP heads) so
+//! they reach the parsers. A panic anywhere in the device or parser code fails
+//! the test.
 
 use capsule_vmm::devices::virtio::fuzzing::{blk_request, net_frame, vsock_packet, FuzzOutcome};
 use capsule_vmm::devices::virtio::net::frame::HEADER_BYTES;
 use capsule_vmm::devices::virtio::vsock::packet::{Header, Op, HOST_CID, TYPE_STREAM};
+use capsule_vmm::net::first_bytes::{fuzz_scan, FirstBytesOutcome};
 
 const CASES_PER_TARGET: usize = 3000;
 
@@ -171,4 +173,94 @@ fn net_frame_target_survives_pseudo_random_inputs() {
         tally.count(net_frame(&input));
     }
     tally.assert_reached_parsers("net_frame");
+}
+
+/// A plausible ClientHello (records of random size, random extensions, sometimes a
+/// server_name) or HTTP request head, then mutated: a few bytes flipped, cut short, or
+/// trailed by garbage.
+fn first_bytes_input(rng: &mut Prng) -> Vec<u8> {
+    let names: [&[u8]; 4] = [b"example.com", b"API.pkgs.example.", b"a..b", b"x"];
+    let name = names[rng.below(4) as usize];
+    let mut out = if rng.below(2) == 0 {
+        let mut ext = Vec::new();
+        for _ in 0..rng.below(4) {
+            let n = rng.below(40) as usize;
+            ext.extend_from_slice(&(rng.below(60) as u16 + 1).to_be_bytes());
+            ext.extend_from_slice(&(n as u16).to_be_bytes());
+            ext.extend_from_slice(&rng.bytes(n));
+        }
+        if rng.below(4) != 0 {
+            let len = name.len() as u16;
+            ext.extend_from_slice(&[0, 0]);
+            ext.extend_from_slice(&(len + 5).to_be_bytes());
+            ext.extend_from_slice(&(len + 3).to_be_bytes());
+            ext.push(0);
+            ext.extend_from_slice(&len.to_be_bytes());
+            ext.extend_from_slice(name);
+        }
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&rng.bytes(32));
+        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+        body.extend_from_slice(&ext);
+        let mut message = vec![1, 0];
+        message.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        message.extend_from_slice(&body);
+        let record_len = rng.below(200) as usize + 1;
+        let mut out = Vec::new();
+        for chunk in message.chunks(record_len) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    } else {
+        let mut head = b"GET /index.html HTTP/1.1\r\nAccept: */*\r\n".to_vec();
+        if rng.below(4) != 0 {
+            head.extend_from_slice(b"Host: ");
+            head.extend_from_slice(name);
+            head.extend_from_slice(if rng.below(2) == 0 { b":8080\r\n" } else { b"\r\n" });
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    };
+    match rng.below(4) {
+        0 => {
+            for _ in 0..rng.below(3) + 1 {
+                let at = rng.below(out.len() as u64) as usize;
+                out[at] = rng.next() as u8;
+            }
+        }
+        1 => out.truncate(rng.below(out.len() as u64) as usize),
+        2 => {
+            let n = rng.below(64) as usize;
+            out.extend_from_slice(&rng.bytes(n));
+        }
+        _ => {}
+    }
+    out
+}
+
+#[test]
+fn first_bytes_target_survives_pseudo_random_inputs() {
+    let mut rng = Prng(0x5eed_0003);
+    let (mut tls, mut http, mut unrecognized, mut need_more) = (0, 0, 0, 0);
+    for case in 0..CASES_PER_TARGET {
+        let input = if case % 4 == 0 {
+            let n = rng.below(512) as usize;
+            rng.bytes(n)
+        } else {
+            first_bytes_input(&mut rng)
+        };
+        match fuzz_scan(&input) {
+            FirstBytesOutcome::TlsServerName => tls += 1,
+            FirstBytesOutcome::HttpHost => http += 1,
+            FirstBytesOutcome::Unrecognized => unrecognized += 1,
+            FirstBytesOutcome::NeedMore => need_more += 1,
+        }
+    }
+    eprintln!("first_bytes: {tls} TLS, {http} HTTP, {unrecognized} unrecognized, {need_more} undecided");
+    for (what, count) in [("TLS", tls), ("HTTP", http), ("unrecognized", unrecognized), ("undecided", need_more)] {
+        assert!(count >= 20, "first_bytes: only {count} inputs {what}");
+    }
 }

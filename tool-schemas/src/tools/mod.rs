@@ -9,11 +9,13 @@
 
 mod code;
 mod files;
+mod network;
 mod processes;
 mod sandboxes;
 
 pub use code::*;
 pub use files::*;
+pub use network::*;
 pub use processes::*;
 pub use sandboxes::*;
 

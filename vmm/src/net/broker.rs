@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn names_from_the_guest_are_checked() {
         let resolve = |name: &str| WorkerToBroker::Resolve { id: 1, name: name.into(), family: Family::V4 };
-        assert!(validate(&resolve("pypi.example.test")).is_ok());
+        assert!(validate(&resolve("pkgs.example.test")).is_ok());
         for bad in ["", "a b", "evil\n.com", &"a".repeat(300)] {
             assert!(validate(&resolve(bad)).is_err(), "{bad:?}");
         }

@@ -1,0 +1,5 @@
+//! Tests of the network policy: rules and ranges, narrowing, and the egress decisions.
+
+mod egress;
+mod narrow;
+mod rules;
