@@ -8,6 +8,8 @@ import time
 
 import anyio
 
+import json
+
 from conftest import skip_without_kvm
 from scenarios import ok
 from test_stdio import session_run
@@ -21,10 +23,30 @@ def all_text(result):
     return "\n".join(c.text for c in result.content if getattr(c, "text", None))
 
 
+async def with_neighbour(session):
+    """A second sandbox with a Python variable and a file, to check that nothing done in the
+    first reaches it."""
+    made = await ok(session, "create_sandbox", {})
+    sid = made["sandbox"]["sandbox_id"]
+    await ok(session, "run_code", {"sandbox_id": sid, "code": "neighbour = 41 + 1"})
+    await ok(session, "write_file", {"sandbox_id": sid, "path": "/root/n.txt", "content": "n"})
+    return sid
+
+
+async def neighbour_still_fine(session, sid):
+    started = time.monotonic()
+    value = await ok(session, "run_code", {"sandbox_id": sid, "code": "neighbour"})
+    assert "42" in json.dumps(value), value
+    got = await ok(session, "read_file", {"sandbox_id": sid, "path": "/root/n.txt"})
+    assert got["content"] == "n"
+    assert time.monotonic() - started < 10, "the neighbour answers at once"
+
+
 def test_a_fork_bomb_is_stopped_named_and_the_sandbox_keeps_answering(state_dir):
     skip_without_kvm()
 
     async def body(session):
+        neighbour = await with_neighbour(session)
         made = await ok(session, "create_sandbox", {"pids_max": 128})
         sid = made["sandbox"]["sandbox_id"]
         started = time.monotonic()
@@ -40,6 +62,8 @@ def test_a_fork_bomb_is_stopped_named_and_the_sandbox_keeps_answering(state_dir)
         after = await ok(session, "run_command", {"sandbox_id": sid, "command": "echo alive; ls /proc | grep -c '^[0-9]'"})
         assert after["stdout"].startswith("alive\n"), after
         assert int(after["stdout"].split()[1]) < 128, f"the bomb's processes are gone: {after['stdout']}"
+        print(f"fork bomb: stopped after {took:.2f} s; `echo` answered {time.monotonic() - started:.2f} s after it began")
+        await neighbour_still_fine(session, neighbour)
 
     anyio.run(lambda: session_run(state_dir, body, engine="kvm"))
 
@@ -48,8 +72,10 @@ def test_a_memory_hog_is_killed_and_the_agent_lives(state_dir):
     skip_without_kvm()
 
     async def body(session):
+        neighbour = await with_neighbour(session)
         made = await ok(session, "create_sandbox", {"memory_mib": 256})
         sid = made["sandbox"]["sandbox_id"]
+        await ok(session, "run_code", {"sandbox_id": sid, "code": "kept = 'still here'"})
         hog = await session.call_tool(
             "run_command",
             {
@@ -65,6 +91,9 @@ def test_a_memory_hog_is_killed_and_the_agent_lives(state_dir):
         assert "memory" in all_text(hog), all_text(hog)
         after = await ok(session, "run_command", {"sandbox_id": sid, "command": "echo alive"})
         assert after["stdout"] == "alive\n"
+        value = await ok(session, "run_code", {"sandbox_id": sid, "code": "kept"})
+        assert "still here" in json.dumps(value), value
+        await neighbour_still_fine(session, neighbour)
 
     anyio.run(lambda: session_run(state_dir, body, engine="kvm"))
 
@@ -120,3 +149,91 @@ def test_write_process_answers_a_prompt_of_a_background_program(state_dir, engin
         assert "hello world" in out["stdout"], out
 
     anyio.run(lambda: session_run(state_dir, body, engine=engine))
+
+
+def test_escaping_background_children_die_with_kill_process(state_dir):
+    skip_without_kvm()
+
+    async def body(session):
+        made = await ok(session, "create_sandbox", {})
+        sid = made["sandbox"]["sandbox_id"]
+        loop = await ok(
+            session,
+            "run_command",
+            {"sandbox_id": sid, "command": "while true; do setsid sleep 300 & sleep 0.2; done", "background": True},
+        )
+        await anyio.sleep(2)
+        many = await ok(session, "run_command", {"sandbox_id": sid, "command": "pgrep -c -x sleep"})
+        assert int(many["stdout"]) >= 5, many
+        await ok(session, "kill_process", {"sandbox_id": sid, "pid": loop["pid"]})
+        await anyio.sleep(0.5)
+        left = await session.call_tool("run_command", {"sandbox_id": sid, "command": "pgrep -a -x sleep; true"})
+        assert structured(left)["stdout"] == "", f"escaped children survived: {structured(left)['stdout']}"
+
+    anyio.run(lambda: session_run(state_dir, body, engine="kvm"))
+
+
+def test_a_fork_bomb_in_a_cell_kills_that_context_only(state_dir):
+    skip_without_kvm()
+
+    async def body(session):
+        made = await ok(session, "create_sandbox", {"pids_max": 128})
+        sid = made["sandbox"]["sandbox_id"]
+        await ok(session, "run_code", {"sandbox_id": sid, "code": "x = 'other context'", "context": "other"})
+        await ok(session, "run_code", {"sandbox_id": sid, "code": "y = 1", "context": "bomb"})
+        bomb = await session.call_tool(
+            "run_code",
+            {"sandbox_id": sid, "context": "bomb", "timeout_s": 120,
+             "code": "import os\nwhile True:\n    os.fork()"},
+        )
+        assert bomb.is_error, all_text(bomb)
+        assert "pids limit" in all_text(bomb), all_text(bomb)
+        other = await ok(session, "run_code", {"sandbox_id": sid, "code": "x", "context": "other"})
+        assert "other context" in json.dumps(other), other
+        fresh = await session.call_tool("run_code", {"sandbox_id": sid, "code": "y", "context": "bomb"})
+        assert "NameError" in all_text(fresh), f"the bombed context restarted fresh: {all_text(fresh)}"
+        again = await ok(session, "run_code", {"sandbox_id": sid, "code": "2 + 2", "context": "bomb"})
+        assert "4" in json.dumps(again)
+
+    anyio.run(lambda: session_run(state_dir, body, engine="kvm"))
+
+
+def test_a_full_disk_gives_clear_errors_and_recovers_after_rm(state_dir):
+    skip_without_kvm()
+
+    async def body(session):
+        made = await ok(session, "create_sandbox", {"disk_mib": 256})
+        sid = made["sandbox"]["sandbox_id"]
+        fill = await session.call_tool(
+            "run_command", {"sandbox_id": sid, "command": "dd if=/dev/zero of=/root/fill bs=1M", "timeout_s": 300}
+        )
+        assert structured(fill)["exit_code"] != 0
+        assert "No space left on device" in structured(fill)["stderr"], structured(fill)
+        full = await session.call_tool("write_file", {"sandbox_id": sid, "path": "/root/more.bin", "content": "x" * (1 << 20)})
+        assert full.is_error and "space" in all_text(full).lower(), all_text(full)
+        await ok(session, "run_command", {"sandbox_id": sid, "command": "rm /root/fill"})
+        await ok(session, "write_file", {"sandbox_id": sid, "path": "/root/more.txt", "content": "fits"})
+        got = await ok(session, "read_file", {"sandbox_id": sid, "path": "/root/more.txt"})
+        assert got["content"] == "fits"
+
+    anyio.run(lambda: session_run(state_dir, body, engine="kvm"))
+
+
+def test_an_output_flood_on_both_streams_is_capped_with_the_full_streams_in_files(state_dir):
+    skip_without_kvm()
+
+    async def body(session):
+        flood = await ok(
+            session,
+            "run_command",
+            {"command": "yes out | head -c 50000000 & yes err | head -c 50000000 >&2; wait", "timeout_s": 300},
+        )
+        assert flood["exit_code"] == 0, flood
+        assert len(flood["stdout"]) < 1_000_000 and len(flood["stderr"]) < 1_000_000
+        streams = {t["stream"]: t for t in flood["truncated"]}
+        assert set(streams) == {"stdout", "stderr"}, flood["truncated"]
+        for name, cut in streams.items():
+            size = await ok(session, "run_command", {"command": f"wc -c < {cut['full_output_path']}"})
+            assert int(size["stdout"]) == 50_000_000, (name, size)
+
+    anyio.run(lambda: session_run(state_dir, body, engine="kvm"))

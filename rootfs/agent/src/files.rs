@@ -179,7 +179,10 @@ impl Files {
         if let WritePosition::At(offset) = req.position {
             file.seek(SeekFrom::Start(offset)).map_err(|e| agent_error(&describe("seek", &path), &e))?;
         }
-        file.write_all(&req.data).map_err(|e| agent_error(&describe("write", &path), &e))
+        file.write_all(&req.data).map_err(|e| agent_error(&describe("write", &path), &e))?;
+        // On the disk before the answer: what write_file reported written survives a lost VM
+        // and restart_sandbox.
+        file.sync_data().map_err(|e| agent_error(&describe("sync", &path), &e))
     }
 
     /// Reads up to `length` bytes (capped at [`MAX_FILE_CHUNK_BYTES`]) from

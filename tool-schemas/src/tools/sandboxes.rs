@@ -117,8 +117,9 @@ pub struct ListSandboxesResult {
 }
 
 /// Restart a sandbox that stopped answering (`unresponsive`) or `failed`: its VM is booted
-/// again on its own disk, so its files are kept, but its processes and interpreter state are
-/// lost. Works on a running or paused sandbox too (a clean slate with the same files).
+/// again on its own disk, so its files are kept (except under `/tmp`, which is in memory), but
+/// its processes and interpreter state are lost. Works on a running or paused sandbox too (a
+/// clean slate with the same files).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestartSandboxParams {
