@@ -311,7 +311,7 @@ mod tests {
         response[2] |= 0x80;
         assert_eq!(parse_query(&response), Err(DnsError::NotAQuery));
         assert_eq!(fuzz_dns_query(&response), DnsQueryOutcome::Dropped);
-        let long = build_query(1, &["a".repeat(63); 5].join("."), TYPE_A);
+        let long = build_query(1, &vec!["a".repeat(63); 5].join("."), TYPE_A);
         assert!(matches!(parse_query(&long), Err(DnsError::Malformed(_))));
         assert_eq!(parse_query(&build_query(1, "a b.example", TYPE_A)), Err(DnsError::Name));
     }
