@@ -26,6 +26,12 @@ pub struct FrameDevice {
     to_guest: BoundedFrameQueue,
 }
 
+impl Default for FrameDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FrameDevice {
     /// Empty queues.
     pub fn new() -> Self {

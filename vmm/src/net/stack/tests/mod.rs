@@ -182,7 +182,7 @@ fn connections_past_the_limit_are_refused_without_harm() {
 }
 
 #[test]
-fn other_udp_and_pings_elsewhere_are_refused_and_reported() {
+fn other_udp_is_refused_and_reported() {
     let (mut net, table) = net_with_test_upstream();
     let h = net.udp(123);
     net.udp_socket(h).send_slice(b"time?", (test_net(1, 123).ip().to_owned(), 123)).unwrap();
@@ -284,4 +284,66 @@ fn a_mebibyte_crosses_both_ways() {
     let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let got = exchange(&mut net, h, &data, data.len());
     assert!(got == data, "the echoed bytes differ");
+}
+
+/// An ICMP echo request from the guest to `dst`, as an Ethernet frame to the gateway.
+fn echo_request(dst: std::net::Ipv4Addr) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol,
+        Ipv4Packet, Ipv4Repr,
+    };
+    let icmp = Icmpv4Repr::EchoRequest { ident: 1, seq_no: 1, data: b"ping" };
+    let ip = Ipv4Repr {
+        src_addr: super::GUEST_IP,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress([0x02, 0, 0, 0, 0, 0x15]),
+        dst_addr: EthernetAddress(super::GATEWAY_MAC),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + icmp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut ethernet = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut ethernet);
+    let mut packet = Ipv4Packet::new_unchecked(ethernet.payload_mut());
+    ip.emit(&mut packet, &caps);
+    icmp.emit(&mut Icmpv4Packet::new_unchecked(packet.payload_mut()), &caps);
+    frame
+}
+
+#[test]
+fn pings_are_answered_by_the_gateway_and_refused_elsewhere() {
+    let (mut net, table) = net_with_test_upstream();
+    // A DNS exchange first: the stack learns the guest's MAC from its ARP request.
+    assert!(ask_dns(&mut net, &build_query(1, "unknown.example", TYPE_A)).is_some());
+    net.stack.transmit(&echo_request(GATEWAY_IP)).unwrap();
+    let reply = net.stack.receive().expect("the gateway answers");
+    let eth = smoltcp::wire::EthernetFrame::new_checked(&reply[..]).unwrap();
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.next_header()), (GATEWAY_IP, smoltcp::wire::IpProtocol::Icmp));
+    assert_eq!(ip.payload()[0], 0, "an echo reply");
+
+    let elsewhere = *test_net(1, 0).ip();
+    net.stack.transmit(&echo_request(elsewhere)).unwrap();
+    assert!(net.stack.receive().is_none(), "nobody answers for the world");
+    let refusals = net.stack.take_refusals();
+    assert_eq!(refusals, vec!["refused ICMP echo to 203.0.113.1 (only the gateway 10.0.2.2 answers pings)"]);
+    assert_eq!(table.lock().blocked, refusals);
+}
+
+#[test]
+fn a_silent_guest_on_port_443_is_asked_for_as_unrecognized_after_the_timeout() {
+    let (mut net, table) = net_with_test_upstream();
+    table.lock().hold = true;
+    let h = net.connect(test_net(43, 443), 4096);
+    assert!(net.run_until(SHORT, |net| net.tcp(h).state() == State::Established));
+    let started = Instant::now();
+    assert!(net.run_until(SHORT, |_| !table.lock().requests.is_empty()));
+    assert!(started.elapsed() >= super::tcp::FIRST_BYTES_TIMEOUT - Duration::from_millis(100));
+    assert_eq!(table.lock().requests[0].first_bytes, Some(FirstBytes::Unrecognized));
 }
