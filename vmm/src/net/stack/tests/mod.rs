@@ -347,3 +347,53 @@ fn a_silent_guest_on_port_443_is_asked_for_as_unrecognized_after_the_timeout() {
     assert!(started.elapsed() >= super::tcp::FIRST_BYTES_TIMEOUT - Duration::from_millis(100));
     assert_eq!(table.lock().requests[0].first_bytes, Some(FirstBytes::Unrecognized));
 }
+
+/// A `SOCK_SEQPACKET` socket bound and listening at `path` (what the worker makes), or
+/// connected to it (what the daemon does).
+fn seqpacket_at(path: &std::path::Path, listen: bool) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in below, within bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len());
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket(2) makes a new descriptor, owned right after.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    // SAFETY: socket just returned it and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let ptr = (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>();
+    use std::os::fd::AsRawFd;
+    // SAFETY: bind/listen/connect read `addr`, which lives across the calls.
+    let ok = unsafe {
+        if listen {
+            libc::bind(fd.as_raw_fd(), ptr, len) == 0 && libc::listen(fd.as_raw_fd(), 4) == 0
+        } else {
+            libc::connect(fd.as_raw_fd(), ptr, len) == 0
+        }
+    };
+    assert!(ok, "{}", std::io::Error::last_os_error());
+    fd
+}
+
+#[test]
+fn a_listening_broker_upstream_refuses_until_the_daemon_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("net.sock");
+    let upstream = BrokerUpstream::listening(seqpacket_at(&path, true)).unwrap();
+    let mut net = Net::new(NetStack::new(Box::new(upstream)).unwrap());
+    let before = net.connect(test_net(5, 22), 4096);
+    assert!(net.run_until(SHORT, |net| net.tcp(before).state() == State::Closed));
+    assert!(net.stack.take_refusals()[0].contains("no network broker is connected"));
+
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    fake_daemon(seqpacket_at(&path, false), seen_tx);
+    let after = net.connect(test_net(9, 22), 4096);
+    assert_eq!(exchange(&mut net, after, b"hi", 2), b"hi");
+    assert!(matches!(seen.recv().unwrap(), WorkerToBroker::Connect { .. }));
+}
