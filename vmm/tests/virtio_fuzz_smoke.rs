@@ -8,6 +8,8 @@ use capsule_vmm::devices::virtio::fuzzing::{blk_request, net_frame, vsock_packet
 use capsule_vmm::devices::virtio::net::frame::HEADER_BYTES;
 use capsule_vmm::devices::virtio::vsock::packet::{Header, Op, HOST_CID, TYPE_STREAM};
 use capsule_vmm::net::first_bytes::{fuzz_scan, FirstBytesOutcome};
+use capsule_vmm::net::stack::dns::{build_query, fuzz_dns_query, DnsQueryOutcome, TYPE_A, TYPE_AAAA};
+use capsule_vmm::net::stack::{fuzz_guest_frames, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
 
 const CASES_PER_TARGET: usize = 3000;
 
@@ -263,4 +265,164 @@ fn first_bytes_target_survives_pseudo_random_inputs() {
     for (what, count) in [("TLS", tls), ("HTTP", http), ("unrecognized", unrecognized), ("undecided", need_more)] {
         assert!(count >= 20, "first_bytes: only {count} inputs {what}");
     }
+}
+
+/// A DNS query, mostly well formed, sometimes cut, flipped or with wild header fields.
+fn dns_query_input(rng: &mut Prng) -> Vec<u8> {
+    let labels = rng.below(4) + 1;
+    let name: Vec<String> = (0..labels)
+        .map(|_| {
+            let n = rng.below(70) as usize + 1;
+            (0..n).map(|_| b"abcxyz019-_.A"[rng.below(13) as usize] as char).collect()
+        })
+        .collect();
+    let qtype = [TYPE_A, TYPE_AAAA, 65, 255][rng.below(4) as usize];
+    let mut query = build_query(rng.next() as u16, &name.join("."), qtype);
+    match rng.below(6) {
+        0 => query.truncate(rng.below(query.len() as u64 + 1) as usize),
+        1 => {
+            let at = rng.below(query.len() as u64) as usize;
+            query[at] = rng.next() as u8;
+        }
+        2 => query[2..12].copy_from_slice(&rng.bytes(10)),
+        3 => {
+            let n = rng.below(64) as usize;
+            query.extend(rng.bytes(n));
+        }
+        _ => {}
+    }
+    query
+}
+
+#[test]
+fn dns_query_target_survives_pseudo_random_inputs() {
+    let mut rng = Prng(0x5eed_0004);
+    let (mut answered, mut errors, mut dropped) = (0, 0, 0);
+    for case in 0..CASES_PER_TARGET {
+        let input = if case % 4 == 0 {
+            let n = rng.below(128) as usize;
+            rng.bytes(n)
+        } else {
+            dns_query_input(&mut rng)
+        };
+        match fuzz_dns_query(&input) {
+            DnsQueryOutcome::Answered => answered += 1,
+            DnsQueryOutcome::ErrorReply => errors += 1,
+            DnsQueryOutcome::Dropped => dropped += 1,
+        }
+    }
+    eprintln!("dns_query: {answered} answered, {errors} error replies, {dropped} dropped");
+    for (what, count) in [("answered", answered), ("error replies", errors), ("dropped", dropped)] {
+        assert!(count >= 20, "dns_query: only {count} inputs {what}");
+    }
+}
+
+/// The Internet checksum of `parts` (RFC 1071).
+fn inet_checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        for pair in part.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A guest frame to the stack: an ARP request for the gateway, or an IPv4 TCP/UDP/ICMP packet
+/// with valid checksums (so smoltcp reads it), sometimes with a byte flipped.
+fn guest_frame(rng: &mut Prng) -> Vec<u8> {
+    let guest_mac = [0x02, 0, 0, 0, 0, 0x15];
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&GATEWAY_MAC);
+    frame.extend_from_slice(&guest_mac);
+    if rng.below(5) == 0 {
+        frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        frame.extend_from_slice(&guest_mac);
+        frame.extend_from_slice(&GUEST_IP.octets());
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&GATEWAY_IP.octets());
+        return frame;
+    }
+    frame.extend_from_slice(&[0x08, 0x00]);
+    let dst: [u8; 4] = if rng.below(3) == 0 { GATEWAY_IP.octets() } else { [203, 0, 113, rng.below(4) as u8 + 1] };
+    let (protocol, mut payload) = match rng.below(3) {
+        0 => {
+            // TCP: SYN mostly, any flags sometimes.
+            let mut tcp = vec![0u8; 20];
+            tcp[0..2].copy_from_slice(&(40000 + rng.below(8) as u16).to_be_bytes());
+            tcp[2..4].copy_from_slice(&[80u16, 443, 22, 5432][rng.below(4) as usize].to_be_bytes());
+            tcp[4..8].copy_from_slice(&rng.bytes(4));
+            tcp[12] = 0x50;
+            tcp[13] = if rng.below(3) == 0 { rng.next() as u8 } else { 0x02 };
+            tcp[14..16].copy_from_slice(&8192u16.to_be_bytes());
+            let n = rng.below(64) as usize;
+            tcp.extend(rng.bytes(n));
+            (6u8, tcp)
+        }
+        1 => {
+            let body = if rng.below(2) == 0 { build_query(1, "a.example", TYPE_A) } else { rng.bytes(32) };
+            let mut udp = vec![0u8; 8];
+            udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+            udp[2..4].copy_from_slice(&[53u16, 123][rng.below(2) as usize].to_be_bytes());
+            udp[4..6].copy_from_slice(&((8 + body.len()) as u16).to_be_bytes());
+            udp.extend(body);
+            (17u8, udp)
+        }
+        _ => {
+            let mut icmp = vec![8u8, 0, 0, 0, 0, 1, 0, 1];
+            icmp.extend(rng.bytes(16));
+            let sum = inet_checksum(&[&icmp]);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            (1u8, icmp)
+        }
+    };
+    if protocol != 1 {
+        let sum_at = if protocol == 6 { 16 } else { 6 };
+        let len = (payload.len() as u16).to_be_bytes();
+        let pseudo = [GUEST_IP.octets().as_slice(), &dst, &[0, protocol], &len].concat();
+        let sum = inet_checksum(&[&pseudo, &payload]);
+        payload[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, protocol, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&GUEST_IP.octets());
+    ip.extend_from_slice(&dst);
+    let sum = inet_checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame.extend(ip);
+    frame.extend(payload);
+    if rng.below(6) == 0 {
+        let at = rng.below(frame.len() as u64) as usize;
+        frame[at] = rng.next() as u8;
+    }
+    frame
+}
+
+#[test]
+fn stack_frames_target_survives_pseudo_random_inputs() {
+    let mut rng = Prng(0x5eed_0005);
+    let (mut answered, mut silent) = (0, 0);
+    for case in 0..300 {
+        let mut input = Vec::new();
+        for _ in 0..rng.below(8) + 1 {
+            let frame = if case % 4 == 0 {
+                let n = rng.below(200) as usize;
+                rng.bytes(n)
+            } else {
+                guest_frame(&mut rng)
+            };
+            input.extend_from_slice(&(frame.len() as u16).to_be_bytes());
+            input.extend(frame);
+        }
+        if fuzz_guest_frames(&input) > 0 {
+            answered += 1;
+        } else {
+            silent += 1;
+        }
+    }
+    eprintln!("stack_frames: {answered} inputs got frames back, {silent} none");
+    assert!(answered >= 20 && silent >= 20, "stack_frames: {answered} answered, {silent} silent");
 }

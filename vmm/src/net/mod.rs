@@ -2,8 +2,9 @@
 //! guest may reach ([`broker`]), and the reading of what the guest sends first on a web
 //! connection ([`first_bytes`]: the TLS server name, the HTTP `Host`). The guest's interface is
 //! the virtio-net device ([`crate::devices::virtio::net`]); the user-space stack that ends the
-//! guest's connections in the worker comes next, as that device's
-//! [`NetBackend`](crate::devices::virtio::net::NetBackend).
+//! guest's connections in the worker is that device's
+//! [`NetBackend`](crate::devices::virtio::net::NetBackend) ([`stack`]).
 
 pub mod broker;
 pub mod first_bytes;
+pub mod stack;
