@@ -48,8 +48,10 @@ fn a_public_ceiling_takes_public_and_allowlist_requests() {
     assert_eq!(public.mode(), Public);
     assert_eq!(public.server.deny.len(), 1, "the server's deny rules stay");
     assert_eq!(public.sandbox.deny.len(), 1, "and the request's apply too");
-    let allowlist =
-        narrow(&c, &request(Allowlist, &["git.example.com", "*.pkgs.example.org:443", "8.8.8.0/24", "10.1.0.0/16:5432"], &[]));
+    let allowlist = narrow(
+        &c,
+        &request(Allowlist, &["git.example.com", "*.pkgs.example.org:443", "8.8.8.0/24", "10.1.0.0/16:5432"], &[]),
+    );
     assert_eq!(allowlist.unwrap().mode(), Allowlist);
 }
 
@@ -126,7 +128,9 @@ fn requests_that_do_not_read_are_refused_with_the_rule() {
         message(narrow(&c, &request(NoNet, &["a.com"], &[]))),
         "network: mode none takes no allow rules (got a.com)"
     );
-    assert!(message(narrow(&c, &request(Public, &["pkgs.example.org"], &[]))).contains("and pkgs.example.org is a name"));
+    assert!(
+        message(narrow(&c, &request(Public, &["pkgs.example.org"], &[]))).contains("and pkgs.example.org is a name")
+    );
     let many: Vec<String> = (0..300).map(|i| format!("h{i}.example")).collect();
     let huge = NetworkRequest { mode: Allowlist, allow: many, deny: Vec::new() };
     assert_eq!(message(narrow(&c, &huge)), "network: at most 256 allow rules");
@@ -144,7 +148,10 @@ fn the_ceiling_reads_from_a_toml_network_table() {
     .unwrap();
     let policy = NetworkPolicy::from_config(&file.network).unwrap();
     assert_eq!(policy.mode, Allowlist);
-    assert_eq!(policy.describe(), "only allowlist mode with: *.pkgs.example.org, 10.1.0.0/16:5432, except bad.pkgs.example.org");
+    assert_eq!(
+        policy.describe(),
+        "only allowlist mode with: *.pkgs.example.org, 10.1.0.0/16:5432, except bad.pkgs.example.org"
+    );
     assert_eq!(NetworkPolicy::from_config(&NetworkConfig::default()).unwrap(), NetworkPolicy::default());
     assert!(toml::from_str::<File>("[network]\nmode = \"open\"\n").is_err());
     assert!(toml::from_str::<File>("[network]\nallowed = []\n").is_err(), "unknown keys are errors");
