@@ -62,7 +62,7 @@ pub struct SettingsArgs {
     /// State directory (registry, sandboxes, the daemon's socket). Default: $XDG_STATE_HOME/capsule or ~/.local/state/capsule.
     #[arg(long, env = "CAPSULE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// TOML config file (limits, timers, engine, state_dir).
+    /// TOML config file (limits, timers, network, engine, state_dir).
     #[arg(long, env = "CAPSULE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Most sandboxes alive at once.
