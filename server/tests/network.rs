@@ -109,3 +109,26 @@ async fn a_restarted_server_finds_each_sandbox_network_again() {
     manager.kill_all().await;
     let _ = client.cancel().await;
 }
+
+#[tokio::test]
+async fn refusals_of_an_attached_worker_channel_reach_the_next_command_result() {
+    use capsule_vmm::net::broker::{self, BrokerToWorker, WorkerToBroker};
+    let f = Fixture::default().await;
+    let id = id_of(&ok("run", &f.call("run_command", json!({"command": "true"})).await));
+    let (daemon, worker) = broker::seqpacket_pair().unwrap();
+    f.manager.attach_network(&id, daemon).expect("attached");
+    let connect =
+        WorkerToBroker::Connect { id: 1, dst: "10.1.2.3:5432".parse().unwrap(), name: None, first_bytes: None };
+    let answer = tokio::task::spawn_blocking(move || {
+        broker::send(&worker, &connect, None).unwrap();
+        broker::receive::<BrokerToWorker>(&worker).unwrap().0
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer).await.expect("answered").unwrap();
+    assert!(matches!(&answer, BrokerToWorker::Refused { id: 1, reason } if reason.contains("private")), "{answer:?}");
+    let r = f.call("run_command", json!({"command": "echo hi"})).await;
+    let t = text(&r);
+    assert!(t.contains("[network refused]\nrefused TCP to 10.1.2.3:5432 ("), "{t}");
+    let again = text(&f.call("run_command", json!({"command": "echo hi"})).await);
+    assert!(!again.contains("network refused"), "told once: {again}");
+    f.cleanup().await;
+}

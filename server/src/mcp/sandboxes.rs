@@ -51,6 +51,13 @@ pub fn sandbox_info(record: &SandboxRecord, ceiling: &NetworkPolicy) -> SandboxI
 }
 
 impl CapsuleMcp {
+    /// Appends what the network policy refused sandbox `id` since the last result, so the model
+    /// learns why a connection failed.
+    pub(super) fn push_network_refusals(&self, text: &mut String, id: &str) {
+        let refusals = self.manager.take_network_refusals(id);
+        push_section(text, Some("[network refused]"), &refusals.join("\n"));
+    }
+
     /// [`sandbox_info`] under this server's policy.
     fn info(&self, record: &SandboxRecord) -> SandboxInfo {
         sandbox_info(record, &self.manager.config().network)
