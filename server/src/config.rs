@@ -147,6 +147,8 @@ pub struct FileConfig {
     /// `[timers]` table.
     #[serde(default)]
     pub timers: FileTimers,
+    /// `[network]` table: the server's network policy, the ceiling of every sandbox's.
+    pub network: Option<crate::network::NetworkConfig>,
 }
 
 /// `[limits]` of the config file.
@@ -237,6 +239,11 @@ mod tests {
         let c = FileConfig::load(&path).unwrap();
         assert_eq!(c.limits.max_sandboxes, Some(3));
         assert_eq!(c.timers.idle_pause_after.as_deref(), Some("1s"));
+        std::fs::write(&path, "[network]\nmode = \"allowlist\"\nallow = [\"*.example.net:443\"]\n").unwrap();
+        let network = FileConfig::load(&path).unwrap().network.expect("a [network] table");
+        assert_eq!(network.allow, ["*.example.net:443"]);
+        std::fs::write(&path, "[network]\nmodes = \"none\"\n").unwrap();
+        assert!(matches!(FileConfig::load(&path), Err(ConfigError::Parse { .. })));
         std::fs::write(&path, "[limits]\nmax_sandbox = 3\n").unwrap();
         assert!(matches!(FileConfig::load(&path), Err(ConfigError::Parse { .. })));
     }

@@ -14,6 +14,11 @@ pub struct SandboxSettings {
     /// Most processes one command or code context may run at once (`None`: the guest's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u32>,
+    /// The network it asked for at creation, narrowed to fit the server's policy then (`None`:
+    /// it asked for nothing, so it has the server's policy, also in records from before
+    /// networks). See [`crate::network::EffectivePolicy::for_sandbox`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<capsule_tool_schemas::NetworkRequest>,
 }
 
 /// Everything the registry keeps about one sandbox.
@@ -84,5 +89,18 @@ mod tests {
             assert_eq!(SandboxState::parse(state.as_str()), Some(state));
         }
         assert_eq!(SandboxState::parse("Running"), None);
+    }
+
+    #[test]
+    fn settings_keep_the_network_and_old_records_have_none() {
+        use capsule_tool_schemas::{NetworkMode, NetworkRequest};
+        let old: SandboxSettings = serde_json::from_str(r#"{"pids_max": 64}"#).unwrap();
+        assert_eq!(old, SandboxSettings { pids_max: Some(64), network: None });
+        assert_eq!(serde_json::to_string(&SandboxSettings::default()).unwrap(), "{}");
+        let network =
+            NetworkRequest { mode: NetworkMode::Allowlist, allow: vec!["*.example.com".into()], deny: vec![] };
+        let settings = SandboxSettings { pids_max: None, network: Some(network) };
+        let text = serde_json::to_string(&settings).unwrap();
+        assert_eq!(serde_json::from_str::<SandboxSettings>(&text).unwrap(), settings);
     }
 }

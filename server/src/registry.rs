@@ -327,7 +327,7 @@ mod tests {
             disk_mib: 1024,
             idle_timeout_ms: 1000,
             env: BTreeMap::from([("A".to_string(), "1".to_string())]),
-            settings: SandboxSettings { pids_max: Some(64) },
+            settings: SandboxSettings { pids_max: Some(64), network: None },
             is_default: true,
             parent_id: None,
             created_ms: 1,

@@ -1,5 +1,5 @@
 //! The daemon's settings as `capsule serve` and `capsule daemon` take them: the engine, the
-//! state directory, the config file, limits, timers and result shaping, resolved from defaults,
+//! state directory, the config file, limits, timers, the network policy and result shaping, resolved from defaults,
 //! the TOML file, environment variables and flags (flags and env beat the file, which beats the
 //! defaults).
 //!
@@ -11,8 +11,11 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use capsule_tool_schemas::NetworkMode;
+
 use crate::config::{self, ConfigError, FileConfig, Limits, Timers};
 use crate::mcp::shaping::Shaping;
+use crate::network::{NetworkConfig, NetworkPolicy, PolicyError};
 use crate::sandbox::ManagerConfig;
 
 /// Which engine runs sandboxes.
@@ -24,6 +27,27 @@ pub enum EngineChoice {
     Kvm,
     /// Test only: the agent as a host process, with NO isolation.
     Test,
+}
+
+/// The network mode of the server's policy, as a flag takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum NetworkModeChoice {
+    /// Public internet addresses (and the private ranges the config file's `allow` lists).
+    Public,
+    /// Only the names and ranges the config file's `allow` lists.
+    Allowlist,
+    /// No network for any sandbox.
+    None,
+}
+
+impl From<NetworkModeChoice> for NetworkMode {
+    fn from(choice: NetworkModeChoice) -> NetworkMode {
+        match choice {
+            NetworkModeChoice::Public => NetworkMode::Public,
+            NetworkModeChoice::Allowlist => NetworkMode::Allowlist,
+            NetworkModeChoice::None => NetworkMode::None,
+        }
+    }
 }
 
 /// The settings of the daemon that owns a state directory.
@@ -38,7 +62,7 @@ pub struct SettingsArgs {
     /// State directory (registry, sandboxes, the daemon's socket). Default: $XDG_STATE_HOME/capsule or ~/.local/state/capsule.
     #[arg(long, env = "CAPSULE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// TOML config file (limits, timers, engine, state_dir).
+    /// TOML config file (limits, timers, network, engine, state_dir).
     #[arg(long, env = "CAPSULE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Most sandboxes alive at once.
@@ -65,6 +89,10 @@ pub struct SettingsArgs {
     /// Most bytes of each output stream placed in one result.
     #[arg(long, env = "CAPSULE_OUTPUT_CAP_BYTES")]
     pub output_cap_bytes: Option<usize>,
+    /// The network mode of this server's policy, the most any sandbox gets (beats the config
+    /// file's [network] mode; its allow and deny rules still apply). Default: public.
+    #[arg(long, value_enum, env = "CAPSULE_NETWORK_MODE")]
+    pub network_mode: Option<NetworkModeChoice>,
 }
 
 impl SettingsArgs {
@@ -88,6 +116,7 @@ impl SettingsArgs {
         flag("idle-pause-after", self.idle_pause_after.clone().map(Into::into));
         flag("retention", self.retention.clone().map(Into::into));
         flag("output-cap-bytes", self.output_cap_bytes.map(|v| v.to_string().into()));
+        flag("network-mode", self.network_mode.map(|m| NetworkMode::from(m).as_str().into()));
         if self.unsafe_test_engine {
             args.push("--unsafe-test-engine".into());
         }
@@ -129,6 +158,9 @@ pub enum SettingsError {
     /// The config file names an engine that does not exist.
     #[error("unknown engine {0:?} in the config file: use auto, kvm or test")]
     UnknownEngine(String),
+    /// The network policy (the config file's `[network]`, with `--network-mode`) is invalid.
+    #[error("invalid network policy (the config file's [network] table, with --network-mode)")]
+    Network(#[source] PolicyError),
 }
 
 /// Resolves the settings (flags and env beat the config file, which beats defaults).
@@ -167,11 +199,19 @@ pub fn resolve(args: &SettingsArgs) -> Result<Resolved, SettingsError> {
         (None, Some(name)) => <EngineChoice as clap::ValueEnum>::from_str(name, true)
             .map_err(|_| SettingsError::UnknownEngine(name.to_string()))?,
     };
+    let mut network = file.network.unwrap_or_default();
+    if let Some(mode) = args.network_mode.map(NetworkMode::from) {
+        network.mode = Some(mode);
+        if mode == NetworkMode::None {
+            network.allow.clear(); // `none` reaches nothing: the file's allow rules do not apply
+        }
+    }
+    let network = network_policy(&network)?;
     Ok(Resolved {
         state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(config::default_state_dir),
         engine,
         unsafe_test_engine: args.unsafe_test_engine,
-        manager: ManagerConfig { limits, timers },
+        manager: ManagerConfig { limits, timers, network },
         shaping: Shaping {
             output_cap_bytes: args
                 .output_cap_bytes
@@ -180,6 +220,11 @@ pub fn resolve(args: &SettingsArgs) -> Result<Resolved, SettingsError> {
                 .max(256),
         },
     })
+}
+
+/// The server's policy from its `[network]` table (with the flag's mode).
+fn network_policy(config: &NetworkConfig) -> Result<NetworkPolicy, SettingsError> {
+    NetworkPolicy::from_config(config).map_err(SettingsError::Network)
 }
 
 #[cfg(test)]
@@ -234,6 +279,8 @@ mod tests {
             "--output-cap-bytes",
             "1000",
             "--unsafe-test-engine",
+            "--network-mode",
+            "none",
         ]);
         let mut argv: Vec<OsString> = vec!["capsule".into()];
         argv.extend(given.to_args());
@@ -242,5 +289,28 @@ mod tests {
         let (a, b) = (resolve(&given).unwrap(), resolve(&back).unwrap());
         assert_eq!(a.digest(), b.digest());
         assert_ne!(a.digest(), resolve(&args(&["--max-sandboxes", "5"])).unwrap().digest());
+    }
+
+    #[test]
+    fn the_network_ceiling_comes_from_the_file_and_the_flag_and_bad_rules_are_named() {
+        assert_eq!(resolve(&args(&[])).unwrap().manager.network, NetworkPolicy::default(), "default: public");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("capsule.toml");
+        std::fs::write(&path, "[network]\nmode = \"allowlist\"\nallow = [\"*.example.com\", \"10.1.0.0/16:5432\"]\n")
+            .unwrap();
+        let path = path.to_str().unwrap();
+        let r = resolve(&args(&["--config", path])).unwrap();
+        assert_eq!(r.manager.network.mode, NetworkMode::Allowlist);
+        assert_eq!(r.manager.network.allow.len(), 2);
+        let r = resolve(&args(&["--config", path, "--network-mode", "none"])).unwrap();
+        assert_eq!((r.manager.network.mode, r.manager.network.allow.len()), (NetworkMode::None, 0), "flag wins");
+        let err = resolve(&args(&["--config", path, "--network-mode", "public"])).unwrap_err();
+        assert!(capsule_vmm::worker::error_chain(&err).contains("*.example.com is a name"), "{err:?}");
+
+        std::fs::write(path, "[network]\nmode = \"allowlist\"\nallow = [\"*.example.com\", \"10.1.0.0/33\"]\n")
+            .unwrap();
+        let err = resolve(&args(&["--config", path])).unwrap_err();
+        let text = capsule_vmm::worker::error_chain(&err);
+        assert!(text.contains("[network]") && text.contains("\"10.1.0.0/33\" is not a valid rule"), "{text}");
     }
 }

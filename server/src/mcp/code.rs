@@ -181,6 +181,7 @@ impl CapsuleMcp {
                 timeout.as_secs()
             ));
         }
+        self.push_network_refusals(&mut text, &lease.id);
         let is_error = result.timed_out || matches!(result.limit, Some(LimitHit::Pids { .. }));
         Ok(tool_result(&result, text, images, is_error))
     }

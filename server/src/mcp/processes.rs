@@ -171,6 +171,7 @@ impl CapsuleMcp {
         for note in ending_notes(&status, timeout.as_secs(), result.duration_ms) {
             push_section(&mut text, None, &note);
         }
+        self.push_network_refusals(&mut text, &lease.id);
         let is_error = status.timed_out || matches!(result.limit, Some(LimitHit::Pids { .. }));
         Ok(tool_result(&result, text, Vec::new(), is_error))
     }

@@ -87,6 +87,10 @@ fn manager_hint(e: &ManagerError) -> String {
             "; retry, and if it persists check the server's state directory (disk full or read-only?)".into()
         }
         ManagerError::ShuttingDown => "; retry once it is back".into(),
+        ManagerError::Network(_) => {
+            ". Ask for that or less in create_sandbox's network (or omit network to get the server's policy).".into()
+        }
+        ManagerError::NetworkChannel(_) => "; retry, or restart_sandbox if it persists".into(),
         ManagerError::BadParameter(_) | ManagerError::WrongState { .. } | ManagerError::Illegal { .. } => String::new(),
     }
 }

@@ -9,9 +9,15 @@
 //! - [`egress`]: [`Egress`], the per-sandbox decisions (`check_resolve`, `filter_resolved`,
 //!   `check_connect`, `check_udp`) and the record of what allowed names resolved to.
 //!
-//! # Configuration (intended keys; not yet read by `settings`)
+//! - [`broker_server`]: [`NetworkBroker`], the daemon's side of each sandbox's worker channel:
+//!   resolutions through the host's resolver, allowed connections opened and spliced, refusals
+//!   kept for the model;
+//! - [`host`]: the host's own addresses, which no sandbox reaches.
 //!
-//! The admin sets the ceiling in the config file:
+//! # Configuration
+//!
+//! The admin sets the ceiling in the config file (or the mode alone with `--network-mode` /
+//! `CAPSULE_NETWORK_MODE`, which beats the file's):
 //!
 //! ```toml
 //! [network]
@@ -20,23 +26,28 @@
 //! deny = ["evil.example", "[2001:db8::/32]:443"]
 //! ```
 //!
-//! [`NetworkConfig`] is that table ([`NetworkPolicy::from_config`] checks it); `FileConfig`
-//! gets a `network: NetworkConfig` field when this is wired in. In `public` mode `allow` may
-//! only list address ranges: the private ranges sandboxes may reach besides the internet.
+//! [`NetworkConfig`] is that table ([`NetworkPolicy::from_config`] checks it), the config file's
+//! `network` field. In `public` mode `allow` may only list address ranges: the private ranges
+//! sandboxes may reach besides the internet.
 //!
 //! # The request
 //!
 //! A sandbox asks for its network with [`capsule_tool_schemas::NetworkRequest`]:
 //! `{"mode": "public"|"none"|"allowlist", "allow": [...], "deny": [...]}`, rules as above. A
-//! sandbox that asks for nothing gets the ceiling ([`EffectivePolicy::from_ceiling`]).
+//! sandbox that asks for nothing gets the ceiling ([`EffectivePolicy::from_ceiling`]). What it
+//! asked for is kept in its settings ([`crate::record::SandboxSettings::network`]), so a
+//! restarted server (or a fork) finds it again ([`EffectivePolicy::for_sandbox`]).
 //!
-//! This module decides only: it opens no sockets and resolves nothing itself.
+//! Only [`broker_server`] opens sockets and resolves names; the rest decides.
 
+pub mod broker_server;
 pub mod egress;
+pub mod host;
 pub mod policy;
 pub mod ranges;
 pub mod rules;
 
+pub use broker_server::{NetBrokerError, NetworkBroker, Traffic};
 pub use egress::{Decision, Egress, Filtered};
 pub use policy::{narrow, EffectivePolicy, NetworkConfig, NetworkPolicy, PolicyError};
 pub use rules::{Rule, RuleError};

@@ -172,6 +172,22 @@ impl EffectivePolicy {
         EffectivePolicy { server: ceiling.clone(), sandbox: ceiling.clone() }
     }
 
+    /// The policy of a sandbox that asked for `request` (`None`: nothing) when it was created,
+    /// under the server's ceiling now. Never fails: a request the ceiling no longer holds (the
+    /// config changed since) keeps its own layer, and the ceiling's layer still bounds every
+    /// check; a request that no longer parses gets no network.
+    pub fn for_sandbox(ceiling: &NetworkPolicy, request: Option<&NetworkRequest>) -> EffectivePolicy {
+        let Some(request) = request else { return EffectivePolicy::from_ceiling(ceiling) };
+        narrow(ceiling, request).unwrap_or_else(|_| EffectivePolicy {
+            server: ceiling.clone(),
+            sandbox: NetworkPolicy::from_request(request).unwrap_or(NetworkPolicy {
+                mode: NetworkMode::None,
+                allow: Vec::new(),
+                deny: Vec::new(),
+            }),
+        })
+    }
+
     /// The mode a sandbox effectively has (`none` if either layer is `none`).
     pub fn mode(&self) -> NetworkMode {
         match (self.server.mode, self.sandbox.mode) {

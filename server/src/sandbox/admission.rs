@@ -1,5 +1,5 @@
 //! Admission: what a new sandbox is (its request checked against the limits and the host, its
-//! id minted) and whether it fits (the count limit and the memory budget).
+//! network narrowed against the server's policy, its id minted) and whether it fits (the count limit and the memory budget).
 //!
 //! Checks and registration happen under one lock ([`Admission`]), so that concurrent requests
 //! cannot together pass a limit. It never starts a machine.
@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use capsule_tool_schemas::{MAX_PIDS_MAX, MIN_PIDS_MAX};
+use capsule_tool_schemas::{NetworkRequest, MAX_PIDS_MAX, MIN_PIDS_MAX};
 
 use crate::config::Limits;
 use crate::engine::{HostLimits, MachineSpec};
+use crate::network::{narrow, EffectivePolicy, NetworkPolicy, PolicyError};
 use crate::record::{SandboxRecord, SandboxState};
 use crate::registry::now_ms;
 
@@ -47,6 +48,8 @@ pub struct CreateRequest {
     pub make_default: Option<bool>,
     /// Most processes one command or context may run at once (`None`: the default).
     pub pids_max: Option<u32>,
+    /// The network asked for (`None`: the server's policy).
+    pub network: Option<NetworkRequest>,
 }
 
 /// A limit a request would pass.
@@ -153,6 +156,16 @@ pub fn validate(req: &CreateRequest, limits: &Limits, host: &HostLimits) -> Resu
     Ok(MachineSpec { id: new_sandbox_id(), template, vcpus, memory_mib, disk_mib, env: req.env.clone() })
 }
 
+/// The network policy of a new sandbox that asks for `request` under the server's `ceiling`,
+/// or why the request asks for more than the server allows (the error says what it allows).
+/// `none` always fits.
+pub fn network(ceiling: &NetworkPolicy, request: Option<&NetworkRequest>) -> Result<EffectivePolicy, PolicyError> {
+    match request {
+        None => Ok(EffectivePolicy::from_ceiling(ceiling)),
+        Some(request) => narrow(ceiling, request),
+    }
+}
+
 /// Checks that `extra_count` new sandboxes holding `extra_mib` fit beside `records`.
 pub fn check_capacity(
     records: &[SandboxRecord],
@@ -176,6 +189,7 @@ pub fn check_capacity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use capsule_tool_schemas::NetworkMode;
 
     fn host() -> HostLimits {
         HostLimits { max_vcpus: 4, why: Some("this host has 4 CPUs".into()) }
@@ -201,5 +215,41 @@ mod tests {
         let err = validate(&CreateRequest { env, ..Default::default() }, &limits, &host()).unwrap_err();
         assert!(err.to_string().contains("\"A=B\" is invalid"), "{err}");
         assert!(validate(&CreateRequest::default(), &limits, &host()).unwrap().id.starts_with("sb-"));
+    }
+
+    fn request(mode: NetworkMode, allow: &[&str]) -> NetworkRequest {
+        NetworkRequest { mode, allow: allow.iter().map(|r| r.to_string()).collect(), deny: Vec::new() }
+    }
+
+    #[test]
+    fn a_network_wider_than_the_server_allows_is_refused_saying_what_it_allows() {
+        let ceiling = NetworkPolicy::new(NetworkMode::Allowlist, &["*.example.com".into()], &[]).unwrap();
+        let err = network(&ceiling, Some(&request(NetworkMode::Public, &[]))).unwrap_err().to_string();
+        assert!(err.contains("this server allows only allowlist mode with: *.example.com"), "{err}");
+        assert!(err.contains("asked for public"), "{err}");
+        let err = network(&ceiling, Some(&request(NetworkMode::Allowlist, &["*.example.org"]))).unwrap_err();
+        assert!(err.to_string().contains("*.example.org is not inside any of them"), "{err}");
+        let inside = network(&ceiling, Some(&request(NetworkMode::Allowlist, &["api.example.com"]))).unwrap();
+        assert_eq!(inside.mode(), NetworkMode::Allowlist);
+        assert_eq!(network(&ceiling, None).unwrap(), EffectivePolicy::from_ceiling(&ceiling));
+    }
+
+    #[test]
+    fn no_network_always_fits() {
+        let none = NetworkPolicy::new(NetworkMode::None, &[], &[]).unwrap();
+        let allowlist = NetworkPolicy::new(NetworkMode::Allowlist, &["*.example.com".into()], &[]).unwrap();
+        for ceiling in [NetworkPolicy::default(), none, allowlist] {
+            let policy = network(&ceiling, Some(&request(NetworkMode::None, &[]))).unwrap();
+            assert_eq!(policy.mode(), NetworkMode::None, "under {}", ceiling.describe());
+        }
+    }
+
+    #[test]
+    fn a_recorded_request_keeps_its_layer_when_the_ceiling_narrows_later() {
+        let asked = request(NetworkMode::Public, &[]);
+        let now_none = NetworkPolicy::new(NetworkMode::None, &[], &[]).unwrap();
+        let policy = EffectivePolicy::for_sandbox(&now_none, Some(&asked));
+        assert_eq!(policy.mode(), NetworkMode::None, "the ceiling's layer still holds");
+        assert_eq!(EffectivePolicy::for_sandbox(&now_none, None).mode(), NetworkMode::None);
     }
 }

@@ -39,6 +39,13 @@ pub enum ManagerError {
     /// A limit was reached.
     #[error("limit reached: {0}")]
     Limit(LimitError),
+    /// The network asked for is more than the server's policy allows (the message says what it
+    /// allows).
+    #[error(transparent)]
+    Network(#[from] crate::network::PolicyError),
+    /// A sandbox's network channel could not be served.
+    #[error("the network of the sandbox could not be set up")]
+    NetworkChannel(#[source] crate::network::NetBrokerError),
     /// A parameter is out of range.
     #[error("invalid parameter: {0}")]
     BadParameter(String),

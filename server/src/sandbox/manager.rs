@@ -40,6 +40,7 @@ pub use super::error::ManagerError;
 use super::lifecycle;
 use crate::config::{Limits, Timers};
 use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec};
+use crate::network::{NetworkBroker, NetworkPolicy};
 use crate::record::{SandboxRecord, SandboxSettings, SandboxState};
 use crate::registry::{now_ms, Registry};
 
@@ -77,6 +78,8 @@ pub struct ManagerConfig {
     pub limits: Limits,
     /// Timers.
     pub timers: Timers,
+    /// The server's network policy: the ceiling of every sandbox's.
+    pub network: NetworkPolicy,
 }
 
 pub(super) type SharedMachine = Arc<StdMutex<Box<dyn Machine>>>;
@@ -168,6 +171,8 @@ pub(super) struct Inner {
     pub(super) admission: StdMutex<()>,
     /// Memory reserved by resumes in progress, in MiB (their records still say paused).
     pub(super) reserved_mib: AtomicU64,
+    /// The daemon's side of every sandbox's network channel (see [`super::network`]).
+    pub(super) network: NetworkBroker,
 }
 
 /// The sandbox manager. Cheap to clone.
@@ -243,6 +248,7 @@ impl Manager {
                 default_creation: StdMutex::new(HashMap::new()),
                 admission: StdMutex::new(()),
                 reserved_mib: AtomicU64::new(0),
+                network: NetworkBroker::new(),
             }),
         };
         for record in manager.inner.registry.load_live()? {
@@ -382,6 +388,7 @@ impl Manager {
         next.paused_ms = (to == SandboxState::Paused).then_some(next.updated_ms);
         if to == SandboxState::Deleted {
             next.is_default = false;
+            self.inner.network.detach(&slot.id);
         }
         if let Some(m) = &inner.machine {
             next.engine_state = lock(m).saved_state();
@@ -416,6 +423,7 @@ impl Manager {
         let limits = &self.inner.config.limits;
         let spec = admission::validate(&req, limits, &self.inner.engine.host_limits())
             .map_err(|bad| ManagerError::BadParameter(bad.0))?;
+        admission::network(&self.inner.config.network, req.network.as_ref())?;
         let make_default = match req.make_default {
             Some(v) => v,
             None => !lock(&self.inner.defaults).contains_key(&owner.id),
@@ -437,7 +445,7 @@ impl Manager {
                 .try_into()
                 .unwrap_or(u64::MAX),
             env: spec.env.clone(),
-            settings: SandboxSettings { pids_max: req.pids_max },
+            settings: SandboxSettings { pids_max: req.pids_max, network: req.network.clone() },
             is_default: false,
             parent_id: None,
             created_ms: now,

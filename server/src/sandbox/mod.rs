@@ -8,6 +8,7 @@
 //!   before reporting it.
 //! - [`fork`]: N children from one moment of a parent.
 //! - [`health`]: dead VMs, silent agents, and restarting a sandbox.
+//! - [`network`]: each sandbox's network policy and its worker's channel to the broker.
 //! - [`recovery`]: what a restarted manager finds of each recorded sandbox.
 //! - [`timers`]: idle auto-pause and retention deletion.
 //!
@@ -22,6 +23,7 @@ pub mod fork;
 pub mod health;
 pub mod lifecycle;
 pub mod manager;
+pub mod network;
 pub mod recovery;
 pub mod timers;
 

@@ -81,6 +81,8 @@ pub struct Settings {
     pub limits: Limits,
     pub timers: Timers,
     pub output_cap_bytes: usize,
+    /// The server's network policy.
+    pub network: capsule::network::NetworkPolicy,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
             limits: Limits { memory_budget_mib: 64 * 1024, ..Limits::default() },
             timers: Timers::default(),
             output_cap_bytes: 32 * 1024,
+            network: capsule::network::NetworkPolicy::default(),
         }
     }
 }
@@ -105,7 +108,11 @@ pub struct Fixture {
 pub fn open_manager(dir: &std::path::Path, settings: &Settings) -> Manager {
     let engine = TestEngine::new(agent_bin(), dir.join("sandboxes")).expect("test engine");
     let registry = Registry::open(dir).expect("registry");
-    let config = ManagerConfig { limits: settings.limits.clone(), timers: settings.timers.clone() };
+    let config = ManagerConfig {
+        limits: settings.limits.clone(),
+        timers: settings.timers.clone(),
+        network: settings.network.clone(),
+    };
     Manager::open(Arc::new(engine), registry, config).expect("manager")
 }
 

@@ -152,6 +152,9 @@ pub struct SandboxInfo {
     pub failure: Option<String>,
     /// Processes one command or code context may run at once.
     pub pids_max: u32,
+    /// Its network: `public` (public internet addresses), `allowlist` (only what its rules and
+    /// the server's allow) or `none`.
+    pub network: NetworkMode,
 }
 
 /// Programming languages of `run_code`.

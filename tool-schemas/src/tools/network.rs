@@ -1,5 +1,4 @@
-//! The network a sandbox asks for: a field of `create_sandbox` once the network is wired in.
-//! The server narrows it against its own policy (the ceiling) and refuses a request that
+//! The network a sandbox asks for: the `network` field of `create_sandbox`. The server narrows it against its own policy (the ceiling) and refuses a request that
 //! asks for more, saying what it allows.
 
 use schemars::JsonSchema;

@@ -40,6 +40,17 @@ pub struct CreateSandboxParams {
     /// Most processes one command or code context may run at once; past it the command is
     /// stopped, whole (so a fork bomb cannot take the sandbox down). 16 to 32768; default 1024.
     pub pids_max: Option<u32>,
+    /// Internet access of the sandbox. Default: the server's policy (usually `public`).
+    /// `{"mode": "public"}`: any public internet address; `{"mode": "none"}`: no network;
+    /// `{"mode": "allowlist", "allow": [...]}`: only what the rules allow. A rule is a name
+    /// (`pkgs.example.org`), a wildcard (`*.example.net`: its subdomains), or an address or CIDR
+    /// range (`10.1.0.0/16`), each optionally with a port or port range (`pkgs.example.org:443`,
+    /// `[2001:db8::/32]:8000-8999`); `deny` rules (same syntax) win over everything. Never
+    /// reachable: loopback, the host itself, multicast and broadcast; private, link-local
+    /// (cloud metadata) and other special ranges only through an address rule that covers them.
+    /// The request can only narrow the server's policy: one that asks for more is refused with
+    /// what the server allows. Forks keep their parent's network.
+    pub network: Option<NetworkRequest>,
 }
 
 /// Result of `create_sandbox`.

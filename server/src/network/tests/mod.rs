@@ -1,5 +1,7 @@
-//! Tests of the network policy: rules and ranges, narrowing, and the egress decisions.
+//! Tests of the network policy: rules and ranges, narrowing, the egress decisions, and the
+//! broker server that applies them.
 
+mod broker_server;
 mod egress;
 mod narrow;
 mod rules;
