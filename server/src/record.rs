@@ -5,8 +5,51 @@
 
 use std::collections::BTreeMap;
 
-/// Lifecycle state of a sandbox: the one the tools report (see `capsule_tool_schemas`).
-pub use capsule_tool_schemas::SandboxState;
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxState {
+    /// Being created or restored; not usable yet.
+    Creating,
+    /// Running and ready for calls.
+    Running,
+    /// Frozen: memory saved to disk, no CPU used.
+    Paused,
+    /// Deleted; its state is gone.
+    Deleted,
+    /// Broken (its VM died); its in-memory state is lost.
+    Failed,
+    /// Its VM runs, but its agent stopped answering.
+    Unresponsive,
+}
+
+impl SandboxState {
+    /// Every state.
+    pub const ALL: [SandboxState; 6] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Deleted,
+        SandboxState::Failed,
+        SandboxState::Unresponsive,
+    ];
+
+    /// The lowercase name (as the registry stores it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Deleted => "deleted",
+            SandboxState::Failed => "failed",
+            SandboxState::Unresponsive => "unresponsive",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(name: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
 
 /// What a sandbox was created with beyond its size: settings every command in it runs under.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

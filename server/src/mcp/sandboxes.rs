@@ -14,15 +14,28 @@ use super::shaping::{push_section, tool_result};
 use super::tool_error::ToolError;
 use super::CapsuleMcp;
 use crate::network::{EffectivePolicy, NetworkPolicy};
-use crate::record::SandboxRecord;
+use crate::record::{SandboxRecord, SandboxState};
 use crate::sandbox::CreateRequest;
+
+/// A lifecycle state as the tools report it.
+pub fn wire_state(state: SandboxState) -> capsule_tool_schemas::SandboxState {
+    use capsule_tool_schemas::SandboxState as Wire;
+    match state {
+        SandboxState::Creating => Wire::Creating,
+        SandboxState::Running => Wire::Running,
+        SandboxState::Paused => Wire::Paused,
+        SandboxState::Deleted => Wire::Deleted,
+        SandboxState::Failed => Wire::Failed,
+        SandboxState::Unresponsive => Wire::Unresponsive,
+    }
+}
 
 /// A sandbox as the tools report it, under the server's network policy `ceiling`.
 pub fn sandbox_info(record: &SandboxRecord, ceiling: &NetworkPolicy) -> SandboxInfo {
     SandboxInfo {
         sandbox_id: record.id.clone(),
         name: record.name.clone(),
-        state: record.state,
+        state: wire_state(record.state),
         template: record.template.clone(),
         vcpus: record.vcpus,
         memory_mib: record.memory_mib,

@@ -78,35 +78,6 @@ pub enum SandboxState {
     Unresponsive,
 }
 
-impl SandboxState {
-    /// Every state.
-    pub const ALL: [SandboxState; 6] = [
-        SandboxState::Creating,
-        SandboxState::Running,
-        SandboxState::Paused,
-        SandboxState::Deleted,
-        SandboxState::Failed,
-        SandboxState::Unresponsive,
-    ];
-
-    /// The lowercase name (as the registry stores it).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Creating => "creating",
-            SandboxState::Running => "running",
-            SandboxState::Paused => "paused",
-            SandboxState::Deleted => "deleted",
-            SandboxState::Failed => "failed",
-            SandboxState::Unresponsive => "unresponsive",
-        }
-    }
-
-    /// Parses the lowercase name.
-    pub fn parse(name: &str) -> Option<SandboxState> {
-        SandboxState::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-}
-
 /// A limit a command or a code cell ran into, and what it cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
