@@ -148,7 +148,10 @@ impl StdioServer {
     /// Starts `capsule serve --engine ENGINE` with its state under `state_dir` and its stderr
     /// in `state_dir/server.log`, and runs the MCP handshake.
     fn start(bins: &Binaries, engine: EngineKind, state_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
+        // A state directory only its owner may enter, as the daemon requires.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
         let log = state_dir.join("server.log");
         let stderr = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut child = std::process::Command::new(&bins.capsule)
