@@ -26,8 +26,22 @@ pub const DEBIAN_SUITE: &str = "bookworm";
 pub const AGENT_GUEST_PATH: &str = "usr/local/sbin/capsule-agent";
 /// The guest's host name.
 pub const GUEST_HOSTNAME: &str = "capsule";
-/// What the guest runs code with. bash and coreutils are essential, so always there.
-const PACKAGES: &[&str] = &["python3", "python3-numpy", "python3-pandas", "python3-matplotlib", "nodejs", "procps"];
+/// What the guest runs code with. bash and coreutils are essential, so always there. pip, venv,
+/// npm, git and curl are what agents reach the network with (no compiler: gcc and its headers
+/// would add about 200 MB to every image for the few packages that build native code).
+const PACKAGES: &[&str] = &[
+    "python3",
+    "python3-numpy",
+    "python3-pandas",
+    "python3-matplotlib",
+    "python3-pip",
+    "python3-venv",
+    "nodejs",
+    "npm",
+    "git",
+    "curl",
+    "procps",
+];
 /// Installed first so that apt takes them for `a | b` dependencies instead of
 /// the heavy first alternatives: python3-fonttools depends on
 /// `python3-scipy | python3-munkres`, and scipy drags in gcc, g++ and boost (~700 MB).
@@ -35,7 +49,7 @@ const LIGHT_ALTERNATIVES: &[&str] = &["python3-munkres", "python3-ufolib2", "pyt
 /// Python packages whose bytecode is precompiled and whose test suites are dropped.
 const PYTHON_DIST_PACKAGES: &[&str] = &["numpy", "pandas", "matplotlib"];
 /// Bumped when the base recipe changes in a way the package list does not show.
-const BASE_RECIPE_VERSION: &str = "capsule-base-1";
+const BASE_RECIPE_VERSION: &str = "capsule-base-2";
 /// Bumped when packing changes.
 const PACK_RECIPE_VERSION: &str = "capsule-pack-1";
 /// Filesystem block size of both disks.
@@ -231,8 +245,17 @@ fn configure_guest_files(tree: &Path) -> Result<(), RootfsError> {
         "etc/hosts",
         &format!("127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
     )?;
-    // debootstrap copies the build host's resolver; the guest has no network by default.
-    write("etc/resolv.conf", "")?;
+    // The sandbox's resolver is its network stack's gateway (see capsule_vmm::net::stack).
+    write("etc/resolv.conf", "nameserver 10.0.2.2\n")?;
+    // The sandbox is the user's own machine: `pip install` as root must just work (PEP 668's
+    // "externally-managed-environment" guards a system the sandbox does not have).
+    for marker in ["usr/lib/python3.11/EXTERNALLY-MANAGED"] {
+        let path = tree.join(marker);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(io_error("cannot remove", &path))?;
+        }
+    }
+    write("etc/pip.conf", "[global]\nbreak-system-packages = true\nroot-user-action = ignore\n")?;
     Ok(())
 }
 
