@@ -5,6 +5,8 @@
 //! port to an HTTP server of its own on loopback and hands the worker the stream), sees a refused
 //! connection reset at once, has no network at all before a daemon connects (fail closed), and
 //! has it again after a pause to disk and resume (a new worker, a new socket, a new connection).
+//! A fork listens on a socket of its own and is closed until its own daemon connects, while its
+//! parent's network goes on.
 //! Every request runs inside the confined worker, under its real seccomp filter.
 //!
 //! Skips only when /dev/kvm is unusable or no image is built (`capsule image build`).
@@ -186,7 +188,11 @@ fn a_guest_resolves_fetches_is_refused_fast_and_has_network_again_after_resume()
     let client = machine.connect().expect("connect");
     let socket = machine.network_socket().expect("a live machine has a broker socket");
     assert_eq!(socket, root.path().join("net-a").join("net.sock"));
-    assert_eq!(sh(&client, "cat /etc/resolv.conf").trim(), "nameserver 10.0.2.2");
+    assert_eq!(
+        sh(&client, "cat /etc/resolv.conf").trim(),
+        "nameserver 10.0.2.2",
+        "the agent writes resolv.conf at boot (an image built before it does: run `capsule image build`)"
+    );
     assert!(sh(&client, "cat /sys/class/net/lo/operstate /sys/class/net/eth0/operstate").contains("up"));
 
     // No daemon yet: the network is closed, and says so at once.
@@ -228,4 +234,33 @@ fn a_guest_resolves_fetches_is_refused_fast_and_has_network_again_after_resume()
     assert!(seen.iter().any(|m| matches!(m, WorkerToBroker::Connect { .. })), "{seen:?}");
 
     machine.kill().expect("kill");
+}
+
+#[test]
+fn a_fork_listens_on_its_own_broker_socket_and_its_parent_keeps_its_network() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(engine) = engine(root.path().to_path_buf()) else {
+        return;
+    };
+    let web = web_server();
+    let mut parent = engine.create(&spec("net-p")).expect("create");
+    let parent_client = parent.connect().expect("connect");
+    resolve_and_fetch(parent.as_ref(), &parent_client, web);
+
+    let mut child = parent.fork(&spec("net-c")).expect("fork");
+    let socket = child.network_socket().expect("a fork has a broker socket");
+    assert_eq!(socket, root.path().join("net-c").join("net.sock"));
+    let child_client = child.connect().expect("connect to the fork");
+    // Without its own daemon the fork's network is closed, even though its parent's is open.
+    let (code, text) = sh_status(&child_client, &format!("getent hosts {WEB_NAME}"));
+    assert_ne!(code, Some(0), "the fork resolved without a broker: {text}");
+    let seen = resolve_and_fetch(child.as_ref(), &child_client, web);
+    assert!(seen.iter().any(|m| matches!(m, WorkerToBroker::Connect { .. })), "{seen:?}");
+
+    // The parent ran on in its own worker: its broker channel still serves it.
+    let parent_client = parent.connect().expect("reconnect to the parent");
+    assert_eq!(fetch_page(&parent_client), PAGE);
+
+    child.kill().expect("kill the fork");
+    parent.kill().expect("kill the parent");
 }
