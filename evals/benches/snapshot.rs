@@ -328,6 +328,7 @@ fn restore_worker(
         vsock_uds: Some(dir.join("v.sock")),
         serial_log: Some(dir.join("serial.log")),
         disks: vec![image.rootfs.clone(), disk],
+        net_socket: Some(dir.join("n.sock")),
     };
     WorkerHandle::restore(capsule, snapshot, overrides)
         .with_context(|| format!("restore a worker from {}", snapshot.display()))

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::{MAX_DEVICE_GSI, MMIO_DEVICES_FIRST_GSI};
 use crate::arch::x86_64::mptable::MPTABLE_MAX_CPUS;
+use crate::net::stack::GATEWAY_MAC;
 
 /// Fewest vCPUs.
 pub const MIN_VCPUS: u8 = 1;
@@ -18,7 +19,7 @@ pub const MIN_MEM_MIB: u64 = 64;
 pub const MAX_MEM_MIB: u64 = 64 << 10;
 /// Longest kernel command line, in bytes (the kernel's COMMAND_LINE_SIZE is 2048 on x86).
 pub const MAX_CMDLINE_BYTES: usize = 2048;
-/// Most virtio devices (disks + vsock + rng) the IRQ range can serve.
+/// Most virtio devices (disks + vsock + net + rng) the IRQ range can serve.
 pub const MAX_VIRTIO_DEVICES: usize = (MAX_DEVICE_GSI - MMIO_DEVICES_FIRST_GSI + 1) as usize;
 /// Lowest guest CID (0-2 are reserved by vsock).
 pub const MIN_GUEST_CID: u32 = 3;
@@ -40,6 +41,17 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// The virtio-net device, carried by the sandbox's user-space network stack
+/// ([`crate::net::stack`]), which reaches the daemon through the broker socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDeviceConfig {
+    /// The guest interface's MAC: unicast, not all zeros, not the gateway's.
+    pub mac: [u8; 6],
+    /// Where the worker listens for the daemon (`SOCK_SEQPACKET`, mode 0600; a stale socket is
+    /// replaced). Each worker binds its own, a restored one too.
+    pub broker_socket: PathBuf,
+}
+
 /// A VM to build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -56,6 +68,9 @@ pub struct VmConfig {
     /// Adds a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Adds a virtio-net device (between vsock and rng in device order).
+    #[serde(default)]
+    pub net: Option<NetDeviceConfig>,
 }
 
 impl VmConfig {
@@ -71,12 +86,13 @@ impl VmConfig {
             vsock: None,
             serial_log: None,
             rng: false,
+            net: None,
         }
     }
 
     /// Virtio devices this config asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
+        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some()) + usize::from(self.rng)
     }
 
     /// Checks every field against its limit.
@@ -108,6 +124,15 @@ impl VmConfig {
             let len = vsock.uds_path.as_os_str().len();
             if len == 0 || len > MAX_UDS_PATH_BYTES {
                 return Err(ConfigError::UdsPath { got: len });
+            }
+        }
+        if let Some(net) = &self.net {
+            if net.mac == [0; 6] || net.mac[0] & 1 != 0 || net.mac == GATEWAY_MAC {
+                return Err(ConfigError::NetMac { mac: net.mac });
+            }
+            let len = net.broker_socket.as_os_str().len();
+            if len == 0 || len > MAX_UDS_PATH_BYTES {
+                return Err(ConfigError::BrokerSocketPath { got: len });
             }
         }
         if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
@@ -144,7 +169,11 @@ pub enum ConfigError {
     GuestCid { got: u32 },
     #[error("vsock.uds_path must be 1..={MAX_UDS_PATH_BYTES} bytes, got {got}")]
     UdsPath { got: usize },
-    #[error("at most {MAX_VIRTIO_DEVICES} virtio devices (disks + vsock + rng), got {got}")]
+    #[error("net.mac {mac:02x?} must be a unicast address other than all zeros and the gateway's")]
+    NetMac { mac: [u8; 6] },
+    #[error("net.broker_socket must be 1..={MAX_UDS_PATH_BYTES} bytes, got {got}")]
+    BrokerSocketPath { got: usize },
+    #[error("at most {MAX_VIRTIO_DEVICES} virtio devices (disks + vsock + net + rng), got {got}")]
     TooManyDevices { got: usize },
 }
 
@@ -185,6 +214,16 @@ mod tests {
         c.vsock = Some(VsockConfig { guest_cid: 2, uds_path: "/tmp/v.sock".into() });
         assert_eq!(c.validate(), Err(ConfigError::GuestCid { got: 2 }));
         c.vsock = None;
+        c.net = Some(NetDeviceConfig { mac: [0x03, 0, 0, 0, 0, 1], broker_socket: "/tmp/n.sock".into() });
+        assert!(c.validate().unwrap_err().to_string().starts_with("net.mac"));
+        c.net = Some(NetDeviceConfig { mac: GATEWAY_MAC, broker_socket: "/tmp/n.sock".into() });
+        assert_eq!(c.validate(), Err(ConfigError::NetMac { mac: GATEWAY_MAC }));
+        c.net = Some(NetDeviceConfig { mac: [0x02, 0, 0, 0, 0, 1], broker_socket: PathBuf::new() });
+        assert_eq!(c.validate(), Err(ConfigError::BrokerSocketPath { got: 0 }));
+        c.net = Some(NetDeviceConfig { mac: [0x02, 0, 0, 0, 0, 1], broker_socket: "/tmp/n.sock".into() });
+        c.validate().unwrap();
+        assert_eq!(c.virtio_device_count(), 1);
+        c.net = None;
         c.disks.push(DiskConfig { path: "/nonexistent/disk".into(), read_only: true });
         assert!(c.validate().unwrap_err().to_string().starts_with("disks[0].path"));
         c.disks.clear();

@@ -17,7 +17,12 @@ use seccompiler::{
 
 /// System calls a running worker may make with any arguments. Found with `strace -f` over the
 /// worker, snapshot and virtio tests (after the filter point), plus what the block and vsock
-/// backends and std's runtime need on paths those tests do not take.
+/// backends and std's runtime need on paths those tests do not take. The network stack needs
+/// nothing more: its epoll, timer and broker listener are made before the filter, and then it
+/// only waits (`epoll_wait`), re-arms (`epoll_ctl`, `timerfd_settime`), accepts the daemon
+/// (`accept4`), talks to it (`sendmsg`/`recvmsg`, with streams passed as `SCM_RIGHTS`) and
+/// splices those streams (`recvfrom`/`sendto`/`read`/`write`, `shutdown`, `close`); the KVM
+/// network test runs all of it under this filter.
 const ALLOWED_SYSCALLS: &[i64] = &[
     // KVM_RUN and the control socket.
     libc::SYS_read,
@@ -31,7 +36,8 @@ const ALLOWED_SYSCALLS: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
-    // vsock (hybrid, Unix sockets: accepting host connections, connecting guest-initiated ones).
+    // vsock (hybrid, Unix sockets: accepting host connections, connecting guest-initiated ones)
+    // and the network stack (the daemon's broker channel and the streams it hands over).
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_recvfrom,
@@ -40,7 +46,8 @@ const ALLOWED_SYSCALLS: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
-    // The vsock muxer's expiry timer (created before the filter, armed and disarmed after).
+    // The vsock muxer's expiry timer and the network stack's (created before the filter, armed
+    // and disarmed after).
     libc::SYS_timerfd_settime,
     // virtio-blk.
     libc::SYS_pread64,

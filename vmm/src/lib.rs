@@ -26,6 +26,6 @@ pub mod worker;
 pub mod worker_log;
 
 pub use builder::{build_microvm, build_microvm_for_boot, build_microvm_from_snapshot, BootOptions, BuildError};
-pub use config::{ConfigError, DiskConfig, VmConfig, VsockConfig};
+pub use config::{ConfigError, DiskConfig, NetDeviceConfig, VmConfig, VsockConfig};
 pub use microvm::{MicroVm, MicroVmError};
 pub use vstate::vcpu::{RunState, VmEvent};

@@ -1,11 +1,16 @@
 //! The integration point between the VMM core and the virtio device models in
 //! `devices::virtio`: it creates each device, gives it an MMIO window and a GSI (irqfd), adds
 //! it to the kernel command line and starts the device-event thread. Devices are numbered in
-//! this order: disks (vda, vdb, ...), vsock, rng. Booting attaches them fresh
+//! this order: disks (vda, vdb, ...), vsock, net, rng (a config without one of them leaves no
+//! gap, so a snapshot saved before net existed restores as it was). Booting attaches them fresh
 //! ([`attach_virtio_devices`]); a restore rebuilds each from its saved state
 //! ([`restore_virtio_devices`], [`VirtioDeviceState`]) through its [`Persist`] impl, at the same
 //! windows and GSIs. Every device kind is one `AttachedDevice` variant, so a new device cannot
-//! be attached without saying how it saves. It never implements device behaviour.
+//! be attached without saying how it saves. The net device's backend is the sandbox network stack
+//! ([`crate::net::stack`]) over a [`BrokerUpstream`] listening on the config's broker socket,
+//! bound here (so before the worker is confined); a restore binds a new listener and starts a
+//! fresh stack: the guest's connections through the old one are gone (it sees resets). It never
+//! implements device behaviour.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,14 +21,17 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{MMIO_DEVICES_FIRST_GSI, MMIO_DEVICES_START, MMIO_DEVICE_WINDOW_BYTES};
-use crate::config::VmConfig;
+use crate::config::{NetDeviceConfig, VmConfig};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState, SECTOR_BYTES};
 use crate::devices::virtio::device::SharedDevice;
 use crate::devices::virtio::event_loop::{DeviceEventLoop, EventLoopError};
 use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioArgs, MmioError, MmioState, MmioTransport};
+use crate::devices::virtio::net::{Net, NetBackend, NetConfig, NetError, NetState};
 use crate::devices::virtio::rng::{Rng, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig as VsockDeviceConfig, VsockError, VsockState};
+use crate::net::broker_socket::{self, BrokerSocketError};
+use crate::net::stack::{BrokerUpstream, BrokerUpstreamError, NetStack, StackError};
 use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{Vm, VmError};
@@ -72,10 +80,20 @@ pub enum VirtioWiringError {
         #[source]
         source: VsockError,
     },
+    #[error("setting up the broker socket of the net device")]
+    BrokerSocket(#[source] BrokerSocketError),
+    #[error("setting up the broker upstream of the net device")]
+    BrokerUpstream(#[source] BrokerUpstreamError),
+    #[error("creating the network stack of the net device")]
+    NetStack(#[source] StackError),
+    #[error("creating the net device")]
+    Net(#[source] NetError),
     #[error("the snapshot has {saved} virtio devices but the VM config describes {configured}")]
     DeviceCount { saved: usize, configured: usize },
     #[error("virtio device {index} is {configured:?} but the snapshot saved {saved:?}")]
     DeviceMismatch { index: usize, saved: VirtioDeviceKind, configured: VirtioDeviceKind },
+    #[error("virtio device {index} is a net device in the snapshot but the VM config has none")]
+    NetNotConfigured { index: usize },
     #[error("restoring the MMIO transport of virtio device {index}")]
     RestoreTransport {
         index: usize,
@@ -103,6 +121,10 @@ pub enum VirtioDeviceKind {
         guest_cid: u64,
     },
     Rng,
+    /// The guest read its MAC at boot: it must stay.
+    Net {
+        mac: [u8; 6],
+    },
 }
 
 /// A device's own state, by kind ([`Persist::State`] of each device).
@@ -111,6 +133,8 @@ pub enum DeviceState {
     Block(BlockState),
     Vsock(VsockState),
     Rng(RngState),
+    /// Last, so the older variants keep their tags in snapshot payloads (postcard).
+    Net(NetState),
 }
 
 impl DeviceState {
@@ -119,6 +143,7 @@ impl DeviceState {
         match self {
             Self::Block(s) => VirtioDeviceKind::Block { bytes: s.bytes, read_only: s.read_only },
             Self::Vsock(s) => VirtioDeviceKind::Vsock { guest_cid: s.guest_cid },
+            Self::Net(s) => VirtioDeviceKind::Net { mac: s.config.mac },
             Self::Rng(_) => VirtioDeviceKind::Rng,
         }
     }
@@ -143,6 +168,7 @@ impl VirtioDeviceState {
 enum AttachedDevice {
     Block(Arc<Mutex<Block<Mem>>>),
     Vsock(Arc<Mutex<Vsock<Mem>>>),
+    Net(Arc<Mutex<Net<Mem>>>),
     Rng(Arc<Mutex<Rng<Mem>>>),
 }
 
@@ -156,6 +182,7 @@ impl AttachedDevice {
         match self {
             Self::Block(d) => d.clone(),
             Self::Vsock(d) => d.clone(),
+            Self::Net(d) => d.clone(),
             Self::Rng(d) => d.clone(),
         }
     }
@@ -164,6 +191,7 @@ impl AttachedDevice {
         match self {
             Self::Block(d) => DeviceState::Block(lock(d).save()),
             Self::Vsock(d) => DeviceState::Vsock(lock(d).save()),
+            Self::Net(d) => DeviceState::Net(lock(d).save()),
             Self::Rng(d) => DeviceState::Rng(lock(d).save()),
         }
     }
@@ -293,6 +321,10 @@ fn create_devices(config: &VmConfig) -> Result<Vec<AttachedDevice>, VirtioWiring
                 .map_err(|source| VirtioWiringError::Vsock { path: vsock.uds_path.clone(), source })?;
         devices.push(AttachedDevice::Vsock(Arc::new(Mutex::new(device))));
     }
+    if let Some(net) = &config.net {
+        let device = Net::new(NetConfig { mac: net.mac }, network_stack(net)?).map_err(VirtioWiringError::Net)?;
+        devices.push(AttachedDevice::Net(Arc::new(Mutex::new(device))));
+    }
     if config.rng {
         devices.push(AttachedDevice::Rng(Arc::new(Mutex::new(Rng::new()))));
     }
@@ -311,6 +343,9 @@ fn configured_kinds(config: &VmConfig) -> Result<Vec<VirtioDeviceKind>, VirtioWi
     if let Some(vsock) = &config.vsock {
         kinds.push(VirtioDeviceKind::Vsock { guest_cid: u64::from(vsock.guest_cid) });
     }
+    if let Some(net) = &config.net {
+        kinds.push(VirtioDeviceKind::Net { mac: net.mac });
+    }
     if config.rng {
         kinds.push(VirtioDeviceKind::Rng);
     }
@@ -318,7 +353,7 @@ fn configured_kinds(config: &VmConfig) -> Result<Vec<VirtioDeviceKind>, VirtioWi
 }
 
 /// Device `index` of `config` in its saved `state` (the kinds were checked to match), with the
-/// live things the config names: a disk's path, the vsock socket.
+/// live things the config names: a disk's path, the vsock socket, the broker socket.
 fn restore_device(config: &VmConfig, index: usize, state: &DeviceState) -> Result<AttachedDevice, VirtioWiringError> {
     Ok(match state {
         DeviceState::Block(s) => {
@@ -332,11 +367,26 @@ fn restore_device(config: &VmConfig, index: usize, state: &DeviceState) -> Resul
             let vsock = Vsock::restore(path.clone(), s).map_err(|source| VirtioWiringError::Vsock { path, source })?;
             AttachedDevice::Vsock(Arc::new(Mutex::new(vsock)))
         }
+        DeviceState::Net(s) => {
+            let net = config.net.as_ref().ok_or(VirtioWiringError::NetNotConfigured { index })?;
+            let device = Net::restore(network_stack(net)?, s).map_err(VirtioWiringError::Net)?;
+            AttachedDevice::Net(Arc::new(Mutex::new(device)))
+        }
         DeviceState::Rng(s) => {
             let rng = Rng::restore((), s).unwrap_or_else(|e| match e {});
             AttachedDevice::Rng(Arc::new(Mutex::new(rng)))
         }
     })
+}
+
+/// The net device's backend: a fresh network stack whose upstream is the daemon, accepted on
+/// the broker socket bound here (a stale socket file is replaced). Until the daemon connects,
+/// the stack refuses everything.
+fn network_stack(net: &NetDeviceConfig) -> Result<Box<dyn NetBackend>, VirtioWiringError> {
+    let listener = broker_socket::listen(&net.broker_socket).map_err(VirtioWiringError::BrokerSocket)?;
+    let upstream = BrokerUpstream::listening(listener).map_err(VirtioWiringError::BrokerUpstream)?;
+    let stack = NetStack::new(Box::new(upstream)).map_err(VirtioWiringError::NetStack)?;
+    Ok(Box::new(stack))
 }
 
 /// Gives virtio device `index` its interrupt (an irqfd on its GSI), builds its transport with

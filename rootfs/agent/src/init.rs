@@ -1,5 +1,5 @@
 //! PID 1 duties: the API filesystems, the writable overlay root, host name and
-//! environment, and the init loop that reaps every orphan.
+//! environment, the network ([`setup_network`]), and the init loop that reaps every orphan.
 //!
 //! Layout of the boot: the kernel mounted the shared read-only base disk as
 //! `/` (`root=/dev/vda ro`). [`setup_filesystems`] mounts proc, sysfs,
@@ -15,6 +15,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,6 +35,12 @@ const WRITEBACK_CENTISECS: &str = "100";
 pub const GUEST_HOSTNAME: &str = "capsule";
 /// What PID 1 prints on the console once filesystems and the overlay root are up.
 pub const INIT_OK_LINE: &str = "capsule-agent: init ok";
+/// The guest's network interface; the kernel's `ip=` argument configures it and brings it up.
+const NET_INTERFACE_SYSFS: &str = "/sys/class/net/eth0";
+/// The resolver configuration: the sandbox gateway answers DNS (the VMM's network stack).
+const RESOLV_CONF: &str = "nameserver 10.0.2.2\n";
+/// Where it goes, in the overlay root.
+const RESOLV_CONF_PATH: &str = "/etc/resolv.conf";
 /// How long PID 1 waits before restarting a server that died.
 const SERVER_RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// Default environment of the guest.
@@ -236,6 +243,62 @@ pub fn setup_identity() {
         // Single-threaded here (before any thread starts), so setting the environment is sound.
         std::env::set_var(key, value);
     }
+}
+
+/// Brings the loopback interface up (the kernel's `ip=` does when the VM has a network; without
+/// one it stays down), and, when the VM has its network interface, points the resolver at the
+/// gateway. Each step logs what failed and the boot goes on.
+pub fn setup_network() {
+    log_step(bring_up(c"lo"));
+    if Path::new(NET_INTERFACE_SYSFS).exists() {
+        log_step(write_resolv_conf());
+    }
+}
+
+/// Writes [`RESOLV_CONF`] in place of whatever the image has there (a symlink, a stub).
+fn write_resolv_conf() -> Result<(), InitError> {
+    let failed = |what: &str| {
+        let what = format!("{what} {RESOLV_CONF_PATH}");
+        move |source| InitError::Sys { what, source }
+    };
+    match std::fs::remove_file(RESOLV_CONF_PATH) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed("remove")(e)),
+    }
+    std::fs::write(RESOLV_CONF_PATH, RESOLV_CONF).map_err(failed("write"))
+}
+
+/// Sets `IFF_UP` on the interface `name`, unless it is up already.
+fn bring_up(name: &std::ffi::CStr) -> Result<(), InitError> {
+    let label = name.to_string_lossy();
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(sys(format!("socket for bringing up {label}")));
+    }
+    // SAFETY: socket just returned this descriptor, owned by nothing else.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.to_bytes().iter().take(libc::IFNAMSIZ - 1)) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+        return Err(sys(format!("SIOCGIFFLAGS {label}")));
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads `req`, which outlives the call.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+        return Err(sys(format!("SIOCSIFFLAGS {label} up")));
+    }
+    Ok(())
 }
 
 /// Logs panics instead of letting them pass silently; PID 1 and the server keep going.

@@ -120,6 +120,7 @@ fn pid1_main(args: Args) -> ! {
         init::console("capsule-agent: init incomplete: no writable overlay root (see above)");
     }
     init::setup_identity();
+    init::setup_network();
     let work_dir = args.work_dir.unwrap_or_else(|| GUEST_WORK_DIR.into());
     let default_state_dir = if overlay_ok { GUEST_STATE_DIR } else { GUEST_FALLBACK_STATE_DIR };
     let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir.into());

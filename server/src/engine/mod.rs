@@ -128,6 +128,15 @@ pub trait Machine: Send {
     fn check_alive(&mut self) -> Result<(), EngineError>;
     /// What the registry stores so that [`Engine::reattach`] can find this machine again.
     fn saved_state(&self) -> serde_json::Value;
+    /// Where the machine's network stack takes the daemon's broker (a `SOCK_SEQPACKET` Unix
+    /// socket; connect with `capsule_vmm::net::broker_socket::connect`), while a process runs
+    /// it; `None` for machines without one (the test engine, a machine paused to disk). Each new
+    /// worker listens anew and drops what the old one had, so the daemon connects after every
+    /// create, resume, fork (each child), restart and reattach; until it does, the guest's
+    /// network refuses everything. A sandbox without network is simply never connected.
+    fn network_socket(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// The host process that runs the machine (a VM worker, an agent), while one does.
     fn process_id(&self) -> Option<u32> {
         None

@@ -3,8 +3,10 @@
 //! connection ([`first_bytes`]: the TLS server name, the HTTP `Host`). The guest's interface is
 //! the virtio-net device ([`crate::devices::virtio::net`]); the user-space stack that ends the
 //! guest's connections in the worker is that device's
-//! [`NetBackend`](crate::devices::virtio::net::NetBackend) ([`stack`]).
+//! [`NetBackend`](crate::devices::virtio::net::NetBackend) ([`stack`]); the daemon reaches it on
+//! the broker socket in the sandbox directory ([`broker_socket`]).
 
 pub mod broker;
+pub mod broker_socket;
 pub mod first_bytes;
 pub mod stack;

@@ -1,7 +1,8 @@
 //! The `state.bin` container: magic `CAPSNAP\0`, a little-endian u32 format version, a u32
 //! reserved word (0), a u64 payload length, a u32 CRC-32 of the payload, then the payload
 //! (postcard). It owns the framing and its checks; it never interprets the payload's meaning
-//! beyond decoding it.
+//! beyond decoding it. A payload of the previous layout ([`PREVIOUS_FORMAT_VERSION`]) is decoded
+//! as the caller's old type and converted ([`decode_or_upgrade`]).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -14,7 +15,12 @@ pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
 /// - 2: optional vCPU state is optional in the tree (XCRs, debug registers and the TSC rate as
 ///   `Option`, the XSAVE area or the legacy FPU state as one enum), so a snapshot of a host
 ///   without them restores. Version 1 files are refused; take the snapshot again.
-pub const FORMAT_VERSION: u32 = 2;
+/// - 3: the VM config has an optional net device (`VmConfig::net`) and the device states a
+///   `Net` variant (the last one, so older variants keep their tags). Version 2 files are read
+///   and converted (no net device), so VMs paused before it resume.
+pub const FORMAT_VERSION: u32 = 3;
+/// The older layout this build still reads, through [`decode_or_upgrade`].
+pub const PREVIOUS_FORMAT_VERSION: u32 = 2;
 /// Header bytes before the payload: magic, version, reserved, length, crc.
 pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest payload accepted (a state tree is a few hundred KiB; this bounds hostile input).
@@ -27,7 +33,7 @@ pub enum FormatError {
     Truncated { got: usize },
     #[error("state file does not start with the CAPSNAP magic (not a capsule snapshot, or corrupt)")]
     BadMagic,
-    #[error("snapshot format version {got} is not supported (this build reads version {FORMAT_VERSION} only; take the snapshot again with this build)")]
+    #[error("snapshot format version {got} is not supported (this build reads versions {PREVIOUS_FORMAT_VERSION} and {FORMAT_VERSION} only; take the snapshot again with this build)")]
     Version { got: u32 },
     #[error("reserved header word is {got:#x}, expected 0 (corrupt header)")]
     Reserved { got: u32 },
@@ -37,8 +43,12 @@ pub enum FormatError {
     TooLarge { declared: u64 },
     #[error("payload checksum mismatch: header {expected:#010x}, payload {actual:#010x} (corrupt)")]
     Checksum { expected: u32, actual: u32 },
-    #[error("payload does not decode as snapshot format version {FORMAT_VERSION}")]
-    Decode(#[source] postcard::Error),
+    #[error("payload does not decode as snapshot format version {version}")]
+    Decode {
+        version: u32,
+        #[source]
+        source: postcard::Error,
+    },
     #[error("encoding the snapshot state")]
     Encode(#[source] postcard::Error),
 }
@@ -63,8 +73,34 @@ fn le_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// Checks the framing of `bytes` and decodes the payload. Returns the value and its CRC-32.
+/// Checks the framing of `bytes` and decodes the payload, which must be of this build's layout.
+/// Returns the value and its CRC-32.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), FormatError> {
+    let (version, payload, crc) = checked_payload(bytes)?;
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version { got: version });
+    }
+    let value = postcard::from_bytes(payload).map_err(|source| FormatError::Decode { version, source })?;
+    Ok((value, crc))
+}
+
+/// Like [`decode`], but a payload of [`PREVIOUS_FORMAT_VERSION`] is decoded as `Old` and
+/// converted. The CRC returned is the file's, whichever layout it holds.
+pub fn decode_or_upgrade<T: DeserializeOwned, Old: DeserializeOwned + Into<T>>(
+    bytes: &[u8],
+) -> Result<(T, u32), FormatError> {
+    let (version, payload, crc) = checked_payload(bytes)?;
+    let decoded = match version {
+        FORMAT_VERSION => postcard::from_bytes::<T>(payload),
+        PREVIOUS_FORMAT_VERSION => postcard::from_bytes::<Old>(payload).map(Into::into),
+        got => return Err(FormatError::Version { got }),
+    };
+    Ok((decoded.map_err(|source| FormatError::Decode { version, source })?, crc))
+}
+
+/// Checks the framing of `bytes` (any version this build reads); returns the version, the
+/// payload and its CRC-32.
+fn checked_payload(bytes: &[u8]) -> Result<(u32, &[u8], u32), FormatError> {
     if bytes.len() < HEADER_BYTES {
         return Err(FormatError::Truncated { got: bytes.len() });
     }
@@ -72,7 +108,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), FormatError
         return Err(FormatError::BadMagic);
     }
     let version = le_u32(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != PREVIOUS_FORMAT_VERSION {
         return Err(FormatError::Version { got: version });
     }
     let reserved = le_u32(bytes, 12);
@@ -94,8 +130,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, u32), FormatError
     if actual != expected {
         return Err(FormatError::Checksum { expected, actual });
     }
-    let value = postcard::from_bytes(payload).map_err(FormatError::Decode)?;
-    Ok((value, actual))
+    Ok((version, payload, actual))
 }
 
 #[cfg(test)]
@@ -143,5 +178,29 @@ mod tests {
         let mut bad = bytes;
         bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(decode::<Sample>(&bad), Err(FormatError::TooLarge { .. })));
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct OldSample {
+        a: u64,
+    }
+
+    impl From<OldSample> for Sample {
+        fn from(old: OldSample) -> Self {
+            Sample { a: old.a, b: Vec::new(), regs: Default::default() }
+        }
+    }
+
+    #[test]
+    fn a_previous_layout_is_upgraded_and_only_that_one() {
+        let (mut bytes, crc) = encode(&OldSample { a: 9 }).unwrap();
+        bytes[8..12].copy_from_slice(&PREVIOUS_FORMAT_VERSION.to_le_bytes());
+        let (back, crc2) = decode_or_upgrade::<Sample, OldSample>(&bytes).unwrap();
+        assert_eq!((back.a, back.b.len(), crc2), (9, 0, crc));
+        assert!(matches!(decode::<Sample>(&bytes), Err(FormatError::Version { .. })));
+        let (current, _) = encode(&sample()).unwrap();
+        assert_eq!(decode_or_upgrade::<Sample, OldSample>(&current).unwrap().0, sample());
+        bytes[8..12].copy_from_slice(&(PREVIOUS_FORMAT_VERSION - 1).to_le_bytes());
+        assert!(matches!(decode_or_upgrade::<Sample, OldSample>(&bytes), Err(FormatError::Version { .. })));
     }
 }

@@ -40,6 +40,7 @@
 //! This module never runs the guest, never builds a VM and never decides when to snapshot.
 
 pub mod format;
+mod legacy;
 pub mod linked_copy;
 pub mod memory_file;
 pub mod partial_dir;
@@ -170,6 +171,10 @@ pub struct RestoreOverrides {
     pub vsock_uds: Option<PathBuf>,
     /// Where the serial console goes.
     pub serial_log: Option<PathBuf>,
+    /// Where the net device's worker listens for the daemon (ignored when the snapshot has no
+    /// net device). The MAC is never overridden: the guest read it at boot.
+    #[serde(default)]
+    pub net_socket: Option<PathBuf>,
     /// Replacement disk images, in disk order (empty: keep the saved paths). Each must have
     /// the saved disk's size.
     #[serde(default)]
@@ -318,7 +323,8 @@ fn read_state(dir: &Path) -> Result<(MicrovmState, u32), SnapshotError> {
     file.take(format::MAX_PAYLOAD_BYTES + format::HEADER_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(io_err("reading snapshot state file", &path))?;
-    format::decode(&bytes).map_err(|source| SnapshotError::Format { path, source })
+    format::decode_or_upgrade::<MicrovmState, legacy::MicrovmStateV2>(&bytes)
+        .map_err(|source| SnapshotError::Format { path, source })
 }
 
 fn open_memory(dir: &Path, mem_bytes: u64) -> Result<File, SnapshotError> {
@@ -416,6 +422,9 @@ impl RestoreOverrides {
         let mut config = saved.clone();
         if let (Some(vsock), Some(path)) = (config.vsock.as_mut(), &self.vsock_uds) {
             vsock.uds_path = path.clone();
+        }
+        if let (Some(net), Some(path)) = (config.net.as_mut(), &self.net_socket) {
+            net.broker_socket = path.clone();
         }
         if self.serial_log.is_some() {
             config.serial_log = self.serial_log.clone();

@@ -12,7 +12,9 @@
 //! is delivered; other workers are untouched.
 //!
 //! Once its VM is built the worker lowers its rlimits and installs a seccomp filter
-//! ([`crate::confinement`]). A worker remembers its last snapshot (or the one it was restored
+//! ([`crate::confinement`]). Whatever the VM needs from the host is opened before that, while it
+//! is built: disks, the vsock socket, and for a VM with a net device the broker socket it
+//! listens on for the daemon ([`crate::net::broker_socket`], bound by `virtio_wiring`). A worker remembers its last snapshot (or the one it was restored
 //! from) as the parent of the next incremental one. The worker never reads anything but its
 //! sockets; the controller never touches KVM. The worker's stdout is never the controller's
 //! (which may carry MCP); its stderr, where [`crate::worker_log::init`] logs, goes to a bounded

@@ -5,6 +5,7 @@
 //!   rw.ext4            the writable disk (/dev/vdb in the guest)
 //!   rootfs.ext4        a hard link to the image's read-only root filesystem (/dev/vda)
 //!   vsock.sock         the host end of the hybrid vsock
+//!   net.sock           where the VM's worker takes the daemon's network broker (SOCK_SEQPACKET)
 //!   control.sock       where the VM's worker takes a new controller (it outlives the daemon)
 //!   vm-ended.json      how the VM ended, left by a worker no controller was there to tell
 //!   serial.log         the serial console
@@ -19,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capsule_vmm::config::MAX_UDS_PATH_BYTES;
+use capsule_vmm::net::stack::{GATEWAY_MAC, GUEST_KERNEL_IP_PARAM};
 use capsule_vmm::snapshot::STATE_FILE;
 use capsule_vmm::worker::ControlSocket;
-use capsule_vmm::{DiskConfig, VmConfig, VsockConfig};
+use capsule_vmm::{DiskConfig, NetDeviceConfig, VmConfig, VsockConfig};
 
 use crate::image::ImageInfo;
 
@@ -31,8 +33,8 @@ pub const GUEST_CID: u32 = 3;
 /// Errors of a sandbox's files.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    /// The vsock socket path does not fit a `sockaddr_un`.
-    #[error("the vsock socket path {path} is longer than {MAX_UDS_PATH_BYTES} bytes; use a shorter --state-dir")]
+    /// A socket path of the sandbox does not fit a `sockaddr_un`.
+    #[error("the socket path {path} is longer than {MAX_UDS_PATH_BYTES} bytes; use a shorter --state-dir")]
     SocketPathTooLong {
         /// The path.
         path: PathBuf,
@@ -83,6 +85,11 @@ impl SandboxFiles {
     /// The host end of the hybrid vsock.
     pub fn vsock_uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
+    }
+
+    /// Where the VM's worker listens for the daemon's network broker.
+    pub fn net_socket(&self) -> PathBuf {
+        self.dir.join("net.sock")
     }
 
     /// The serial console log.
@@ -166,7 +173,7 @@ impl SandboxFiles {
 
     /// Creates the directory and checks that its socket paths fit a `sockaddr_un`.
     pub(super) fn create_dir(&self) -> Result<(), LayoutError> {
-        for uds in [self.vsock_uds(), self.control().path] {
+        for uds in [self.vsock_uds(), self.net_socket(), self.control().path] {
             if uds.as_os_str().len() > MAX_UDS_PATH_BYTES {
                 return Err(LayoutError::SocketPathTooLong { path: uds });
             }
@@ -176,11 +183,38 @@ impl SandboxFiles {
     }
 }
 
+/// The guest MAC of sandbox `id`: locally administered and unicast (`02:` then five bytes of a
+/// hash of the id), never the gateway's. Each sandbox is alone on its network with the gateway,
+/// so the MAC only has to differ from the gateway's; deriving it keeps it stable per sandbox.
+/// A VM restored from a snapshot (a template, a parent, its own pause) keeps the MAC it was
+/// saved with: the guest read it at boot.
+pub fn guest_mac(id: &str) -> [u8; 6] {
+    // FNV-1a, 64-bit: stable across builds and hosts (std's hasher is not).
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let b = hash.to_be_bytes();
+    let mut mac = [0x02, b[3], b[4], b[5], b[6], b[7]];
+    if mac == GATEWAY_MAC {
+        mac[5] ^= 1;
+    }
+    mac
+}
+
 /// The VM that boots `image` for a sandbox with `files`: the image's read-only root filesystem
-/// as `/dev/vda`, the sandbox's writable disk as `/dev/vdb`, vsock, virtio-rng, serial log.
-/// The image's command line is passed as is (the VMM appends its device declarations).
+/// as `/dev/vda`, the sandbox's writable disk as `/dev/vdb`, vsock, virtio-net, virtio-rng,
+/// serial log. The image's command line gets the guest's static address
+/// ([`GUEST_KERNEL_IP_PARAM`]); the VMM appends its device declarations.
+///
+/// Every VM has the net device, whatever its sandbox's network mode: templates are saved with
+/// it, so every sandbox restored from one has the same devices. A sandbox without network
+/// simply never gets a broker connected to `net.sock`, and its stack refuses everything (fails
+/// closed).
 pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: u64) -> VmConfig {
-    let mut config = VmConfig::new(&image.kernel, image.cmdline.clone());
+    let mut cmdline = image.cmdline.clone();
+    if !cmdline.split_whitespace().any(|p| p.starts_with("ip=")) {
+        cmdline.push(' ');
+        cmdline.push_str(GUEST_KERNEL_IP_PARAM);
+    }
+    let mut config = VmConfig::new(&image.kernel, cmdline);
     config.vcpus = vcpus;
     config.mem_mib = mem_mib;
     config.disks = vec![
@@ -190,6 +224,8 @@ pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: 
     config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: files.vsock_uds() });
     config.serial_log = Some(files.serial_log());
     config.rng = true;
+    let id = files.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    config.net = Some(NetDeviceConfig { mac: guest_mac(&id), broker_socket: files.net_socket() });
     config
 }
 
@@ -233,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn boot_config_puts_the_rootfs_first_read_only_and_keeps_the_cmdline() {
+    fn boot_config_puts_the_rootfs_first_read_only_and_adds_the_network() {
         let image = ImageInfo {
             kernel: "/img/vmlinux".into(),
             rootfs: "/img/root.ext4".into(),
@@ -245,7 +281,7 @@ mod tests {
         };
         let files = SandboxFiles::new("/state/sb-1");
         let config = boot_config(&image, &files, 1, 1024);
-        assert_eq!(config.cmdline, image.cmdline);
+        assert_eq!(config.cmdline, format!("{} {GUEST_KERNEL_IP_PARAM}", image.cmdline));
         assert_eq!(config.disks[0].path, PathBuf::from("/img/root.ext4"));
         assert!(config.disks[0].read_only);
         assert_eq!(config.disks[1].path, PathBuf::from("/state/sb-1/rw.ext4"));
@@ -254,5 +290,19 @@ mod tests {
         assert_eq!(vsock.uds_path, PathBuf::from("/state/sb-1/vsock.sock"));
         assert_eq!(vsock.guest_cid, GUEST_CID);
         assert_eq!(config.mem_mib, 1024);
+        let net = config.net.expect("net");
+        assert_eq!(net.broker_socket, PathBuf::from("/state/sb-1/net.sock"));
+        assert_eq!(net.mac, guest_mac("sb-1"));
+    }
+
+    #[test]
+    fn guest_macs_are_unicast_locally_administered_stable_and_differ_per_sandbox() {
+        let (a, b) = (guest_mac("sb-1"), guest_mac("sb-2"));
+        assert_ne!(a, b);
+        assert_eq!(a, guest_mac("sb-1"));
+        for mac in [a, b, guest_mac("")] {
+            assert_eq!(mac[0] & 0b11, 0b10, "{mac:02x?}");
+            assert_ne!(mac, GATEWAY_MAC);
+        }
     }
 }

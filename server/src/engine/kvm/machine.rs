@@ -277,6 +277,7 @@ impl KvmMachine {
     fn restore(&mut self, dir: &Path) -> Result<(), KvmError> {
         let overrides = RestoreOverrides {
             vsock_uds: Some(self.files.vsock_uds()),
+            net_socket: Some(self.files.net_socket()),
             serial_log: Some(self.files.serial_log()),
             disks: vec![self.rootfs.clone(), self.files.writable_disk()],
         };
@@ -470,6 +471,15 @@ impl Machine for KvmMachine {
 
     fn roll_back(&mut self, why: &str) -> Option<Result<RollBack, EngineError>> {
         Some(self.roll_back_to_newest(why).map_err(EngineError::from))
+    }
+
+    fn network_socket(&self) -> Option<PathBuf> {
+        match &self.residence {
+            // A VM restored from a snapshot without a net device (taken before VMs had one)
+            // has no socket: it has no network.
+            Residence::Live(_) => Some(self.files.net_socket()).filter(|path| path.exists()),
+            Residence::OnDisk { .. } | Residence::Killed => None,
+        }
     }
 
     fn process_id(&self) -> Option<u32> {

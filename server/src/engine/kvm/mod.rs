@@ -16,6 +16,12 @@
 //! writes a snapshot and stops the worker (its RAM is freed); resume restores the newest
 //! snapshot into a new worker; fork shares the parent's snapshot by hard links.
 //!
+//! Network: every VM has a virtio-net device whose worker listens on `<sandbox>/net.sock`
+//! ([`Machine::network_socket`]); the daemon connects after each create, resume, fork, restart
+//! and reattach. A sandbox the daemon never connects to has no network (everything is refused),
+//! so every sandbox, whatever its network mode, has the same devices and restores from the same
+//! templates.
+//!
 //! The engine is handed its image (the caller builds or locates it) and what templates run
 //! before they are saved. It never talks MCP, never touches the registry, and never runs KVM
 //! itself (the worker does).

@@ -7,6 +7,12 @@
 //! (the VMM renames it into place). Templates of another image or recipe are stale and deleted
 //! when the engine opens.
 //!
+//! A template is booted with every device a sandbox has, the net device included (see
+//! [`boot_config`](super::layout::boot_config)), so every sandbox restored from it has the same
+//! devices and its own broker socket; the guest MAC is the template's (the guest read it at
+//! boot), which is harmless: each sandbox is alone on its network with the gateway. Templates
+//! saved before VMs had a net device carry an older snapshot format in their name and are stale.
+//!
 //! What the warm-up runs, and in which context, is handed in ([`WarmUp`]): the engine does not
 //! know which context a tool call uses by default.
 

@@ -53,17 +53,17 @@
 //! [`device::TO_GUEST_CAPACITY_FRAMES`] frames for the guest (384 KiB at MTU 1500) and
 //! [`device::FROM_GUEST_CAPACITY_FRAMES`] the other way: under 1 MiB.
 //!
-//! # Wiring (in the worker; not done here)
+//! # Wiring (done by `virtio_wiring` and the worker)
 //!
 //! 1. Before the worker is confined, bind and listen on the broker socket in the sandbox
-//!    directory (`socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`, `bind`, `listen`), and make
+//!    directory ([`broker_socket::listen`](crate::net::broker_socket::listen)), and make
 //!    the upstream: `BrokerUpstream::listening(listener)`. (A worker spawned with one end of
 //!    [`broker::seqpacket_pair`](crate::net::broker::seqpacket_pair) uses
 //!    `BrokerUpstream::connected(end)`.) Until the daemon connects, everything is refused.
 //! 2. `let stack = NetStack::new(Box::new(upstream))?;` keep `stack.refusal_log()` to report
 //!    refusals, then `Net::new(NetConfig { mac }, Box::new(stack))` with a guest MAC other than
-//!    [`GATEWAY_MAC`], and the kernel command line
-//!    `ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off` plus `nameserver 10.0.2.2` in the guest's
+//!    [`GATEWAY_MAC`], and the kernel command line [`GUEST_KERNEL_IP_PARAM`]
+//!    (`ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off`) plus `nameserver 10.0.2.2` in the guest's
 //!    `/etc/resolv.conf`.
 //! 3. Nothing else: the device-event loop waits on the stack's epoll through the device. The
 //!    seccomp filter must allow `epoll_ctl`, `timerfd_settime`, `accept4` (listening upstream),
@@ -113,6 +113,9 @@ pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const SANDBOX_PREFIX_LEN: u8 = 24;
 /// The sandbox network, 10.0.2.0/24: nothing in it but the guest and the gateway.
 pub const SANDBOX_NETWORK: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 2, 0), SANDBOX_PREFIX_LEN);
+/// The guest kernel's `ip=` argument for this network: [`GUEST_IP`], gateway [`GATEWAY_IP`],
+/// the /24 of [`SANDBOX_NETWORK`], on `eth0` (the only NIC), no autoconfiguration protocol.
+pub const GUEST_KERNEL_IP_PARAM: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off";
 /// The resolver's UDP port on the gateway.
 pub const RESOLVER_PORT: u16 = 53;
 /// The IP MTU, in bytes.

@@ -9,7 +9,7 @@
 //! host→guest frame itself (they wait, bounded, in the backend), and never panics on guest input:
 //! a bad chain is completed with length 0 and counted ([`NetCounters`]).
 //!
-//! # Wiring (for vmmcore; not done here yet)
+//! # Wiring (done in `virtio_wiring`, with the sandbox network stack as the backend)
 //!
 //! 1. Build the backend and the device: `Net::new(NetConfig { mac }, Box::new(backend))`, and
 //!    share it as a [`SharedDevice`](super::device::SharedDevice)

@@ -397,3 +397,10 @@ fn a_listening_broker_upstream_refuses_until_the_daemon_connects() {
     assert_eq!(exchange(&mut net, after, b"hi", 2), b"hi");
     assert!(matches!(seen.recv().unwrap(), WorkerToBroker::Connect { .. }));
 }
+
+#[test]
+fn the_kernel_ip_param_names_the_guest_gateway_and_subnet() {
+    let mask = u32::MAX << (32 - super::SANDBOX_PREFIX_LEN);
+    let want = format!("ip={}::{}:{}::eth0:off", super::GUEST_IP, GATEWAY_IP, std::net::Ipv4Addr::from(mask));
+    assert_eq!(super::GUEST_KERNEL_IP_PARAM, want);
+}
