@@ -80,6 +80,10 @@ class Sandbox:
     def __init__(self, sid, value, snapshots):
         self.sid = sid
         self.value = value          # the last acknowledged value of v
+        # Values of `v = …` cells sent since that acknowledgement whose answer never came (the
+        # relay or daemon was killed mid-call): the cell may still have run in the guest, so v
+        # may be one of them. That is not lost state; an older value would be.
+        self.unacknowledged = set()
         self.snapshots = set(snapshots)  # values of v some snapshot of it holds
         self.rolled_back_told = False
 
@@ -128,9 +132,11 @@ class Client:
                 return
         sb = random.choice(list(self.sandboxes.values()))
         if op == "set":
+            sb.unacknowledged.add(self.counter)
             r, _ = await self.call(session, "run_code", {"code": f"v = {self.counter}", "sandbox_id": sb.sid})
             if not r.is_error:
                 sb.value = self.counter
+                sb.unacknowledged.clear()
         elif op == "pause":
             r, _ = await self.call(session, "pause", {"sandbox_id": sb.sid})
             if not r.is_error:
@@ -175,6 +181,10 @@ class Client:
                 sb.rolled_back_told = True
                 value, text = await self.value_of(session, sb)
             if value == sb.value:
+                continue
+            if value in sb.unacknowledged:
+                sb.value = value
+                sb.unacknowledged.clear()
                 continue
             if value in sb.snapshots and sb.rolled_back_told and killed_workers:
                 sb.value = value

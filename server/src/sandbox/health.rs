@@ -209,6 +209,10 @@ impl Manager {
             } else {
                 m.transition(&slot, &mut inner, SandboxState::Running, &reason)?;
             }
+            if was == SandboxState::Unresponsive {
+                // A new worker, which `transition` does not link from unresponsive.
+                m.link_network(&slot, &inner);
+            }
             if !m.has_default(&owner) {
                 m.set_default(&owner, &slot, &mut inner)?;
             }

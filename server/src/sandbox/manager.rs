@@ -396,6 +396,10 @@ impl Manager {
         self.inner.registry.record_transition(&next, from, reason)?;
         inner.record = next.clone();
         *lock(&slot.snapshot) = next;
+        // Running on a new worker (an unresponsive sandbox that answers again keeps its own).
+        if to == SandboxState::Running && from != SandboxState::Unresponsive {
+            self.link_network(slot, inner);
+        }
         tracing::info!(sandbox = %slot.id, from = from.as_str(), to = to.as_str(), reason, "sandbox transition");
         Ok(())
     }
@@ -607,9 +611,16 @@ impl Manager {
         if record.is_default && record.state != SandboxState::Failed {
             lock(&self.inner.defaults).insert(record.owner.clone(), record.id.clone());
         }
+        let running = record.state == SandboxState::Running;
         let slot = Slot::new(record, machine);
         *lock(&slot.notice) = notice;
-        lock(&self.inner.slots).insert(slot.id.clone(), slot);
+        lock(&self.inner.slots).insert(slot.id.clone(), slot.clone());
+        if running {
+            // A live worker this daemon attached to: it waits for a daemon on its broker socket.
+            if let Ok(inner) = slot.inner.try_lock() {
+                self.link_network(&slot, &inner);
+            }
+        }
     }
 
     /// What the owner of sandbox `id` has not been told yet, if anything (taken: it is told once).
