@@ -119,7 +119,7 @@ pub const GUEST_KERNEL_IP_PARAM: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::e
 /// The resolver's UDP port on the gateway.
 pub const RESOLVER_PORT: u16 = 53;
 /// The IP MTU, in bytes.
-pub const MTU_BYTES: usize = 1500;
+pub const MTU_BYTES: usize = crate::devices::virtio::net::DEVICE_MTU as usize;
 /// Refusals the log keeps (the oldest go first).
 pub const MAX_REFUSALS: usize = 32;
 /// Longest refusal text kept, in bytes.

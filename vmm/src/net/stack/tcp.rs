@@ -36,7 +36,7 @@ use crate::net::first_bytes::{scan, Scan, MAX_FIRST_BYTES};
 /// Guest connections open at once at most (a SYN past it gets a reset).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Each connection's buffer each way, in bytes (also the largest TCP window offered).
-pub const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
+pub const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
 /// How long the stack waits for the guest's first bytes on ports 80 and 443.
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a connection waits for the upstream's answer before it is refused.

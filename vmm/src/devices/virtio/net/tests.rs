@@ -221,11 +221,13 @@ fn a_full_backend_drops_frames_both_ways_and_counts_them() {
 fn config_space_holds_the_mac_and_link_up() {
     let (backend, _peer) = loopback_pair(1).unwrap();
     let net: Net<Mem> = Net::new(NetConfig { mac: MAC }, Box::new(backend)).unwrap();
-    let mut config = [0xee; 10];
+    let mut config = [0xee; 14];
     net.read_config(0, &mut config);
     assert_eq!(&config[..6], MAC);
     assert_eq!(u16::from_le_bytes([config[6], config[7]]), VIRTIO_NET_S_LINK_UP as u16);
-    assert_eq!(&config[8..], [0, 0], "bytes past the config read as zero");
+    assert_eq!(u16::from_le_bytes([config[8], config[9]]), 1, "one queue pair");
+    assert_eq!(u16::from_le_bytes([config[10], config[11]]), super::DEVICE_MTU, "the link's MTU");
+    assert_eq!(&config[12..], [0, 0], "bytes past the config read as zero");
     assert_eq!(net.avail_features(), NET_FEATURES);
     assert_eq!(net.device_type(), 1);
     assert_eq!(net.queue_max_sizes(), [NET_QUEUE_SIZE; 2]);
