@@ -249,11 +249,9 @@ fn configure_guest_files(tree: &Path) -> Result<(), RootfsError> {
     write("etc/resolv.conf", "nameserver 10.0.2.2\n")?;
     // The sandbox is the user's own machine: `pip install` as root must just work (PEP 668's
     // "externally-managed-environment" guards a system the sandbox does not have).
-    for marker in ["usr/lib/python3.11/EXTERNALLY-MANAGED"] {
-        let path = tree.join(marker);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(io_error("cannot remove", &path))?;
-        }
+    let marker = tree.join("usr/lib/python3.11/EXTERNALLY-MANAGED");
+    if marker.exists() {
+        std::fs::remove_file(&marker).map_err(io_error("cannot remove", &marker))?;
     }
     write("etc/pip.conf", "[global]\nbreak-system-packages = true\nroot-user-action = ignore\n")?;
     Ok(())
