@@ -25,12 +25,6 @@ pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
 const STAGING_DIR: &str = "/run/capsule";
 /// The per-sandbox writable disk.
 const WRITABLE_DISK: &str = "/dev/vdb";
-/// Mount options of the writable disk: the journal commits every second (ext4's default is 5).
-const WRITABLE_DISK_OPTIONS: &str = "commit=1";
-/// Dirty page cache older than this (centiseconds) is written back, and the flusher wakes this
-/// often: a sandbox whose VM is lost or restarted (`restart_sandbox` on a starved guest) keeps
-/// all but its last second or two of writes. The kernel's defaults (30 s, 5 s) lose far more.
-const WRITEBACK_CENTISECS: &str = "100";
 /// The guest's host name.
 pub const GUEST_HOSTNAME: &str = "capsule";
 /// What PID 1 prints on the console once filesystems and the overlay root are up.
@@ -174,18 +168,7 @@ pub fn setup_filesystems() -> bool {
     )));
     log_step(mkdir_p("/dev/shm"));
     log_step(mount_tmpfs("/dev/shm", "1777"));
-    log_step(tune_writeback());
     overlay_ok
-}
-
-/// Shortens how long written data may wait in the page cache (see [`WRITEBACK_CENTISECS`]).
-fn tune_writeback() -> Result<(), InitError> {
-    for knob in ["dirty_expire_centisecs", "dirty_writeback_centisecs"] {
-        let path = format!("/proc/sys/vm/{knob}");
-        std::fs::write(&path, WRITEBACK_CENTISECS)
-            .map_err(|source| InitError::Sys { what: format!("write {path}"), source })?;
-    }
-    Ok(())
 }
 
 /// Stages the overlay under [`STAGING_DIR`] and pivots into it.
@@ -197,7 +180,7 @@ fn build_overlay_root() -> Result<(), InitError> {
         mkdir_p(dir)?;
     }
     if Path::new(WRITABLE_DISK).exists() {
-        mount(WRITABLE_DISK, &rw, "ext4", libc::MS_NOATIME, WRITABLE_DISK_OPTIONS)?;
+        mount(WRITABLE_DISK, &rw, "ext4", libc::MS_NOATIME, "")?;
     } else {
         console(&format!("capsule-agent: no {WRITABLE_DISK}; the writable layer is a tmpfs"));
         mount("tmpfs", &rw, "tmpfs", 0, "mode=0755")?;
