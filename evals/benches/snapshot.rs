@@ -329,6 +329,8 @@ fn restore_worker(
         serial_log: Some(dir.join("serial.log")),
         disks: vec![image.rootfs.clone(), disk],
         net_socket: Some(dir.join("n.sock")),
+        // As the engine restores a sandbox.
+        undo_logs: Some(true),
     };
     WorkerHandle::restore(capsule, snapshot, overrides)
         .with_context(|| format!("restore a worker from {}", snapshot.display()))

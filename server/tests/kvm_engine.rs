@@ -7,130 +7,15 @@
 //!
 //! Skips only when /dev/kvm is unusable or no image is built (`capsule image build`).
 
-use std::collections::BTreeMap;
+#[path = "common/kvm.rs"]
+mod kvm;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use capsule::engine::kvm::{KvmEngine, MAX_INCREMENTAL_LAYERS};
-use capsule::engine::{Engine, ErrorKind, MachineSpec};
-use capsule::image::current_image;
-use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::{Event, ExecRequest, Language, Op, Reply, RunCodeRequest};
-
-const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
-
-fn engine(root: PathBuf) -> Option<KvmEngine> {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        capsule::doctor::skip_without_kvm(&format!("/dev/kvm is not usable: {e}"));
-        return None;
-    }
-    let image = match current_image() {
-        Ok(image) => image,
-        Err(e) => {
-            capsule::doctor::skip_without_kvm(&format!("no capsule image built (run `capsule image build`): {e}"));
-            return None;
-        }
-    };
-    Some(
-        KvmEngine::new(
-            PathBuf::from(env!("CARGO_BIN_EXE_capsule")),
-            image,
-            root,
-            capsule::daemon::open::default_warm_up(),
-        )
-        .expect("engine"),
-    )
-}
-
-/// A KVM engine over a fresh temporary root (dropped after the engine), or `None`
-/// when this host cannot run one (the reason is printed).
-fn engine_in_tempdir() -> Option<(tempfile::TempDir, KvmEngine)> {
-    let root = tempfile::tempdir().unwrap();
-    let engine = engine(root.path().to_path_buf())?;
-    Some((root, engine))
-}
-
-fn spec(id: &str) -> MachineSpec {
-    MachineSpec {
-        id: id.into(),
-        template: "default".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        disk_mib: 64,
-        env: BTreeMap::new(),
-    }
-}
-
-/// Starts `command` in the background through the agent; returns its guest pid.
-fn spawn(client: &AgentClient, command: &str) -> u32 {
-    let reply = client
-        .call_reply(Op::Exec(ExecRequest { background: true, ..ExecRequest::shell(command) }), CALL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("background exec {command:?}: {e}"));
-    match reply {
-        Reply::Started { pid, .. } => pid,
-        other => panic!("background exec {command:?}: {other:?}"),
-    }
-}
-
-/// The context `run_code` uses when the caller names none (the one the template warms).
-const DEFAULT_PYTHON_CONTEXT: &str = "python";
-
-/// Runs a Python cell in `context`; returns the text of its main result ("" when none).
-/// Fails on an exception.
-fn py_in(client: &AgentClient, context: &str, code: &str) -> String {
-    let (events, reply) = client
-        .call(
-            Op::RunCode(RunCodeRequest {
-                context: context.into(),
-                language: Language::Python,
-                code: code.into(),
-                output_cap_bytes: None,
-                limits: None,
-            }),
-            CALL_TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("run_code {code:?}: {e}"));
-    assert!(matches!(reply, Reply::CodeDone(_)), "{code:?}: {reply:?}");
-    let mut main = String::new();
-    for event in events {
-        match event {
-            Event::Error(error) => panic!("{code:?} raised {error:?}"),
-            Event::Result(result) if result.is_main_result => {
-                if let Some((_, text)) = result.data.iter().find(|(mime, _)| mime == "text/plain") {
-                    main = String::from_utf8_lossy(text).into_owned();
-                }
-            }
-            _ => {}
-        }
-    }
-    main
-}
-
-/// [`py_in`] in the default context.
-fn py(client: &AgentClient, code: &str) -> String {
-    py_in(client, DEFAULT_PYTHON_CONTEXT, code)
-}
-
-/// A shell loop that appends a line to `file` twenty times a second.
-fn ticker(file: &str) -> String {
-    format!("while true; do echo t >> {file}; sleep 0.05; done")
-}
-
-/// Lines in `file` in the guest.
-fn lines_of(client: &AgentClient, file: &str) -> u64 {
-    sh(client, &format!("wc -l < {file}")).trim().parse().expect("a line count")
-}
-
-/// Asserts that the ticker `pid` is alive and `file` keeps growing.
-fn assert_ticking(client: &AgentClient, pid: u32, file: &str) {
-    sh(client, &format!("kill -0 {pid}"));
-    let before = lines_of(client, file);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lines_of(client, file) <= before {
-        assert!(Instant::now() < deadline, "{file} stopped growing at {before} lines");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use capsule::engine::{Engine, ErrorKind};
+use kvm::{assert_ticking, engine, engine_in_tempdir, lines_of, py, py_in, sh, spawn, spec, ticker};
 
 /// Milliseconds, for the printed measurements.
 fn ms(d: Duration) -> f64 {
@@ -144,20 +29,6 @@ fn median_ms(mut samples: Vec<Duration>) -> f64 {
 
 /// How many processes named `sleep` the guest has.
 const COUNT_SLEEPERS: &str = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep";
-
-/// Runs `command` through `sh -c` and returns its stdout; fails on a non-zero exit.
-fn sh(client: &AgentClient, command: &str) -> String {
-    let out =
-        client.exec(ExecRequest::shell(command), CALL_TIMEOUT).unwrap_or_else(|e| panic!("exec {command:?}: {e}"));
-    assert_eq!(
-        out.status.code,
-        Some(0),
-        "{command:?}: {:?} stderr {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn worker_pids_of(dir: &std::path::Path) -> usize {
     // Our worker processes have the sandbox's serial log open; count those that do.
@@ -776,34 +647,5 @@ fn a_running_machine_outlives_its_engine_and_the_next_engine_attaches_to_it() {
     machine.pause().expect("pause");
     machine.resume().expect("resume");
     assert_eq!(py(&machine.connect().unwrap(), "kept"), "'interpreter state'");
-    machine.kill().expect("kill");
-}
-
-#[test]
-fn a_machine_whose_worker_died_while_no_engine_watched_rolls_back_to_its_newest_snapshot() {
-    let Some((root, engine)) = engine_in_tempdir() else {
-        return;
-    };
-    let mut machine = engine.create(&spec("kvm-b")).expect("create");
-    sh(&machine.connect().unwrap(), "echo before > /root/mark");
-    machine.pause().expect("pause");
-    machine.resume().expect("resume");
-    sh(&machine.connect().unwrap(), "echo after > /root/mark");
-    let saved = machine.saved_state();
-    let worker = machine.process_id().expect("a live worker");
-    machine.release();
-    drop(engine);
-    // The worker dies while nothing watches (a host OOM kill, a host restart).
-    // SAFETY: kill(2) with plain integers, on the worker this test's engine started.
-    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
-    std::thread::sleep(Duration::from_millis(500));
-
-    let engine = self::engine(root.path().to_path_buf()).expect("engine again");
-    let found = engine.reattach(&spec("kvm-b"), &saved, false).expect("rolled back, not lost");
-    let rolled = found.rolled_back.expect("the loss is reported");
-    assert!(rolled.why.contains("worker was gone"), "{rolled:?}");
-    let mut machine = found.machine;
-    machine.resume().expect("resume from the newest snapshot");
-    assert_eq!(sh(&machine.connect().unwrap(), "cat /root/mark"), "before\n", "back at the pause");
     machine.kill().expect("kill");
 }

@@ -11,24 +11,23 @@
 //!
 //! Skips only when /dev/kvm is unusable or no image is built (`capsule image build`).
 
-use std::collections::BTreeMap;
+#[path = "common/kvm.rs"]
+mod kvm;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use capsule::engine::kvm::KvmEngine;
-use capsule::engine::{Engine, Machine, MachineSpec};
-use capsule::image::current_image;
+use capsule::engine::{Engine, Machine};
 use capsule_agent::client::AgentClient;
-use capsule_agent::protocol::ExecRequest;
 use capsule_vmm::net::broker::{self, BrokerToWorker, WorkerToBroker};
 use capsule_vmm::net::broker_socket;
+use kvm::{engine, sh, sh_status, spec};
 
-const CALL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 /// The name the guest looks up, and the TEST-NET-3 address the test answers with.
 const WEB_NAME: &str = "web.example";
 const WEB_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -37,48 +36,6 @@ const WEB_PORT: u16 = 8080;
 /// A port of the same address the test refuses.
 const REFUSED_PORT: u16 = 9999;
 const PAGE: &str = "hello from the test's web server";
-
-fn engine(root: PathBuf) -> Option<KvmEngine> {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        capsule::doctor::skip_without_kvm(&format!("/dev/kvm is not usable: {e}"));
-        return None;
-    }
-    let image = match current_image() {
-        Ok(image) => image,
-        Err(e) => {
-            capsule::doctor::skip_without_kvm(&format!("no capsule image built (run `capsule image build`): {e}"));
-            return None;
-        }
-    };
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_capsule"));
-    Some(KvmEngine::new(exe, image, root, capsule::daemon::open::default_warm_up()).expect("engine"))
-}
-
-fn spec(id: &str) -> MachineSpec {
-    MachineSpec {
-        id: id.into(),
-        template: "default".into(),
-        vcpus: 1,
-        memory_mib: 512,
-        disk_mib: 64,
-        env: BTreeMap::new(),
-    }
-}
-
-/// Runs `command` through `sh -c`: its exit code and stdout (stderr appended).
-fn sh_status(client: &AgentClient, command: &str) -> (Option<i32>, String) {
-    let out =
-        client.exec(ExecRequest::shell(command), CALL_TIMEOUT).unwrap_or_else(|e| panic!("exec {command:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code, text)
-}
-
-/// Runs `command`; fails on a non-zero exit.
-fn sh(client: &AgentClient, command: &str) -> String {
-    let (code, text) = sh_status(client, command);
-    assert_eq!(code, Some(0), "{command:?}: {text}");
-    text
-}
 
 /// An HTTP/1.0 server on loopback that answers every request with [`PAGE`].
 fn web_server() -> SocketAddr {

@@ -32,6 +32,18 @@ pub const MAX_UDS_PATH_BYTES: usize = 107;
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Keep an undo log of the guest's writes beside a writable disk
+    /// ([`crate::devices::virtio::block::undo::undo_log_path`]): a new epoch begins at each
+    /// boot, restore and snapshot, so the disk can be taken back to the newest one.
+    #[serde(default)]
+    pub undo_log: bool,
+}
+
+impl DiskConfig {
+    /// Where this disk's undo log is kept, when it keeps one (only writable disks do).
+    pub fn undo_log_path(&self) -> Option<PathBuf> {
+        (self.undo_log && !self.read_only).then(|| crate::devices::virtio::block::undo::undo_log_path(&self.path))
+    }
 }
 
 /// The virtio-vsock device, backed by host Unix sockets (Firecracker's hybrid vsock).
@@ -224,7 +236,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.virtio_device_count(), 1);
         c.net = None;
-        c.disks.push(DiskConfig { path: "/nonexistent/disk".into(), read_only: true });
+        c.disks.push(DiskConfig { path: "/nonexistent/disk".into(), read_only: true, undo_log: false });
         assert!(c.validate().unwrap_err().to_string().starts_with("disks[0].path"));
         c.disks.clear();
         c.kernel = "/nonexistent/vmlinux".into();

@@ -47,6 +47,8 @@ pub enum MicroVmError {
     SaveTimeout,
     #[error("saving VM state")]
     VmState(#[source] VmError),
+    #[error("starting a new undo epoch on the disks")]
+    UndoLog(#[source] crate::devices::virtio::block::undo::UndoError),
 }
 
 /// Everything of a paused VM except its memory, as plain serde facts.
@@ -250,6 +252,17 @@ impl MicroVm {
         }
         let vm = self.vm.save_state().map_err(MicroVmError::VmState)?;
         Ok(MachineState { vcpus, vm, legacy: self.legacy.save(), virtio: self.virtio.save() })
+    }
+
+    /// Starts a new undo epoch tagged `tag` on every disk that keeps an undo log: the disks are
+    /// now at the state of that moment (a boot, a restore, a snapshot just written). Only while
+    /// the VM is saveable (never started, or paused with its devices parked), so no write races
+    /// it.
+    pub fn begin_disk_epoch(&self, tag: &str) -> Result<(), MicroVmError> {
+        if !self.is_saveable() {
+            return Err(MicroVmError::NotPaused(self.state()));
+        }
+        self.virtio.begin_undo_epochs(tag).map_err(MicroVmError::UndoLog)
     }
 
     /// Starts (or restarts) tracking which pages change: KVM dirty logging on every slot for

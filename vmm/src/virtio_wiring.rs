@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{MMIO_DEVICES_FIRST_GSI, MMIO_DEVICES_START, MMIO_DEVICE_WINDOW_BYTES};
-use crate::config::{NetDeviceConfig, VmConfig};
+use crate::config::{DiskConfig, NetDeviceConfig, VmConfig};
 use crate::devices::bus::{Bus, BusDevice, BusError};
-use crate::devices::virtio::block::{Block, BlockConfig, BlockError, BlockState, SECTOR_BYTES};
+use crate::devices::virtio::block::undo::UndoError;
+use crate::devices::virtio::block::{Block, BlockBacking, BlockConfig, BlockError, BlockState, SECTOR_BYTES};
 use crate::devices::virtio::device::SharedDevice;
 use crate::devices::virtio::event_loop::{DeviceEventLoop, EventLoopError};
 use crate::devices::virtio::mmio::{kernel_cmdline_entry, MmioArgs, MmioError, MmioState, MmioTransport};
@@ -214,6 +215,17 @@ impl VirtioDevices {
             .collect()
     }
 
+    /// Starts a new undo epoch tagged `tag` on every disk that keeps an undo log. Call only while
+    /// no device serves requests (before the VM starts, or paused).
+    pub fn begin_undo_epochs(&self, tag: &str) -> Result<(), UndoError> {
+        for (device, _) in &self.devices {
+            if let AttachedDevice::Block(block) = device {
+                lock(block).begin_undo_epoch(tag)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Parks the device-event thread; true once parked (or when there is none).
     pub fn pause(&self, timeout: Duration) -> bool {
         self.event_loop.as_ref().is_none_or(|l| l.pause(timeout))
@@ -310,9 +322,13 @@ pub fn restore_virtio_devices(
 fn create_devices(config: &VmConfig) -> Result<Vec<AttachedDevice>, VirtioWiringError> {
     let mut devices = Vec::with_capacity(config.virtio_device_count());
     for (index, disk) in config.disks.iter().enumerate() {
-        let block =
-            Block::new(BlockConfig { path: disk.path.clone(), read_only: disk.read_only, disk_id: disk_id(index) })
-                .map_err(|source| VirtioWiringError::Disk { index, path: disk.path.clone(), source })?;
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            disk_id: disk_id(index),
+            undo_log: disk.undo_log_path(),
+        })
+        .map_err(|source| VirtioWiringError::Disk { index, path: disk.path.clone(), source })?;
         devices.push(AttachedDevice::Block(Arc::new(Mutex::new(block))));
     }
     if let Some(vsock) = &config.vsock {
@@ -357,9 +373,10 @@ fn configured_kinds(config: &VmConfig) -> Result<Vec<VirtioDeviceKind>, VirtioWi
 fn restore_device(config: &VmConfig, index: usize, state: &DeviceState) -> Result<AttachedDevice, VirtioWiringError> {
     Ok(match state {
         DeviceState::Block(s) => {
-            let path: PathBuf = config.disks.get(index).map(|d| d.path.clone()).unwrap_or_default();
-            let block =
-                Block::restore(path.clone(), s).map_err(|source| VirtioWiringError::Disk { index, path, source })?;
+            let disk = config.disks.get(index);
+            let path: PathBuf = disk.map(|d| d.path.clone()).unwrap_or_default();
+            let backing = BlockBacking { path: path.clone(), undo_log: disk.and_then(DiskConfig::undo_log_path) };
+            let block = Block::restore(backing, s).map_err(|source| VirtioWiringError::Disk { index, path, source })?;
             AttachedDevice::Block(Arc::new(Mutex::new(block)))
         }
         DeviceState::Vsock(s) => {

@@ -60,7 +60,10 @@ fn the_guest_kernel_finds_both_disks_vsock_and_rng() {
     let scratch = dir.path().join("scratch.img");
     std::fs::write(&root, vec![0u8; 4 << 20]).unwrap();
     std::fs::write(&scratch, vec![0u8; 8 << 20]).unwrap();
-    let disks = vec![DiskConfig { path: root, read_only: true }, DiskConfig { path: scratch, read_only: false }];
+    let disks = vec![
+        DiskConfig { path: root, read_only: true, undo_log: false },
+        DiskConfig { path: scratch, read_only: false, undo_log: false },
+    ];
     let mut config = guest.config_with_disks(disks, "");
     config.mem_mib = 256;
     config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.path().join("vsock.sock") });

@@ -148,6 +148,7 @@ fn vsock_guest_gets_a_transport_reset_and_host_reconnects_after_restore() {
         serial_log: Some(restored_log.clone()),
         disks: Vec::new(),
         net_socket: None,
+        undo_logs: None,
     };
     let restored = WorkerHandle::restore(Path::new(WORKER_EXE), &snap, overrides).unwrap();
     // The connection to the old process is gone.

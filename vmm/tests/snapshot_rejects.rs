@@ -175,7 +175,7 @@ fn a_fork_gets_its_own_disk_copy_only_if_it_has_the_saved_size() {
     std::fs::write(&disk, vec![7u8; DISK_BYTES as usize]).unwrap();
     let payload = elf_payload(&COUNTER_AND_TSC);
     let mut config = tiny_config(payload.path(), 64);
-    config.disks.push(capsule_vmm::DiskConfig { path: disk.clone(), read_only: false });
+    config.disks.push(capsule_vmm::DiskConfig { path: disk.clone(), read_only: false, undo_log: false });
     let worker = start_worker(config);
     run_for(&worker, Duration::from_millis(20));
     let snap = tmp.path().join("snap");

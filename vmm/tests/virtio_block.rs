@@ -39,7 +39,7 @@ fn disk() -> Disk {
 }
 
 fn block(disk: &Disk, read_only: bool) -> Block<Mem> {
-    Block::new(BlockConfig { path: disk.path.clone(), read_only, disk_id: "capsule-disk-0".into() })
+    Block::new(BlockConfig { path: disk.path.clone(), read_only, disk_id: "capsule-disk-0".into(), undo_log: None })
         .expect("block device")
 }
 

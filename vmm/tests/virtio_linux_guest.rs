@@ -27,7 +27,8 @@ fn linux_probes_virtio_blk_disk_with_its_capacity() {
     };
     let disk = tempfile::NamedTempFile::new().expect("disk file");
     disk.as_file().set_len(DISK_SECTORS * 512).expect("size disk");
-    let mut config = guest.config_with_disks(vec![DiskConfig { path: disk.path().to_path_buf(), read_only: true }], "");
+    let mut config = guest
+        .config_with_disks(vec![DiskConfig { path: disk.path().to_path_buf(), read_only: true, undo_log: false }], "");
     config.mem_mib = 256;
     config.rng = true;
     let mut vm = build_microvm(&config).expect("build VM");

@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn a_version_2_config_is_todays_without_the_trailing_net_field() {
         let mut config = VmConfig::new("/k", "console=ttyS0");
-        config.disks = vec![DiskConfig { path: "/s/rw.ext4".into(), read_only: false }];
+        config.disks = vec![DiskConfig { path: "/s/rw.ext4".into(), read_only: false, undo_log: false }];
         config.vsock = Some(VsockConfig { guest_cid: 3, uds_path: "/s/v.sock".into() });
         config.rng = true;
         let bytes = postcard::to_stdvec(&config).unwrap();

@@ -179,6 +179,9 @@ pub struct RestoreOverrides {
     /// the saved disk's size.
     #[serde(default)]
     pub disks: Vec<PathBuf>,
+    /// Whether the writable disks keep undo logs (`None`: as saved).
+    #[serde(default)]
+    pub undo_logs: Option<bool>,
 }
 
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
@@ -435,6 +438,11 @@ impl RestoreOverrides {
             }
             for (disk, path) in config.disks.iter_mut().zip(&self.disks) {
                 disk.path = path.clone();
+            }
+        }
+        if let Some(undo_log) = self.undo_logs {
+            for disk in config.disks.iter_mut().filter(|d| !d.read_only) {
+                disk.undo_log = undo_log;
             }
         }
         Ok(config)

@@ -18,6 +18,7 @@ use super::protocol::{
 };
 use super::{error_chain, WorkerError, CONTROL_FD_FLAG, WORKER_SUBCOMMAND};
 use crate::builder::{build_microvm, build_microvm_from_snapshot, BuildError};
+use crate::devices::virtio::block::undo::{snapshot_tag, BOOT_TAG};
 use crate::microvm::MicroVm;
 use crate::snapshot::{save_snapshot, SnapshotError, SnapshotInfo, SnapshotRef};
 use crate::vstate::vcpu::{RunState, VmEvent};
@@ -144,13 +145,17 @@ pub fn run_worker(fd: RawFd) -> Result<(), WorkerError> {
 
     let (built, control) = match read_message::<ToWorker>(&mut reader)? {
         Some(ToWorker::Configure { config, control }) => (
-            build_microvm(&config).map(|vm| (vm, None)).map_err(|e| RemoteError::new(build_error_kind(&e), &e)),
+            build_microvm(&config)
+                .map(|vm| (vm, None))
+                .map_err(|e| RemoteError::new(build_error_kind(&e), &e))
+                .and_then(|built| begin_disk_epoch(built, BOOT_TAG)),
             control,
         ),
         Some(ToWorker::Restore { dir, overrides, control }) => (
             build_microvm_from_snapshot(&dir, &overrides)
                 .map(|(vm, parent)| (vm, Some(parent)))
-                .map_err(|e| RemoteError::new(build_error_kind(&e), &e)),
+                .map_err(|e| RemoteError::new(build_error_kind(&e), &e))
+                .and_then(|built| begin_disk_epoch(built, &snapshot_tag(&dir))),
             control,
         ),
         Some(other) => return Err(WorkerError::Protocol(format!("expected Configure or Restore, got {other:?}"))),
@@ -284,6 +289,12 @@ fn record_end(control: &ControlSocket, event: &VmEvent) {
     let _ = std::fs::remove_file(&control.path);
 }
 
+/// Starts the first undo epoch of a VM just built (from a boot or a restore).
+fn begin_disk_epoch<P>(built: (MicroVm, P), tag: &str) -> Result<(MicroVm, P), RemoteError> {
+    built.0.begin_disk_epoch(tag).map_err(|e| RemoteError::new(RemoteErrorKind::HostFault, &e))?;
+    Ok(built)
+}
+
 fn apply(
     vm: &mut MicroVm,
     last_snapshot: &mut Option<SnapshotRef>,
@@ -301,6 +312,14 @@ fn apply(
         return match save_snapshot(vm, &dir, parent.as_ref()) {
             Ok((info, snapshot)) => {
                 *last_snapshot = Some(snapshot);
+                // The disks are at the snapshot's moment (the devices are still parked).
+                if let Err(e) = vm.begin_disk_epoch(&snapshot_tag(&dir)) {
+                    // Writes the undo log cannot take back must not happen: the VM stops here,
+                    // with its disks at the snapshot just written.
+                    tracing::error!(error = %e, "worker: no new undo epoch after the snapshot; stopping the VM");
+                    vm.stop();
+                    return (Err(RemoteError::new(RemoteErrorKind::HostFault, &e)), None);
+                }
                 (Ok(vm.state()), Some(info))
             }
             Err(e) => {

@@ -166,7 +166,7 @@ impl TestGuest {
         }
         let mut config = VmConfig::new(&self.kernel, cmdline);
         config.disks = disks;
-        config.disks.push(DiskConfig { path: self.disk.path().to_path_buf(), read_only: true });
+        config.disks.push(DiskConfig { path: self.disk.path().to_path_buf(), read_only: true, undo_log: false });
         config
     }
 

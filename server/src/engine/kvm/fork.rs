@@ -57,7 +57,7 @@ pub(super) fn fork_many(
 
 /// The state `children` (their directories made) start from, taken at one moment: each gets a
 /// copy of the writable disk, and the generation of the snapshot to restore is returned.
-fn take_state(parent: &mut KvmMachine, children: &[SandboxFiles]) -> Result<u64, KvmError> {
+pub(super) fn take_state(parent: &mut KvmMachine, children: &[SandboxFiles]) -> Result<u64, KvmError> {
     let disk = parent.files.writable_disk();
     let copy_disks = || children.iter().try_for_each(|child| copy_disk(&disk, &child.writable_disk()));
     if let Some(generation) = parent.disk_generation() {

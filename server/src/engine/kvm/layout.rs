@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/<sandbox id>/
 //!   rw.ext4            the writable disk (/dev/vdb in the guest)
+//!   rw.ext4.undo       what the guest overwrote on it since its newest snapshot (see `disk_back`)
 //!   rootfs.ext4        a hard link to the image's read-only root filesystem (/dev/vda)
 //!   vsock.sock         the host end of the hybrid vsock
 //!   net.sock           where the VM's worker takes the daemon's network broker (SOCK_SEQPACKET)
@@ -218,8 +219,8 @@ pub fn boot_config(image: &ImageInfo, files: &SandboxFiles, vcpus: u8, mem_mib: 
     config.vcpus = vcpus;
     config.mem_mib = mem_mib;
     config.disks = vec![
-        DiskConfig { path: image.rootfs.clone(), read_only: true },
-        DiskConfig { path: files.writable_disk(), read_only: false },
+        DiskConfig { path: image.rootfs.clone(), read_only: true, undo_log: false },
+        DiskConfig { path: files.writable_disk(), read_only: false, undo_log: false },
     ];
     config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: files.vsock_uds() });
     config.serial_log = Some(files.serial_log());

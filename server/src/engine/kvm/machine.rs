@@ -24,13 +24,14 @@ use capsule_vmm::worker::{error_chain, WorkerEvent, WorkerHandle};
 use capsule_vmm::VmEvent;
 
 use super::chain::Chain;
+use super::disk_back::disk_back_to;
 use super::guest_link::{
     connect_agent, serial_tail, sync_restored_guest, LinkError, AGENT_RESTORED_TIMEOUT, SERIAL_TAIL_LINES,
 };
 use super::layout::SandboxFiles;
 use super::{fork, worker_err, KvmError, SavedState};
 use crate::engine::trash::Trash;
-use crate::engine::{EngineError, Machine, MachineSpec, RollBack};
+use crate::engine::{EngineError, Machine, MachineSpec, RollBack, SavedTemplate};
 
 /// How a live VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,12 +228,13 @@ impl KvmMachine {
         let Some((generation, written)) = self.files.newest_snapshot() else {
             return Err(KvmError::NoSnapshot(self.files.dir().to_path_buf()));
         };
+        let disk = disk_back_to(&self.files, generation)?;
         let _ = std::fs::remove_file(self.files.control().ended);
         self.chain = Chain::at(generation, None);
         self.residence = Residence::OnDisk { generation };
         let snapshot_unix_ms =
             written.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
-        tracing::warn!(dir = %self.files.dir().display(), generation, why, "rolled back to the newest snapshot");
+        tracing::warn!(dir = %self.files.dir().display(), generation, why, ?disk, "rolled back to the newest snapshot");
         Ok(RollBack { why: why.to_string(), snapshot_unix_ms })
     }
 
@@ -280,6 +282,7 @@ impl KvmMachine {
             net_socket: Some(self.files.net_socket()),
             serial_log: Some(self.files.serial_log()),
             disks: vec![self.rootfs.clone(), self.files.writable_disk()],
+            undo_logs: Some(true),
         };
         let worker = WorkerHandle::restore_outliving(&self.worker_exe, dir, overrides, &self.files.control())
             .map_err(worker_err("restore the snapshot"))?;
@@ -410,6 +413,10 @@ impl KvmMachine {
 impl Machine for KvmMachine {
     fn connect(&mut self) -> Result<AgentClient, EngineError> {
         Ok(self.connect_within(AGENT_RESTORED_TIMEOUT)?)
+    }
+
+    fn save_template(&mut self, key: &str) -> Result<SavedTemplate, EngineError> {
+        Ok(super::user_templates::save(self, key)?)
     }
 
     fn pause(&mut self) -> Result<(), EngineError> {

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::block::undo::undo_log_path;
 use super::block::{parse_request, Block, BlockConfig};
 use super::chain::Chain;
 use super::device::{ActivateContext, Interrupt, VirtioDevice};
@@ -118,8 +119,11 @@ pub fn blk_request(data: &[u8]) -> FuzzOutcome {
             path: path.clone(),
             read_only: data.first().is_some_and(|b| b & 0x80 != 0),
             disk_id: "fuzz".into(),
+            // Half the inputs write through an undo log.
+            undo_log: data.first().is_some_and(|b| b & 0x40 != 0).then(|| undo_log_path(path)),
         };
-        if let (Ok(mut block), Ok(irq)) = (Block::new(config), EventFd::new(EFD_NONBLOCK)) {
+        let block = Block::new(config).ok().and_then(|mut b| b.begin_undo_epoch("fuzz").ok().map(|()| b));
+        if let (Some(mut block), Ok(irq)) = (block, EventFd::new(EFD_NONBLOCK)) {
             let ctx = ActivateContext {
                 mem,
                 queues: vec![queue],

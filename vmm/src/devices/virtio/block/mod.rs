@@ -8,6 +8,11 @@
 //! It advertises seg_max ([`MAX_DATA_SEGMENTS`]) and size_max ([`MAX_SEGMENT_BYTES`]), which
 //! Linux honours; a request with a larger data descriptor completes with IOERR, so a request
 //! never moves more than [`MAX_REQUEST_DATA_BYTES`] and its used length always fits 32 bits.
+//! A disk configured with an undo log ([`undo`]) has the old contents of each block logged
+//! before the guest's first write to it in an epoch; a write that cannot be logged is refused
+//! (IOERR), never made unlogged.
+
+pub mod undo;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -25,6 +30,7 @@ use super::chain::{total_len, Chain, ChainError, Segment};
 use super::device::{read_config_bytes, DeviceMemory, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1_BIT};
 use crate::devices::guest_log::GuestWarnLimiter;
 use crate::persist::Persist;
+use undo::{UndoError, UndoLog};
 
 /// Device ID (include/uapi/linux/virtio_ids.h).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -79,6 +85,9 @@ pub enum BlockError {
         /// The file's size (whole sectors).
         actual: u64,
     },
+    /// The undo log could not be opened.
+    #[error("opening the disk's undo log failed")]
+    UndoLog(#[source] UndoError),
 }
 
 /// What is wrong with a request's descriptor chain (the request is then
@@ -211,6 +220,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Disk ID returned by GET_ID (truncated to 20 bytes).
     pub disk_id: String,
+    /// Keep an undo log of the guest's writes here ([`undo`]); only for writable disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_log: Option<PathBuf>,
 }
 
 /// A virtio block device over a host file.
@@ -219,6 +231,7 @@ pub struct Block<M> {
     file: File,
     capacity_sectors: u64,
     config_space: Vec<u8>,
+    undo: Option<UndoLog>,
     common: VirtioCommon<M>,
 }
 
@@ -232,6 +245,12 @@ impl<M> Block<M> {
             .map_err(|source| BlockError::Open { path: config.path.clone(), source })?;
         let size = file.metadata().map_err(|source| BlockError::Metadata { path: config.path.clone(), source })?.len();
         let capacity_sectors = size / SECTOR_BYTES;
+        let undo = match &config.undo_log {
+            Some(path) if !config.read_only => {
+                Some(UndoLog::open(path, capacity_sectors * SECTOR_BYTES).map_err(BlockError::UndoLog)?)
+            }
+            _ => None,
+        };
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config_space = Vec::with_capacity(16);
         config_space.extend_from_slice(&capacity_sectors.to_le_bytes());
@@ -245,7 +264,14 @@ impl<M> Block<M> {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
         let common = VirtioCommon::new(VIRTIO_ID_BLOCK, features, &[BLOCK_QUEUE_SIZE]);
-        Ok(Self { config, file, capacity_sectors, config_space, common })
+        Ok(Self { config, file, capacity_sectors, config_space, undo, common })
+    }
+
+    /// Starts a new undo epoch tagged `tag` (see [`undo`]): the disk is now at the state of
+    /// that moment. Call only while the device serves no requests (before the VM starts, or with
+    /// the device-event thread parked). Nothing to do without an undo log.
+    pub fn begin_undo_epoch(&mut self, tag: &str) -> Result<(), UndoError> {
+        self.undo.as_mut().map_or(Ok(()), |log| log.begin(tag))
     }
 
     /// Disk size in 512-byte sectors.
@@ -276,10 +302,19 @@ pub struct BlockState {
     pub disk_id: String,
 }
 
+/// The host files a restored block device works on (a fork has its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockBacking {
+    /// The backing file; it must have the saved size.
+    pub path: PathBuf,
+    /// Where to keep its undo log, if anywhere.
+    pub undo_log: Option<PathBuf>,
+}
+
 impl<M> Persist for Block<M> {
     type State = BlockState;
-    /// The backing file.
-    type ConstructorArgs = PathBuf;
+    /// The backing file and where to keep its undo log.
+    type ConstructorArgs = BlockBacking;
     type Error = BlockError;
 
     fn save(&self) -> BlockState {
@@ -290,8 +325,10 @@ impl<M> Persist for Block<M> {
         }
     }
 
-    fn restore(path: PathBuf, state: &BlockState) -> Result<Self, BlockError> {
-        let block = Self::new(BlockConfig { path, read_only: state.read_only, disk_id: state.disk_id.clone() })?;
+    fn restore(backing: BlockBacking, state: &BlockState) -> Result<Self, BlockError> {
+        let BlockBacking { path, undo_log } = backing;
+        let block =
+            Self::new(BlockConfig { path, read_only: state.read_only, disk_id: state.disk_id.clone(), undo_log })?;
         let actual = block.capacity_sectors * SECTOR_BYTES;
         if actual != state.bytes {
             return Err(BlockError::SizeChanged { path: block.config.path, saved: state.bytes, actual });
@@ -303,13 +340,14 @@ impl<M> Persist for Block<M> {
 impl<M: DeviceMemory> Block<M> {
     /// Serves every pending request; returns how many were completed.
     pub fn process_queue(&mut self) -> usize {
-        let (file, config, capacity_sectors) = (&self.file, &self.config, self.capacity_sectors);
+        let disk = Disk { file: &self.file, config: &self.config, capacity_sectors: self.capacity_sectors };
+        let undo = &mut self.undo;
         self.common.serve_queue(0, "virtio-blk", |mem, desc_chain, warnings| {
             let request =
                 Chain::collect(desc_chain).map_err(RequestError::Chain).and_then(|chain| parse_request(mem, &chain));
             Some(match request {
                 Ok(req) => {
-                    let (status, data_len) = execute(file, config, capacity_sectors, mem, &req, warnings);
+                    let (status, data_len) = execute(&disk, undo.as_mut(), mem, &req, warnings);
                     match mem.write_obj(status, req.status.addr) {
                         Ok(()) => data_len.saturating_add(1),
                         Err(e) => {
@@ -327,15 +365,23 @@ impl<M: DeviceMemory> Block<M> {
     }
 }
 
-/// Runs `req`; returns the status byte and the bytes written to guest data buffers.
-fn execute<M: GuestMemory>(
-    file: &File,
-    config: &BlockConfig,
+/// What a request runs against.
+struct Disk<'a> {
+    file: &'a File,
+    config: &'a BlockConfig,
     capacity_sectors: u64,
+}
+
+/// Runs `req` (logging what a write overwrites first, with `undo`); returns the status byte and
+/// the bytes written to guest data buffers.
+fn execute<M: GuestMemory>(
+    disk: &Disk<'_>,
+    undo: Option<&mut UndoLog>,
     mem: &M,
     req: &Request,
     warnings: &mut GuestWarnLimiter,
 ) -> (u8, u32) {
+    let Disk { file, config, capacity_sectors } = *disk;
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
     match req.request_type {
@@ -376,6 +422,12 @@ fn execute<M: GuestMemory>(
                 return (IOERR, 0);
             }
             let write = req.request_type == RequestType::Out;
+            if let (true, Some(undo)) = (write, undo) {
+                if let Err(e) = undo.before_write(file, req.sector * SECTOR_BYTES, len) {
+                    tracing::error!(error = %e, sector = req.sector, len, "virtio-blk: cannot log the overwritten blocks; the write is refused");
+                    return (IOERR, 0);
+                }
+            }
             match copy_data(file, mem, &req.data, req.sector * SECTOR_BYTES, write) {
                 Ok(()) if write => (OK, 0),
                 // At most MAX_REQUEST_DATA_BYTES, checked above.
@@ -460,7 +512,7 @@ fn copy_data<M: GuestMemory>(
 
 /// Reads `buf.len()` bytes at `offset`; bytes past end of file read as zero
 /// (the file may have been truncated under us).
-fn read_at_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(super) fn read_at_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -505,11 +557,15 @@ mod tests {
     #[test]
     fn a_disk_round_trips_onto_a_copy_and_still_answers_get_id() {
         let dir = tempfile::tempdir().unwrap();
-        let config =
-            BlockConfig { path: disk(&dir, "a.img", DISK_BYTES), read_only: true, disk_id: "capsule-vdq".into() };
+        let config = BlockConfig {
+            path: disk(&dir, "a.img", DISK_BYTES),
+            read_only: true,
+            disk_id: "capsule-vdq".into(),
+            undo_log: None,
+        };
         let block: Block<Mem> = Block::new(config).unwrap();
         let copy = disk(&dir, "copy.img", DISK_BYTES);
-        let mut restored = round_trip(&block, copy.clone());
+        let mut restored = round_trip(&block, BlockBacking { path: copy.clone(), undo_log: None });
         assert_eq!(restored.path(), copy);
         assert_eq!(restored.avail_features(), block.avail_features(), "still read-only");
 
@@ -526,12 +582,53 @@ mod tests {
     }
 
     #[test]
+    fn guest_writes_through_an_undo_log_can_be_taken_back_to_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = disk(&dir, "rw.img", DISK_BYTES);
+        std::fs::write(&path, vec![0x5a; DISK_BYTES as usize]).unwrap();
+        let log = undo::undo_log_path(&path);
+        let config =
+            BlockConfig { path: path.clone(), read_only: false, disk_id: "d".into(), undo_log: Some(log.clone()) };
+        let mut block: Block<Mem> = Block::new(config).unwrap();
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 0);
+        let _irq = activate(&mut block, &mem, vec![driver.queue()]);
+        let (hdr, data, status) = (0x10_0000, 0x10_1000, 0x10_4000);
+        let write = |driver: &mut Driver, sector: u8| {
+            write_bytes(&mem, hdr, &[VIRTIO_BLK_T_OUT as u8, 0, 0, 0, 0, 0, 0, 0, sector, 0, 0, 0, 0, 0, 0, 0]);
+            write_bytes(&mem, data, &[0xee; 1024]);
+            driver.add_chain(&[(hdr, REQUEST_HEADER_BYTES, false), (data, 1024, false), (status, 1, true)]);
+        };
+        // Before an epoch began, nothing may be written (the log could not take it back).
+        write(&mut driver, 1);
+        assert_eq!(block.process_queue(), 1);
+        assert_eq!(read_bytes(&mem, status, 1), [VIRTIO_BLK_S_IOERR as u8]);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; DISK_BYTES as usize]);
+
+        block.begin_undo_epoch("snapshot-1").unwrap();
+        write(&mut driver, 1);
+        assert_eq!(block.process_queue(), 1);
+        write(&mut driver, 9);
+        assert_eq!(block.process_queue(), 1);
+        assert_eq!(read_bytes(&mem, status, 1), [VIRTIO_BLK_S_OK as u8]);
+        assert_ne!(std::fs::read(&path).unwrap(), vec![0x5a; DISK_BYTES as usize]);
+        let undone = undo::undo_disk(&path, &log).unwrap().unwrap();
+        assert_eq!((undone.tag.as_str(), undone.records), ("snapshot-1", 2), "two 4 KiB blocks were touched");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; DISK_BYTES as usize]);
+    }
+
+    #[test]
     fn a_disk_restores_only_onto_a_file_of_the_saved_size() {
         let dir = tempfile::tempdir().unwrap();
-        let config = BlockConfig { path: disk(&dir, "a.img", DISK_BYTES), read_only: false, disk_id: "d".into() };
+        let config = BlockConfig {
+            path: disk(&dir, "a.img", DISK_BYTES),
+            read_only: false,
+            disk_id: "d".into(),
+            undo_log: None,
+        };
         let state = Block::<Mem>::new(config).unwrap().save();
         let bigger = disk(&dir, "big.img", 2 * DISK_BYTES);
-        let err = Block::<Mem>::restore(bigger, &state).map(|_| ()).unwrap_err();
+        let err = Block::<Mem>::restore(BlockBacking { path: bigger, undo_log: None }, &state).map(|_| ()).unwrap_err();
         assert!(matches!(err, BlockError::SizeChanged { saved: DISK_BYTES, .. }), "{err}");
     }
 }
