@@ -9,6 +9,10 @@
 //!   own sandboxes, unless sandboxes are shared. Sandboxes of sessions that
 //!   ended (or of a previous run of the server) are orphans that the
 //!   manager's timers reclaim.
+//! - The sessionless revision 2026-07-28 is served beside it (rmcp routes each
+//!   request by its era) only with a token or a fixed owner: a 2026-07-28
+//!   request acts for `--token-owner`, for the shared owner, or else for its
+//!   client's name (`http-client:NAME`), which only token holders can claim.
 //!
 //! This module is transport plumbing; tools live in [`super::handler`].
 
@@ -24,7 +28,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 
 use super::shaping::Shaping;
-use super::{client_owner, CapsuleMcp};
+use super::{client_owner, CapsuleMcp, OwnerSource};
 use crate::sandbox::{Manager, Owner};
 
 /// The path of the MCP endpoint.
@@ -165,14 +169,22 @@ pub fn router_with_shutdown(
     // period) and visible to --shared-sandboxes sessions until then. Reusing
     // ids across restarts would hand one client's sandboxes to another.
     let boot = crate::registry::now_ms();
+    // The sessionless 2026-07-28 revision needs an identity other than the session: the
+    // token (its holders act for their client names) or a fixed owner.
+    let offers_stateless = opts.token.is_some() || token_owner.is_some() || shared;
+    // One task store for the listener: a 2026-07-28 request gets a handler of its own, and the
+    // request that polls a task is not the one that made it.
+    let tasks = rmcp::task_manager::TaskManager::new();
     let factory = move || {
         let n = sessions.fetch_add(1, Ordering::Relaxed);
-        let owner = match (&token_owner, shared) {
-            (_, true) => Owner { id: "http-shared".into(), sees_all: true },
-            (Some(name), false) => client_owner(name),
-            (None, false) => Owner::new(format!("http-{boot:x}-{n}")),
+        let source = match (&token_owner, shared) {
+            (_, true) => OwnerSource::Fixed(Owner { id: "http-shared".into(), sees_all: true }),
+            (Some(name), false) => OwnerSource::Fixed(client_owner(name)),
+            (None, false) => OwnerSource::Session(Owner::new(format!("http-{boot:x}-{n}"))),
         };
-        Ok(CapsuleMcp::new(manager.clone(), owner, shaping))
+        Ok(CapsuleMcp::with_owner_source(manager.clone(), source, shaping)
+            .offering_stateless(offers_stateless)
+            .with_tasks(tasks.clone()))
     };
     // The same limit as the stdio relay's: a bigger body is answered 413, naming the limit.
     let mut config =

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use capsule_agent::protocol::{Command, ExecRequest, ExitStatus, Op, PtySize, Reply};
+use capsule_agent::protocol::{Command, ErrorKind, ExecRequest, ExitStatus, Op, PtySize, Reply};
 use capsule_tool_schemas::{
     KillProcessParams, KillProcessResult, LimitHit, ReadProcessParams, ReadProcessResult, RunCommandParams,
     RunCommandResult, WriteProcessParams, WriteProcessResult, DEFAULT_PROCESS_READ_BYTES, MAX_PROCESS_INPUT_BYTES,
@@ -254,9 +254,22 @@ impl CapsuleMcp {
             return Err(ToolError::BadParameter(format!("signal={signal} is not a signal number (1 to 64)")));
         }
         let lease = self.lease(p.sandbox_id.as_deref()).await?;
-        self.quick(&lease, "kill_process", Op::Signal { pid: p.pid, signal }).await?;
-        let result = KillProcessResult { sandbox_id: lease.id.clone(), pid: p.pid, signal };
-        let text = format!("Sent signal {signal} to process {} in sandbox {}.", p.pid, lease.id);
+        // Killing a process that is gone already is done, not a failure (the tool is idempotent).
+        let delivered = match self.quick(&lease, "kill_process", Op::Signal { pid: p.pid, signal }).await {
+            Ok(_) => true,
+            Err(ToolError::Guest { cause, .. }) if cause.agent_kind() == Some(ErrorKind::NotFound) => false,
+            Err(e) => return Err(e),
+        };
+        let result = KillProcessResult { sandbox_id: lease.id.clone(), pid: p.pid, signal, delivered };
+        let text = if delivered {
+            format!("Sent signal {signal} to process {} in sandbox {}.", p.pid, lease.id)
+        } else {
+            format!(
+                "Process {} is not running in sandbox {} (it exited already, or there is no such pid); nothing was \
+                 signalled. read_process shows how a background process ended.",
+                p.pid, lease.id
+            )
+        };
         Ok(tool_result(&result, text, Vec::new(), false))
     }
 }

@@ -139,6 +139,9 @@ pub struct KillProcessResult {
     pub pid: u32,
     /// The signal sent.
     pub signal: i32,
+    /// Whether a running process got it (false: it had exited already, or there is no such
+    /// pid; killing it again is not an error).
+    pub delivered: bool,
 }
 
 /// Send input to a background process (started by `run_command` with `background: true`), as
