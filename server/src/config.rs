@@ -28,6 +28,10 @@ pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 /// Writable disk a sandbox gets when it asks for none, in MiB.
 pub const DEFAULT_DISK_MIB: u32 = 2048;
+/// Default most templates saved with `save_template`.
+pub const DEFAULT_MAX_SAVED_TEMPLATES: u32 = 32;
+/// Default most host disk all saved templates take together, in MiB.
+pub const DEFAULT_MAX_SAVED_TEMPLATE_MIB: u64 = 64 * 1024;
 /// Idle time after which a running sandbox is paused.
 pub const DEFAULT_IDLE_PAUSE_AFTER: Duration = Duration::from_secs(10 * 60);
 /// Time a paused sandbox is kept before it is deleted.
@@ -82,6 +86,10 @@ pub struct Limits {
     pub default_memory_mib: u32,
     /// Disk when a request names none, in MiB.
     pub default_disk_mib: u32,
+    /// Most templates saved with `save_template` (0 disables the tool).
+    pub max_saved_templates: u32,
+    /// Most host disk all saved templates may take together, in MiB.
+    pub max_saved_template_mib: u64,
 }
 
 impl Default for Limits {
@@ -96,6 +104,8 @@ impl Default for Limits {
             default_vcpus: DEFAULT_VCPUS,
             default_memory_mib: DEFAULT_MEMORY_MIB,
             default_disk_mib: DEFAULT_DISK_MIB,
+            max_saved_templates: DEFAULT_MAX_SAVED_TEMPLATES,
+            max_saved_template_mib: DEFAULT_MAX_SAVED_TEMPLATE_MIB,
         }
     }
 }
@@ -169,6 +179,10 @@ pub struct FileLimits {
     pub default_memory_mib: Option<u32>,
     /// See [`Limits::default_disk_mib`].
     pub default_disk_mib: Option<u32>,
+    /// See [`Limits::max_saved_templates`].
+    pub max_saved_templates: Option<u32>,
+    /// See [`Limits::max_saved_template_mib`].
+    pub max_saved_template_mib: Option<u64>,
 }
 
 /// `[timers]` of the config file; durations as strings such as `"10m"`.

@@ -16,4 +16,6 @@ pub mod registry;
 pub mod sandbox;
 pub mod serve;
 pub mod settings;
+pub mod template_build;
+pub mod template_cli;
 pub mod worker;

@@ -25,6 +25,11 @@ enum Command {
         #[command(subcommand)]
         command: capsule::image::ImageCommand,
     },
+    /// List, show, build (from a TOML spec) or remove saved templates.
+    Template {
+        #[command(subcommand)]
+        command: capsule::template_cli::TemplateCommand,
+    },
     /// Report what this host can run (KVM access, PVM or hardware virtualization) and why not.
     Doctor(capsule::doctor::DoctorArgs),
     /// Run the daemon that owns a state directory in the foreground (`capsule serve` starts it).
@@ -57,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Image { command } => capsule::image::run(command)?,
+        Command::Template { command } => print!("{}", capsule::template_cli::run(command)?),
         Command::Doctor(args) => capsule::doctor::run(args)?,
         Command::Daemon(args) => capsule::daemon::run(args)?,
         Command::Worker(args) => capsule::worker::run(args)?,

@@ -122,6 +122,42 @@ impl SandboxRecord {
     }
 }
 
+/// A template saved from a sandbox (`save_template`): what the registry keeps about it. Its
+/// files are the engine's ([`TemplateRecord::engine_state`] says where).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateRecord {
+    /// Its name, unique on this host's state directory.
+    pub name: String,
+    /// The owner who saved it (who sees it, besides owners who see everything).
+    pub owner: String,
+    /// What it holds.
+    pub description: Option<String>,
+    /// The template the saved sandbox started from.
+    pub base: String,
+    /// The sandbox it was saved from.
+    pub saved_from: String,
+    /// vCPUs (fixed by its memory image).
+    pub vcpus: u32,
+    /// Memory, in MiB (fixed by its memory image).
+    pub memory_mib: u32,
+    /// Disk, in MiB (fixed by its disk image).
+    pub disk_mib: u32,
+    /// Bytes its files take on the host.
+    pub bytes: u64,
+    /// When it was saved (ms since the epoch).
+    pub created_ms: u64,
+    /// The engine that saved it (only that engine can start sandboxes from it).
+    pub engine: String,
+    /// Where the engine keeps its files.
+    pub engine_state: serde_json::Value,
+    /// For a template built from a spec (`capsule template build`), the content hash of its
+    /// spec, files and base.
+    pub spec_hash: Option<String>,
+}
+
+/// The owner of templates built on the host from a spec: every client may use them.
+pub const HOST_TEMPLATE_OWNER: &str = "host";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! The registry: every sandbox and every state transition, in SQLite.
+//! The registry: every sandbox and every state transition, and the templates saved from
+//! sandboxes, in SQLite.
 //!
 //! An embedded database (`registry.sqlite3` in the state directory) with
 //! numbered migrations tracked in `PRAGMA user_version`. The manager writes a
@@ -12,7 +13,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::record::{SandboxRecord, SandboxState};
+use crate::record::{SandboxRecord, SandboxState, TemplateRecord};
 
 /// The registry's file name inside the state directory.
 pub const REGISTRY_FILE_NAME: &str = "registry.sqlite3";
@@ -51,6 +52,23 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX transitions_by_sandbox ON transitions(sandbox_id, seq);",
     // 2: per-sandbox settings (limits every command runs under), as JSON.
     "ALTER TABLE sandboxes ADD COLUMN settings_json TEXT NOT NULL DEFAULT '{}';",
+    // 3: templates saved from sandboxes.
+    "CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        description TEXT,
+        base TEXT NOT NULL,
+        saved_from TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_mib INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        engine TEXT NOT NULL,
+        engine_state TEXT NOT NULL
+    );",
+    // 4: the spec hash of templates built from a spec.
+    "ALTER TABLE templates ADD COLUMN spec_hash TEXT;",
 ];
 
 /// Errors of the registry.
@@ -308,14 +326,99 @@ impl Registry {
         let conn = self.lock();
         Ok(conn.query_row("SELECT state FROM sandboxes WHERE id = ?1", [id], |r| r.get(0)).optional()?)
     }
+
+    /// Records a new template; `false` (nothing written) when one of that name exists.
+    pub fn insert_template(&self, t: &TemplateRecord) -> Result<bool, RegistryError> {
+        let inserted = self.lock().execute(
+            "INSERT OR IGNORE INTO templates (name, owner, description, base, saved_from, vcpus, memory_mib,
+                disk_mib, bytes, created_ms, engine, engine_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                t.name,
+                t.owner,
+                t.description,
+                t.base,
+                t.saved_from,
+                t.vcpus,
+                t.memory_mib,
+                t.disk_mib,
+                t.bytes as i64,
+                t.created_ms as i64,
+                t.engine,
+                t.engine_state.to_string()
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Every saved template, by name.
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>, RegistryError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT name, owner, description, base, saved_from, vcpus, memory_mib, disk_mib, bytes, created_ms,
+                engine, engine_state, spec_hash
+             FROM templates ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                TemplateRecord {
+                    name: row.get(0)?,
+                    owner: row.get(1)?,
+                    description: row.get(2)?,
+                    base: row.get(3)?,
+                    saved_from: row.get(4)?,
+                    vcpus: row.get(5)?,
+                    memory_mib: row.get(6)?,
+                    disk_mib: row.get(7)?,
+                    bytes: row.get::<_, i64>(8)?.max(0) as u64,
+                    created_ms: row.get::<_, i64>(9)?.max(0) as u64,
+                    engine: row.get(10)?,
+                    engine_state: serde_json::Value::Null,
+                    spec_hash: row.get(12)?,
+                },
+                row.get::<_, String>(11)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut template, state) = row?;
+            template.engine_state = serde_json::from_str(&state).map_err(|e| RegistryError::Corrupt {
+                id: format!("template {}", template.name),
+                what: format!("engine state: {e}"),
+            })?;
+            out.push(template);
+        }
+        Ok(out)
+    }
+
+    /// The saved template `name`, if there is one.
+    pub fn template(&self, name: &str) -> Result<Option<TemplateRecord>, RegistryError> {
+        Ok(self.templates()?.into_iter().find(|t| t.name == name))
+    }
+
+    /// Marks template `name` as built from a spec with `spec_hash`, and as the host's (every
+    /// client may use it).
+    pub fn mark_template_built(&self, name: &str, spec_hash: &str) -> Result<(), RegistryError> {
+        self.lock().execute(
+            "UPDATE templates SET spec_hash = ?2, owner = ?3 WHERE name = ?1",
+            params![name, spec_hash, crate::record::HOST_TEMPLATE_OWNER],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the saved template `name`; whether there was one.
+    pub fn delete_template(&self, name: &str) -> Result<bool, RegistryError> {
+        Ok(self.lock().execute("DELETE FROM templates WHERE name = ?1", [name])? == 1)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::SandboxSettings;
 
-    fn record(id: &str) -> SandboxRecord {
+    /// A sandbox record as tests store it.
+    pub(crate) fn record(id: &str) -> SandboxRecord {
         SandboxRecord {
             id: id.into(),
             owner: "o".into(),
@@ -364,6 +467,45 @@ mod tests {
         let states: Vec<&str> = t.iter().map(|(_, to, _)| to.as_str()).collect();
         assert_eq!(states, ["creating", "running", "paused"]);
         assert_eq!(t[2].2, "idle");
+    }
+
+    fn template(name: &str) -> TemplateRecord {
+        TemplateRecord {
+            name: name.into(),
+            owner: "client:a".into(),
+            description: Some("numpy warmed".into()),
+            base: "default".into(),
+            saved_from: "sb-1".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 64,
+            bytes: 4096,
+            created_ms: 9,
+            engine: "kvm".into(),
+            engine_state: serde_json::json!({"dir": "/s/.user-templates/t"}),
+            spec_hash: None,
+        }
+    }
+
+    #[test]
+    fn templates_are_kept_by_name_survive_reopen_and_are_deleted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let reg = Registry::open(dir.path()).unwrap();
+            assert!(reg.insert_template(&template("ml")).unwrap());
+            assert!(!reg.insert_template(&template("ml")).unwrap(), "a second of the same name is refused");
+            assert!(reg.insert_template(&template("base")).unwrap());
+        }
+        let reg = Registry::open(dir.path()).unwrap();
+        let names: Vec<String> = reg.templates().unwrap().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["base", "ml"]);
+        assert_eq!(reg.template("ml").unwrap(), Some(template("ml")));
+        reg.mark_template_built("ml", "abc").unwrap();
+        let built = reg.template("ml").unwrap().unwrap();
+        assert_eq!((built.spec_hash.as_deref(), built.owner.as_str()), (Some("abc"), "host"));
+        assert!(reg.delete_template("ml").unwrap());
+        assert!(!reg.delete_template("ml").unwrap());
+        assert_eq!(reg.template("ml").unwrap(), None);
     }
 
     #[test]

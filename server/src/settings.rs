@@ -80,6 +80,9 @@ pub struct SettingsArgs {
     /// Memory budget of all running sandboxes together, in MiB.
     #[arg(long, env = "CAPSULE_MEMORY_BUDGET_MIB")]
     pub memory_budget_mib: Option<u64>,
+    /// Most templates `save_template` may keep (0 disables the tool).
+    #[arg(long, env = "CAPSULE_MAX_SAVED_TEMPLATES")]
+    pub max_saved_templates: Option<u32>,
     /// Pause a sandbox after this long without calls (e.g. 10m, 30s, 500ms).
     #[arg(long, env = "CAPSULE_IDLE_PAUSE_AFTER")]
     pub idle_pause_after: Option<String>,
@@ -113,6 +116,7 @@ impl SettingsArgs {
         flag("max-memory-mib", self.max_memory_mib.map(|v| v.to_string().into()));
         flag("max-disk-mib", self.max_disk_mib.map(|v| v.to_string().into()));
         flag("memory-budget-mib", self.memory_budget_mib.map(|v| v.to_string().into()));
+        flag("max-saved-templates", self.max_saved_templates.map(|v| v.to_string().into()));
         flag("idle-pause-after", self.idle_pause_after.clone().map(Into::into));
         flag("retention", self.retention.clone().map(Into::into));
         flag("output-cap-bytes", self.output_cap_bytes.map(|v| v.to_string().into()));
@@ -180,6 +184,11 @@ pub fn resolve(args: &SettingsArgs) -> Result<Resolved, SettingsError> {
         default_vcpus: d.default_vcpus,
         default_memory_mib: file.limits.default_memory_mib.unwrap_or(d.default_memory_mib),
         default_disk_mib: file.limits.default_disk_mib.unwrap_or(d.default_disk_mib),
+        max_saved_templates: args
+            .max_saved_templates
+            .or(file.limits.max_saved_templates)
+            .unwrap_or(d.max_saved_templates),
+        max_saved_template_mib: file.limits.max_saved_template_mib.unwrap_or(d.max_saved_template_mib),
     };
     let t = Timers::default();
     let duration = |flag: &Option<String>, file: &Option<String>, default| -> Result<Duration, ConfigError> {

@@ -22,7 +22,10 @@ const PNG_1X1: &str =
 async fn tools_list_is_the_checked_in_contract() {
     let f = Fixture::default().await;
     let info = serde_json::to_value(f.client.peer_info().expect("server info")).unwrap();
-    assert_eq!(info["protocolVersion"], "2025-11-25", "only session-ful protocol versions: {info}");
+    assert_eq!(
+        info["protocolVersion"], "2025-11-25",
+        "initialize settles on the newest version with a handshake: {info}"
+    );
     let tools = f.client.list_all_tools().await.expect("tools/list");
     let catalog = capsule_tool_schemas::catalog();
     assert_eq!(tools.len(), catalog.len());
@@ -164,6 +167,10 @@ async fn background_processes_are_read_incrementally_and_killed() {
     }
     assert_eq!(state["running"], false);
     assert_eq!(state["signal"], 9);
+    assert_eq!(killed["delivered"], true);
+    // Killing it again is not an error: it is gone already.
+    let again = ok("kill again", &f.call("kill_process", json!({"pid": pid})).await);
+    assert_eq!(again["delivered"], false);
 
     let missing = f.call("read_process", json!({"pid": 999_999})).await;
     assert!(is_error(&missing));

@@ -71,7 +71,7 @@ def raw_post(url, headers):
 def test_tools_and_a_command_over_http(engine_server):
     async def body(session):
         tools = (await session.list_tools()).tools
-        assert len(tools) == 15 and all(t.output_schema for t in tools)
+        assert len(tools) == 17 and all(t.output_schema for t in tools)
         r = await ok(session, "run_command", {"command": "echo over-http"})
         assert r["stdout"] == "over-http\n"
         await ok(session, "kill_sandbox", {"sandbox_id": r["sandbox_id"]})

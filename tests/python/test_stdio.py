@@ -17,6 +17,7 @@ from scenarios import ok
 TOOLS = {
     "run_code", "run_command", "read_process", "kill_process", "write_process", "write_file", "read_file",
     "list_files", "create_sandbox", "list_sandboxes", "pause", "resume", "fork", "restart_sandbox", "kill_sandbox",
+    "save_template", "list_templates",
 }
 
 

@@ -169,6 +169,10 @@ pub fn catalog() -> Vec<ToolSpec> {
             RestartSandboxParams => RestartSandboxResult),
         tool!("kill_sandbox", "Delete a sandbox", ro = false, destructive = true, idempotent = true,
             KillSandboxParams => SandboxResult),
+        tool!("save_template", "Save a sandbox as a template", ro = false, destructive = false, idempotent = false,
+            SaveTemplateParams => SaveTemplateResult),
+        tool!("list_templates", "List templates", ro = true, destructive = false, idempotent = true,
+            ListTemplatesParams => ListTemplatesResult),
     ]
 }
 

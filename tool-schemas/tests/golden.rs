@@ -53,7 +53,7 @@ fn tool_schemas_match_the_checked_in_golden_files() {
 #[test]
 fn every_tool_has_a_description_annotations_and_object_schemas() {
     let tools = catalog();
-    assert_eq!(tools.len(), 15);
+    assert_eq!(tools.len(), 17);
     for tool in tools {
         assert!(tool.description().len() > 40, "{} has no real description", tool.name);
         assert_eq!(tool.input_schema().get("type"), Some(&serde_json::json!("object")), "{}", tool.name);

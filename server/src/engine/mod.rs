@@ -106,6 +106,16 @@ pub struct Reattached {
     pub rolled_back: Option<RollBack>,
 }
 
+/// A template saved from a machine ([`Machine::save_template`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedTemplate {
+    /// Where the engine keeps its files (handed back to [`Engine::create_from_template`] and
+    /// [`Engine::remove_template`]).
+    pub engine_state: serde_json::Value,
+    /// Bytes its files take on the host (some may be shared by hard links).
+    pub bytes: u64,
+}
+
 /// A VM (or stand-in) for one sandbox. All calls block.
 pub trait Machine: Send {
     /// A connected, handshaken agent client; reuses the live connection when there is one.
@@ -122,6 +132,10 @@ pub trait Machine: Send {
     fn fork_many(&mut self, children: &[MachineSpec]) -> Vec<Result<Box<dyn Machine>, EngineError>> {
         children.iter().map(|child| self.fork(child)).collect()
     }
+    /// Saves the machine's current state as a template named after `name` (its memory too,
+    /// where the engine keeps memory: taken at one moment, like a fork), leaving the machine as
+    /// it was, running or paused.
+    fn save_template(&mut self, name: &str) -> Result<SavedTemplate, EngineError>;
     /// Destroys the machine and its files. Idempotent.
     fn kill(&mut self) -> Result<(), EngineError>;
     /// An error of kind [`ErrorKind::Lost`] (saying why) when the machine has died.
@@ -164,6 +178,15 @@ pub trait Engine: Send + Sync + 'static {
     fn fork_note(&self) -> Option<&'static str>;
     /// Creates and starts a machine.
     fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError>;
+    /// Creates and starts a machine from the saved template whose files `template` names
+    /// ([`SavedTemplate::engine_state`]), with its size.
+    fn create_from_template(
+        &self,
+        spec: &MachineSpec,
+        template: &serde_json::Value,
+    ) -> Result<Box<dyn Machine>, EngineError>;
+    /// Deletes a saved template's files. Sandboxes made from it keep working. Best effort.
+    fn remove_template(&self, template: &serde_json::Value);
     /// Finds a machine again after a server restart, from its saved state. `paused` says
     /// whether it was recorded paused (it must stay paused).
     fn reattach(&self, spec: &MachineSpec, saved: &serde_json::Value, paused: bool) -> Result<Reattached, EngineError>;
@@ -176,6 +199,22 @@ pub trait Engine: Send + Sync + 'static {
     fn discard(&self, id: &str) {
         let _ = id;
     }
+}
+
+/// Bytes the files under `dir` take on disk.
+pub(crate) fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => allocated_bytes(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Host limits common to every engine on this host: PVM allows one vCPU.

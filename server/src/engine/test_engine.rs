@@ -12,6 +12,8 @@
 //! - fork: copy the work directory and start a new agent. Only files are
 //!   copied: running interpreters and processes are not (the KVM engine
 //!   restores the whole memory image instead).
+//! - save_template: copy the work directory under `.user-templates/`; a
+//!   sandbox made from it starts an agent on a copy of it (files only, as a fork).
 //! - kill: SIGKILL the agent and its descendants, delete the directory.
 //! - restart: the saved state is the agent's pid and directory; a stopped
 //!   agent stays stopped while the server is down and is found again.
@@ -28,7 +30,10 @@ use capsule_agent::client::AgentClient;
 use capsule_agent::client::ClientError;
 use capsule_vmm::config::MAX_UDS_PATH_BYTES;
 
-use super::{detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec, Reattached};
+use super::{
+    allocated_bytes, detect_host_limits, Engine, EngineError, ErrorKind, HostLimits, Machine, MachineSpec, Reattached,
+    SavedTemplate,
+};
 
 /// How long a new agent may take to listen and answer the handshake.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -216,9 +221,68 @@ impl TestEngine {
     }
 }
 
+impl TestEngine {
+    /// Starts an agent in `dir` (its work directory already there, or made) and connects.
+    fn start_in(
+        &self,
+        dir: &Path,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        let mut machine = self.spawn_agent(dir, env).map_err(EngineError::Test)?;
+        if let Err(e) = machine.connect() {
+            let _ = machine.kill();
+            return Err(e);
+        }
+        Ok(Box::new(machine))
+    }
+}
+
+/// Where saved templates' work directories are kept, under the engine's root.
+const USER_TEMPLATES_DIR: &str = ".user-templates";
+
+/// Copies the work directory of the machine in `from` into `to` (made).
+fn copy_work(from: &Path, to: &Path) -> Result<(), TestEngineError> {
+    std::fs::create_dir_all(to).map_err(io_err(format!("cannot create {}", to.display())))?;
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from.join("work"))
+        .arg(to.join("work"))
+        .status()
+        .map_err(io_err("cannot run cp to copy the work dir"))?;
+    if !status.success() {
+        return Err(TestEngineError::Copy(status));
+    }
+    Ok(())
+}
+
 impl Engine for TestEngine {
     fn name(&self) -> &'static str {
         "test"
+    }
+
+    fn create_from_template(
+        &self,
+        spec: &MachineSpec,
+        template: &serde_json::Value,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        let from = template.get("dir").and_then(|d| d.as_str()).map(PathBuf::from).filter(|d| d.is_dir());
+        let Some(from) = from else {
+            return Err(TestEngineError::Io {
+                what: format!("the saved template's files are gone ({template})"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into());
+        };
+        let dir = self.root.join(&spec.id);
+        copy_work(&from, &dir)?;
+        self.start_in(&dir, &spec.env)
+    }
+
+    fn remove_template(&self, template: &serde_json::Value) {
+        let dir = template.get("dir").and_then(|d| d.as_str()).map(PathBuf::from);
+        if let Some(dir) = dir.filter(|d| d.starts_with(self.root.join(USER_TEMPLATES_DIR))) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     fn host_limits(&self) -> HostLimits {
@@ -230,13 +294,7 @@ impl Engine for TestEngine {
     }
 
     fn create(&self, spec: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
-        let dir = self.root.join(&spec.id);
-        let mut machine = self.spawn_agent(&dir, &spec.env).map_err(EngineError::Test)?;
-        if let Err(e) = machine.connect() {
-            let _ = machine.kill();
-            return Err(e);
-        }
-        Ok(Box::new(machine))
+        self.start_in(&self.root.join(&spec.id), &spec.env)
     }
 
     fn reattach(
@@ -423,23 +481,18 @@ impl Machine for AgentProcess {
     fn fork(&mut self, child: &MachineSpec) -> Result<Box<dyn Machine>, EngineError> {
         let root = self.root();
         let dir = root.join(&child.id);
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(self.dir.join("work"))
-            .arg(dir.join("work"))
-            .status()
-            .map_err(io_err("cannot run cp to copy the work dir"))?;
-        if !status.success() {
-            return Err(TestEngineError::Copy(status).into());
+        copy_work(&self.dir, &dir)?;
+        TestEngine { agent_bin: self.agent_bin.clone(), root }.start_in(&dir, &child.env)
+    }
+
+    fn save_template(&mut self, key: &str) -> Result<SavedTemplate, EngineError> {
+        let dir = self.root().join(USER_TEMPLATES_DIR).join(key);
+        if let Err(e) = copy_work(&self.dir, &dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
         }
-        let engine = TestEngine { agent_bin: self.agent_bin.clone(), root };
-        let mut machine = engine.spawn_agent(&dir, &child.env)?;
-        if let Err(e) = machine.connect() {
-            let _ = machine.kill();
-            return Err(e);
-        }
-        Ok(Box::new(machine))
+        let bytes = allocated_bytes(&dir);
+        Ok(SavedTemplate { engine_state: serde_json::json!({ "dir": dir }), bytes })
     }
 
     fn stop(&mut self) {

@@ -7,6 +7,7 @@
 //! its submodules. It never boots anything: that is the engine's job.
 
 mod agent;
+mod archive;
 mod cache;
 mod host;
 mod kernel;
@@ -21,6 +22,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 pub use agent::AgentError;
+pub use archive::{ArchiveError, ARCHIVE_FORMAT_VERSION};
 pub use cache::CacheError;
 pub use host::HostError;
 pub use kernel::KernelError;
@@ -84,6 +86,22 @@ pub enum ImageCommand {
     Build(BuildArgs),
     /// Print where the current image is.
     Info(InfoArgs),
+    /// Write the current image (kernel and root filesystem, with checksums) to one file, for
+    /// `capsule image import` on another machine.
+    Export(ArchiveArgs),
+    /// Make the image in a file written by `capsule image export` the current one (no build
+    /// toolchain, root or Debian needed); a corrupt file or another format is refused.
+    Import(ArchiveArgs),
+}
+
+/// Arguments of `capsule image export` and `capsule image import`.
+#[derive(Debug, clap::Args)]
+pub struct ArchiveArgs {
+    /// The archive file (a tar).
+    pub file: PathBuf,
+    /// Cache directory (default: as for `capsule image build`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Arguments of `capsule image build`.
@@ -204,6 +222,9 @@ pub enum ImageError {
     /// The root filesystem build failed.
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    /// An image archive could not be written or read.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 /// Runs a `capsule image` subcommand.
@@ -212,6 +233,23 @@ pub fn run(command: ImageCommand) -> Result<(), ImageError> {
     match command {
         ImageCommand::Build(args) => {
             let info = build(&args.into(), &StderrProgress::new())?;
+            print_human(&mut stdout, &info).map_err(ImageError::Stdout)
+        }
+        ImageCommand::Export(args) => {
+            let info = archive::export(&Cache::locate(args.cache_dir.as_deref())?, &args.file, &StderrProgress::new())?;
+            writeln!(stdout, "exported image {} ({}) to {}", info.version, info.flavour, args.file.display())
+                .map_err(ImageError::Stdout)
+        }
+        ImageCommand::Import(args) => {
+            let info = archive::import(&Cache::locate(args.cache_dir.as_deref())?, &args.file, &StderrProgress::new())?;
+            let host_flavour = if host::detect_virt() == HostVirt::Pvm { Flavour::Pvm } else { Flavour::Standard };
+            if info.flavour != host_flavour {
+                eprintln!(
+                    "capsule: warning: this image's kernel is the {} flavour, and this host needs {} \
+                     (`capsule doctor` says why); build or export one of that flavour",
+                    info.flavour, host_flavour
+                );
+            }
             print_human(&mut stdout, &info).map_err(ImageError::Stdout)
         }
         ImageCommand::Info(args) => {

@@ -100,12 +100,17 @@ impl CapsuleMcp {
         let mut text = String::new();
         for (s, info) in records.iter().zip(&sandboxes) {
             text.push_str(&format!(
-                "{}  {}  {} vCPU, {} MiB, network {}{}{}\n",
+                "{}  {}  {} vCPU, {} MiB, network {}{}{}{}\n",
                 s.id,
                 s.state.as_str(),
                 s.vcpus,
                 s.memory_mib,
                 info.network.as_str(),
+                if s.template == crate::sandbox::admission::DEFAULT_TEMPLATE {
+                    String::new()
+                } else {
+                    format!(", template {}", s.template)
+                },
                 s.name.as_ref().map(|n| format!(", name {n:?}")).unwrap_or_default(),
                 if s.is_default { ", default" } else { "" }
             ));

@@ -74,6 +74,12 @@ fn manager_hint(e: &ManagerError) -> String {
         ManagerError::Limit(LimitError::Memory { .. }) => {
             ". Pause another sandbox with pause or delete one with kill_sandbox, or ask for less memory_mib.".into()
         }
+        ManagerError::Limit(LimitError::Templates { max: 0, .. }) => {
+            ". Start sandboxes from the built-in template, or fork this sandbox to copy its state.".into()
+        }
+        ManagerError::Limit(LimitError::Templates { .. } | LimitError::TemplateBytes { .. }) => {
+            " (a human runs it on the server's host); list_templates shows the saved ones.".into()
+        }
         ManagerError::Busy { operation, .. } => {
             format!("; wait for them to finish (or kill their processes), then {operation}")
         }

@@ -67,6 +67,27 @@ pub enum LimitError {
         /// How long paused sandboxes are kept, in seconds.
         retention_s: u64,
     },
+    /// As many templates are saved as the server allows (0: saving is disabled).
+    #[error("{}", templates_message(*max, *saved))]
+    Templates {
+        /// The limit (`limits.max_saved_templates`).
+        max: u32,
+        /// Templates saved.
+        saved: usize,
+    },
+    /// Saved templates would take more of the host's disk than the server allows them.
+    #[error(
+        "saved templates take {used_mib} MiB of the {max_mib} MiB this server allows them, and this one \
+         would take {needed_mib} MiB more; remove templates with `capsule template rm NAME`"
+    )]
+    TemplateBytes {
+        /// Taken by the saved ones.
+        used_mib: u64,
+        /// The limit (`limits.max_saved_template_mib`).
+        max_mib: u64,
+        /// What this one takes.
+        needed_mib: u64,
+    },
     /// Not enough of the memory budget left.
     #[error(
         "running sandboxes use {used_mib} MiB of this server's {budget_mib} MiB memory budget and this needs \
@@ -80,6 +101,17 @@ pub enum LimitError {
         /// What the request needs.
         needed_mib: u64,
     },
+}
+
+fn templates_message(max: u32, saved: usize) -> String {
+    if max == 0 {
+        "saving templates is disabled on this server (limits.max_saved_templates = 0)".to_string()
+    } else {
+        format!(
+            "this server allows at most {max} saved templates and {saved} exist; remove one with \
+             `capsule template rm NAME`"
+        )
+    }
 }
 
 /// A request the limits or the host do not allow: which parameter, and why.
@@ -149,10 +181,8 @@ pub fn validate(req: &CreateRequest, limits: &Limits, host: &HostLimits) -> Resu
             return bad(format!("pids_max={pids} is out of range: use {MIN_PIDS_MAX} to {MAX_PIDS_MAX}"));
         }
     }
+    // A saved template's name is checked, and its size applied, by the manager.
     let template = req.template.clone().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-    if template != DEFAULT_TEMPLATE {
-        return bad(format!("unknown template {template:?}; the templates are: {DEFAULT_TEMPLATE}"));
-    }
     Ok(MachineSpec { id: new_sandbox_id(), template, vcpus, memory_mib, disk_mib, env: req.env.clone() })
 }
 
@@ -204,7 +234,6 @@ mod tests {
             (CreateRequest { memory_mib: Some(64), ..Default::default() }, "memory_mib=64 is out of range"),
             (CreateRequest { disk_mib: Some(1), ..Default::default() }, "disk_mib=1 is out of range"),
             (CreateRequest { name: Some(String::new()), ..Default::default() }, "name must be 1 to 64 bytes"),
-            (CreateRequest { template: Some("gpu".into()), ..Default::default() }, "unknown template \"gpu\""),
             (CreateRequest { pids_max: Some(8), ..Default::default() }, "pids_max=8 is out of range: use 16 to 32768"),
         ];
         for (req, want) in cases {

@@ -425,8 +425,9 @@ impl Manager {
     /// [`Manager::create`], on the caller's task (which must be a detached one).
     async fn create_owned(&self, owner: &Owner, req: CreateRequest) -> Result<SandboxRecord, ManagerError> {
         let limits = &self.inner.config.limits;
-        let spec = admission::validate(&req, limits, &self.inner.engine.host_limits())
+        let mut spec = admission::validate(&req, limits, &self.inner.engine.host_limits())
             .map_err(|bad| ManagerError::BadParameter(bad.0))?;
+        let saved_template = self.template_of(owner, &req, &mut spec)?;
         admission::network(&self.inner.config.network, req.network.as_ref())?;
         let make_default = match req.make_default {
             Some(v) => v,
@@ -463,9 +464,12 @@ impl Manager {
         let mut inner = slot.inner.lock().await;
         self.admit(&slot, &inner.record, "create requested")?;
         let engine = self.inner.engine.clone();
-        let created = tokio::task::spawn_blocking(move || engine.create(&spec))
-            .await
-            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
+        let created = tokio::task::spawn_blocking(move || match saved_template {
+            Some(template) => engine.create_from_template(&spec, &template),
+            None => engine.create(&spec),
+        })
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
         match created {
             Ok(machine) => {
                 inner.machine = Some(Arc::new(StdMutex::new(machine)));

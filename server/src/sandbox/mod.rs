@@ -10,6 +10,7 @@
 //! - [`health`]: dead VMs, silent agents, and restarting a sandbox.
 //! - [`network`]: each sandbox's network policy and its worker's channel to the broker.
 //! - [`recovery`]: what a restarted manager finds of each recorded sandbox.
+//! - [`templates`]: saving a sandbox as a template, and the saved templates.
 //! - [`timers`]: idle auto-pause and retention deletion.
 //!
 //! The records and their states are [`crate::record`]'s.
@@ -25,6 +26,7 @@ pub mod lifecycle;
 pub mod manager;
 pub mod network;
 pub mod recovery;
+pub mod templates;
 pub mod timers;
 
 pub use crate::record::{SandboxRecord, SandboxState};

@@ -12,12 +12,14 @@ mod files;
 mod network;
 mod processes;
 mod sandboxes;
+mod templates;
 
 pub use code::*;
 pub use files::*;
 pub use network::*;
 pub use processes::*;
 pub use sandboxes::*;
+pub use templates::*;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

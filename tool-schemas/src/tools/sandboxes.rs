@@ -20,7 +20,9 @@ use super::*;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandboxParams {
-    /// Template to start from. Default: `default` (Debian with Python, Node.js and bash).
+    /// Template to start from: `default` (Debian with Python, Node.js and bash), or one saved
+    /// with `save_template` (`list_templates` lists them; a saved template fixes the size, so
+    /// leave `vcpus`, `memory_mib` and `disk_mib` out or give its own). Default: `default`.
     pub template: Option<String>,
     /// Virtual CPUs. Default 1. Hosts using PVM virtualization run guests with exactly one.
     pub vcpus: Option<u32>,

@@ -27,16 +27,19 @@
 //! itself (the worker does).
 
 pub mod chain;
+mod disk_back;
 mod fork;
 pub mod guest_link;
 pub mod host;
 pub mod layout;
 mod machine;
 pub mod templates;
+mod user_templates;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use capsule_vmm::devices::virtio::block::undo::UndoError;
 use capsule_vmm::worker::{WorkerError, WorkerHandle};
 
 use super::trash::Trash;
@@ -101,6 +104,32 @@ pub enum KvmError {
     /// A sandbox to boot again has no writable disk any more.
     #[error("its disk {0} is gone, so it cannot be booted again")]
     DiskGone(PathBuf),
+    /// The disk's undo log could not take it back to the snapshot.
+    #[error("the disk {disk} could not be taken back to its newest snapshot")]
+    DiskUndo {
+        /// The disk.
+        disk: PathBuf,
+        /// Why.
+        #[source]
+        source: UndoError,
+    },
+    /// The disk changed since the newest snapshot in a way no undo log covers (a restart).
+    #[error(
+        "the disk {disk} has changed since the sandbox's newest snapshot ({snapshot}; its writes are logged \
+         since {since:?}, a later boot), so that snapshot's memory cannot be resumed over it; \
+         restart_sandbox boots the sandbox again on its disk"
+    )]
+    DiskNewerThanSnapshot {
+        /// The disk.
+        disk: PathBuf,
+        /// Since when its writes are logged.
+        since: String,
+        /// The snapshot rolled back to.
+        snapshot: String,
+    },
+    /// A saved template cannot be used or made.
+    #[error("the saved template cannot be used: {0}")]
+    BadTemplate(String),
     /// The sandbox directory has no parent to put forks in.
     #[error("the sandbox directory has no parent")]
     NoRoot,
@@ -119,7 +148,11 @@ impl KvmError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            KvmError::Gone(_) | KvmError::Killed | KvmError::DiskGone(_) | KvmError::NoSnapshot(_) => ErrorKind::Lost,
+            KvmError::Gone(_)
+            | KvmError::Killed
+            | KvmError::DiskGone(_)
+            | KvmError::NoSnapshot(_)
+            | KvmError::DiskNewerThanSnapshot { .. } => ErrorKind::Lost,
             KvmError::Worker { source, .. } if worker_lost(source) => ErrorKind::Lost,
             KvmError::Vcpus(_) => ErrorKind::Limit,
             KvmError::Layout(LayoutError::SocketPathTooLong { .. }) => ErrorKind::Limit,
@@ -131,6 +164,8 @@ impl KvmError {
             | KvmError::Image(_)
             | KvmError::Worker { .. }
             | KvmError::Link(_)
+            | KvmError::DiskUndo { .. }
+            | KvmError::BadTemplate(_)
             | KvmError::NoRoot
             | KvmError::NothingToFork => ErrorKind::HostFault,
         }
@@ -222,7 +257,12 @@ impl KvmEngine {
         outliving: bool,
     ) -> Result<KvmMachine, KvmError> {
         let image = ImageInfo { rootfs, ..self.image.clone() };
-        let config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
+        let mut config = boot_config(&image, &files, vcpus, u64::from(spec.memory_mib));
+        // A sandbox's disk keeps an undo log, so a roll-back can take it back with the memory;
+        // a template's VM lives only to be saved.
+        for disk in config.disks.iter_mut().filter(|d| !d.read_only) {
+            disk.undo_log = outliving;
+        }
         let worker = if outliving {
             WorkerHandle::spawn_outliving(&self.worker_exe, config, &files.control())
         } else {
@@ -235,13 +275,25 @@ impl KvmEngine {
         Ok(machine)
     }
 
-    /// A new machine restored from `template`, with its own copy of the template's disk.
+    /// A new machine restored from the built-in `template`, with its own copy of its disk.
     fn restore_template(&self, spec: &MachineSpec, template: &SandboxFiles) -> Result<KvmMachine, KvmError> {
+        self.restore_from(spec, &template.writable_disk(), &template.snapshot(0), &self.image.rootfs)
+    }
+
+    /// A new machine restored from a template's `snapshot` (built-in or saved), with its own
+    /// copy of the template's `disk` and its own link to `rootfs`.
+    fn restore_from(
+        &self,
+        spec: &MachineSpec,
+        disk: &Path,
+        snapshot: &Path,
+        rootfs: &Path,
+    ) -> Result<KvmMachine, KvmError> {
         let files = SandboxFiles::new(self.root.join(&spec.id));
         files.create_dir()?;
-        copy_disk(&template.writable_disk(), &files.writable_disk())?;
-        let rootfs = files.adopt_rootfs(&self.image.rootfs);
-        KvmMachine::restored_from(self.worker_exe.clone(), self.trash.clone(), files, rootfs, &template.snapshot(0))
+        copy_disk(disk, &files.writable_disk())?;
+        let rootfs = files.adopt_rootfs(rootfs);
+        KvmMachine::restored_from(self.worker_exe.clone(), self.trash.clone(), files, rootfs, snapshot)
     }
 
     fn build(&self, spec: &MachineSpec) -> Result<KvmMachine, KvmError> {
@@ -286,6 +338,24 @@ impl Engine for KvmEngine {
                 Err(e.into())
             }
         }
+    }
+
+    fn create_from_template(
+        &self,
+        spec: &MachineSpec,
+        template: &serde_json::Value,
+    ) -> Result<Box<dyn Machine>, EngineError> {
+        match self.create_from_saved(spec, template) {
+            Ok(machine) => Ok(Box::new(machine)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.root.join(&spec.id));
+                Err(e.into())
+            }
+        }
+    }
+
+    fn remove_template(&self, template: &serde_json::Value) {
+        self.remove_saved(template);
     }
 
     fn reattach(&self, spec: &MachineSpec, saved: &serde_json::Value, paused: bool) -> Result<Reattached, EngineError> {
