@@ -153,6 +153,12 @@ pub struct TemplateRecord {
     /// For a template built from a spec (`capsule template build`), the content hash of its
     /// spec, files and base.
     pub spec_hash: Option<String>,
+    /// The saved sandbox's environment: sandboxes made from it start with it (a create's
+    /// `env` adds to it and wins where both name a variable).
+    pub env: BTreeMap<String, String>,
+    /// The saved sandbox's settings (its network and process cap): sandboxes made from it
+    /// take each one their create does not name.
+    pub settings: SandboxSettings,
 }
 
 /// The owner of templates built on the host from a spec: every client may use them.

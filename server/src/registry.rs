@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::record::{SandboxRecord, SandboxState, TemplateRecord};
+use crate::record::{SandboxRecord, SandboxSettings, SandboxState, TemplateRecord};
 
 /// The registry's file name inside the state directory.
 pub const REGISTRY_FILE_NAME: &str = "registry.sqlite3";
@@ -69,6 +69,9 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 4: the spec hash of templates built from a spec.
     "ALTER TABLE templates ADD COLUMN spec_hash TEXT;",
+    // 5: what sandboxes made from a template start with: its environment and settings.
+    "ALTER TABLE templates ADD COLUMN env_json TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE templates ADD COLUMN settings_json TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// Errors of the registry.
@@ -331,8 +334,8 @@ impl Registry {
     pub fn insert_template(&self, t: &TemplateRecord) -> Result<bool, RegistryError> {
         let inserted = self.lock().execute(
             "INSERT OR IGNORE INTO templates (name, owner, description, base, saved_from, vcpus, memory_mib,
-                disk_mib, bytes, created_ms, engine, engine_state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                disk_mib, bytes, created_ms, engine, engine_state, env_json, settings_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 t.name,
                 t.owner,
@@ -345,7 +348,9 @@ impl Registry {
                 t.bytes as i64,
                 t.created_ms as i64,
                 t.engine,
-                t.engine_state.to_string()
+                t.engine_state.to_string(),
+                serde_json::to_string(&t.env).unwrap_or_else(|_| "{}".into()),
+                serde_json::to_string(&t.settings).unwrap_or_else(|_| "{}".into())
             ],
         )?;
         Ok(inserted == 1)
@@ -356,7 +361,7 @@ impl Registry {
         let conn = self.lock();
         let mut stmt = conn.prepare(
             "SELECT name, owner, description, base, saved_from, vcpus, memory_mib, disk_mib, bytes, created_ms,
-                engine, engine_state, spec_hash
+                engine, engine_state, spec_hash, env_json, settings_json
              FROM templates ORDER BY name",
         )?;
         let rows = stmt.query_map([], |row| {
@@ -375,17 +380,22 @@ impl Registry {
                     engine: row.get(10)?,
                     engine_state: serde_json::Value::Null,
                     spec_hash: row.get(12)?,
+                    env: BTreeMap::new(),
+                    settings: SandboxSettings::default(),
                 },
-                row.get::<_, String>(11)?,
+                [row.get::<_, String>(11)?, row.get::<_, String>(13)?, row.get::<_, String>(14)?],
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut template, state) = row?;
-            template.engine_state = serde_json::from_str(&state).map_err(|e| RegistryError::Corrupt {
+            let (mut template, [state, env, settings]) = row?;
+            let corrupt = |what: &str, e: serde_json::Error| RegistryError::Corrupt {
                 id: format!("template {}", template.name),
-                what: format!("engine state: {e}"),
-            })?;
+                what: format!("{what}: {e}"),
+            };
+            template.engine_state = serde_json::from_str(&state).map_err(|e| corrupt("engine state", e))?;
+            template.env = serde_json::from_str(&env).map_err(|e| corrupt("environment", e))?;
+            template.settings = serde_json::from_str(&settings).map_err(|e| corrupt("settings", e))?;
             out.push(template);
         }
         Ok(out)
@@ -415,7 +425,6 @@ impl Registry {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::record::SandboxSettings;
 
     /// A sandbox record as tests store it.
     pub(crate) fn record(id: &str) -> SandboxRecord {
@@ -484,6 +493,8 @@ pub(crate) mod tests {
             engine: "kvm".into(),
             engine_state: serde_json::json!({"dir": "/s/.user-templates/t"}),
             spec_hash: None,
+            env: BTreeMap::from([("MPLBACKEND".to_string(), "Agg".to_string())]),
+            settings: SandboxSettings { pids_max: Some(32), network: None },
         }
     }
 

@@ -11,9 +11,9 @@
 //! npm = ["typescript"]              # npm install -g
 //! files = [{ from = "data/iris.csv", to = "/root/iris.csv" }]   # from: relative to the spec
 //! run = ["python3 -c 'import sklearn; print(sklearn.__version__)'"]
-//! env = { MPLBACKEND = "Agg" }      # for the build's commands
+//! env = { MPLBACKEND = "Agg" }      # for the build and the sandboxes made from it
 //! warm = "import sklearn, seaborn"  # run in the default Python context just before saving
-//! network = { mode = "public" }     # the build sandbox's network (create_sandbox's)
+//! network = { mode = "public" }     # the build's and its sandboxes' network (create_sandbox's)
 //! memory_mib = 1024                 # the template's size (fixed by its memory image)
 //! disk_mib = 4096
 //! vcpus = 1
@@ -150,13 +150,14 @@ pub struct TemplateSpec {
     /// Shell commands, in order.
     #[serde(default)]
     pub run: Vec<String>,
-    /// Environment of the build's commands.
+    /// Environment of the build's commands and, kept by the template, of its sandboxes.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Python run in the default context just before the template is saved.
     #[serde(default)]
     pub warm: Option<String>,
-    /// The build sandbox's network (as `create_sandbox` takes it).
+    /// The network of the build sandbox and, kept by the template, of its sandboxes (as
+    /// `create_sandbox` takes it).
     #[serde(default)]
     pub network: Option<Value>,
     /// Memory, in MiB.

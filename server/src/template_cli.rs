@@ -214,6 +214,8 @@ mod tests {
             engine: "test".into(),
             engine_state: serde_json::json!({ "dir": dir }),
             spec_hash: None,
+            env: Default::default(),
+            settings: Default::default(),
         }
     }
 

@@ -50,8 +50,8 @@ def test_a_spec_builds_a_template_every_client_uses_and_a_rebuild_is_instant(sta
         names = [t["name"] for t in (await ok(s, "list_templates", {}))["templates"]]
         assert names == ["default", "built"], names
         sid = (await ok(s, "create_sandbox", {"template": "built", "make_default": False}))["sandbox"]["sandbox_id"]
-        r = await ok(s, "run_command", {"command": "cat greeting.txt step.txt", "sandbox_id": sid})
-        assert r["stdout"] == "hello from the spec\nstep-ran\n"
+        r = await ok(s, "run_command", {"command": "cat greeting.txt step.txt; echo $BUILD_FLAVOUR", "sandbox_id": sid})
+        assert r["stdout"] == "hello from the spec\nstep-ran\nspec\n", "the files, and the spec's env"
         if engine == "kvm":
             assert await scenarios.code_value(s, "warmed", sandbox_id=sid) == "'{\"ok\": true}'"
         await ok(s, "kill_sandbox", {"sandbox_id": sid})

@@ -32,6 +32,8 @@ pub fn template_info(t: &TemplateRecord) -> TemplateInfo {
         disk_mib: t.disk_mib,
         bytes: t.bytes,
         created_unix_ms: Some(t.created_ms),
+        env: t.env.clone(),
+        network: t.settings.network.clone(),
         builtin: false,
     }
 }
@@ -48,6 +50,8 @@ pub fn builtin_info(limits: &Limits) -> TemplateInfo {
         disk_mib: limits.default_disk_mib,
         bytes: 0,
         created_unix_ms: None,
+        env: Default::default(),
+        network: None,
         builtin: true,
     }
 }

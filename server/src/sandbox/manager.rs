@@ -41,7 +41,7 @@ use super::lifecycle;
 use crate::config::{Limits, Timers};
 use crate::engine::{Engine, EngineError, ErrorKind, Machine, MachineSpec};
 use crate::network::{NetworkBroker, NetworkPolicy};
-use crate::record::{SandboxRecord, SandboxSettings, SandboxState};
+use crate::record::{SandboxRecord, SandboxState};
 use crate::registry::{now_ms, Registry};
 
 /// How long a machine whose agent connection broke may take to show it died.
@@ -428,7 +428,7 @@ impl Manager {
         let mut spec = admission::validate(&req, limits, &self.inner.engine.host_limits())
             .map_err(|bad| ManagerError::BadParameter(bad.0))?;
         let saved_template = self.template_of(owner, &req, &mut spec)?;
-        admission::network(&self.inner.config.network, req.network.as_ref())?;
+        let settings = self.settings_of(&req, saved_template.as_ref())?;
         let make_default = match req.make_default {
             Some(v) => v,
             None => !lock(&self.inner.defaults).contains_key(&owner.id),
@@ -450,7 +450,7 @@ impl Manager {
                 .try_into()
                 .unwrap_or(u64::MAX),
             env: spec.env.clone(),
-            settings: SandboxSettings { pids_max: req.pids_max, network: req.network.clone() },
+            settings,
             is_default: false,
             parent_id: None,
             created_ms: now,
@@ -465,7 +465,7 @@ impl Manager {
         self.admit(&slot, &inner.record, "create requested")?;
         let engine = self.inner.engine.clone();
         let created = tokio::task::spawn_blocking(move || match saved_template {
-            Some(template) => engine.create_from_template(&spec, &template),
+            Some(template) => engine.create_from_template(&spec, &template.engine_state),
             None => engine.create(&spec),
         })
         .await

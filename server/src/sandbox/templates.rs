@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use capsule_tool_schemas::{MAX_TEMPLATE_DESCRIPTION_BYTES, MAX_TEMPLATE_NAME_BYTES};
 
-use super::admission::{CreateRequest, LimitError, DEFAULT_TEMPLATE};
+use super::admission::{self, CreateRequest, LimitError, DEFAULT_TEMPLATE, MAX_ENV_VARS};
 use super::manager::{blocking, refuse_if_busy, unusable, Manager, ManagerError, Owner};
 use crate::engine::MachineSpec;
-use crate::record::{SandboxState, TemplateRecord, HOST_TEMPLATE_OWNER};
+use crate::record::{SandboxSettings, SandboxState, TemplateRecord, HOST_TEMPLATE_OWNER};
 use crate::registry::now_ms;
 
 /// Why a template name is not acceptable, or `None`.
@@ -115,6 +115,8 @@ impl Manager {
             engine: self.inner.engine.name().to_string(),
             engine_state: made.engine_state,
             spec_hash: None,
+            env: record.env.clone(),
+            settings: record.settings.clone(),
         };
         if !self.inner.registry.insert_template(&template)? {
             // Another save of the same name won the race.
@@ -136,14 +138,14 @@ impl Manager {
     }
 
     /// What a create of `req` starts from: `None` for the built-in template, else the saved
-    /// template's engine state, with `spec` given its size. An unknown name is refused with the
-    /// names `owner` may use.
+    /// template, with `spec` given its size and its environment under the create's own. An
+    /// unknown name is refused with the names `owner` may use.
     pub(super) fn template_of(
         &self,
         owner: &Owner,
         req: &CreateRequest,
         spec: &mut MachineSpec,
-    ) -> Result<Option<serde_json::Value>, ManagerError> {
+    ) -> Result<Option<TemplateRecord>, ManagerError> {
         if spec.template == DEFAULT_TEMPLATE {
             return Ok(None);
         }
@@ -178,10 +180,51 @@ impl Manager {
                 template.name
             )));
         }
+        let mut env = template.env.clone();
+        env.extend(std::mem::take(&mut spec.env));
+        if env.len() > MAX_ENV_VARS {
+            return Err(ManagerError::BadParameter(format!(
+                "env: template {:?} sets {} variables and this create {} more, over the limit of {MAX_ENV_VARS}",
+                template.name,
+                template.env.len(),
+                env.len() - template.env.len()
+            )));
+        }
+        spec.env = env;
         spec.vcpus = template.vcpus;
         spec.memory_mib = template.memory_mib;
         spec.disk_mib = template.disk_mib;
-        Ok(Some(template.engine_state.clone()))
+        Ok(Some(template.clone()))
+    }
+
+    /// The settings of a sandbox created with `req` from `template`: each one the create does
+    /// not name comes from the template, and the network must fit the server's policy.
+    pub(super) fn settings_of(
+        &self,
+        req: &CreateRequest,
+        template: Option<&TemplateRecord>,
+    ) -> Result<SandboxSettings, ManagerError> {
+        let inherited = template.map(|t| t.settings.clone()).unwrap_or_default();
+        let settings = SandboxSettings {
+            pids_max: req.pids_max.or(inherited.pids_max),
+            network: req.network.clone().or(inherited.network),
+        };
+        let ceiling = &self.inner.config.network;
+        match (template, &req.network) {
+            (Some(t), None) if settings.network.is_some() => {
+                admission::network(ceiling, settings.network.as_ref()).map_err(|e| {
+                    ManagerError::BadParameter(format!(
+                        "template {:?} gives its sandboxes the network it was saved with, which no longer fits: \
+                         {e}; pass create_sandbox a network that fits",
+                        t.name
+                    ))
+                })?;
+            }
+            _ => {
+                admission::network(ceiling, settings.network.as_ref())?;
+            }
+        }
+        Ok(settings)
     }
 }
 

@@ -1,7 +1,11 @@
 //! The template tools: `save_template` and `list_templates`.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use super::network::NetworkRequest;
 
 /// Longest template name, in bytes.
 pub const MAX_TEMPLATE_NAME_BYTES: usize = 64;
@@ -13,7 +17,8 @@ pub const MAX_TEMPLATE_DESCRIPTION_BYTES: usize = 1024;
 /// Use it after setting up an environment (packages installed, data loaded, a model warmed) to
 /// start any number of fresh sandboxes from that point with `create_sandbox {"template": NAME}`.
 /// The sandbox is left as it was. A template keeps the size (vCPUs, memory, disk) of the
-/// sandbox it was saved from.
+/// sandbox it was saved from, and sandboxes made from it start with its environment variables
+/// and network unless their `create_sandbox` names others.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SaveTemplateParams {
@@ -71,6 +76,13 @@ pub struct TemplateInfo {
     pub bytes: u64,
     /// When it was saved, in milliseconds since the Unix epoch (`None` for the built-in one).
     pub created_unix_ms: Option<u64>,
+    /// Environment variables sandboxes made from it start with (a create's `env` adds to them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The network sandboxes made from it get unless their create names one (absent: the
+    /// server's policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
     /// Whether it is the built-in template.
     pub builtin: bool,
 }
