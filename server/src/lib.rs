@@ -2,6 +2,7 @@
 //!
 //! The binary (`main.rs`) is a thin CLI over the modules here.
 
+pub mod builtin_template;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

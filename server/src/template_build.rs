@@ -42,6 +42,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::registry::Registry;
+use crate::sandbox::admission::DEFAULT_TEMPLATE;
 use crate::sandbox::templates::bad_template_name;
 use crate::settings::SettingsArgs;
 
@@ -185,6 +186,13 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<TemplateSpec, BuildError> {
 
 /// Checks every field of `spec`; file paths are relative to `dir`.
 pub fn validate(spec: &TemplateSpec, dir: &Path) -> Result<(), BuildError> {
+    if spec.name == DEFAULT_TEMPLATE {
+        return Err(field(
+            "name",
+            "\"default\" is the built-in template: `capsule image build` installs its apt packages \
+             (templates/default.toml) and the server warms it; give this template another name",
+        ));
+    }
     if let Some(why) = bad_template_name(&spec.name) {
         return Err(field("name", why));
     }
@@ -380,7 +388,7 @@ pub fn build(path: &Path, settings: &SettingsArgs) -> Result<String, BuildError>
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let resolved = crate::settings::resolve(settings)?;
     let registry = Registry::open(&resolved.state_dir)?;
-    let base = spec.base.clone().unwrap_or_else(|| crate::sandbox::admission::DEFAULT_TEMPLATE.to_string());
+    let base = spec.base.clone().unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
     let base_identity = match registry.template(&base)? {
         Some(t) => t.spec_hash.clone().unwrap_or_else(|| format!("saved {}", t.created_ms)),
         None => crate::image::current_image().map(|i| i.version).unwrap_or_else(|_| "no image yet".into()),
@@ -600,6 +608,7 @@ mod tests {
         std::fs::write(dir.path().join("big"), vec![0u8; (MAX_FILE_BYTES + 1) as usize]).unwrap();
         for (text, names) in [
             (r#"name = "Bad Name""#, "name:"),
+            (r#"name = "default""#, "name: \"default\" is the built-in template: `capsule image build`"),
             (
                 r#"name = "ok"
             base = "ok""#,
@@ -667,7 +676,8 @@ mod tests {
         let mut checked = 0;
         for entry in std::fs::read_dir(&dir).expect("templates/") {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
+            // The built-in one is checked by `builtin_template`'s tests: it is not built here.
+            if path.extension().is_some_and(|e| e == "toml") && !path.ends_with("default.toml") {
                 let text = std::fs::read_to_string(&path).unwrap();
                 parse_spec(&path, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 checked += 1;

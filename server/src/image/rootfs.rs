@@ -26,22 +26,11 @@ pub const DEBIAN_SUITE: &str = "bookworm";
 pub const AGENT_GUEST_PATH: &str = "usr/local/sbin/capsule-agent";
 /// The guest's host name.
 pub const GUEST_HOSTNAME: &str = "capsule";
-/// What the guest runs code with. bash and coreutils are essential, so always there. pip, venv,
-/// npm, git and curl are what agents reach the network with (no compiler: gcc and its headers
-/// would add about 200 MB to every image for the few packages that build native code).
-const PACKAGES: &[&str] = &[
-    "python3",
-    "python3-numpy",
-    "python3-pandas",
-    "python3-matplotlib",
-    "python3-pip",
-    "python3-venv",
-    "nodejs",
-    "npm",
-    "git",
-    "curl",
-    "procps",
-];
+/// What the guest runs code with: the built-in template's `apt` packages
+/// (`templates/default.toml`). bash and coreutils are essential, so always there.
+fn packages() -> Vec<&'static str> {
+    crate::builtin_template::apt_packages().collect()
+}
 /// Installed first so that apt takes them for `a | b` dependencies instead of
 /// the heavy first alternatives: python3-fonttools depends on
 /// `python3-scipy | python3-munkres`, and scipy drags in gcc, g++ and boost (~700 MB).
@@ -128,7 +117,7 @@ struct BaseManifest {
 fn base_key() -> String {
     let mut key = KeyHasher::new(BASE_RECIPE_VERSION);
     key.field(DEBIAN_SUITE.as_bytes());
-    for package in LIGHT_ALTERNATIVES.iter().chain(PACKAGES) {
+    for package in LIGHT_ALTERNATIVES.iter().chain(&packages()) {
         key.field(package.as_bytes());
     }
     key.finish()
@@ -180,12 +169,12 @@ fn build_base_in(
             .arg(&tree)
             .arg(mirror),
     )?;
-    progress.line(&format!("rootfs: apt-get install {}", PACKAGES.join(" ")));
+    progress.line(&format!("rootfs: apt-get install {}", packages().join(" ")));
     step(
         "rootfs: apt-get install (alternatives)",
         chroot(&tree, "apt-get").args(APT_INSTALL_ARGS).args(LIGHT_ALTERNATIVES),
     )?;
-    step("rootfs: apt-get install", chroot(&tree, "apt-get").args(APT_INSTALL_ARGS).args(PACKAGES))?;
+    step("rootfs: apt-get install", chroot(&tree, "apt-get").args(APT_INSTALL_ARGS).args(packages()))?;
 
     configure_guest_files(&tree)?;
     progress.line("rootfs: precompiling python bytecode and the matplotlib font cache");
@@ -210,7 +199,7 @@ fn build_base_in(
         &BaseManifest {
             suite: DEBIAN_SUITE.to_owned(),
             mirror: mirror.to_owned(),
-            packages: LIGHT_ALTERNATIVES.iter().chain(PACKAGES).map(|p| (*p).to_owned()).collect(),
+            packages: LIGHT_ALTERNATIVES.iter().chain(&packages()).map(|p| (*p).to_owned()).collect(),
             build_s: started.elapsed().as_secs_f64(),
         },
     )?;

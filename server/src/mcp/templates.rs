@@ -16,10 +16,6 @@ use crate::sandbox::admission::DEFAULT_TEMPLATE;
 /// The URI scheme and prefix of template resources.
 pub const TEMPLATE_URI_PREFIX: &str = "capsule://templates/";
 
-/// What the built-in template is, for the model.
-const DEFAULT_DESCRIPTION: &str =
-    "Debian with Python 3 (numpy, pandas and matplotlib imported and warm), Node.js, bash, pip, npm, git and curl";
-
 /// A saved template as the tools report it.
 pub fn template_info(t: &TemplateRecord) -> TemplateInfo {
     TemplateInfo {
@@ -42,7 +38,7 @@ pub fn template_info(t: &TemplateRecord) -> TemplateInfo {
 pub fn builtin_info(limits: &Limits) -> TemplateInfo {
     TemplateInfo {
         name: DEFAULT_TEMPLATE.to_string(),
-        description: Some(DEFAULT_DESCRIPTION.to_string()),
+        description: Some(crate::builtin_template::description().to_string()),
         base: None,
         saved_from: None,
         vcpus: limits.default_vcpus,

@@ -56,7 +56,7 @@ pub use layout::{boot_config, copy_disk, LayoutError, SandboxFiles, GUEST_CID};
 pub use machine::Death;
 use machine::KvmMachine;
 use templates::Templates;
-pub use templates::{WarmUp, DEFAULT_WARM_CODE};
+pub use templates::WarmUp;
 
 /// The fork caveat of this engine, for the model.
 const FORK_NOTE: &str = "Forks copy the whole machine: memory, running processes, interpreter \

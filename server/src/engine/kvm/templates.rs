@@ -2,10 +2,10 @@
 //! of its interpreter contexts, e.g. the libraries every sandbox imports), then saved as a
 //! snapshot plus its writable disk under `<root>/.templates/`. New sandboxes restore from it.
 //!
-//! A template is keyed by its name, the image version, the recipe version and the machine's
-//! size, built on first use, and never changed after: the snapshot appears whole or not at all
-//! (the VMM renames it into place). Templates of another image or recipe are stale and deleted
-//! when the engine opens.
+//! A template is keyed by its name, the image version, the recipe version, a hash of its warm-up,
+//! the snapshot format and the machine's size, built on first use, and never changed after: the
+//! snapshot appears whole or not at all (the VMM renames it into place). Templates of another
+//! image, recipe, warm-up or format are stale and deleted when the engine opens.
 //!
 //! A template is booted with every device a sandbox has, the net device included (see
 //! [`boot_config`](super::layout::boot_config)), so every sandbox restored from it has the same
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use capsule_agent::client::AgentClient;
 use capsule_agent::protocol::{Event, Language, Op, Reply, RunCodeRequest};
+use sha2::{Digest, Sha256};
 
 use super::layout::SandboxFiles;
 use super::machine::KvmMachine;
@@ -38,8 +39,6 @@ const TEMPLATE_RECIPE: &str = "w1";
 const TEMPLATE_WARM_TIMEOUT: Duration = Duration::from_secs(120);
 /// Characters of a template's name kept in its directory name.
 const MAX_TEMPLATE_NAME_CHARS: usize = 32;
-/// The warm-up of the built-in template: the libraries that take seconds to import in a guest.
-pub const DEFAULT_WARM_CODE: &str = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot";
 
 /// What a template runs before it is saved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +52,22 @@ pub struct WarmUp {
 }
 
 impl WarmUp {
-    /// The built-in warm-up ([`DEFAULT_WARM_CODE`]) in the Python context named `context`.
+    /// The built-in template's warm-up (`warm` in `templates/default.toml`) in the Python
+    /// context named `context`.
     pub fn python(context: impl Into<String>) -> Self {
-        Self { context: context.into(), language: Language::Python, code: DEFAULT_WARM_CODE.to_string() }
+        let code = crate::builtin_template::warm_code().to_string();
+        Self { context: context.into(), language: Language::Python, code }
+    }
+
+    /// A short hash of what the warm-up runs, part of every template's directory name: a
+    /// template warmed otherwise is stale.
+    fn digest(&self) -> String {
+        let mut hash = Sha256::new();
+        for part in [self.context.as_str(), self.language.as_str(), self.code.as_str()] {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -83,10 +95,15 @@ impl Templates {
         templates
     }
 
-    /// What every current template's directory name holds: the image, the recipe and the
-    /// snapshot format.
+    /// What every current template's directory name holds: the image, the recipe, the warm-up
+    /// and the snapshot format.
     fn generation(&self) -> String {
-        format!("{}-{TEMPLATE_RECIPE}s{}", self.image_version, capsule_vmm::snapshot::format::FORMAT_VERSION)
+        format!(
+            "{}-{TEMPLATE_RECIPE}w{}s{}",
+            self.image_version,
+            self.warm_up.digest(),
+            capsule_vmm::snapshot::format::FORMAT_VERSION
+        )
     }
 
     fn remove_stale(&self) {
@@ -109,8 +126,7 @@ impl Templates {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .take(MAX_TEMPLATE_NAME_CHARS)
             .collect();
-        let key =
-            format!("{name}-{}-{TEMPLATE_RECIPE}-{}m-{}d-{vcpus}c", self.image_version, spec.memory_mib, spec.disk_mib);
+        let key = format!("{name}-{}-{}m-{}d-{vcpus}c", self.generation(), spec.memory_mib, spec.disk_mib);
         SandboxFiles::new(self.dir.join(key))
     }
 
@@ -179,5 +195,52 @@ fn warm(client: &AgentClient, warm_up: &WarmUp) {
         }
         Ok((_, reply)) => tracing::warn!(?reply, "warming the template did not finish"),
         Err(e) => tracing::warn!(error = %e, "warming the template failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MachineSpec {
+        MachineSpec {
+            id: "sb-1".into(),
+            template: "default".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 2048,
+            env: Default::default(),
+        }
+    }
+
+    fn built(templates: &Templates) -> PathBuf {
+        let dir = templates.files_for(&spec(), 1).dir().to_path_buf();
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_template_survives_reopening_and_goes_with_another_image_or_warm_up() {
+        let root = tempfile::tempdir().unwrap();
+        let warm = WarmUp::python("python");
+        let dir = built(&Templates::open(root.path(), "img1", warm.clone()));
+        assert!(Templates::open(root.path(), "img1", warm.clone()).files_for(&spec(), 1).dir() == dir);
+        assert!(dir.is_dir(), "the same image and warm-up keep it: {}", dir.display());
+
+        let other = WarmUp { code: "import json".into(), ..warm.clone() };
+        let dir = built(&Templates::open(root.path(), "img1", other));
+        assert!(dir.is_dir());
+        Templates::open(root.path(), "img1", warm.clone());
+        assert!(!dir.exists(), "a template warmed otherwise is stale");
+
+        let dir = built(&Templates::open(root.path(), "img1", warm.clone()));
+        Templates::open(root.path(), "img2", warm);
+        assert!(!dir.exists(), "a template of another image is stale");
+    }
+
+    #[test]
+    fn the_built_in_warm_up_is_the_specs() {
+        assert_eq!(WarmUp::python("python").code, crate::builtin_template::warm_code());
+        assert!(WarmUp::python("python").code.contains("import numpy"));
     }
 }
