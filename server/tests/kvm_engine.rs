@@ -56,6 +56,9 @@ fn a_machine_runs_pauses_to_disk_resumes_and_is_killed() {
     let mut machine = engine.create(&spec("kvm-a")).expect("create");
     let dir = root.path().join("kvm-a");
     let client = machine.connect().expect("connect");
+    // The agent (PID 1 and the server it forks) is the OOM killer's last choice; what it runs is
+    // not (it resets its own score).
+    assert_eq!(sh(&client, "cat /proc/1/oom_score_adj /proc/self/oom_score_adj"), "-1000\n0\n");
     // A background process and a file, both of which must survive the pause.
     sh(&client, "echo before > /root/marker");
     spawn(&client, "sleep 1000");

@@ -112,8 +112,9 @@ fn protected(guest: bool) -> Protection {
 
 fn pid1_main(args: Args) -> ! {
     init::install_panic_hook();
-    let protection = protected(true);
     let overlay_ok = init::setup_filesystems();
+    // After /proc is mounted: oom_score_adj lives there.
+    let protection = protected(true);
     if overlay_ok {
         init::console(init::INIT_OK_LINE);
     } else {
