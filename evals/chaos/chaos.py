@@ -4,7 +4,9 @@ workers. After each round the invariants are checked:
 
 1. every sandbox that was not killed on purpose is usable, with its last acknowledged state;
    only a sandbox whose worker was killed may come back older, at a snapshot it had, and then a
-   tool result must have said so;
+   tool result must have said so; one whose worker was killed before it had any snapshot is
+   `failed`, saying it has none, and must come back with `restart_sandbox` (counted as
+   restarted: its interpreter state is lost, its files kept);
 2. the registry agrees with the live workers (one worker per running KVM sandbox, none else);
 3. no worker, socket or sandbox directory is left over once every sandbox is killed.
 
@@ -189,6 +191,19 @@ class Client:
             if value in sb.snapshots and sb.rolled_back_told and killed_workers:
                 sb.value = value
                 continue
+            if value is None and killed_workers and not sb.snapshots and "no snapshot to roll back to" in text:
+                # Its VM was lost before any snapshot of its own: it is `failed`, saying so, and
+                # restart_sandbox boots it again on its disk (its interpreter state is gone).
+                r, restarted = await self.call(session, "restart_sandbox", {"sandbox_id": sb.sid})
+                self.counter += 1
+                r2, _ = await self.call(session, "run_code", {"code": f"v = {self.counter}", "sandbox_id": sb.sid})
+                if r.is_error or r2.is_error:
+                    raise Broken(f"{self.name}'s sandbox {sb.sid} failed without a snapshot and did not restart: "
+                                 f"{restarted}")
+                sb.value, sb.rolled_back_told = self.counter, False
+                sb.unacknowledged.clear()
+                self.stats["restarted"] += 1
+                continue
             raise Broken(f"{self.name}'s sandbox {sb.sid}: v = {value!r}, expected {sb.value} "
                          f"(snapshots {sorted(sb.snapshots)}, rollback told: {sb.rolled_back_told}): {text}")
 
@@ -270,7 +285,7 @@ def first_broken(e):
 async def main(args):
     state = tempfile.mkdtemp(prefix="cpsc-", dir="/tmp")
     os.chmod(state, 0o700)
-    stats = {"calls": 0, "reconnects": 0, "faults": {"daemon": 0, "relay": 0, "worker": 0}}
+    stats = {"calls": 0, "reconnects": 0, "restarted": 0, "faults": {"daemon": 0, "relay": 0, "worker": 0}}
     clients = [Client(f"chaos-{i}", state, args.engine, stats) for i in range(args.clients)]
     rows = []
     broke = None
@@ -303,7 +318,7 @@ async def main(args):
         print(f"| {round_no} | {f['daemon']} | {f['relay']} | {f['worker']} | {alive} |")
     survived = sum(total.values()) if broke is None else f"all but the last round's ({broke})"
     print(f"\n{len(rows)} rounds, {stats['calls']} tool calls, {stats['reconnects']} client reconnects; "
-          f"faults injected: {total}; survived: {survived}")
+          f"faults injected: {total}; survived: {survived}; restarted without a snapshot: {stats['restarted']}")
     if broke:
         print(f"INVARIANT BROKEN: {broke}", file=sys.stderr)
         sys.exit(1)
