@@ -2,7 +2,8 @@
 `kill -9` at random moments to the daemon, to the clients' relays (`capsule serve`) and to VM
 workers. After each round the invariants are checked:
 
-1. every sandbox that was not killed on purpose is usable, with its last acknowledged state;
+1. every sandbox that was not killed on purpose (a kill_sandbox sent, even one whose answer was
+   lost to a fault) is usable, with its last acknowledged state;
    only a sandbox whose worker was killed may come back older, at a snapshot it had, and then a
    tool result must have said so; one whose worker was killed before it had any snapshot is
    `failed`, saying it has none, and must come back with `restart_sandbox` (counted as
@@ -88,6 +89,8 @@ class Sandbox:
         self.unacknowledged = set()
         self.snapshots = set(snapshots)  # values of v some snapshot of it holds
         self.rolled_back_told = False
+        # A kill_sandbox was sent whose answer never came: the sandbox may be gone, on purpose.
+        self.kill_sent = False
 
 
 class Client:
@@ -153,6 +156,7 @@ class Client:
                 for child in r.structured_content["sandboxes"]:
                     self.sandboxes[child["sandbox_id"]] = Sandbox(child["sandbox_id"], sb.value, [sb.value])
         elif op == "kill":
+            sb.kill_sent = True
             r, _ = await self.call(session, "kill_sandbox", {"sandbox_id": sb.sid})
             if not r.is_error:
                 del self.sandboxes[sb.sid]
@@ -183,6 +187,9 @@ class Client:
                 sb.rolled_back_told = True
                 value, text = await self.value_of(session, sb)
             if value == sb.value:
+                continue
+            if value is None and sb.kill_sent and f'no sandbox "{sb.sid}"' in text:
+                del self.sandboxes[sb.sid]  # killed on purpose; the answer was lost to a fault
                 continue
             if value in sb.unacknowledged:
                 sb.value = value
