@@ -71,13 +71,23 @@ struct Shared {
 }
 
 impl Shared {
-    /// Waits for the worker to end (reaping our child) and records how it ended.
+    /// How the worker ended, if that is known.
+    fn death(&self) -> Option<String> {
+        self.death.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits for the worker to end (reaping our child) and records how it ended. The wait holds
+    /// only the process lock, never `death`: a detached worker is reaped by a thread that may
+    /// wait for as long as the VM runs, and dropping the handle must not wait with it.
     fn reap(&self) -> String {
-        let mut death = self.death.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(status) = death.as_ref() {
-            return status.clone();
+        if let Some(status) = self.death() {
+            return status;
         }
         let mut process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        // Someone else may have reaped it while this waited for the lock.
+        if let Some(status) = self.death() {
+            return status;
+        }
         let status = match &mut *process {
             Process::Child(child) => match child.wait() {
                 Ok(status) => describe_exit(status),
@@ -91,7 +101,7 @@ impl Shared {
                 Err(_) => "it exited (how is unknown: it was not this process's child)".to_string(),
             },
         };
-        *death = Some(status.clone());
+        *self.death.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
         status
     }
 
@@ -456,5 +466,35 @@ mod tests {
         assert!(text.contains("out-of-memory killer"), "{text}");
         let text = describe_exit(std::process::ExitStatus::from_raw(libc::SIGSEGV));
         assert!(text.contains("crashed"), "{text}");
+    }
+
+    #[test]
+    fn how_it_ended_can_be_asked_while_a_detached_worker_is_still_being_waited_for() {
+        // A detached worker's reaper waits for as long as the VM runs; asking how the worker
+        // ended (as dropping a handle does) must not wait with it.
+        let child = std::process::Command::new("sleep").arg("1000").spawn().expect("sleep");
+        let shared = Arc::new(Shared {
+            pid: child.id(),
+            process: Mutex::new(Process::Child(child)),
+            stopping: AtomicBool::new(true),
+            detached: AtomicBool::new(true),
+            death: Mutex::new(None),
+        });
+        let reaper = std::thread::spawn({
+            let shared = shared.clone();
+            move || shared.reap()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asker = shared.clone();
+        std::thread::spawn(move || tx.send(asker.death()).unwrap());
+        let asked = rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(asked, Ok(None), "death() waited for the reaper");
+        // SAFETY: kill(2) of the child this test spawned (the reaper holds the process lock).
+        unsafe {
+            libc::kill(shared.pid as i32, libc::SIGKILL);
+        }
+        assert!(reaper.join().unwrap().contains("killed"), "the reaper records the end");
+        assert!(shared.death().is_some());
     }
 }
